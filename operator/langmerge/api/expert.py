@@ -1,0 +1,305 @@
+"""``LanguageExpert``: one LoRA adapter for one (task, language)."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated
+
+from pydantic import Field
+
+from langmerge.api.common import (
+    IMAGE_PATTERN,
+    S3_URI_PATTERN,
+    ApiModel,
+    BaseModelRef,
+    Condition,
+    OnChange,
+    Resources,
+    StatusModel,
+)
+
+#: BCP-47 language tags in their canonical case: language (2-3 letters), optional script, region and variants,
+#: e.g. ``en``, ``pt-BR``, ``zh-Hant-TW``, ``sr-Latn``, ``es-419``.
+LANGUAGE_PATTERN = r"^[a-z]{2,3}(-[A-Z][a-z]{3})?(-([A-Z]{2}|[0-9]{3}))?(-([a-z0-9]{5,8}|[0-9][a-z0-9]{3}))*$"
+#: A task label: lower-case words joined by dashes (it also appears in labels and object names).
+TASK_PATTERN = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
+
+DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class DatasetFormat(StrEnum):
+    JSONL = "jsonl"
+
+
+class Dataset(ApiModel):
+    """Where the language's training data lives."""
+
+    uri: Annotated[
+        str,
+        Field(
+            description="S3 prefix of the training data: every *.jsonl object under it is read. Each line is "
+            '{"prompt": ..., "completion": ...} or {"messages": [{"role": ..., "content": ...}, ...]}.',
+            pattern=S3_URI_PATTERN,
+            max_length=1024,
+        ),
+    ]
+    format: Annotated[DatasetFormat, Field(default=DatasetFormat.JSONL, description="File format of the data.")] = (
+        DatasetFormat.JSONL
+    )
+    eval_fraction: Annotated[
+        float,
+        Field(
+            default=0.1,
+            gt=0,
+            le=0.5,
+            description="Share of examples held out for evaluation, chosen by a stable hash of each example so that "
+            "appended data never moves old examples between the splits. Ignored when evalUri is set.",
+        ),
+    ] = 0.1
+    eval_uri: Annotated[
+        str | None,
+        Field(default=None, description="Optional S3 prefix of a separate evaluation set.", pattern=S3_URI_PATTERN),
+    ] = None
+    revision: Annotated[
+        str | None,
+        Field(
+            default=None,
+            description="Optional revision label. Bumping it (e.g. from GitOps) retrains at once, without waiting "
+            "for the poll interval and settle window.",
+            max_length=128,
+        ),
+    ] = None
+    skip_invalid_lines: Annotated[
+        bool,
+        Field(
+            default=False,
+            description="Skip and count lines that are not valid examples instead of failing the training run.",
+        ),
+    ] = False
+
+
+class Lora(ApiModel):
+    """LoRA adapter shape."""
+
+    rank: Annotated[int, Field(default=16, ge=1, le=1024, description="Rank r of the update B A.")] = 16
+    alpha: Annotated[
+        float, Field(default=32.0, gt=0, le=4096, description="Scaling numerator: the update is (alpha/r) B A.")
+    ] = 32.0
+    dropout: Annotated[float, Field(default=0.05, ge=0, lt=1, description="Dropout on the adapter's input.")] = 0.05
+    target_modules: Annotated[
+        list[Annotated[str, Field(min_length=1, max_length=256)]],
+        Field(
+            default_factory=lambda: list(DEFAULT_TARGET_MODULES),
+            min_length=1,
+            max_length=64,
+            description="Names (suffixes) of the linear modules that get adapters.",
+        ),
+    ]
+
+
+class Batching(StrEnum):
+    LENGTH_GROUPED = "length-grouped"
+    PACKED = "packed"
+    SHUFFLED = "shuffled"
+
+
+class Training(ApiModel):
+    """Optimisation settings."""
+
+    epochs: Annotated[int, Field(default=2, ge=1, le=100, description="Passes over the training split.")] = 2
+    learning_rate: Annotated[float, Field(default=2e-4, gt=0, le=1, description="Peak learning rate (AdamW).")] = 2e-4
+    batch_size: Annotated[int, Field(default=8, ge=1, le=4096, description="Examples per optimiser step per GPU.")] = 8
+    gradient_accumulation_steps: Annotated[
+        int, Field(default=1, ge=1, le=1024, description="Micro-batches accumulated per optimiser step.")
+    ] = 1
+    max_seq_length: Annotated[
+        int, Field(default=1024, ge=8, le=131072, description="Longer examples are truncated to this many tokens.")
+    ] = 1024
+    warmup_ratio: Annotated[
+        float, Field(default=0.03, ge=0, le=1, description="Share of steps with linear warm-up.")
+    ] = 0.03
+    weight_decay: Annotated[float, Field(default=0.0, ge=0, le=1, description="AdamW weight decay.")] = 0.0
+    seed: Annotated[
+        int, Field(default=42, ge=0, le=2**31 - 1, description="Random seed (data order, dropout, init).")
+    ] = 42
+    batching: Annotated[
+        Batching,
+        Field(
+            default=Batching.LENGTH_GROUPED,
+            description="length-grouped: batches of similar length (less padding); packed: examples concatenated into "
+            "full sequences; shuffled: plain random batches.",
+        ),
+    ] = Batching.LENGTH_GROUPED
+    gradient_checkpointing: Annotated[
+        bool, Field(default=False, description="Trade compute for memory (does not change the result).")
+    ] = False
+    checkpoint_every_steps: Annotated[
+        int,
+        Field(
+            default=200,
+            ge=1,
+            description="Save a resumable checkpoint (adapter, optimiser, step) to S3 every this many steps.",
+        ),
+    ] = 200
+    progress_every_steps: Annotated[
+        int, Field(default=10, ge=1, description="Write the progress object to S3 every this many steps.")
+    ] = 10
+
+
+class Schedule(ApiModel):
+    """How the operator watches the data."""
+
+    poll_interval_seconds: Annotated[
+        int, Field(default=300, ge=5, le=86400, description="How often the dataset prefix is listed for changes.")
+    ] = 300
+    settle_seconds: Annotated[
+        int,
+        Field(
+            default=60,
+            ge=0,
+            le=86400,
+            description="A data change starts training only after the data has been unchanged this long, so a "
+            "batch of uploads gives one training Job.",
+        ),
+    ] = 60
+
+
+class Retry(ApiModel):
+    """Retries of failed training Jobs."""
+
+    limit: Annotated[
+        int, Field(default=2, ge=0, le=20, description="New Jobs after a failed one, then phase Failed.")
+    ] = 2
+    backoff_seconds: Annotated[
+        int, Field(default=60, ge=0, le=86400, description="Wait before the first retry; doubles each time.")
+    ] = 60
+
+
+class LanguageExpertSpec(ApiModel):
+    """Desired state of one language's LoRA expert."""
+
+    language: Annotated[
+        str,
+        Field(
+            description="BCP-47 language tag in canonical case, e.g. en, de, pt-BR, zh-Hant.",
+            pattern=LANGUAGE_PATTERN,
+            max_length=35,
+        ),
+    ]
+    task: Annotated[
+        str,
+        Field(description="Task this expert is trained for, e.g. summarization.", pattern=TASK_PATTERN, max_length=63),
+    ]
+    base_model: Annotated[BaseModelRef, Field(description="The base model the adapter is trained on.")]
+    dataset: Annotated[Dataset, Field(description="The language's training data.")]
+    lora: Annotated[Lora, Field(default_factory=Lora, description="LoRA shape.")]
+    training: Annotated[Training, Field(default_factory=Training, description="Optimisation settings.")]
+    resources: Annotated[Resources, Field(default_factory=Resources, description="Resources of the training Job.")]
+    image: Annotated[
+        str | None,
+        Field(default=None, description="Trainer image; defaults to the operator's setting.", pattern=IMAGE_PATTERN),
+    ] = None
+    schedule: Annotated[Schedule, Field(default_factory=Schedule, description="Data polling.")]
+    retry: Annotated[Retry, Field(default_factory=Retry, description="Retries of failed training Jobs.")]
+    on_change: Annotated[
+        OnChange,
+        Field(
+            default=OnChange.WAIT,
+            description="When data or spec change while a Job runs: wait (let it finish, then retrain if still "
+            "stale) or restart (cancel it and start the new one).",
+        ),
+    ] = OnChange.WAIT
+    suspend: Annotated[bool, Field(default=False, description="Start no new training Jobs while true.")] = False
+
+
+class ExpertPhase(StrEnum):
+    PENDING = "Pending"
+    TRAINING = "Training"
+    READY = "Ready"
+    FAILED = "Failed"
+    SUPERSEDED = "Superseded"
+    SUSPENDED = "Suspended"
+
+
+class Metrics(StatusModel):
+    """Evaluation figures on a language's held-out split."""
+
+    eval_loss: Annotated[float | None, Field(default=None, description="Mean cross-entropy on completion tokens.")] = (
+        None
+    )
+    perplexity: Annotated[float | None, Field(default=None, description="exp(evalLoss).")] = None
+    token_accuracy: Annotated[
+        float | None, Field(default=None, description="Share of completion tokens predicted exactly (teacher forcing).")
+    ] = None
+    exact_match: Annotated[
+        float | None, Field(default=None, description="Share of examples whose whole completion is predicted exactly.")
+    ] = None
+    examples: Annotated[int | None, Field(default=None, description="Number of evaluation examples.")] = None
+
+
+class AdapterRef(StatusModel):
+    """A trained adapter committed to S3."""
+
+    uri: Annotated[str, Field(description="S3 prefix of the adapter (a PEFT folder).")]
+    digest: Annotated[str, Field(description="Content digest of the adapter files.")]
+    fingerprint: Annotated[str, Field(description="Training fingerprint it was trained for.")]
+    data_digest: Annotated[str | None, Field(default=None, description="Digest of the data it was trained on.")] = None
+    metrics: Annotated[Metrics | None, Field(default=None, description="Evaluation on the held-out split.")] = None
+    trained_at: Annotated[str | None, Field(default=None, description="When the adapter was committed.")] = None
+
+
+class Progress(StatusModel):
+    """Live progress of the running training Job, read from its progress object in S3."""
+
+    step: Annotated[int, Field(default=0, description="Optimiser steps done.")] = 0
+    total_steps: Annotated[int, Field(default=0, description="Optimiser steps planned.")] = 0
+    loss: Annotated[float | None, Field(default=None, description="Recent training loss.")] = None
+    tokens_per_second: Annotated[float | None, Field(default=None, description="Training throughput.")] = None
+    eta_seconds: Annotated[float | None, Field(default=None, description="Estimated seconds left.")] = None
+    updated_at: Annotated[str | None, Field(default=None, description="When the trainer last reported.")] = None
+
+
+class TrainingRecord(StatusModel):
+    """One training run (or adoption of an existing adapter) in the expert's bounded history."""
+
+    fingerprint: str
+    data_digest: Annotated[str | None, Field(default=None)] = None
+    job: Annotated[str | None, Field(default=None, description="Name of the training Job.")] = None
+    result: Annotated[str, Field(description="Succeeded, Failed or Adopted.")]
+    started_at: Annotated[str | None, Field(default=None)] = None
+    finished_at: Annotated[str | None, Field(default=None)] = None
+    wall_seconds: Annotated[float | None, Field(default=None)] = None
+    gpu_seconds: Annotated[float | None, Field(default=None, description="GPUs x wall seconds (0 on CPU).")] = None
+    cpu_seconds: Annotated[float | None, Field(default=None, description="Process CPU seconds of the trainer.")] = None
+    tokens: Annotated[int | None, Field(default=None, description="Tokens trained on.")] = None
+    adapter_digest: Annotated[str | None, Field(default=None)] = None
+    message: Annotated[str | None, Field(default=None)] = None
+
+
+class LanguageExpertStatus(StatusModel):
+    """Observed state of a LanguageExpert, written by the operator. S3 holds the record; this is a view of it."""
+
+    phase: Annotated[ExpertPhase | None, Field(default=None, description="Summary of the expert's state.")] = None
+    observed_generation: Annotated[int | None, Field(default=None, description="Generation last reconciled.")] = None
+    conditions: Annotated[
+        list[Condition], Field(default_factory=list, description="Ready, Training, DataChanged, Degraded.")
+    ]
+    data_digest: Annotated[str | None, Field(default=None, description="Digest of the data seen in S3.")] = None
+    data_changed_at: Annotated[
+        str | None, Field(default=None, description="When the data digest last changed (start of the settle window).")
+    ] = None
+    desired_fingerprint: Annotated[
+        str | None, Field(default=None, description="Fingerprint of the current spec and settled data.")
+    ] = None
+    trained_fingerprint: Annotated[
+        str | None, Field(default=None, description="Fingerprint of the adapter in status.adapter.")
+    ] = None
+    adapter: Annotated[AdapterRef | None, Field(default=None, description="The latest committed adapter.")] = None
+    active_job: Annotated[str | None, Field(default=None, description="Name of the running training Job.")] = None
+    progress: Annotated[Progress | None, Field(default=None, description="Progress of the running Job.")] = None
+    attempts: Annotated[int, Field(default=0, description="Failed attempts for the desired fingerprint.")] = 0
+    next_retry_at: Annotated[str | None, Field(default=None, description="When the next retry may start.")] = None
+    message: Annotated[str | None, Field(default=None, description="Last error or waiting reason.")] = None
+    history: Annotated[
+        list[TrainingRecord], Field(default_factory=list, description="Recent training runs, newest last (bounded).")
+    ]

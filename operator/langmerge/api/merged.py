@@ -1,0 +1,356 @@
+"""``MergedModel``: one multilingual model merged from a set of LanguageExperts."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, Any
+
+from pydantic import Field, model_validator
+
+from langmerge.api.common import (
+    IMAGE_PATTERN,
+    NAME_PATTERN,
+    S3_URI_PATTERN,
+    ApiModel,
+    BaseModelRef,
+    Condition,
+    LabelSelector,
+    OnChange,
+    Resources,
+    StatusModel,
+)
+from langmerge.api.expert import LANGUAGE_PATTERN, Metrics
+from langmerge.methods import METHOD_NAMES, METHODS, allowed_parameters
+
+
+class ExpertSelection(ApiModel):
+    """Which LanguageExperts (in the MergedModel's namespace) are merged: a label selector or a list of names."""
+
+    selector: Annotated[
+        LabelSelector | None, Field(default=None, description="Label selector over LanguageExperts.")
+    ] = None
+    names: Annotated[
+        list[Annotated[str, Field(pattern=NAME_PATTERN, max_length=253)]] | None,
+        Field(default=None, min_length=1, description="Explicit LanguageExpert names."),
+    ] = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ExpertSelection:
+        if (self.selector is None) == (self.names is None):
+            raise ValueError("set exactly one of experts.selector and experts.names")
+        return self
+
+
+class KnotsMerge(StrEnum):
+    TIES = "ties"
+    LINEAR = "linear"
+
+
+class MergeParameters(ApiModel):
+    """Method parameters. Each method accepts only the ones it uses (see the method's description)."""
+
+    weights: Annotated[
+        dict[Annotated[str, Field(pattern=LANGUAGE_PATTERN)], Annotated[float, Field(ge=0, le=1000)]],
+        Field(
+            default_factory=dict,
+            description="Per-language weights (BCP-47 tag -> weight >= 0); languages not listed get 1.0.",
+        ),
+    ]
+    density: Annotated[
+        float | None,
+        Field(
+            default=None,
+            gt=0,
+            le=1,
+            description="ties, dare_*, magnitude_prune, knots: share of each update's entries kept "
+            "(ties default 1.0, dare default 0.5).",
+        ),
+    ] = None
+    lambda_: Annotated[
+        float | None,
+        Field(
+            default=None,
+            alias="lambda",
+            gt=0,
+            le=100,
+            description="task_arithmetic, ties, dare_*, magnitude_prune, knots: scale of the merged update (default 1.0).",
+        ),
+    ] = None
+    seed: Annotated[
+        int | None, Field(default=None, ge=0, le=2**31 - 1, description="dare_*: random seed (default 0).")
+    ] = None
+    knots_merge: Annotated[
+        KnotsMerge | None,
+        Field(default=None, description="knots: how coordinates are merged in the shared basis (default ties)."),
+    ] = None
+    include_modules: Annotated[
+        list[str],
+        Field(
+            default_factory=list,
+            description="Regular expressions over module names; when set, only matching modules are merged.",
+        ),
+    ]
+    exclude_modules: Annotated[
+        list[str],
+        Field(default_factory=list, description="Regular expressions over module names left out of the merge."),
+    ]
+
+
+class OutputFormat(StrEnum):
+    PEFT_ADAPTER = "peft-adapter"
+    FULL_WEIGHTS = "full-weights"
+
+
+class Output(ApiModel):
+    """Where and how the merged model is published."""
+
+    uri: Annotated[
+        str,
+        Field(
+            description="S3 prefix owned by this MergedModel: revisions are written under it, and current.json "
+            "points at the published one.",
+            pattern=S3_URI_PATTERN,
+            max_length=1024,
+        ),
+    ]
+    format: Annotated[
+        OutputFormat,
+        Field(
+            default=OutputFormat.PEFT_ADAPTER,
+            description="peft-adapter: one LoRA adapter (loadable by PeftModel.from_pretrained); full-weights: base + "
+            "merged update as sharded safetensors (loadable by AutoModelForCausalLM.from_pretrained).",
+        ),
+    ] = OutputFormat.PEFT_ADAPTER
+    rank: Annotated[
+        int | None,
+        Field(
+            default=None,
+            ge=1,
+            le=8192,
+            description="peft-adapter: rank of the re-factorised adapter. Default: exact where the method allows "
+            "(sum of input ranks), else the largest input rank.",
+        ),
+    ] = None
+    shard_size_mb: Annotated[
+        int, Field(default=2048, ge=16, le=65536, description="full-weights: maximum shard size in MiB.")
+    ] = 2048
+
+
+class GateMetric(StrEnum):
+    EVAL_LOSS = "evalLoss"
+    TOKEN_ACCURACY = "tokenAccuracy"
+
+
+class Evaluation(ApiModel):
+    """The quality gate run before publishing."""
+
+    enabled: Annotated[bool, Field(default=True, description="Evaluate per language and gate publishing.")] = True
+    metric: Annotated[
+        GateMetric,
+        Field(default=GateMetric.EVAL_LOSS, description="Figure compared between the merged model and each expert."),
+    ] = GateMetric.EVAL_LOSS
+    max_regression: Annotated[
+        float,
+        Field(
+            default=0.1,
+            ge=0,
+            le=100,
+            description="Largest allowed relative regression of the merged model against each expert alone, e.g. 0.1 = "
+            "eval loss at most 10% higher (or token accuracy at most 10% lower).",
+        ),
+    ] = 0.1
+    max_examples: Annotated[
+        int, Field(default=512, ge=1, le=1_000_000, description="Evaluation examples per language at most.")
+    ] = 512
+
+
+class Publish(ApiModel):
+    keep_revisions: Annotated[
+        int,
+        Field(
+            default=5,
+            ge=2,
+            le=1000,
+            description="Published revisions kept in S3; older merge outputs are deleted (never the current or the "
+            "previous one).",
+        ),
+    ] = 5
+
+
+def _merge_resources() -> Resources:
+    return Resources(gpus=0, cpu="4", memory="32Gi")
+
+
+class MergedModelSpec(ApiModel):
+    """Desired state of a multilingual merged model."""
+
+    base_model: Annotated[BaseModelRef, Field(description="Base model; every selected expert must use the same one.")]
+    experts: Annotated[ExpertSelection, Field(description="The LanguageExperts to merge.")]
+    method: Annotated[
+        str, Field(default="ties", description="Merge method.", json_schema_extra={"enum": list(METHOD_NAMES)})
+    ] = "ties"
+    parameters: Annotated[MergeParameters, Field(default_factory=MergeParameters, description="Method parameters.")]
+    output: Annotated[Output, Field(description="Where the merged model goes.")]
+    evaluation: Annotated[Evaluation, Field(default_factory=Evaluation, description="Quality gate.")]
+    publish: Annotated[Publish, Field(default_factory=Publish, description="Revision retention.")]
+    pin_revision: Annotated[
+        int | None,
+        Field(
+            default=None,
+            ge=1,
+            description="Roll back: publish this existing revision again, without merging. Remove it to resume.",
+        ),
+    ] = None
+    require_all_experts: Annotated[
+        bool,
+        Field(
+            default=True,
+            description="Wait until every selected expert is Ready; when false, merge the Ready ones and list the "
+            "missing ones in status.",
+        ),
+    ] = True
+    settle_seconds: Annotated[
+        int,
+        Field(
+            default=30,
+            ge=0,
+            le=86400,
+            description="Merge only after the inputs have been unchanged this long, so experts finishing close "
+            "together give one merge.",
+        ),
+    ] = 30
+    on_change: Annotated[
+        OnChange,
+        Field(
+            default=OnChange.WAIT,
+            description="When inputs change while a merge Job runs: wait (let it finish, then merge again) or "
+            "restart (cancel it).",
+        ),
+    ] = OnChange.WAIT
+    resources: Annotated[
+        Resources, Field(default_factory=_merge_resources, description="Resources of the merge Job (CPU by default).")
+    ]
+    image: Annotated[
+        str | None,
+        Field(
+            default=None, description="Merge image; defaults to the operator's trainer image.", pattern=IMAGE_PATTERN
+        ),
+    ] = None
+    suspend: Annotated[bool, Field(default=False, description="Start no new merge Jobs while true.")] = False
+
+    @model_validator(mode="after")
+    def _parameters_fit_method(self) -> MergedModelSpec:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; known: {', '.join(METHOD_NAMES)}")
+        allowed = allowed_parameters(self.method)
+        given = {
+            name for name in self.parameters.model_fields_set if getattr(self.parameters, name) not in (None, [], {})
+        }
+        extra = sorted(given - allowed)
+        if extra:
+            wire = [MergeParameters.model_fields[n].alias or n for n in extra]
+            ok = sorted(MergeParameters.model_fields[n].alias or n for n in allowed)
+            raise ValueError(
+                f"parameters {', '.join(wire)} do not apply to method {self.method!r} (it accepts: {', '.join(ok)})"
+            )
+        return self
+
+    def effective_parameters(self) -> dict[str, Any]:
+        """The method's parameters with defaults filled in: exactly what the fingerprint and the engine see."""
+        p = self.parameters
+        out: dict[str, Any] = {
+            "weights": dict(sorted(p.weights.items())),
+            "include_modules": list(p.include_modules),
+            "exclude_modules": list(p.exclude_modules),
+        }
+        allowed = allowed_parameters(self.method)
+        if "density" in allowed:
+            default_density = 0.5 if self.method.startswith("dare") else 1.0
+            out["density"] = p.density if p.density is not None else default_density
+        if "lambda_" in allowed:
+            out["lambda_"] = p.lambda_ if p.lambda_ is not None else 1.0
+        if "seed" in allowed:
+            out["seed"] = p.seed if p.seed is not None else 0
+        if "knots_merge" in allowed:
+            out["knots_merge"] = str(p.knots_merge) if p.knots_merge is not None else KnotsMerge.TIES.value
+        return out
+
+
+class MergedPhase(StrEnum):
+    PENDING = "Pending"
+    WAITING = "Waiting"
+    MERGING = "Merging"
+    READY = "Ready"
+    FAILED = "Failed"
+    SUSPENDED = "Suspended"
+
+
+class MergeInput(StatusModel):
+    """One expert adapter that went into a merge."""
+
+    expert: str
+    language: str
+    adapter_uri: str
+    adapter_digest: str
+    weight: float = 1.0
+
+
+class LanguageMetrics(StatusModel):
+    """The merged model against the expert alone, on one language's held-out split."""
+
+    merged: Annotated[Metrics | None, Field(default=None, description="The merged model.")] = None
+    expert: Annotated[Metrics | None, Field(default=None, description="The language's expert alone.")] = None
+    regression: Annotated[
+        float | None, Field(default=None, description="Relative regression of the gate metric (positive = worse).")
+    ] = None
+
+
+class PublishRecord(StatusModel):
+    """One published revision in the MergedModel's bounded history."""
+
+    revision: int
+    fingerprint: str
+    uri: str
+    published_at: Annotated[str | None, Field(default=None)] = None
+    reason: Annotated[str, Field(default="merged", description="merged, adopted or rollback.")] = "merged"
+    changed_inputs: Annotated[list[str], Field(default_factory=list, description="Experts whose adapter changed.")]
+    wall_seconds: Annotated[float | None, Field(default=None, description="Wall seconds of the merge Job.")] = None
+    gpu_seconds: Annotated[float | None, Field(default=None)] = None
+    cpu_seconds: Annotated[float | None, Field(default=None)] = None
+    job: Annotated[str | None, Field(default=None)] = None
+
+
+class MergedModelStatus(StatusModel):
+    """Observed state of a MergedModel, written by the operator (a view of S3's current.json and manifests)."""
+
+    phase: Annotated[MergedPhase | None, Field(default=None, description="Summary of the merged model's state.")] = None
+    observed_generation: Annotated[int | None, Field(default=None, description="Generation last reconciled.")] = None
+    conditions: Annotated[
+        list[Condition], Field(default_factory=list, description="Ready, Merging, QualityGate, ExpertsReady, Degraded.")
+    ]
+    revision: Annotated[int | None, Field(default=None, description="Published revision (current.json).")] = None
+    fingerprint: Annotated[
+        str | None, Field(default=None, description="Merge fingerprint of the published revision.")
+    ] = None
+    uri: Annotated[str | None, Field(default=None, description="S3 prefix of the published merged model.")] = None
+    desired_fingerprint: Annotated[
+        str | None, Field(default=None, description="Fingerprint of the inputs the operator is converging to.")
+    ] = None
+    inputs_changed_at: Annotated[
+        str | None, Field(default=None, description="When the inputs last changed (start of the settle window).")
+    ] = None
+    inputs: Annotated[list[MergeInput], Field(default_factory=list, description="Adapters in the published revision.")]
+    missing_experts: Annotated[
+        list[str], Field(default_factory=list, description="Selected experts without a Ready adapter.")
+    ]
+    metrics: Annotated[
+        dict[str, LanguageMetrics],
+        Field(default_factory=dict, description="Per-language evaluation of the published revision."),
+    ]
+    active_job: Annotated[str | None, Field(default=None, description="Name of the running merge Job.")] = None
+    attempts: Annotated[int, Field(default=0, description="Failed merge attempts for the desired fingerprint.")] = 0
+    message: Annotated[str | None, Field(default=None, description="Last error or waiting reason.")] = None
+    history: Annotated[
+        list[PublishRecord],
+        Field(default_factory=list, description="Recent published revisions, newest last (bounded)."),
+    ]

@@ -1,0 +1,259 @@
+"""The artifact layout in S3 and the records written there, shared by the operator and the trainer.
+
+S3 is the record of what was trained and merged; the custom resources' status is a view of it. Every artifact prefix is
+content-addressed by a fingerprint and committed last: payload files first, then ``manifest.json`` with a conditional
+put. A reader trusts only prefixes that have a manifest.
+
+Layout::
+
+    <artifacts>/experts/<namespace>/<name>/<fingerprint>/
+        adapter/adapter_model.safetensors, adapter/adapter_config.json, adapter/tokenizer* (if the trainer changed it)
+        checkpoints/step-<n>/...      resumable checkpoints; checkpoints/latest.json points at the newest
+        progress.json                 live progress (overwritten)
+        failures/attempt-<n>.json     one record per failed attempt
+        manifest.json                 the commit: written last, never overwritten
+    <merged output uri>/
+        merges/<fingerprint>/model/...        a PEFT adapter or full safetensors weights
+        merges/<fingerprint>/eval/<lang>.json per-language evaluation of the merged model
+        merges/<fingerprint>/manifest.json    the commit
+        revisions/<revision:06d>.json         one record per published revision (never overwritten)
+        current.json                          the published revision, moved by compare-and-swap
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from langmerge.api.expert import Metrics
+
+SCHEMA_VERSION = 1
+
+MANIFEST = "manifest.json"
+PROGRESS = "progress.json"
+CURRENT = "current.json"
+
+
+def utcnow() -> str:
+    """RFC 3339 UTC timestamp with seconds precision, as Kubernetes writes them."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(value: str | None) -> datetime | None:
+    if not value:
+        return None
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def join(prefix: str, *parts: str) -> str:
+    """Join an ``s3://`` prefix and relative parts with single slashes."""
+    out = prefix.rstrip("/")
+    for part in parts:
+        part = part.strip("/")
+        if part:
+            out = f"{out}/{part}"
+    return out
+
+
+def expert_prefix(artifacts_uri: str, namespace: str, name: str, fingerprint: str) -> str:
+    return join(artifacts_uri, "experts", namespace, name, fingerprint)
+
+
+def expert_root(artifacts_uri: str, namespace: str, name: str) -> str:
+    return join(artifacts_uri, "experts", namespace, name)
+
+
+def adapter_uri(prefix: str) -> str:
+    return join(prefix, "adapter")
+
+
+def checkpoints_uri(prefix: str) -> str:
+    return join(prefix, "checkpoints")
+
+
+def failure_uri(prefix: str, attempt: int) -> str:
+    return join(prefix, "failures", f"attempt-{attempt}.json")
+
+
+def merge_prefix(output_uri: str, fingerprint: str) -> str:
+    return join(output_uri, "merges", fingerprint)
+
+
+def merged_model_uri(prefix: str) -> str:
+    return join(prefix, "model")
+
+
+def merge_eval_uri(prefix: str, language: str) -> str:
+    return join(prefix, "eval", f"{language}.json")
+
+
+def revision_uri(output_uri: str, revision: int) -> str:
+    return join(output_uri, "revisions", f"{revision:06d}.json")
+
+
+def current_uri(output_uri: str) -> str:
+    return join(output_uri, CURRENT)
+
+
+class Record(BaseModel):
+    """Base of every JSON record in S3: snake_case on disk, unknown fields kept readable by older code."""
+
+    model_config = ConfigDict(extra="ignore", frozen=False)
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2, exclude_none=True)
+
+
+class FileEntry(Record):
+    size: int
+    sha256: str
+
+
+class BaseModelIdentity(Record):
+    uri: str
+    revision: str | None = None
+    digest: str
+
+
+class Versions(Record):
+    """Library versions of the process that wrote a record."""
+
+    langmerge: str | None = None
+    python: str | None = None
+    torch: str | None = None
+    transformers: str | None = None
+    peft: str | None = None
+    cuda: str | None = None
+
+
+class Cost(Record):
+    """What a Job consumed."""
+
+    wall_seconds: float
+    cpu_seconds: float = 0.0
+    gpus: int = 0
+    gpu_seconds: float = 0.0
+    device: str = "cpu"
+
+
+class AdapterManifest(Record):
+    """The commit record of a trained adapter."""
+
+    kind: Literal["adapter"] = "adapter"
+    schema_version: int = SCHEMA_VERSION
+    fingerprint: str
+    namespace: str
+    name: str
+    language: str
+    task: str
+    base_model: BaseModelIdentity
+    data_digest: str
+    eval_data_digest: str | None = None
+    adapter_uri: str
+    adapter_digest: str
+    files: dict[str, FileEntry]
+    lora: dict[str, Any]
+    training: dict[str, Any]
+    metrics: Metrics
+    base_metrics: Metrics | None = None
+    examples_train: int
+    examples_eval: int
+    skipped_lines: int = 0
+    tokens_trained: int
+    steps: int
+    cost: Cost
+    versions: Versions
+    image: str | None = None
+    started_at: str
+    finished_at: str
+    resumed_from_step: int | None = None
+
+
+class MergeInputRecord(Record):
+    expert: str
+    language: str
+    adapter_uri: str
+    adapter_digest: str
+    weight: float = 1.0
+    rank: int | None = None
+
+
+class MergeManifest(Record):
+    """The commit record of a merge (and its per-language evaluation)."""
+
+    kind: Literal["merge"] = "merge"
+    schema_version: int = SCHEMA_VERSION
+    fingerprint: str
+    namespace: str
+    name: str
+    method: str
+    parameters: dict[str, Any]
+    inputs: list[MergeInputRecord]
+    base_model: BaseModelIdentity
+    output_format: str
+    output_rank: int | None = None
+    model_uri: str
+    model_digest: str
+    files: dict[str, FileEntry]
+    #: Relative Frobenius error of the re-factorised update per module (0 where exact).
+    module_errors: dict[str, float] = Field(default_factory=dict)
+    #: Per-language evaluation of the merged model.
+    evaluation: dict[str, Metrics] = Field(default_factory=dict)
+    timings: dict[str, float] = Field(default_factory=dict)
+    cost: Cost
+    versions: Versions
+    image: str | None = None
+    started_at: str
+    finished_at: str
+
+
+class ProgressRecord(Record):
+    """Live progress of a Job, overwritten every few steps."""
+
+    fingerprint: str
+    stage: str = "training"
+    step: int = 0
+    total_steps: int = 0
+    loss: float | None = None
+    tokens_per_second: float | None = None
+    eta_seconds: float | None = None
+    attempt: int | None = None
+    updated_at: str = Field(default_factory=utcnow)
+
+
+class FailureRecord(Record):
+    """Why a Job failed: the operator shows ``message`` in the custom resource's status."""
+
+    fingerprint: str
+    error_class: str
+    message: str
+    traceback_tail: str = ""
+    #: False for errors that a retry cannot fix (bad data, bad spec).
+    retryable: bool = True
+    attempt: int | None = None
+    at: str = Field(default_factory=utcnow)
+
+
+class CheckpointPointer(Record):
+    step: int
+    uri: str
+    at: str = Field(default_factory=utcnow)
+
+
+class PublishedRevision(Record):
+    """``current.json`` and each ``revisions/<n>.json``: a published revision of a merged model."""
+
+    revision: int
+    fingerprint: str
+    model_uri: str
+    manifest_uri: str
+    output_format: str
+    inputs: list[MergeInputRecord]
+    metrics: dict[str, Metrics] = Field(default_factory=dict)
+    published_at: str = Field(default_factory=utcnow)
+    #: merged, adopted or rollback.
+    reason: Annotated[str, Field(default="merged")] = "merged"
+    #: For a rollback: the revision whose merge output is published again.
+    rollback_of: int | None = None

@@ -1,0 +1,85 @@
+"""The ``langmerge`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+DEFAULT_STATE = ".langmerge"
+
+
+def _state_dir(args: argparse.Namespace) -> Path:
+    return Path(args.state or os.environ.get("LANGMERGE_STATE") or DEFAULT_STATE)
+
+
+def cmd_crds(args: argparse.Namespace) -> int:
+    from langmerge.api.crdgen import all_crds, render, write_crds
+
+    out = Path(args.output)
+    if args.check:
+        stale = [
+            name
+            for name, crd in all_crds().items()
+            if not (out / name).exists() or (out / name).read_text(encoding="utf-8") != render(crd)
+        ]
+        for name in stale:
+            print(f"stale: {out / name}", file=sys.stderr)
+        return 1 if stale else 0
+    for path in write_crds(out):
+        print(path)
+    return 0
+
+
+def cmd_controlplane(args: argparse.Namespace) -> int:
+    from langmerge.dev import tools
+    from langmerge.dev.controlplane import ControlPlane
+
+    cp = ControlPlane(_state_dir(args))
+    if args.action == "build":
+        tools.ensure_kube_binaries()
+        print(tools.kube_bin_dir())
+        return 0
+    if args.action == "start":
+        endpoints = cp.start()
+        from langmerge.kube import install_crds, load_client
+
+        install_crds(load_client(endpoints.kubeconfig))
+        print(f"kube-apiserver {endpoints.apiserver_url}   S3 {endpoints.s3_endpoint}")
+        print(f"environment: source {cp.dir / 'env.sh'}")
+        return 0
+    if args.action == "stop":
+        cp.stop()
+        return 0
+    print(json.dumps(cp.status(), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="langmerge", description=__doc__)
+    parser.add_argument("--state", help=f"local state folder (default ${{LANGMERGE_STATE}} or {DEFAULT_STATE})")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("crds", help="generate the CRDs from the API models")
+    p.add_argument("--output", "-o", default="crds")
+    p.add_argument("--check", action="store_true", help="exit 1 if the files differ from the generated ones")
+    p.set_defaults(func=cmd_crds)
+
+    p = sub.add_parser("controlplane", help="the local control plane: kube-apiserver, etcd, S3 (development)")
+    p.add_argument("action", choices=["build", "start", "stop", "status"])
+    p.set_defaults(func=cmd_controlplane)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    return func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

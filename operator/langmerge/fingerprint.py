@@ -1,0 +1,101 @@
+"""Content fingerprints: the desired state of an expert or a merge, as one short hash.
+
+Same fingerprint, same S3 prefix, no second Job. Only what changes the *result* goes in: operational settings (GPU
+count, poll interval, progress cadence, gradient checkpointing) do not, so changing them never retrains.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from typing import Any
+
+from langmerge.api.expert import LanguageExpertSpec
+from langmerge.api.merged import MergedModelSpec
+
+#: Hex characters of the sha256 kept in names and paths (64 bits).
+FINGERPRINT_LENGTH = 16
+#: Bump when the meaning of a fingerprint changes (e.g. the trainer's algorithm changes in a way old adapters
+#: should not be reused).
+FINGERPRINT_VERSION = 1
+
+
+def canonical_json(value: Any) -> str:
+    """Deterministic JSON: sorted keys, no whitespace, floats in repr form."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def digest(value: Any, length: int = FINGERPRINT_LENGTH) -> str:
+    return hashlib.sha256(canonical_json(value).encode()).hexdigest()[:length]
+
+
+def objects_digest(objects: Iterable[tuple[str, int, str]]) -> str:
+    """Digest of a listing: (key relative to the prefix, size, ETag) of every object, order-independent."""
+    rows = sorted(objects)
+    h = hashlib.sha256()
+    for key, size, etag in rows:
+        h.update(f"{key}\0{size}\0{etag.strip(chr(34))}\n".encode())
+    return h.hexdigest()[:FINGERPRINT_LENGTH]
+
+
+def training_fingerprint(
+    spec: LanguageExpertSpec,
+    *,
+    base_model_digest: str,
+    data_digest: str,
+    eval_data_digest: str | None,
+    image: str,
+) -> str:
+    """hash(base model identity, data digests, dataset reading options, LoRA + training settings, trainer image)."""
+    training = spec.training.model_dump(
+        mode="json", exclude={"gradient_checkpointing", "checkpoint_every_steps", "progress_every_steps"}
+    )
+    return digest(
+        {
+            "v": FINGERPRINT_VERSION,
+            "base": {"uri": spec.base_model.uri, "revision": spec.base_model.revision, "digest": base_model_digest},
+            "data": {
+                "uri": spec.dataset.uri,
+                "digest": data_digest,
+                "format": spec.dataset.format,
+                "evalFraction": None if spec.dataset.eval_uri else spec.dataset.eval_fraction,
+                "evalUri": spec.dataset.eval_uri,
+                "evalDigest": eval_data_digest,
+                "revision": spec.dataset.revision,
+                "skipInvalidLines": spec.dataset.skip_invalid_lines,
+            },
+            "lora": spec.lora.model_dump(mode="json"),
+            "training": training,
+            "image": image,
+        }
+    )
+
+
+def merge_fingerprint(
+    spec: MergedModelSpec,
+    *,
+    inputs: Iterable[tuple[str, str, float]],
+    base_model_digest: str,
+    image: str,
+) -> str:
+    """hash(method, parameters, sorted (language, adapter digest, weight), base model digest, output format, gate).
+
+    The evaluation settings are part of it: a merge Job also evaluates, and its manifest carries those figures.
+    """
+    return digest(
+        {
+            "v": FINGERPRINT_VERSION,
+            "method": spec.method,
+            "parameters": spec.effective_parameters(),
+            "inputs": sorted([lang, adapter, float(weight)] for lang, adapter, weight in inputs),
+            "base": {"uri": spec.base_model.uri, "revision": spec.base_model.revision, "digest": base_model_digest},
+            "output": {
+                "format": spec.output.format,
+                "rank": spec.output.rank,
+                "shardSizeMb": spec.output.shard_size_mb,
+            },
+            "evaluation": spec.evaluation.model_dump(mode="json", include={"enabled", "max_examples"}),
+            "image": image,
+        }
+    )

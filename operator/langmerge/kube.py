@@ -1,0 +1,166 @@
+"""The only seam to the Kubernetes API outside kopf's own machinery.
+
+A small typed wrapper over the official client: custom resources of our kinds, their status subresource, the Jobs we
+own, Secrets by name, and Events. Unit tests replace this class; integration tests run it against a real API server.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from kubernetes import client, config
+from kubernetes.client import ApiClient
+from kubernetes.client.exceptions import ApiException
+
+from langmerge.constants import EXPERT_PLURAL, GROUP, MERGED_PLURAL, VERSION
+
+
+class Conflict(Exception):
+    """409 on create: the object already exists."""
+
+
+def load_client(kubeconfig: str | None = None) -> ApiClient:
+    """An ApiClient from a kubeconfig file, else the in-cluster ServiceAccount, else ``~/.kube/config``."""
+    if kubeconfig:
+        return config.new_client_from_config(config_file=kubeconfig)
+    try:
+        cfg = client.Configuration()
+        config.load_incluster_config(client_configuration=cfg)
+        return ApiClient(cfg)
+    except config.ConfigException:
+        return config.new_client_from_config()
+
+
+def install_crds(api: ApiClient, crds: list[dict[str, Any]] | None = None, timeout: float = 30.0) -> None:
+    """Create or update our CRDs and wait until the API server serves them."""
+    from langmerge.api.crdgen import all_crds
+
+    ext = client.ApiextensionsV1Api(api)
+    objects = crds if crds is not None else list(all_crds().values())
+    for crd in objects:
+        name = crd["metadata"]["name"]
+        try:
+            ext.create_custom_resource_definition(crd)
+        except ApiException as err:
+            if err.status != 409:
+                raise
+            current = ext.read_custom_resource_definition(name)
+            crd = {**crd, "metadata": {**crd["metadata"], "resourceVersion": current.metadata.resource_version}}
+            ext.replace_custom_resource_definition(name, crd)
+    deadline = time.monotonic() + timeout
+    for crd in objects:
+        name = crd["metadata"]["name"]
+        while True:
+            obj = ext.read_custom_resource_definition(name)
+            conds = {c.type: c.status for c in (obj.status.conditions or [])} if obj.status else {}
+            if conds.get("Established") == "True":
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"CRD {name} not established")
+            time.sleep(0.2)
+
+
+@dataclass(frozen=True)
+class ObjectKey:
+    namespace: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+class Kube:
+    """What the operator does with the API beyond kopf's watches."""
+
+    def __init__(self, api: ApiClient) -> None:
+        self.api = api
+        self.custom = client.CustomObjectsApi(api)
+        self.batch = client.BatchV1Api(api)
+        self.core = client.CoreV1Api(api)
+
+    # -- our custom resources ------------------------------------------------------------------------------------
+    def get_expert(self, key: ObjectKey) -> dict[str, Any] | None:
+        return self._get(EXPERT_PLURAL, key)
+
+    def get_merged(self, key: ObjectKey) -> dict[str, Any] | None:
+        return self._get(MERGED_PLURAL, key)
+
+    def _get(self, plural: str, key: ObjectKey) -> dict[str, Any] | None:
+        try:
+            obj: dict[str, Any] = self.custom.get_namespaced_custom_object(
+                GROUP, VERSION, key.namespace, plural, key.name
+            )
+        except ApiException as err:
+            if err.status == 404:
+                return None
+            raise
+        return obj
+
+    def list_experts(self, namespace: str, label_selector: str | None = None) -> list[dict[str, Any]]:
+        kwargs: dict[str, Any] = {}
+        if label_selector:
+            kwargs["label_selector"] = label_selector
+        resp = self.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, EXPERT_PLURAL, **kwargs)
+        items: list[dict[str, Any]] = resp.get("items", [])
+        return items
+
+    def list_all(self, plural: str, namespace: str | None = None) -> list[dict[str, Any]]:
+        if namespace:
+            resp = self.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, plural)
+        else:
+            resp = self.custom.list_cluster_custom_object(GROUP, VERSION, plural)
+        items: list[dict[str, Any]] = resp.get("items", [])
+        return items
+
+    def list_merged(self, namespace: str) -> list[dict[str, Any]]:
+        return self.list_all(MERGED_PLURAL, namespace)
+
+    def patch_status(self, plural: str, key: ObjectKey, status: dict[str, Any]) -> dict[str, Any] | None:
+        """Merge-patch the status subresource. Returns the object, or None if it is gone."""
+        try:
+            obj: dict[str, Any] = self.custom.patch_namespaced_custom_object_status(
+                GROUP, VERSION, key.namespace, plural, key.name, {"status": status}
+            )
+        except ApiException as err:
+            if err.status == 404:
+                return None
+            raise
+        return obj
+
+    # -- Jobs --------------------------------------------------------------------------------------------------------
+    def list_jobs(self, label_selector: str, namespace: str | None = None) -> list[Any]:
+        if namespace:
+            return list(self.batch.list_namespaced_job(namespace, label_selector=label_selector).items)
+        return list(self.batch.list_job_for_all_namespaces(label_selector=label_selector).items)
+
+    def create_job(self, namespace: str, manifest: dict[str, Any]) -> bool:
+        """Create a Job; False if it already exists (409)."""
+        try:
+            self.batch.create_namespaced_job(namespace, manifest)
+        except ApiException as err:
+            if err.status == 409:
+                return False
+            raise
+        return True
+
+    def delete_job(self, namespace: str, name: str) -> bool:
+        """Delete a Job and its pods (background propagation); False if it was gone."""
+        try:
+            self.batch.delete_namespaced_job(name, namespace, propagation_policy="Background")
+        except ApiException as err:
+            if err.status == 404:
+                return False
+            raise
+        return True
+
+    # -- Secrets and Events --------------------------------------------------------------------------------------
+    def secret_exists(self, namespace: str, name: str) -> bool:
+        try:
+            self.core.read_namespaced_secret(name, namespace)
+        except ApiException as err:
+            if err.status in (403, 404):
+                return False
+            raise
+        return True

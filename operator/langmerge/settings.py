@@ -1,0 +1,124 @@
+"""Operator settings: one frozen object read from the environment at start-up (``LANGMERGE_*`` variables)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from langmerge.store import S3Config
+
+
+class SettingsError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the operator is configured with. Each field maps to ``LANGMERGE_<FIELD>`` in upper case."""
+
+    #: Namespaces to watch (comma-separated); empty watches the whole cluster.
+    namespaces: tuple[str, ...] = ()
+    #: Root of the expert artifacts: ``s3://bucket/prefix``.
+    artifacts_uri: str = "s3://langmerge/artifacts"
+    #: S3 endpoint for S3-compatible stores (empty for AWS).
+    s3_endpoint: str = ""
+    #: S3 region.
+    s3_region: str = "us-east-1"
+    #: Name of the Secret (in each custom resource's namespace) holding the S3 credentials Jobs use.
+    s3_secret_name: str = "langmerge-s3"
+    #: Key of the access key id inside that Secret.
+    s3_secret_access_key_id_key: str = "AWS_ACCESS_KEY_ID"
+    #: Key of the secret access key inside that Secret.
+    s3_secret_secret_access_key_key: str = "AWS_SECRET_ACCESS_KEY"
+    #: Trainer image used by training and merge Jobs unless a custom resource names another.
+    trainer_image: str = "langmerge/trainer:0.1.0"
+    #: Image pull policy of the Jobs.
+    image_pull_policy: str = "IfNotPresent"
+    #: Extended resource name of a GPU unless the spec names another.
+    gpu_resource_name: str = "nvidia.com/gpu"
+    #: Most training Jobs running at once, operator-wide; the rest wait in phase Pending.
+    max_training_jobs: int = 4
+    #: Most merge Jobs running at once, operator-wide.
+    max_merge_jobs: int = 2
+    #: Pod-level retries inside one Job (e.g. node loss; the trainer resumes from its checkpoint).
+    job_backoff_limit: int = 1
+    #: Seconds a finished Job is kept before Kubernetes deletes it (S3 keeps the record).
+    job_ttl_seconds: int = 7 * 86400
+    #: Kueue LocalQueue name set as the Jobs' queue-name label (empty: no Kueue).
+    kueue_queue: str = ""
+    #: ServiceAccount of the Jobs' pods (empty: the namespace's default).
+    job_service_account: str = ""
+    #: Seconds between reconciles of an idle custom resource (a safety net; changes are event-driven).
+    resync_seconds: float = 60.0
+    #: Seconds between progress reads while a Job runs.
+    progress_seconds: float = 10.0
+    #: Entries kept in status.history.
+    history_limit: int = 20
+    #: Delete an expert's S3 artifacts when the expert is deleted (default: keep them, they are data).
+    delete_artifacts_with_expert: bool = False
+    #: Port of the Prometheus metrics endpoint (0 disables it).
+    metrics_port: int = 9090
+    #: Threads for blocking Kubernetes and S3 calls.
+    workers: int = 16
+    #: Trainer log level passed to Jobs.
+    trainer_log_level: str = "INFO"
+    #: Extra environment for Jobs (``K=V,K2=V2``), e.g. HF_HUB_OFFLINE=1.
+    job_env: tuple[tuple[str, str], ...] = field(default_factory=tuple)
+
+    @property
+    def s3(self) -> S3Config:
+        return S3Config(endpoint_url=self.s3_endpoint or None, region=self.s3_region)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Read ``LANGMERGE_*`` variables; a malformed value is a :class:`SettingsError` naming the variable."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            var = f"LANGMERGE_{f.name.upper()}"
+            if var not in env:
+                continue
+            raw = env[var].strip()
+            default = f.default_factory() if callable(f.default_factory) else f.default
+            try:
+                values[f.name] = _parse(f.name, raw, default)
+            except ValueError as err:
+                raise SettingsError(f"{var}={raw!r}: {err}") from err
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        if not self.artifacts_uri.startswith("s3://"):
+            raise SettingsError(f"LANGMERGE_ARTIFACTS_URI must be an s3:// URI, got {self.artifacts_uri!r}")
+        for name in ("max_training_jobs", "max_merge_jobs", "history_limit", "workers"):
+            if getattr(self, name) < 1:
+                raise SettingsError(f"LANGMERGE_{name.upper()} must be >= 1")
+        if self.resync_seconds <= 0 or self.progress_seconds <= 0:
+            raise SettingsError("LANGMERGE_RESYNC_SECONDS and LANGMERGE_PROGRESS_SECONDS must be > 0")
+
+
+def _parse(name: str, raw: str, default: Any) -> Any:
+    if name == "namespaces":
+        return tuple(x.strip() for x in raw.split(",") if x.strip())
+    if name == "job_env":
+        pairs = []
+        for item in (x for x in raw.split(",") if x.strip()):
+            key, sep, value = item.partition("=")
+            if not sep or not key.strip():
+                raise ValueError("expected K=V pairs separated by commas")
+            pairs.append((key.strip(), value))
+        return tuple(pairs)
+    if isinstance(default, bool):
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off", ""):
+            return False
+        raise ValueError("expected true or false")
+    if isinstance(default, int):
+        return int(raw)
+    if isinstance(default, float):
+        return float(raw)
+    return raw

@@ -1,0 +1,320 @@
+"""The only seam to S3. Everything that touches object storage, operator and trainer alike, goes through here.
+
+It offers what the invariants need: paginated listings with a digest, plain and conditional puts (``IfNoneMatch='*'``
+for commits, ``IfMatch`` for compare-and-swap), resumable prefix downloads and directory uploads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import ClientError
+
+from langmerge.fingerprint import objects_digest
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+_URI = re.compile(r"^s3://(?P<bucket>[^/]+)/?(?P<key>.*)$")
+
+
+class StoreError(Exception):
+    """An S3 request failed in a way the caller should report."""
+
+
+class PreconditionFailed(StoreError):
+    """A conditional put lost: the object exists (IfNoneMatch) or changed (IfMatch)."""
+
+
+class NotFound(StoreError):
+    pass
+
+
+def split_uri(uri: str) -> tuple[str, str]:
+    """``s3://bucket/a/b`` -> ``("bucket", "a/b")``."""
+    match = _URI.match(uri)
+    if not match:
+        raise ValueError(f"not an s3:// URI: {uri!r}")
+    return match["bucket"], match["key"]
+
+
+def prefix_key(key: str) -> str:
+    """A key prefix that lists the folder's contents and nothing beside it (``a/b`` -> ``a/b/``)."""
+    return key.rstrip("/") + "/" if key else ""
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+    etag: str
+
+    def relative_to(self, prefix: str) -> str:
+        return self.key[len(prefix) :]
+
+
+@dataclass(frozen=True)
+class S3Config:
+    """How to reach S3. Credentials come from the environment (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)."""
+
+    endpoint_url: str | None = None
+    region: str = "us-east-1"
+
+    @classmethod
+    def from_env(cls) -> S3Config:
+        return cls(
+            endpoint_url=os.environ.get("LANGMERGE_S3_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL") or None,
+            region=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+        )
+
+
+def _code(err: ClientError) -> str:
+    return str(err.response.get("Error", {}).get("Code", ""))
+
+
+def _status(err: ClientError) -> int:
+    return int(err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+
+
+class ObjectStore:
+    """A thin, typed wrapper over an S3 client."""
+
+    def __init__(self, client: S3Client) -> None:
+        self.client = client
+
+    @classmethod
+    def from_config(cls, config: S3Config | None = None, **credentials: str) -> ObjectStore:
+        config = config or S3Config.from_env()
+        client: S3Client = boto3.client(  # type: ignore[call-overload]
+            "s3",
+            endpoint_url=config.endpoint_url,
+            region_name=config.region,
+            config=Config(
+                s3={"addressing_style": "path"},
+                retries={"max_attempts": 5, "mode": "standard"},
+                connect_timeout=5,
+                read_timeout=60,
+                # Checksums on every request are supported by AWS but not by every S3-compatible server.
+                request_checksum_calculation="when_required",
+                response_checksum_validation="when_required",
+            ),
+            **credentials,
+        )
+        return cls(client)
+
+    # -- reading -------------------------------------------------------------------------------------------------
+    def list_objects(self, uri: str) -> list[ObjectInfo]:
+        """Every object under the folder ``uri`` (paginated ListObjectsV2)."""
+        return list(self.iter_objects(uri))
+
+    def iter_objects(self, uri: str) -> Iterator[ObjectInfo]:
+        bucket, key = split_uri(uri)
+        paginator = self.client.get_paginator("list_objects_v2")
+        try:
+            for page in paginator.paginate(Bucket=bucket, Prefix=prefix_key(key)):
+                for obj in page.get("Contents", []):
+                    yield ObjectInfo(key=obj["Key"], size=int(obj["Size"]), etag=str(obj.get("ETag", "")).strip('"'))
+        except ClientError as err:
+            if _code(err) == "NoSuchBucket":
+                raise NotFound(f"bucket {bucket!r} does not exist") from err
+            raise StoreError(f"listing {uri} failed: {err}") from err
+
+    def prefix_digest(self, uri: str, suffix: str | None = None) -> tuple[str, int]:
+        """Digest over (relative key, size, ETag) of the objects under ``uri`` (optionally only ``*suffix``).
+
+        Returns the digest and the number of objects.
+        """
+        _bucket, key = split_uri(uri)
+        base = prefix_key(key)
+        rows = [
+            (o.relative_to(base), o.size, o.etag)
+            for o in self.iter_objects(uri)
+            if suffix is None or o.key.endswith(suffix)
+        ]
+        return objects_digest(rows), len(rows)
+
+    def head(self, uri: str) -> ObjectInfo | None:
+        bucket, key = split_uri(uri)
+        try:
+            resp = self.client.head_object(Bucket=bucket, Key=key)
+        except ClientError as err:
+            if _status(err) == 404 or _code(err) in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise StoreError(f"head {uri} failed: {err}") from err
+        return ObjectInfo(key=key, size=int(resp["ContentLength"]), etag=str(resp.get("ETag", "")).strip('"'))
+
+    def exists(self, uri: str) -> bool:
+        return self.head(uri) is not None
+
+    def get_bytes(self, uri: str) -> tuple[bytes, str]:
+        """Object body and ETag. Raises :class:`NotFound`."""
+        bucket, key = split_uri(uri)
+        try:
+            resp = self.client.get_object(Bucket=bucket, Key=key)
+        except ClientError as err:
+            if _status(err) == 404 or _code(err) in ("NoSuchKey", "404"):
+                raise NotFound(uri) from err
+            raise StoreError(f"get {uri} failed: {err}") from err
+        return resp["Body"].read(), str(resp.get("ETag", "")).strip('"')
+
+    def get_json(self, uri: str) -> Any:
+        body, _ = self.get_bytes(uri)
+        return json.loads(body)
+
+    def get_json_or_none(self, uri: str) -> Any | None:
+        try:
+            return self.get_json(uri)
+        except NotFound:
+            return None
+
+    def get_json_with_etag(self, uri: str) -> tuple[Any, str] | None:
+        try:
+            body, etag = self.get_bytes(uri)
+        except NotFound:
+            return None
+        return json.loads(body), etag
+
+    # -- writing -------------------------------------------------------------------------------------------------
+    def put_bytes(
+        self,
+        uri: str,
+        data: bytes,
+        *,
+        if_none_match: bool = False,
+        if_match: str | None = None,
+        content_type: str = "application/octet-stream",
+    ) -> str:
+        """Put an object; returns its ETag. ``if_none_match`` commits only if absent; ``if_match`` is a CAS."""
+        bucket, key = split_uri(uri)
+        kwargs: dict[str, Any] = {"Bucket": bucket, "Key": key, "Body": data, "ContentType": content_type}
+        if if_none_match:
+            kwargs["IfNoneMatch"] = "*"
+        if if_match is not None:
+            kwargs["IfMatch"] = if_match
+        try:
+            resp = self.client.put_object(**kwargs)
+        except ClientError as err:
+            if _status(err) in (409, 412) or _code(err) in ("PreconditionFailed", "ConditionalRequestConflict"):
+                raise PreconditionFailed(f"conditional put of {uri} lost") from err
+            raise StoreError(f"put {uri} failed: {err}") from err
+        return str(resp.get("ETag", "")).strip('"')
+
+    def put_json(self, uri: str, value: Any, **kwargs: Any) -> str:
+        if hasattr(value, "to_json"):
+            text = value.to_json()
+        else:
+            text = json.dumps(value, indent=2, sort_keys=True)
+        return self.put_bytes(uri, text.encode(), content_type="application/json", **kwargs)
+
+    def upload_file(self, path: Path, uri: str) -> None:
+        bucket, key = split_uri(uri)
+        try:
+            self.client.upload_file(str(path), bucket, key)
+        except ClientError as err:
+            raise StoreError(f"upload of {path} to {uri} failed: {err}") from err
+
+    def upload_dir(self, directory: Path, uri: str) -> dict[str, tuple[int, str]]:
+        """Upload every file under ``directory``; returns relative path -> (size, sha256)."""
+        files: dict[str, tuple[int, str]] = {}
+        for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+            rel = path.relative_to(directory).as_posix()
+            self.upload_file(path, f"{uri.rstrip('/')}/{rel}")
+            files[rel] = (path.stat().st_size, file_sha256(path))
+        return files
+
+    def download_prefix(self, uri: str, directory: Path) -> list[Path]:
+        """Download every object under ``uri`` into ``directory``, resumably.
+
+        A file already present with the object's size is kept; partial downloads land in ``*.part`` and are renamed
+        when complete, so an interrupted download never leaves a truncated file under its real name.
+        """
+        bucket, key = split_uri(uri)
+        base = prefix_key(key)
+        directory.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for obj in self.iter_objects(uri):
+            rel = obj.relative_to(base)
+            if not rel or rel.endswith("/"):
+                continue
+            target = directory / rel
+            paths.append(target)
+            if target.exists() and target.stat().st_size == obj.size:
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            part = target.with_name(target.name + ".part")
+            self._download_resumable(bucket, obj, part)
+            part.replace(target)
+        return paths
+
+    def _download_resumable(self, bucket: str, obj: ObjectInfo, part: Path) -> None:
+        have = part.stat().st_size if part.exists() else 0
+        if have > obj.size:
+            part.unlink()
+            have = 0
+        if have == obj.size:
+            return
+        kwargs: dict[str, Any] = {"Bucket": bucket, "Key": obj.key}
+        if have:
+            kwargs["Range"] = f"bytes={have}-"
+            kwargs["IfMatch"] = obj.etag
+        try:
+            resp = self.client.get_object(**kwargs)
+        except ClientError as err:
+            if have and _status(err) in (412, 416):
+                part.unlink()
+                return self._download_resumable(bucket, obj, part)
+            raise StoreError(f"download of s3://{bucket}/{obj.key} failed: {err}") from err
+        with part.open("ab" if have else "wb") as fh:
+            for chunk in resp["Body"].iter_chunks(chunk_size=8 << 20):
+                fh.write(chunk)
+
+    def delete_prefix(self, uri: str) -> int:
+        """Delete every object under the folder ``uri``; returns how many."""
+        bucket, _ = split_uri(uri)
+        keys = [o.key for o in self.iter_objects(uri)]
+        for start in range(0, len(keys), 1000):
+            batch = keys[start : start + 1000]
+            self.client.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True})
+        return len(keys)
+
+    def delete(self, uri: str) -> None:
+        bucket, key = split_uri(uri)
+        self.client.delete_object(Bucket=bucket, Key=key)
+
+    def ensure_bucket(self, bucket: str) -> None:
+        try:
+            self.client.head_bucket(Bucket=bucket)
+        except ClientError:
+            self.client.create_bucket(Bucket=bucket)
+
+    def presign_get(self, uri: str, expires: int = 3600) -> str:
+        bucket, key = split_uri(uri)
+        return str(
+            self.client.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=expires)
+        )
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(8 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def files_digest(files: dict[str, tuple[int, str]]) -> str:
+    """Digest of a set of files from their relative names and sha256 (e.g. an adapter's digest)."""
+    h = hashlib.sha256()
+    for name in sorted(files):
+        size, sha = files[name]
+        h.update(f"{name}\0{size}\0{sha}\n".encode())
+    return h.hexdigest()[:16]

@@ -1,0 +1,124 @@
+"""Shared fixtures: the real local control plane (kube-apiserver + etcd + SeaweedFS S3), clients, tiny models.
+
+Session-scoped: one control plane per test session (``LANGMERGE_TEST_STATE`` may point at a folder to reuse between
+runs; otherwise a temporary folder). Tests get their own namespace and bucket, so they never see each other's objects.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from langmerge.dev.controlplane import ControlPlane, Endpoints
+from langmerge.store import ObjectStore, S3Config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        path = Path(str(item.fspath))
+        parts = path.relative_to(ROOT / "tests").parts if path.is_relative_to(ROOT / "tests") else ()
+        if parts and parts[0] in ("integration", "e2e"):
+            item.add_marker(pytest.mark.integration)
+        if parts and parts[0] in ("trainer", "merge"):
+            item.add_marker(pytest.mark.trainer)
+        if parts and parts[0] == "gpu":
+            item.add_marker(pytest.mark.gpu)
+    if any(item.get_closest_marker("gpu") for item in items):
+        reason = _gpu_skip_reason()
+        if reason:
+            for item in items:
+                if item.get_closest_marker("gpu"):
+                    item.add_marker(pytest.mark.skip(reason=reason))
+
+
+def _gpu_skip_reason() -> str | None:
+    try:
+        import torch
+    except ImportError:
+        return "torch is not installed"
+    if not torch.cuda.is_available():
+        return "no CUDA device: GPU tests run only where a GPU is present"
+    return None
+
+
+@pytest.fixture(scope="session")
+def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Endpoints]:
+    """The real local control plane with the CRDs installed. Environment variables point clients at it."""
+    state = os.environ.get("LANGMERGE_TEST_STATE")
+    state_dir = Path(state) if state else tmp_path_factory.mktemp("controlplane")
+    cp = ControlPlane(state_dir)
+    t0 = time.monotonic()
+    endpoints = cp.start()
+    print(f"\nlocal control plane ready in {time.monotonic() - t0:.1f}s ({state_dir})")
+    saved = {k: os.environ.get(k) for k in endpoints.env()}
+    os.environ.update(endpoints.env())
+    from langmerge.kube import install_crds, load_client
+
+    install_crds(load_client(endpoints.kubeconfig))
+    try:
+        yield endpoints
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        if not state:
+            cp.stop()
+
+
+@pytest.fixture(scope="session")
+def s3(control_plane: Endpoints) -> ObjectStore:
+    """An object store client on the local S3 server."""
+    return ObjectStore.from_config(
+        S3Config(endpoint_url=control_plane.s3_endpoint),
+        aws_access_key_id=control_plane.s3_access_key,
+        aws_secret_access_key=control_plane.s3_secret_key,
+    )
+
+
+@pytest.fixture
+def bucket(s3: ObjectStore) -> str:
+    """A fresh, empty bucket for one test."""
+    name = f"t-{uuid.uuid4().hex[:12]}"
+    s3.client.create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture(scope="session")
+def kube(control_plane: Endpoints) -> Any:
+    """A kubernetes ApiClient authenticated as the local cluster's admin."""
+    from langmerge.kube import load_client
+
+    return load_client(control_plane.kubeconfig)
+
+
+@pytest.fixture
+def namespace(kube: Any) -> Iterator[str]:
+    """A fresh namespace for one test (deleted afterwards)."""
+    from kubernetes import client
+
+    name = f"t-{uuid.uuid4().hex[:10]}"
+    core = client.CoreV1Api(kube)
+    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
+    yield name
+    with contextlib.suppress(client.ApiException):
+        core.delete_namespace(name)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama-style causal LM (2 layers, 64 wide) with a BPE tokenizer trained on the sample text."""
+    from langmerge_trainer.sample import build_tiny_llama, sample_texts
+
+    out = tmp_path_factory.mktemp("tiny-llama")
+    return build_tiny_llama(out, sample_texts(["es", "it", "pt"]))
