@@ -1,0 +1,225 @@
+"""Every merge method against a plain dense reference on small random tensors."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytest
+import torch
+
+from langmerge.methods import METHODS
+from langmerge_trainer.merge.methods import REGISTRY, LoraUpdate, LowRankDelta, get_method
+from langmerge_trainer.merge.sparsify import dare_keep_mask, derive_seed
+
+MODULE = "model.layers.0.self_attn.q_proj"
+
+
+def make_updates(
+    ranks: Sequence[int] = (2, 3, 4),
+    weights: Sequence[float] = (0.5, 1.0, 2.0),
+    shape: tuple[int, int] = (12, 10),
+    seed: int = 0,
+) -> list[LoraUpdate]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i, (r, w) in enumerate(zip(ranks, weights, strict=True)):
+        B = torch.randn(shape[0], r, generator=g)
+        A = torch.randn(r, shape[1], generator=g)
+        out.append(LoraUpdate(B=B, A=A, scale=0.5 + 0.25 * i, weight=w, key=f"lang{i}"))
+    return out
+
+
+# -- plain references (written for clarity, not speed) -------------------------------------------------------------
+
+
+def ref_delta(u: LoraUpdate) -> torch.Tensor:
+    return u.scale * (u.B.double() @ u.A.double())
+
+
+def ref_trim(t: torch.Tensor, density: float) -> torch.Tensor:
+    """Keep the top int(density*n) by magnitude, ties broken by lower flat index (stable full sort)."""
+    k = t.numel() if density >= 1 else int(density * t.numel())
+    flat = t.flatten()
+    order = torch.sort(flat.abs(), descending=True, stable=True).indices
+    keep = torch.zeros_like(flat, dtype=torch.bool)
+    keep[order[:k]] = True
+    return (flat * keep).reshape(t.shape)
+
+
+def ref_ties(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    T = torch.stack(list(tensors))
+    w = torch.tensor(weights, dtype=T.dtype).reshape(-1, *([1] * (T.dim() - 1)))
+    elected = torch.where((w * T).sum(0) >= 0, 1.0, -1.0).to(T.dtype)
+    agree = (torch.sign(T) == elected) & (T != 0)
+    num = (w * T * agree).sum(0)
+    den = (w * agree).sum(0)
+    return torch.where(den > 0, num / torch.where(den > 0, den, 1), 0)
+
+
+def ref_dare(t: torch.Tensor, density: float, seed: int, key: str) -> torch.Tensor:
+    keep = dare_keep_mask(t.shape, density, derive_seed(seed, MODULE, key))
+    return t * keep / density
+
+
+def reference(method: str, updates: Sequence[LoraUpdate], p: dict[str, object]) -> torch.Tensor:
+    D = [ref_delta(u) for u in updates]
+    w = [u.weight for u in updates]
+    lam = float(p.get("lambda_", 1.0))  # type: ignore[arg-type]
+    density = float(p.get("density", 1.0))  # type: ignore[arg-type]
+    seed = int(p.get("seed", 0))  # type: ignore[call-overload]
+    if method == "linear":
+        return sum(wi * d for wi, d in zip(w, D, strict=True)) / sum(w)  # type: ignore[return-value]
+    if method in ("task_arithmetic", "cat"):
+        return lam * sum(wi * d for wi, d in zip(w, D, strict=True))  # type: ignore[return-value]
+    if method == "magnitude_prune":
+        return lam * sum(wi * ref_trim(d, density) for wi, d in zip(w, D, strict=True))  # type: ignore[return-value]
+    if method == "ties":
+        return lam * ref_ties([ref_trim(d, density) for d in D], w)
+    if method == "dare_linear":
+        return lam * sum(  # type: ignore[return-value]
+            wi * ref_dare(d, density, seed, u.key) for wi, d, u in zip(w, D, updates, strict=True)
+        )
+    if method == "dare_ties":
+        return lam * ref_ties([ref_dare(d, density, seed, u.key) for d, u in zip(D, updates, strict=True)], w)
+    if method == "knots":
+        # KnOTS as the paper describes it: SVD of the concatenated dense updates, coordinates S V_i^T, merge, map back.
+        U, sv, Vh = torch.linalg.svd(torch.cat(D, dim=1), full_matrices=False)
+        support = sv > sv[0] * 1e-7
+        U, sv, Vh = U[:, support], sv[support], Vh[support]
+        n = D[0].shape[1]
+        X = [sv[:, None] * Vh[:, i * n : (i + 1) * n] for i in range(len(D))]
+        if p["knots_merge"] == "ties":
+            merged = ref_ties([ref_trim(x, density) for x in X], w)
+        else:
+            merged = sum(wi * x for wi, x in zip(w, X, strict=True)) / sum(w)
+        return lam * (U @ merged)  # type: ignore[no-any-return]
+    raise AssertionError(method)
+
+
+CASES = [
+    ("linear", {}),
+    ("task_arithmetic", {"lambda_": 0.7}),
+    ("cat", {}),
+    ("ties", {"density": 1.0}),
+    ("ties", {"density": 0.3, "lambda_": 1.5}),
+    ("magnitude_prune", {"density": 0.5}),
+    ("dare_linear", {"density": 0.5, "seed": 3}),
+    ("dare_ties", {"density": 0.4, "seed": 7, "lambda_": 0.9}),
+    ("knots", {"knots_merge": "ties", "density": 1.0}),
+    ("knots", {"knots_merge": "ties", "density": 0.5, "lambda_": 1.3}),
+    ("knots", {"knots_merge": "linear"}),
+]
+
+
+def test_registry_matches_the_operator_catalogue() -> None:
+    assert set(REGISTRY) == set(METHODS)
+    for name, info in METHODS.items():
+        assert REGISTRY[name].parameters == info.parameters, name
+        assert REGISTRY[name].low_rank_exact == info.low_rank_exact, name
+
+
+@pytest.mark.parametrize(("method", "given"), CASES, ids=[f"{m}-{i}" for i, (m, _) in enumerate(CASES)])
+def test_method_matches_dense_reference(method: str, given: dict[str, object]) -> None:
+    updates = make_updates()
+    impl = get_method(method)
+    params = impl.resolve(given)
+    merged = impl.merge(MODULE, updates, params)
+    want = reference(method, updates, params)
+    got = merged.dense().double()
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max())), (got - want).abs().max()
+    if impl.low_rank_exact:
+        assert isinstance(merged, LowRankDelta)
+        assert merged.rank <= sum(u.rank for u in updates)
+
+
+def test_resolve_fills_defaults_and_rejects_unknown() -> None:
+    assert get_method("dare_ties").resolve({}) == {"density": 0.5, "lambda_": 1.0, "seed": 0}
+    assert get_method("ties").resolve({"weights": {"es": 1.0}}) == {"density": 1.0, "lambda_": 1.0}
+    with pytest.raises(ValueError, match="do not apply"):
+        get_method("linear").resolve({"density": 0.5})
+    with pytest.raises(ValueError, match="density"):
+        get_method("ties").resolve({"density": 1.5})
+    with pytest.raises(ValueError, match="knots_merge"):
+        get_method("knots").resolve({"knots_merge": "dare"})
+
+
+def test_cat_is_exact_stacking() -> None:
+    updates = make_updates()
+    merged = get_method("cat").merge(MODULE, updates, {})
+    assert isinstance(merged, LowRankDelta)
+    assert merged.rank == 2 + 3 + 4
+    want = sum(u.weight * ref_delta(u) for u in updates)
+    assert torch.allclose(merged.dense().double(), want, atol=1e-5)  # type: ignore[arg-type]
+    # B = [w_i s_i B_i], A = [A_1; A_2; A_3]
+    assert torch.equal(merged.A[:2], updates[0].A)
+    assert torch.allclose(merged.B[:, :2], updates[0].B * updates[0].weight * updates[0].scale)
+
+
+def test_ties_with_unit_weights_equals_peft_ties() -> None:
+    from peft.utils import merge_utils
+
+    updates = make_updates(weights=(1.0, 1.0, 1.0))
+    deltas = [u.dense() for u in updates]
+    for density in (1.0, 0.4):
+        ours = get_method("ties").merge(MODULE, updates, {"density": density, "lambda_": 1.0}).dense()
+        if density >= 1.0:
+            theirs = merge_utils.disjoint_merge(
+                torch.stack(deltas), merge_utils.calculate_majority_sign_mask(torch.stack(deltas))
+            )
+        else:
+            theirs = merge_utils.ties(deltas, torch.ones(3), density)
+        assert torch.allclose(ours, theirs, atol=1e-5)
+
+
+def test_dare_is_reproducible_for_a_seed_and_order_independent() -> None:
+    updates = make_updates(shape=(40, 30))
+    method = get_method("dare_ties")
+    one = method.merge(MODULE, updates, method.resolve({"seed": 1})).dense()
+    again = method.merge(MODULE, list(reversed(updates)), method.resolve({"seed": 1})).dense()
+    other = method.merge(MODULE, updates, method.resolve({"seed": 2})).dense()
+    assert torch.allclose(one, again, atol=1e-6)  # same masks whatever the processing order
+    assert not torch.allclose(one, other)
+    # the mask really is Bernoulli(density): about half of 10k entries kept, and keys give independent masks
+    m1 = dare_keep_mask((100, 100), 0.5, derive_seed(0, MODULE, "es"))
+    m2 = dare_keep_mask((100, 100), 0.5, derive_seed(0, MODULE, "it"))
+    assert 0.47 < float(m1.float().mean()) < 0.53
+    assert 0.22 < float((m1 & m2).float().mean()) < 0.28
+
+
+def test_weights_of_zero_leave_an_adapter_out_of_ties() -> None:
+    updates = make_updates(weights=(1.0, 0.0, 1.0))
+    got = get_method("ties").merge(MODULE, updates, {"density": 1.0, "lambda_": 1.0}).dense()
+    want = ref_ties([ref_delta(updates[0]), ref_delta(updates[2])], [1.0, 1.0])
+    assert torch.allclose(got.double(), want, atol=1e-5)
+
+
+def test_peft_linear_has_cross_terms_ours_is_the_true_average() -> None:
+    """PEFT's non-SVD ``linear`` averages A's and B's separately; the true average of the updates differs."""
+    import torch.nn as nn
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(16, 16, bias=False))
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["0"], init_lora_weights=False)
+    model = get_peft_model(base, config, adapter_name="es")
+    model.add_adapter("it", config)
+    torch.nn.init.normal_(model.base_model.model[0].lora_B["it"].weight)
+    layer = model.base_model.model[0]
+    updates = [
+        LoraUpdate(
+            B=layer.lora_B[name].weight.detach().clone(),
+            A=layer.lora_A[name].weight.detach().clone(),
+            scale=float(layer.scaling[name]),
+            weight=0.5,
+            key=name,
+        )
+        for name in ("es", "it")
+    ]
+    model.add_weighted_adapter(["es", "it"], [0.5, 0.5], "peft_linear", combination_type="linear")
+    with torch.no_grad():
+        truth = 0.5 * layer.get_delta_weight("es") + 0.5 * layer.get_delta_weight("it")
+        peft_delta = layer.get_delta_weight("peft_linear")
+    ours = get_method("linear").merge("0", updates, {}).dense()
+    assert torch.allclose(ours, truth, atol=1e-5)
+    rel = float((peft_delta - truth).norm() / truth.norm())
+    assert rel > 0.3, rel  # the cross terms B_es A_it and B_it A_es

@@ -1,0 +1,145 @@
+"""Selecting the entries of an update that a method keeps: exact top-k by magnitude and seeded random drops.
+
+Two selections, both exact and deterministic, neither needing a full sort:
+
+* :func:`topk_keep_mask` keeps exactly ``k`` entries of largest magnitude (TIES, magnitude pruning). The k-th largest
+  value is found by *bracketing*: a fixed-size random sample gives two quantiles that enclose the k-th value with
+  overwhelming probability, one counting pass and one compaction keep only the entries inside the bracket (about 1% of
+  them), and the selection recurses on that small set. Every pass is elementwise, so it runs at memory bandwidth on a
+  GPU (where ``torch.kthvalue`` on one huge slice runs in a single thread block) and beats quickselect on a CPU. The
+  sample only guides the search: when a bracket misses, it falls back to ``torch.kthvalue``, so the answer is always
+  the exact k-th value. Entries equal to the threshold are kept in flat index order until exactly ``k`` are kept.
+* :func:`dare_keep_mask` draws DARE's Bernoulli(density) keep mask from a counter-based hash of (key, flat index), in
+  exact integer arithmetic: the same key gives the same mask on any device, in any processing order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import torch
+
+#: Below this many entries the selection calls ``torch.kthvalue`` directly.
+SMALL_SELECTION = 1 << 16
+#: Sample size that brackets the k-th value.
+SAMPLE_SIZE = 1 << 15
+#: Half-width of the bracket in standard deviations of the sample quantile.
+BRACKET_SIGMAS = 6.0
+#: Entries hashed per chunk by the DARE mask (bounds its temporaries).
+HASH_CHUNK = 1 << 20
+
+_M32 = 0xFFFFFFFF
+
+
+def keep_count(numel: int, density: float) -> int:
+    """Entries kept at ``density`` (as PEFT and mergekit count them: ``int(density * numel)``)."""
+    return numel if density >= 1.0 else int(density * numel)
+
+
+def topk_keep_mask(magnitude: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask (same shape) of exactly ``k`` entries with the largest values of ``magnitude``.
+
+    Entries equal to the k-th largest value are kept in increasing flat index order, so the mask is deterministic.
+    """
+    flat = magnitude.reshape(-1)
+    n = flat.numel()
+    if k >= n:
+        return torch.ones_like(magnitude, dtype=torch.bool)
+    if k <= 0:
+        return torch.zeros_like(magnitude, dtype=torch.bool)
+    value, n_greater, n_equal = kth_largest(flat, k)
+    need = k - n_greater
+    if need == n_equal:
+        return magnitude >= value
+    equal = flat == value
+    first = torch.cumsum(equal, dim=0, dtype=torch.int64) <= need
+    return ((flat > value) | (equal & first)).reshape(magnitude.shape)
+
+
+def kth_largest(flat: torch.Tensor, k: int) -> tuple[torch.Tensor, int, int]:
+    """The k-th largest value of a 1-D tensor (1 <= k <= numel), how many entries exceed it, how many equal it."""
+    n = flat.numel()
+    if not 1 <= k <= n:
+        raise ValueError(f"k={k} out of range for {n} entries")
+    if n > SMALL_SELECTION:
+        found = _kth_largest_bracketed(flat, k)
+        if found is not None:
+            return found
+    value = torch.kthvalue(flat, n - k + 1).values
+    return value, int(torch.count_nonzero(flat > value)), int(torch.count_nonzero(flat == value))
+
+
+def _kth_largest_bracketed(flat: torch.Tensor, k: int) -> tuple[torch.Tensor, int, int] | None:
+    n = flat.numel()
+    generator = torch.Generator().manual_seed((n * 1_000_003 + k) & 0x7FFFFFFF)
+    index = torch.randint(0, n, (SAMPLE_SIZE,), generator=generator).to(flat.device)
+    sample = flat[index].float()
+    q = 1.0 - k / n  # the k-th largest is the q-quantile
+    margin = BRACKET_SIGMAS * math.sqrt(max(q * (1.0 - q), 1.0 / SAMPLE_SIZE) / SAMPLE_SIZE) + 2.0 / SAMPLE_SIZE
+    bounds = torch.quantile(sample, torch.tensor([max(0.0, q - margin), min(1.0, q + margin)], device=sample.device))
+    lo = bounds[0].to(flat.dtype) if q - margin > 0 else None
+    hi = bounds[1].to(flat.dtype) if q + margin < 1 else None
+    n_above = int(torch.count_nonzero(flat > hi)) if hi is not None else 0
+    if n_above >= k:
+        return None
+    inside = torch.ones_like(flat, dtype=torch.bool) if lo is None else flat >= lo
+    if hi is not None:
+        inside &= flat <= hi
+    candidates = flat[inside]
+    del inside
+    if n_above + candidates.numel() < k or candidates.numel() * 2 > n:
+        return None
+    value, greater, equal = kth_largest(candidates, k - n_above)
+    return value, n_above + greater, equal
+
+
+# -- DARE ----------------------------------------------------------------------------------------------------------
+
+
+def derive_seed(seed: int, *parts: str) -> int:
+    """A 64-bit key from a user seed and names (module, language): independent of processing order and device."""
+    text = "\0".join([str(int(seed)), *parts])
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
+
+
+def _mul32(x: torch.Tensor, constant: int) -> torch.Tensor:
+    """``(x * constant) mod 2**32`` for int64 ``x`` in [0, 2**32), without signed overflow (16-bit halves)."""
+    low = x * (constant & 0xFFFF)
+    high = ((x * (constant >> 16)) & 0xFFFF) << 16
+    return (low + high) & _M32
+
+
+def _lowbias32(x: torch.Tensor) -> torch.Tensor:
+    """Chris Wellons' ``lowbias32`` integer hash (a bijection on 32-bit values)."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def hash_uniform32(key: int, start: int, count: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """32-bit hashes (int64 in [0, 2**32)) of flat indices ``start .. start+count-1`` under ``key``."""
+    offset = key & _M32
+    multiplier = ((key >> 32) & _M32) | 1  # odd: a bijection of the index
+    x = torch.arange(start, start + count, dtype=torch.int64, device=device) & _M32
+    x = (_mul32(x, multiplier) + offset) & _M32
+    x = _lowbias32(x)
+    x = _lowbias32(x ^ (offset ^ 0x9E3779B9))
+    return x
+
+
+def dare_keep_mask(
+    shape: torch.Size | tuple[int, ...], density: float, key: int, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """DARE's keep mask: each entry kept with probability ``density``, from a hash of (``key``, flat index)."""
+    numel = math.prod(shape)
+    if density >= 1.0:
+        return torch.ones(shape, dtype=torch.bool, device=device)
+    threshold = int(density * 2**32)
+    out = torch.empty(numel, dtype=torch.bool, device=device)
+    for start in range(0, numel, HASH_CHUNK):
+        count = min(HASH_CHUNK, numel - start)
+        out[start : start + count] = hash_uniform32(key, start, count, device) < threshold
+    return out.reshape(shape)
