@@ -1,1 +1,119 @@
-def main() -> None: ...
+"""``langmerge-trainer``: the command a training, evaluation or merge Job runs.
+
+Verbs::
+
+    train --task <json or @file>        train and commit one expert's adapter (a langmerge.tasks.TrainTask)
+    evaluate --base-model ... --dataset ... --output ...   metrics of a model on a language's eval split
+    merge --task <json or @file>        the merge Job (langmerge_trainer.merge.job)
+    merge-local ...                     merge adapters on this machine (langmerge_trainer.merge.cli)
+
+Exit status: 0 done (or nothing to do), 1 failed (a failure record was written where the verb has one),
+2 usage error, 3 preempted (a checkpoint was saved; a new attempt resumes from it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_PREEMPTED = 3
+
+VERBS = ("train", "evaluate", "merge", "merge-local")
+USAGE = f"usage: langmerge-trainer {{{','.join(VERBS)}}} [options]  (langmerge-trainer <verb> --help)"
+
+log = logging.getLogger("langmerge_trainer")
+
+
+def setup_logging() -> None:
+    """Timestamped lines on stderr; the level from ``LANGMERGE_LOG_LEVEL`` (default INFO)."""
+    level = os.environ.get("LANGMERGE_LOG_LEVEL", "INFO").upper()
+    logging.basicConfig(
+        level=getattr(logging, level, logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%Y-%m-%dT%H:%M:%S%z",
+        stream=sys.stderr,
+    )
+
+
+def train_main(argv: Sequence[str]) -> int:
+    from pydantic import ValidationError
+
+    from langmerge.store import ObjectStore
+    from langmerge.tasks import TrainTask
+    from langmerge_trainer.data import read_json_arg
+
+    parser = argparse.ArgumentParser(prog="langmerge-trainer train", description="Train one expert's LoRA adapter.")
+    parser.add_argument("--task", required=True, help="the TrainTask as JSON, or @path to a file holding it")
+    parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    args = parser.parse_args(list(argv))
+    try:
+        task = TrainTask.model_validate(read_json_arg(args.task))
+    except (ValueError, OSError, ValidationError) as err:
+        # No task, no output prefix: nothing to record a failure under.
+        parser.print_usage(sys.stderr)
+        log.error("--task is not a valid TrainTask: %s", err)
+        return EXIT_USAGE
+    from langmerge_trainer.train import Preempted, run_train_task
+
+    store = ObjectStore.from_config()
+    try:
+        manifest = run_train_task(task, store, device=args.device)
+    except Preempted as err:
+        log.warning("%s", err)
+        return EXIT_PREEMPTED
+    except Exception:
+        log.exception("training failed")
+        return EXIT_FAILED
+    log.info("adapter %s at %s", manifest.adapter_digest, manifest.adapter_uri)
+    return EXIT_OK
+
+
+def evaluate_main(argv: Sequence[str]) -> int:
+    from langmerge_trainer.evaluate import cli_main
+
+    try:
+        return cli_main(argv)
+    except Exception:
+        log.exception("evaluation failed")
+        return EXIT_FAILED
+
+
+def merge_main(argv: Sequence[str]) -> int:
+    from langmerge_trainer.merge.job import main as job_main
+
+    return int(job_main(list(argv)) or 0)
+
+
+def merge_local_main(argv: Sequence[str]) -> int:
+    from langmerge_trainer.merge.cli import main as cli_main
+
+    return int(cli_main(list(argv)) or 0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(USAGE, file=sys.stderr if not args else sys.stdout)
+        print(__doc__, file=sys.stderr if not args else sys.stdout)
+        return EXIT_USAGE if not args else EXIT_OK
+    verb, rest = args[0], args[1:]
+    setup_logging()
+    handlers = {"train": train_main, "evaluate": evaluate_main, "merge": merge_main, "merge-local": merge_local_main}
+    handler = handlers.get(verb)
+    if handler is None:
+        print(f"unknown verb {verb!r}\n{USAGE}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        return handler(rest)
+    except SystemExit as exc:  # argparse: --help is 0, a usage error is 2
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,738 @@
+"""Training one language's LoRA expert: :func:`run_train_task` turns a :class:`langmerge.tasks.TrainTask` into a
+committed adapter under the task's ``output_uri``.
+
+What a run does, in order:
+
+1. If ``manifest.json`` exists the adapter is committed already: return it, write nothing (idempotent).
+2. Read and split the data (:mod:`langmerge_trainer.data`), fetch the base model into the local cache
+   (:mod:`langmerge_trainer.modelcache`), wrap it with a fresh LoRA adapter (seeded), evaluate the base alone.
+3. Resume from ``checkpoints/latest.json`` if a previous attempt left one, then run our own loop
+   (:class:`TrainingLoop`): AdamW, linear warm-up and decay, gradient clipping, loss on completion tokens only, the
+   token-level mean over each optimiser step whatever its split into micro-batches. Progress goes to
+   ``progress.json``; a resumable checkpoint (adapter weights, optimiser, scheduler, RNG, step and data-order state)
+   to ``checkpoints/step-<n>/`` with ``latest.json`` moved after it. On CPU a resumed run ends bit-identical to an
+   uninterrupted one.
+4. Evaluate, upload ``adapter/adapter_model.safetensors`` and ``adapter/adapter_config.json``, then commit
+   ``manifest.json`` last with ``IfNoneMatch='*'``.
+
+Any failure writes a :class:`langmerge.artifacts.FailureRecord` and re-raises. Preemption (SIGTERM, or the test hook
+``LANGMERGE_TRAINER_STOP_AFTER_STEPS=N``) checkpoints and raises :class:`Preempted`: no failure record, the next
+attempt resumes.
+
+Batching (``spec.training.batching``): ``batch_size`` is the number of examples (packed: sequences) per optimiser
+step; ``gradient_accumulation_steps`` splits them into that many micro-batches, which saves memory without changing
+the result (beyond float rounding).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import platform
+import random
+import signal
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import torch
+from pydantic import ValidationError
+from torch import nn
+
+from langmerge.api.expert import Batching, Lora, Metrics, Training
+from langmerge.artifacts import (
+    MANIFEST,
+    PROGRESS,
+    AdapterManifest,
+    CheckpointPointer,
+    Cost,
+    FailureRecord,
+    FileEntry,
+    ProgressRecord,
+    Versions,
+    adapter_uri,
+    checkpoints_uri,
+    failure_uri,
+    join,
+    utcnow,
+)
+from langmerge.store import ObjectStore, PreconditionFailed, file_sha256, files_digest
+from langmerge.tasks import TrainTask
+from langmerge_trainer.data import DataError, limit_examples, load_dataset
+from langmerge_trainer.evaluate import (
+    IGNORE,
+    Batch,
+    Encoded,
+    autocast_context,
+    completion_loss_sum,
+    default_dtype,
+    encode_examples,
+    evaluate_encoded,
+    load_causal_lm,
+    load_tokenizer,
+    pad_batch,
+    pad_id,
+    peft_compat,
+    pick_device,
+)
+from langmerge_trainer.modelcache import ModelDigestMismatch, ensure_model
+
+log = logging.getLogger(__name__)
+
+#: Test hook: checkpoint after this many optimiser steps, then stop as if preempted.
+ENV_STOP_AFTER = "LANGMERGE_TRAINER_STOP_AFTER_STEPS"
+#: Gradient norm clip (a fixed part of the algorithm, not a setting).
+MAX_GRAD_NORM = 1.0
+#: Length-grouped batching sorts windows of this many batches by length.
+LENGTH_GROUP_WINDOW = 32
+#: Evaluation examples per language: the same default as a MergedModel's ``evaluation.maxExamples``, and chosen the
+#: same way, so an expert's figures and a merged model's figures are computed on the same examples.
+EVAL_MAX_EXAMPLES = 512
+#: The adapter files committed (peft also writes a README we do not keep).
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
+LATEST = "latest.json"
+CHECKPOINT_VERSION = 1
+
+
+class SpecError(ValueError):
+    """The task's settings cannot work with this base model or data. A retry cannot fix it."""
+
+
+class Preempted(Exception):
+    """Training stopped early after saving a checkpoint; a new attempt resumes from it."""
+
+    def __init__(self, step: int, reason: str) -> None:
+        super().__init__(f"preempted at step {step} ({reason}); checkpoint saved")
+        self.step = step
+        self.reason = reason
+
+
+#: Errors that a retry of the same task cannot fix.
+NON_RETRYABLE: tuple[type[BaseException], ...] = (DataError, SpecError, ModelDigestMismatch, ValidationError)
+
+
+# -- the data order -----------------------------------------------------------------------------------------------------
+#: One optimiser step: rows of a batch, each row one example (or several, packed) by index into the training split.
+Step = list[list[int]]
+
+
+def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+
+
+def _chunks(items: Sequence[Any], size: int) -> list[list[Any]]:
+    return [list(items[i : i + size]) for i in range(0, len(items), size)]
+
+
+def plan_epoch(
+    lengths: Sequence[int], *, epoch: int, seed: int, batch_size: int, batching: str, max_seq_length: int
+) -> list[Step]:
+    """The optimiser steps of one epoch, a pure function of the lengths, the seed and the epoch number."""
+    gen = _epoch_generator(seed, epoch)
+    order = torch.randperm(len(lengths), generator=gen).tolist()
+    if batching == Batching.SHUFFLED:
+        return _chunks([[i] for i in order], batch_size)
+    if batching == Batching.PACKED:
+        rows: list[list[int]] = []
+        row: list[int] = []
+        used = 0
+        for i in order:
+            if row and used + lengths[i] > max_seq_length:
+                rows.append(row)
+                row, used = [], 0
+            row.append(i)
+            used += lengths[i]
+        if row:
+            rows.append(row)
+        return _chunks(rows, batch_size)
+    if batching == Batching.LENGTH_GROUPED:
+        batches: list[list[int]] = []
+        window = batch_size * LENGTH_GROUP_WINDOW
+        for start in range(0, len(order), window):
+            group = sorted(order[start : start + window], key=lambda i: -lengths[i])
+            batches.extend(_chunks(group, batch_size))
+        shuffled = [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
+        # The batch holding the longest example goes first, so a batch that does not fit in memory fails at once.
+        longest = max(range(len(shuffled)), key=lambda b: (max(lengths[i] for i in shuffled[b]), -b))
+        shuffled.insert(0, shuffled.pop(longest))
+        return [[[i] for i in batch] for batch in shuffled]
+    raise SpecError(f"unknown batching {batching!r}")
+
+
+def plan_training(lengths: Sequence[int], training: Training) -> list[list[Step]]:
+    """Every epoch's steps."""
+    return [
+        plan_epoch(
+            lengths,
+            epoch=epoch,
+            seed=training.seed,
+            batch_size=training.batch_size,
+            batching=str(training.batching),
+            max_seq_length=training.max_seq_length,
+        )
+        for epoch in range(training.epochs)
+    ]
+
+
+def plan_digest(plan: Sequence[Sequence[Step]]) -> str:
+    return hashlib.sha256(json.dumps(plan, separators=(",", ":")).encode()).hexdigest()[:16]
+
+
+def pack_batch(rows: Sequence[Sequence[Encoded]], pad_token_id: int) -> Batch:
+    """Concatenate each row's examples into one sequence; position ids restart at every example, which makes
+    transformers attend within each example only. Padding is a segment of its own; nothing is predicted across an
+    example boundary."""
+    width = max(sum(len(item) for item in row) for row in rows)
+    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    positions = torch.zeros((len(rows), width), dtype=torch.long)
+    tokens = 0
+    for r, row in enumerate(rows):
+        offset = 0
+        for item in row:
+            n = len(item)
+            ids[r, offset : offset + n] = torch.tensor(item.input_ids, dtype=torch.long)
+            labels[r, offset : offset + n] = torch.tensor(item.labels, dtype=torch.long)
+            labels[r, offset] = IGNORE
+            positions[r, offset : offset + n] = torch.arange(n)
+            offset += n
+        tokens += offset
+        positions[r, offset:] = torch.arange(width - offset)
+    return Batch(input_ids=ids, labels=labels, position_ids=positions, tokens=tokens)
+
+
+# -- the loop -------------------------------------------------------------------------------------------------------
+@dataclass
+class StepResult:
+    loss: float
+    tokens: int
+    completion_tokens: int
+
+
+def lr_lambda(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """Linear warm-up over ``warmup_steps``, then linear decay; factor for the update after ``step`` steps."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+    return factor
+
+
+class TrainingLoop:
+    """Our LoRA training loop over encoded examples, resumable step by step (no S3 here: the benchmark uses it too)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        items: Sequence[Encoded],
+        training: Training,
+        *,
+        pad_token_id: int,
+        device: torch.device,
+    ) -> None:
+        self.model = model
+        self.items = list(items)
+        self.training = training
+        self.pad_token_id = pad_token_id
+        self.device = device
+        self.plan = plan_training([len(item) for item in self.items], training)
+        self.steps: list[tuple[int, int, Step]] = [
+            (epoch, index, step) for epoch, steps in enumerate(self.plan) for index, step in enumerate(steps)
+        ]
+        self.total_steps = len(self.steps)
+        self.plan_digest = plan_digest(self.plan)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            self.params,
+            lr=training.learning_rate,
+            weight_decay=training.weight_decay,
+            fused=device.type == "cuda",
+        )
+        warmup = math.ceil(training.warmup_ratio * self.total_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(warmup, self.total_steps))
+        self.step = 0
+        self.tokens_trained = 0
+
+    def micro_batches(self, step: Step) -> list[Batch]:
+        parts = max(1, math.ceil(len(step) / self.training.gradient_accumulation_steps))
+        out = []
+        for rows in _chunks(step, parts):
+            encoded = [[self.items[i] for i in row] for row in rows]
+            if self.training.batching == Batching.PACKED:
+                out.append(pack_batch(encoded, self.pad_token_id))
+            else:
+                out.append(pad_batch([row[0] for row in encoded], self.pad_token_id))
+        return out
+
+    def train_step(self) -> StepResult:
+        """One optimiser step: the token-level mean loss over all its micro-batches."""
+        _epoch, _index, step = self.steps[self.step]
+        self.model.train()
+        batches = self.micro_batches(step)
+        targets = sum(int((b.labels[:, 1:] != IGNORE).sum()) for b in batches)
+        loss_total = 0.0
+        tokens = 0
+        for batch in batches:
+            batch = batch.to(self.device)
+            with autocast_context(self.device):
+                loss_sum, _count = completion_loss_sum(self.model, batch)
+            (loss_sum / max(1, targets)).backward()
+            loss_total += float(loss_sum.detach())
+            tokens += batch.tokens
+        torch.nn.utils.clip_grad_norm_(self.params, MAX_GRAD_NORM)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens_trained += tokens
+        return StepResult(loss=loss_total / max(1, targets), tokens=tokens, completion_tokens=targets)
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.total_steps
+
+    def data_state(self, step: int | None = None) -> dict[str, Any]:
+        """Where in the data order the loop stands after ``step`` steps (default: now). The order itself is
+        recomputed from the seed; the digest proves it is the same order."""
+        step = self.step if step is None else step
+        epoch, index = self.steps[step][:2] if step < self.total_steps else (self.training.epochs, 0)
+        return {
+            "epoch": epoch,
+            "step_in_epoch": index,
+            "plan_digest": self.plan_digest,
+            "total_steps": self.total_steps,
+        }
+
+    # -- checkpoints --------------------------------------------------------------------------------------------------
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().cpu().contiguous() for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def save(self, folder: Path, extra: dict[str, Any]) -> None:
+        """Write everything a resumed loop needs into ``folder``."""
+        from safetensors.torch import save_file
+
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file(self.trainable_state(), str(folder / "adapter.safetensors"))
+        torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
+        torch.save(self.scheduler.state_dict(), folder / "scheduler.pt")
+        rng: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        torch.save(rng, folder / "rng.pt")
+        state = {
+            "version": CHECKPOINT_VERSION,
+            "step": self.step,
+            "tokens_trained": self.tokens_trained,
+            "data": self.data_state(),
+            **extra,
+        }
+        (folder / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
+
+    def load(self, folder: Path) -> dict[str, Any]:
+        """Restore a checkpoint written by :meth:`save`; returns its ``state.json``."""
+        from safetensors.torch import load_file
+
+        state: dict[str, Any] = json.loads((folder / "state.json").read_text())
+        weights = load_file(str(folder / "adapter.safetensors"))
+        named = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        if set(weights) != set(named):
+            raise ValueError("checkpoint weights do not match the adapter's parameters")
+        with torch.no_grad():
+            for name, tensor in weights.items():
+                named[name].copy_(tensor.to(named[name].device))
+        self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location=self.device, weights_only=True))
+        self.scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
+        rng = torch.load(folder / "rng.pt", weights_only=True)
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        self.step = int(state["step"])
+        self.tokens_trained = int(state["tokens_trained"])
+        return state
+
+
+# -- the task -----------------------------------------------------------------------------------------------------
+def library_versions() -> Versions:
+    import peft
+    import transformers
+
+    try:
+        ours = metadata.version("langmerge")
+    except metadata.PackageNotFoundError:
+        ours = None
+    return Versions(
+        langmerge=ours,
+        python=platform.python_version(),
+        torch=torch.__version__,
+        transformers=transformers.__version__,
+        peft=peft.__version__,
+        cuda=torch.version.cuda,
+    )
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def lora_config(lora: Lora) -> Any:
+    from peft import LoraConfig, TaskType
+
+    return LoraConfig(
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        bias="none",
+        task_type=TaskType.CAUSAL_LM,
+    )
+
+
+def attach_lora(model: Any, lora: Lora, *, gradient_checkpointing: bool = False) -> Any:
+    """Wrap a causal LM with a fresh LoRA adapter (initialised from the current torch seed)."""
+    from peft import get_peft_model
+
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    try:
+        with peft_compat():
+            return get_peft_model(model, lora_config(lora))
+    except ValueError as err:
+        raise SpecError(f"LoRA targetModules {list(lora.target_modules)} do not fit the base model: {err}") from err
+
+
+@contextmanager
+def _sigterm_flag() -> Iterator[threading.Event]:
+    """An event set by SIGTERM (Kubernetes' preemption notice) while training runs in the main thread."""
+    event = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield event
+        return
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        log.warning("SIGTERM: checkpointing after the current step")
+        event.set()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield event
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@dataclass
+class _Clock:
+    wall0: float = field(default_factory=time.monotonic)
+    cpu0: float = field(default_factory=time.process_time)
+    #: Cost of earlier attempts (from the checkpoint resumed).
+    wall_before: float = 0.0
+    cpu_before: float = 0.0
+
+    def wall(self) -> float:
+        return self.wall_before + time.monotonic() - self.wall0
+
+    def cpu(self) -> float:
+        return self.cpu_before + time.process_time() - self.cpu0
+
+
+class _Run:
+    """One attempt at a training task."""
+
+    def __init__(self, task: TrainTask, store: ObjectStore, device: torch.device, stop_after: int | None) -> None:
+        self.task = task
+        self.store = store
+        self.device = device
+        self.stop_after = stop_after
+        self.prefix = task.output_uri
+        self.clock = _Clock()
+        self.started_at = utcnow()
+
+    # -- S3 records
+    def progress(self, stage: str, **fields: Any) -> None:
+        record = ProgressRecord(fingerprint=self.task.fingerprint, stage=stage, attempt=self.task.attempt, **fields)
+        try:
+            self.store.put_json(join(self.prefix, PROGRESS), record)
+        except Exception as err:  # progress is best effort: never fail training for it
+            log.warning("could not write progress: %s", err)
+
+    def latest_uri(self) -> str:
+        return join(checkpoints_uri(self.prefix), LATEST)
+
+    def save_checkpoint(self, loop: TrainingLoop, work: Path) -> None:
+        folder = work / f"step-{loop.step}"
+        loop.save(
+            folder,
+            {
+                "fingerprint": self.task.fingerprint,
+                "wall_seconds": self.clock.wall(),
+                "cpu_seconds": self.clock.cpu(),
+                "started_at": self.started_at,
+            },
+        )
+        uri = join(checkpoints_uri(self.prefix), f"step-{loop.step}")
+        self.store.upload_dir(folder, uri)
+        previous = self.store.get_json_or_none(self.latest_uri())
+        self.store.put_json(self.latest_uri(), CheckpointPointer(step=loop.step, uri=uri))
+        if previous and previous.get("uri") and previous["uri"] != uri:
+            self.store.delete_prefix(previous["uri"])
+        log.info("checkpoint at step %d: %s", loop.step, uri)
+
+    def resume(self, loop: TrainingLoop, work: Path) -> int | None:
+        raw = self.store.get_json_or_none(self.latest_uri())
+        if not raw:
+            return None
+        pointer = CheckpointPointer.model_validate(raw)
+        folder = work / "resume"
+        self.store.download_prefix(pointer.uri, folder)
+        state = json.loads((folder / "state.json").read_text()) if (folder / "state.json").is_file() else {}
+        step = state.get("step")
+        valid = (
+            state.get("version") == CHECKPOINT_VERSION
+            and state.get("fingerprint") == self.task.fingerprint
+            and isinstance(step, int)
+            and 0 < step <= loop.total_steps
+            and state.get("data") == loop.data_state(step)
+        )
+        if not valid:
+            log.warning("checkpoint %s does not match this task's data order; starting from scratch", pointer.uri)
+            return None
+        loop.load(folder)
+        self.clock.wall_before = float(state.get("wall_seconds", 0.0))
+        self.clock.cpu_before = float(state.get("cpu_seconds", 0.0))
+        self.started_at = str(state.get("started_at", self.started_at))
+        log.info("resumed from step %d of %d (%s)", loop.step, loop.total_steps, pointer.uri)
+        return loop.step
+
+    # -- the attempt
+    def run(self) -> AdapterManifest:
+        task, spec = self.task, self.task.spec
+        existing = self.committed()
+        if existing is not None:
+            log.info("%s is committed already: nothing to do", join(self.prefix, MANIFEST))
+            return existing
+        if spec.resources.gpus > 1:
+            log.warning("resources.gpus=%d: this trainer uses one device", spec.resources.gpus)
+        self.progress("preparing")
+        data = load_dataset(self.store, spec.dataset)
+        base_dir = ensure_model(self.store, spec.base_model.uri, task.base_model.digest)
+        training = spec.training
+        seed_everything(training.seed)
+        tokenizer = load_tokenizer(base_dir)
+        model = load_causal_lm(base_dir, self.device, default_dtype(self.device))
+        model = attach_lora(model, spec.lora, gradient_checkpointing=training.gradient_checkpointing)
+        pad = pad_id(tokenizer)
+        train_items = encode_examples(tokenizer, data.train, training.max_seq_length)
+        eval_examples = limit_examples(data.eval, EVAL_MAX_EXAMPLES)
+        eval_items = encode_examples(tokenizer, eval_examples, training.max_seq_length)
+        eval_batch = max(1, math.ceil(training.batch_size / training.gradient_accumulation_steps))
+        with model.disable_adapter():
+            base_metrics = evaluate_encoded(model, eval_items, pad_token_id=pad, batch_size=eval_batch)
+        log.info("base model on the eval split: %s", _fmt(base_metrics))
+
+        loop = TrainingLoop(model, train_items, training, pad_token_id=pad, device=self.device)
+        with tempfile.TemporaryDirectory(prefix="langmerge-train-") as tmp:
+            work = Path(tmp)
+            resumed_from = self.resume(loop, work)
+            self.train(loop, work)
+            self.progress("evaluating", step=loop.step, total_steps=loop.total_steps)
+            metrics = evaluate_encoded(model, eval_items, pad_token_id=pad, batch_size=eval_batch)
+            log.info("adapter on the eval split: %s", _fmt(metrics))
+            self.progress("committing", step=loop.step, total_steps=loop.total_steps)
+            out = work / "adapter"
+            # The config names the base by its S3 URI (not this pod's cache path), so the committed bytes do not
+            # depend on where the base was cached. We never resize the vocabulary: no embedding layers to save
+            # (and peft would otherwise look the URI up on a model hub).
+            model.peft_config["default"].base_model_name_or_path = spec.base_model.uri
+            model.save_pretrained(str(out), save_embedding_layers=False)
+            manifest = self.commit(
+                out,
+                metrics=metrics,
+                base_metrics=base_metrics,
+                data_counts=(len(data.train), len(eval_examples), data.skipped_lines),
+                loop=loop,
+                resumed_from=resumed_from,
+            )
+        self.progress("done", step=loop.step, total_steps=loop.total_steps)
+        return manifest
+
+    def committed(self) -> AdapterManifest | None:
+        raw = self.store.get_json_or_none(join(self.prefix, MANIFEST))
+        return None if raw is None else AdapterManifest.model_validate(raw)
+
+    def train(self, loop: TrainingLoop, work: Path) -> None:
+        training = self.task.spec.training
+        t_report = time.monotonic()
+        t_attempt = time.monotonic()
+        steps_at_start = loop.step
+        tokens_since = 0
+        losses: list[float] = []
+        with _sigterm_flag() as sigterm:
+            while not loop.done:
+                result = loop.train_step()
+                tokens_since += result.tokens
+                losses.append(result.loss)
+                if not math.isfinite(result.loss):
+                    raise FloatingPointError(f"training loss is {result.loss} at step {loop.step}")
+                if loop.step % training.progress_every_steps == 0 or loop.done:
+                    now = time.monotonic()
+                    rate = (loop.step - steps_at_start) / max(now - t_attempt, 1e-9)
+                    tps = tokens_since / max(now - t_report, 1e-9)
+                    loss = sum(losses) / len(losses)
+                    self.progress(
+                        "training",
+                        step=loop.step,
+                        total_steps=loop.total_steps,
+                        loss=loss,
+                        tokens_per_second=tps,
+                        eta_seconds=(loop.total_steps - loop.step) / rate if rate > 0 else None,
+                    )
+                    log.info("step %d/%d loss %.4f %.0f tokens/s", loop.step, loop.total_steps, loss, tps)
+                    t_report, tokens_since, losses = now, 0, []
+                stop = self.stop_after is not None and loop.step == self.stop_after and not loop.done
+                if sigterm.is_set() or stop:
+                    self.save_checkpoint(loop, work)
+                    raise Preempted(loop.step, "SIGTERM" if sigterm.is_set() else f"{ENV_STOP_AFTER}={self.stop_after}")
+                if loop.step % training.checkpoint_every_steps == 0 and not loop.done:
+                    self.save_checkpoint(loop, work)
+
+    def commit(
+        self,
+        folder: Path,
+        *,
+        metrics: Metrics,
+        base_metrics: Metrics,
+        data_counts: tuple[int, int, int],
+        loop: TrainingLoop,
+        resumed_from: int | None,
+    ) -> AdapterManifest:
+        task, spec = self.task, self.task.spec
+        manifest_uri = join(self.prefix, MANIFEST)
+        existing = self.committed()
+        if existing is not None:  # a concurrent attempt committed while we trained: keep its files
+            log.warning("%s appeared while training; keeping the committed adapter", manifest_uri)
+            return existing
+        target = adapter_uri(self.prefix)
+        files: dict[str, tuple[int, str]] = {}
+
+        for name in ADAPTER_FILES:
+            path = folder / name
+            self.store.upload_file(path, join(target, name))
+            files[name] = (path.stat().st_size, file_sha256(path))
+        examples_train, examples_eval, skipped = data_counts
+        gpus = 1 if self.device.type == "cuda" else 0
+        wall = self.clock.wall()
+        manifest = AdapterManifest(
+            fingerprint=task.fingerprint,
+            namespace=task.namespace,
+            name=task.name,
+            language=spec.language,
+            task=spec.task,
+            base_model=task.base_model,
+            data_digest=task.data_digest,
+            eval_data_digest=task.eval_data_digest,
+            adapter_uri=target,
+            adapter_digest=files_digest(files),
+            files={name: FileEntry(size=size, sha256=sha) for name, (size, sha) in files.items()},
+            lora=spec.lora.model_dump(mode="json"),
+            training=spec.training.model_dump(mode="json"),
+            metrics=metrics,
+            base_metrics=base_metrics,
+            examples_train=examples_train,
+            examples_eval=examples_eval,
+            skipped_lines=skipped,
+            tokens_trained=loop.tokens_trained,
+            steps=loop.step,
+            cost=Cost(
+                wall_seconds=wall,
+                cpu_seconds=self.clock.cpu(),
+                gpus=gpus,
+                gpu_seconds=gpus * wall,
+                device=device_name(self.device),
+            ),
+            versions=library_versions(),
+            image=task.image,
+            started_at=self.started_at,
+            finished_at=utcnow(),
+            resumed_from_step=resumed_from,
+        )
+        try:
+            self.store.put_json(manifest_uri, manifest, if_none_match=True)
+        except PreconditionFailed:
+            log.warning("%s was committed by another attempt first", manifest_uri)
+            committed = self.committed()
+            assert committed is not None
+            return committed
+        log.info("committed %s (adapter %s)", manifest_uri, manifest.adapter_digest)
+        return manifest
+
+
+def _fmt(metrics: Metrics) -> str:
+    return json.dumps(metrics.model_dump(mode="json", exclude_none=True))
+
+
+def stop_after_from_env() -> int | None:
+    value = os.environ.get(ENV_STOP_AFTER, "").strip()
+    return int(value) if value else None
+
+
+def run_train_task(
+    task: TrainTask,
+    store: ObjectStore,
+    *,
+    device: torch.device | str | None = None,
+    stop_after_steps: int | None = None,
+) -> AdapterManifest:
+    """Train, evaluate and commit the adapter of ``task``; return its manifest (the existing one if committed).
+
+    ``stop_after_steps`` (default: ``LANGMERGE_TRAINER_STOP_AFTER_STEPS``) checkpoints after that many steps and
+    raises :class:`Preempted`. Any other exception is recorded at ``failures/attempt-<n>.json`` and re-raised.
+    """
+    dev = device if isinstance(device, torch.device) else pick_device(device)
+    stop = stop_after_steps if stop_after_steps is not None else stop_after_from_env()
+    try:
+        return _Run(task, store, dev, stop).run()
+    except Preempted:
+        raise
+    except Exception as err:
+        record_failure(task, store, err)
+        raise
+
+
+def record_failure(task: TrainTask, store: ObjectStore, err: BaseException) -> FailureRecord:
+    """Write the failure record of ``task``'s attempt (best effort: a failing S3 is logged, not raised)."""
+    tail = "".join(traceback.format_exception(err))[-4000:]
+    record = FailureRecord(
+        fingerprint=task.fingerprint,
+        error_class=type(err).__name__,
+        message=str(err) or type(err).__name__,
+        traceback_tail=tail,
+        retryable=not isinstance(err, NON_RETRYABLE),
+        attempt=task.attempt,
+    )
+    uri = failure_uri(task.output_uri, task.attempt)
+    try:
+        store.put_json(uri, record)
+        log.error("training failed (%s): %s; recorded at %s", record.error_class, record.message, uri)
+    except Exception as put_err:
+        log.error(
+            "training failed (%s): %s; the failure record could not be written: %s", type(err).__name__, err, put_err
+        )
+    return record
