@@ -700,7 +700,7 @@ class LocalJobRunner:
         self._closed: set[str] = set()  # uids finished by this runner or deleted: stale events must not revive them
         self._seq = itertools.count()
         self._stopping = threading.Event()
-        self._stop_requested = threading.Event()
+        self._stop_requested = False  # a plain flag: set from signal handlers, where taking a lock could deadlock
         self._threads: list[threading.Thread] = []
         self._watch_response: Any = None
         self._lock_file: IO[str] | None = None
@@ -738,7 +738,7 @@ class LocalJobRunner:
     def stop(self, timeout: float | None = None) -> None:
         """Kill the running processes (their Jobs stay active, to be resumed by the next runner) and stop watching."""
         self._stopping.set()
-        self._stop_requested.set()
+        self._stop_requested = True
         with self._cond:
             workers = list(self._running.values())
             for worker in workers:
@@ -759,15 +759,15 @@ class LocalJobRunner:
         log.info("local Job runner stopped")
 
     def request_stop(self) -> None:
-        """Ask :meth:`run_forever` to return (safe in a signal handler)."""
-        self._stop_requested.set()
+        """Ask :meth:`run_forever` to return within a fraction of a second (safe in a signal handler)."""
+        self._stop_requested = True
 
     def run_forever(self) -> None:
         """Start, then run until :meth:`request_stop` (or KeyboardInterrupt); stop on the way out."""
         self.start()
         try:
-            while not self._stop_requested.wait(1.0):
-                pass
+            while not self._stop_requested:
+                time.sleep(0.2)
         finally:
             self.stop()
 
@@ -886,7 +886,8 @@ class LocalJobRunner:
                     rv = str(new_rv)
         finally:
             self._watch_response = None
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(Exception):  # a stream cut short must not go back to the pool half-read
+                resp.close()
                 resp.release_conn()
         return rv
 
