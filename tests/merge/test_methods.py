@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import pytest
 import torch
+from merge_helpers import ref_merge, ref_ties
 
 from langmerge.methods import METHODS
 from langmerge_trainer.merge.methods import REGISTRY, LoraUpdate, LowRankDelta, get_method
@@ -29,71 +30,14 @@ def make_updates(
     return out
 
 
-# -- plain references (written for clarity, not speed) -------------------------------------------------------------
-
-
 def ref_delta(u: LoraUpdate) -> torch.Tensor:
     return u.scale * (u.B.double() @ u.A.double())
 
 
-def ref_trim(t: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the top int(density*n) by magnitude, ties broken by lower flat index (stable full sort)."""
-    k = t.numel() if density >= 1 else int(density * t.numel())
-    flat = t.flatten()
-    order = torch.sort(flat.abs(), descending=True, stable=True).indices
-    keep = torch.zeros_like(flat, dtype=torch.bool)
-    keep[order[:k]] = True
-    return (flat * keep).reshape(t.shape)
-
-
-def ref_ties(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
-    T = torch.stack(list(tensors))
-    w = torch.tensor(weights, dtype=T.dtype).reshape(-1, *([1] * (T.dim() - 1)))
-    elected = torch.where((w * T).sum(0) >= 0, 1.0, -1.0).to(T.dtype)
-    agree = (torch.sign(T) == elected) & (T != 0)
-    num = (w * T * agree).sum(0)
-    den = (w * agree).sum(0)
-    return torch.where(den > 0, num / torch.where(den > 0, den, 1), 0)
-
-
-def ref_dare(t: torch.Tensor, density: float, seed: int, key: str) -> torch.Tensor:
-    keep = dare_keep_mask(t.shape, density, derive_seed(seed, MODULE, key))
-    return t * keep / density
-
-
 def reference(method: str, updates: Sequence[LoraUpdate], p: dict[str, object]) -> torch.Tensor:
-    D = [ref_delta(u) for u in updates]
-    w = [u.weight for u in updates]
-    lam = float(p.get("lambda_", 1.0))  # type: ignore[arg-type]
-    density = float(p.get("density", 1.0))  # type: ignore[arg-type]
-    seed = int(p.get("seed", 0))  # type: ignore[call-overload]
-    if method == "linear":
-        return sum(wi * d for wi, d in zip(w, D, strict=True)) / sum(w)  # type: ignore[return-value]
-    if method in ("task_arithmetic", "cat"):
-        return lam * sum(wi * d for wi, d in zip(w, D, strict=True))  # type: ignore[return-value]
-    if method == "magnitude_prune":
-        return lam * sum(wi * ref_trim(d, density) for wi, d in zip(w, D, strict=True))  # type: ignore[return-value]
-    if method == "ties":
-        return lam * ref_ties([ref_trim(d, density) for d in D], w)
-    if method == "dare_linear":
-        return lam * sum(  # type: ignore[return-value]
-            wi * ref_dare(d, density, seed, u.key) for wi, d, u in zip(w, D, updates, strict=True)
-        )
-    if method == "dare_ties":
-        return lam * ref_ties([ref_dare(d, density, seed, u.key) for d, u in zip(D, updates, strict=True)], w)
-    if method == "knots":
-        # KnOTS as the paper describes it: SVD of the concatenated dense updates, coordinates S V_i^T, merge, map back.
-        U, sv, Vh = torch.linalg.svd(torch.cat(D, dim=1), full_matrices=False)
-        support = sv > sv[0] * 1e-7
-        U, sv, Vh = U[:, support], sv[support], Vh[support]
-        n = D[0].shape[1]
-        X = [sv[:, None] * Vh[:, i * n : (i + 1) * n] for i in range(len(D))]
-        if p["knots_merge"] == "ties":
-            merged = ref_ties([ref_trim(x, density) for x in X], w)
-        else:
-            merged = sum(wi * x for wi, x in zip(w, X, strict=True)) / sum(w)
-        return lam * (U @ merged)  # type: ignore[no-any-return]
-    raise AssertionError(method)
+    return ref_merge(
+        method, [ref_delta(u) for u in updates], [u.weight for u in updates], p, MODULE, [u.key for u in updates]
+    )
 
 
 CASES = [

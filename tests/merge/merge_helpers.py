@@ -1,0 +1,143 @@
+"""Plain dense reference implementations of the merge methods (written for clarity, not speed) and tiny adapters."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from langmerge_trainer.merge.sparsify import dare_keep_mask, derive_seed
+
+#: peft 0.21 reads a property that transformers 5.24 deprecated; the warning is raised inside peft, not our code.
+PEFT_DEPRECATION = "ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"
+
+
+def ref_trim(t: torch.Tensor, density: float) -> torch.Tensor:
+    """Keep the top int(density*n) entries by magnitude, ties broken by lower flat index (a stable full sort)."""
+    k = t.numel() if density >= 1 else int(density * t.numel())
+    flat = t.flatten()
+    order = torch.sort(flat.abs(), descending=True, stable=True).indices
+    keep = torch.zeros_like(flat, dtype=torch.bool)
+    keep[order[:k]] = True
+    return (flat * keep).reshape(t.shape)
+
+
+def ref_ties(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """Elect each entry's sign by weighted mass, then the weighted mean of the entries that agree with it."""
+    T = torch.stack(list(tensors))
+    w = torch.tensor(weights, dtype=T.dtype).reshape(-1, *([1] * (T.dim() - 1)))
+    elected = torch.where((w * T).sum(0) >= 0, 1.0, -1.0).to(T.dtype)
+    agree = (torch.sign(T) == elected) & (T != 0)
+    num = (w * T * agree).sum(0)
+    den = (w * agree).sum(0)
+    return torch.where(den > 0, num / torch.where(den > 0, den, 1), 0)
+
+
+def ref_dare(t: torch.Tensor, density: float, seed: int, module: str, key: str) -> torch.Tensor:
+    keep = dare_keep_mask(t.shape, density, derive_seed(seed, module, key))
+    return t * keep / density
+
+
+def ref_merge(
+    method: str,
+    deltas: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    params: dict[str, Any],
+    module: str = "",
+    keys: Sequence[str] = (),
+) -> torch.Tensor:
+    """The merged update of dense ``deltas`` (float64), straight from each method's definition."""
+    D = [d.double() for d in deltas]
+    w = list(weights)
+    lam = float(params.get("lambda_", 1.0))
+    density = float(params.get("density", 1.0))
+    seed = int(params.get("seed", 0))
+    weighted = [wi * d for wi, d in zip(w, D, strict=True)]
+    if method == "linear":
+        return torch.stack(weighted).sum(0) / sum(w)
+    if method in ("task_arithmetic", "cat"):
+        return lam * torch.stack(weighted).sum(0)
+    if method == "magnitude_prune":
+        return lam * torch.stack([wi * ref_trim(d, density) for wi, d in zip(w, D, strict=True)]).sum(0)
+    if method == "ties":
+        return lam * ref_ties([ref_trim(d, density) for d in D], w)
+    if method == "dare_linear":
+        dropped = [wi * ref_dare(d, density, seed, module, k) for wi, d, k in zip(w, D, keys, strict=True)]
+        return lam * torch.stack(dropped).sum(0)
+    if method == "dare_ties":
+        return lam * ref_ties([ref_dare(d, density, seed, module, k) for d, k in zip(D, keys, strict=True)], w)
+    if method == "knots":
+        # KnOTS as the paper describes it: SVD of the concatenated updates, coordinates S V_i^T, merge, map back.
+        U, sv, Vh = torch.linalg.svd(torch.cat(D, dim=1), full_matrices=False)
+        support = sv > sv[0] * 1e-7
+        U, sv, Vh = U[:, support], sv[support], Vh[support]
+        n = D[0].shape[1]
+        X = [sv[:, None] * Vh[:, i * n : (i + 1) * n] for i in range(len(D))]
+        if params["knots_merge"] == "ties":
+            merged = ref_ties([ref_trim(x, density) for x in X], w)
+        else:
+            merged = torch.stack([wi * x for wi, x in zip(w, X, strict=True)]).sum(0) / sum(w)
+        return lam * (U @ merged)
+    raise AssertionError(method)
+
+
+#: Three adapters that exercise PEFT's scaling rules: plain, rsLoRA, rank and alpha patterns; overlapping modules.
+ADAPTER_SPECS: dict[str, dict[str, Any]] = {
+    "es": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+    "it": {"r": 8, "lora_alpha": 16, "use_rslora": True, "target_modules": ["q_proj", "k_proj", "down_proj"]},
+    "pt": {
+        "r": 6,
+        "lora_alpha": 6,
+        "target_modules": ["q_proj", "v_proj", "up_proj"],
+        "rank_pattern": {"up_proj": 2},
+        "alpha_pattern": {"v_proj": 3},
+    },
+}
+
+
+def make_adapters(base_dir: Path, out_dir: Path) -> dict[str, Path]:
+    """Random LoRA adapters (nonzero B) on the base model, saved with PEFT."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    paths = {}
+    for i, (language, spec) in enumerate(ADAPTER_SPECS.items()):
+        torch.manual_seed(100 + i)
+        model = AutoModelForCausalLM.from_pretrained(base_dir)
+        peft_model = get_peft_model(model, LoraConfig(init_lora_weights=False, **spec))
+        with torch.no_grad():  # PEFT's random init is small; make the updates matter in the forward pass
+            for name, p in peft_model.named_parameters():
+                if "lora_B" in name:
+                    p.mul_(20.0)
+        paths[language] = out_dir / language
+        peft_model.save_pretrained(paths[language])
+    return paths
+
+
+def peft_deltas(base_dir: Path, adapter_dir: Path) -> dict[str, torch.Tensor]:
+    """Each module's update as PEFT itself computes it (``get_delta_weight``): an independent reference."""
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter_dir)
+    out = {}
+    with torch.no_grad():
+        for name, module in model.base_model.model.named_modules():
+            if isinstance(module, LoraLayer) and "default" in module.lora_A:
+                out[name] = module.get_delta_weight("default").detach().clone()
+    return out
+
+
+def model_with_deltas(base_dir: Path, deltas: dict[str, torch.Tensor]) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    with torch.no_grad():
+        modules = dict(model.named_modules())
+        for name, delta in deltas.items():
+            weight = modules[name].weight
+            weight.copy_((weight.double() + delta.double()).to(weight.dtype))
+    return model.eval()

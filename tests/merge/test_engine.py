@@ -1,0 +1,230 @@
+"""The streaming engine on a tiny Llama with three real PEFT adapters: both output formats, loaded back and run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from merge_helpers import PEFT_DEPRECATION, make_adapters, model_with_deltas, peft_deltas, ref_merge
+
+from langmerge_trainer.merge import engine
+from langmerge_trainer.merge.engine import AdapterInput, MergeError, merge_adapters
+from langmerge_trainer.merge.safetensors_io import read_header
+
+pytestmark = pytest.mark.filterwarnings(PEFT_DEPRECATION)
+
+WEIGHTS = {"es": 0.5, "it": 1.0, "pt": 2.0}
+
+
+@pytest.fixture(scope="module")
+def adapter_dirs(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return make_adapters(tiny_model_dir, tmp_path_factory.mktemp("adapters"))
+
+
+@pytest.fixture(scope="module")
+def deltas(tiny_model_dir: Path, adapter_dirs: dict[str, Path]) -> dict[str, dict[str, torch.Tensor]]:
+    """language -> module -> the update as PEFT computes it."""
+    return {lang: peft_deltas(tiny_model_dir, path) for lang, path in adapter_dirs.items()}
+
+
+@pytest.fixture(scope="module")
+def sharded_base(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model re-saved in several shards, in bfloat16 (the output must keep the dtype)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("sharded-bf16")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
+    model.save_pretrained(out, max_shard_size="300KB")
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
+    return out
+
+
+def inputs(adapter_dirs: dict[str, Path]) -> list[AdapterInput]:
+    return [AdapterInput(lang, path) for lang, path in adapter_dirs.items()]
+
+
+def params(**extra: Any) -> dict[str, Any]:
+    return {"weights": dict(WEIGHTS), "include_modules": [], "exclude_modules": [], **extra}
+
+
+def reference_deltas(
+    deltas: dict[str, dict[str, torch.Tensor]], method: str, p: dict[str, Any]
+) -> dict[str, torch.Tensor]:
+    modules = sorted({m for per in deltas.values() for m in per})
+    out = {}
+    for module in modules:
+        langs = [lang for lang in WEIGHTS if module in deltas[lang]]
+        out[module] = ref_merge(
+            method, [deltas[lang][module] for lang in langs], [WEIGHTS[lang] for lang in langs], p, module, langs
+        )
+    return out
+
+
+def logits(model: Any) -> torch.Tensor:
+    ids = torch.arange(3, 43).reshape(2, 20)
+    with torch.no_grad():
+        return model(ids).logits.double()
+
+
+def assert_close_logits(got: torch.Tensor, want: torch.Tensor, rtol: float = 1e-4) -> None:
+    scale = float(want.abs().max())
+    assert float((got - want).abs().max()) <= rtol * scale, float((got - want).abs().max())
+
+
+@pytest.mark.parametrize(
+    ("method", "extra", "rank"),
+    [
+        ("linear", {}, None),
+        ("cat", {}, None),
+        ("knots", {"density": 0.6, "lambda_": 1.0, "knots_merge": "ties"}, None),
+        # not low rank: at rank 64 (= the smaller side of every module) the range finder captures it all
+        ("ties", {"density": 0.5, "lambda_": 1.2}, 64),
+        ("dare_ties", {"density": 0.7, "lambda_": 1.0, "seed": 3}, 64),
+    ],
+)
+def test_peft_adapter_output_loads_and_matches_base_plus_merged_delta(
+    tiny_model_dir: Path,
+    adapter_dirs: dict[str, Path],
+    deltas: dict[str, dict[str, torch.Tensor]],
+    tmp_path: Path,
+    method: str,
+    extra: dict[str, Any],
+    rank: int | None,
+) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "merged"
+    p = params(**extra)
+    report = merge_adapters(tiny_model_dir, inputs(adapter_dirs), method, p, "peft-adapter", rank, out)
+    config = json.loads((out / "adapter_config.json").read_text())
+    if rank is None:  # exact: the sum of the input ranks (q_proj has all three: 4 + 8 + 6)
+        assert report.output_rank == 18 and report.max_error == 0.0
+    assert config["r"] == config["lora_alpha"] == report.output_rank and not config["use_rslora"]
+    assert sorted(config["target_modules"]) == ["down_proj", "k_proj", "q_proj", "up_proj", "v_proj"]
+    assert set(report.files) == {"adapter_model.safetensors", "adapter_config.json"}
+    assert report.max_error < 1e-5
+    got = logits(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), out).eval())
+    want = logits(model_with_deltas(tiny_model_dir, reference_deltas(deltas, method, p)))
+    base = logits(AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval())
+    assert float((want - base).abs().max()) > 100 * float((got - want).abs().max())  # the updates matter
+    assert_close_logits(got, want)
+
+
+def test_not_low_rank_results_default_to_the_largest_input_rank_with_a_measured_error(
+    tiny_model_dir: Path, adapter_dirs: dict[str, Path], deltas: dict[str, dict[str, torch.Tensor]], tmp_path: Path
+) -> None:
+    from langmerge_trainer.merge.safetensors_io import SafetensorsReader
+
+    p = params(density=1.0, lambda_=1.0)
+    report = merge_adapters(tiny_model_dir, inputs(adapter_dirs), "ties", p, "peft-adapter", None, tmp_path)
+    assert report.output_rank == 8
+    errors = report.module_errors
+    assert errors["model.layers.0.self_attn.k_proj"] < 1e-5  # one rank-8 adapter: exactly rank 8
+    assert errors["model.layers.0.self_attn.q_proj"] > 0.01  # three adapters, TIES: truncated, and reported
+    assert all(0 <= e < 1 for e in errors.values())
+    # the reported error is the written factors' error against the merged update
+    module = "model.layers.0.self_attn.q_proj"
+    want = reference_deltas(deltas, "ties", p)[module]
+    with SafetensorsReader(tmp_path / "adapter_model.safetensors") as r:
+        key = f"base_model.model.{module}"
+        written = r.read(f"{key}.lora_B.weight").double() @ r.read(f"{key}.lora_A.weight").double()
+    assert float((written - want).norm() / want.norm()) == pytest.approx(errors[module], rel=1e-3)
+
+
+def test_full_weights_output_is_sharded_keeps_dtype_and_matches(
+    sharded_base: Path,
+    adapter_dirs: dict[str, Path],
+    deltas: dict[str, dict[str, torch.Tensor]],
+    tmp_path: Path,
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    assert len(list(sharded_base.glob("*.safetensors"))) >= 3
+    out = tmp_path / "full"
+    p = params(density=0.5, lambda_=1.0)
+    report = merge_adapters(
+        sharded_base, inputs(adapter_dirs), "ties", p, "full-weights", None, out, shard_size_mb=0.25
+    )
+    shards = sorted(out.glob("model-*.safetensors"))
+    assert len(shards) >= 2
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == {s.name for s in shards}
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+        assert (out / name).is_file() and name in report.files
+    for shard in shards:
+        tensors, _ = read_header(shard)
+        assert {t.dtype for t in tensors.values()} == {"BF16"}
+    assert report.model_digest and all(len(sha) == 64 for _, sha in report.files.values())
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    assert merged.dtype == torch.bfloat16
+    reference = model_with_deltas(sharded_base, reference_deltas(deltas, "ties", p))
+    # bf16 rounding of W + Delta is the only difference: at most one bf16 step apart
+    ours = dict(merged.named_parameters())
+    for name, param in reference.named_parameters():
+        diff = (ours[name].double() - param.double()).abs()
+        assert bool((diff <= param.double().abs() * 2**-7 + 1e-30).all()), name
+    assert_close_logits(logits(merged.float()), logits(reference.float()))
+
+
+def test_include_exclude_and_untouched_weights_pass_through_bit_exact(
+    tiny_model_dir: Path, adapter_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    from safetensors.torch import load_file
+
+    p = params(include_modules=[r"layers\.0\."], exclude_modules=["mlp"])
+    report = merge_adapters(tiny_model_dir, inputs(adapter_dirs), "linear", p, "full-weights", None, tmp_path / "o")
+    assert report.modules == [
+        "model.layers.0.self_attn.k_proj",
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.0.self_attn.v_proj",
+    ]
+    assert "model.layers.1.self_attn.q_proj" in report.excluded_modules
+    before = load_file(tiny_model_dir / "model.safetensors")
+    after: dict[str, torch.Tensor] = {}
+    for shard in (tmp_path / "o").glob("model-*.safetensors"):
+        after.update(load_file(shard))
+    assert set(before) == set(after)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {f"{m}.weight" for m in report.modules}
+    adapter = merge_adapters(tiny_model_dir, inputs(adapter_dirs), "linear", p, "peft-adapter", None, tmp_path / "a")
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert config["target_modules"] == adapter.modules  # not the union: full names of exactly the merged modules
+
+
+def test_a_failed_merge_leaves_nothing_behind(
+    tiny_model_dir: Path, adapter_dirs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "previous.txt").write_text("an earlier complete output")
+
+    def boom(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(engine, "refactor_lowrank", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        merge_adapters(tiny_model_dir, inputs(adapter_dirs), "linear", params(), "peft-adapter", None, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary folder left
+    assert sorted(p.name for p in out.iterdir()) == ["previous.txt"]  # the old output is untouched
+
+
+def test_bad_inputs_are_refused_with_a_message(
+    tiny_model_dir: Path, adapter_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    ins = inputs(adapter_dirs)
+    cases: list[tuple[dict[str, Any], str]] = [
+        (params(weights={"fr": 1.0}), "without an adapter"),
+        (params(exclude_modules=["."]), "no module"),
+        (params(include_modules=["("]), "regular expression"),
+        (params(density=0.5), "do not apply"),
+    ]
+    for p, message in cases:
+        with pytest.raises(ValueError, match=message):
+            merge_adapters(tiny_model_dir, ins, "linear", p, "peft-adapter", None, tmp_path / "x")
+    with pytest.raises(MergeError, match="more than one adapter"):
+        merge_adapters(tiny_model_dir, [*ins, ins[0]], "linear", params(), "peft-adapter", None, tmp_path / "x")
+    assert not (tmp_path / "x").exists()

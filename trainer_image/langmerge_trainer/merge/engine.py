@@ -1,0 +1,741 @@
+"""The streaming merge engine: plan, then merge one module at a time into a PEFT adapter or full merged weights.
+
+I/O lives here; the math lives in :mod:`methods` and :mod:`lowrank`. Memory stays bounded:
+
+* adapters are read one module at a time (positioned reads of that module's two factors);
+* a full-weights output streams the base checkpoint tensor by tensor: a tensor that no adapter touches is copied as
+  raw bytes in 8 MiB chunks, a merged one is read, upcast to float32 on the device, updated in place
+  (``W += B A`` for low-rank results) and written back in the base dtype. Output shards are planned up front and
+  written tensor by tensor (:class:`~langmerge_trainer.merge.safetensors_io.SafetensorsWriter`), so neither an input
+  nor an output shard is ever held whole: peak memory is about the largest merged tensor (plus the method's
+  per-module work space), well under the bound "largest shard + adapters + a small constant";
+* everything is written into a temporary sibling folder and renamed into place, so a half-written output is never
+  visible under the output's name.
+
+:func:`merge_adapters` is the Python API the merge Job calls; :func:`plan_merge` alone gives the dry-run plan.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tempfile
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from langmerge.store import files_digest
+from langmerge_trainer.merge.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PREFIX, LoraAdapter, load_adapter
+from langmerge_trainer.merge.lowrank import Factors, randomized_lowrank, refactor_lowrank
+from langmerge_trainer.merge.memory import PeakMemory
+from langmerge_trainer.merge.methods import LowRankDelta, MergedDelta, MergeMethod, get_method
+from langmerge_trainer.merge.safetensors_io import (
+    DTYPES,
+    ITEMSIZE,
+    SafetensorsReader,
+    SafetensorsWriter,
+    TensorInfo,
+    file_sha256,
+    read_header,
+)
+from langmerge_trainer.merge.sparsify import derive_seed
+
+PEFT_ADAPTER = "peft-adapter"
+FULL_WEIGHTS = "full-weights"
+OUTPUT_FORMATS = (PEFT_ADAPTER, FULL_WEIGHTS)
+INDEX = "model.safetensors.index.json"
+#: Files of a base model folder that are weights (not copied next to the merged weights).
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".part")
+_FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+
+
+class MergeError(ValueError):
+    """The inputs cannot be merged as asked (the message says why)."""
+
+
+@dataclass(frozen=True)
+class AdapterInput:
+    """One language's adapter folder. ``weight`` None takes ``parameters['weights'][language]``, else 1.0."""
+
+    language: str
+    path: Path
+    weight: float | None = None
+    #: Where the adapter came from (an s3:// URI), for the report.
+    uri: str | None = None
+    digest: str | None = None
+
+
+# -- the base checkpoint ---------------------------------------------------------------------------------------------
+
+
+class BaseCheckpoint:
+    """A Hugging Face model folder's safetensors weights, known by their headers only."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        index = directory / INDEX
+        if index.is_file():
+            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+            shards = sorted(set(weight_map.values()))
+        elif (directory / "model.safetensors").is_file():
+            shards = ["model.safetensors"]
+        else:
+            shards = sorted(p.name for p in directory.glob("*.safetensors"))
+        if not shards:
+            found = sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []
+            raise MergeError(
+                f"{directory}: no safetensors weights found (files: {', '.join(found[:10]) or 'none'}); "
+                "convert a .bin checkpoint with save_pretrained(safe_serialization=True)"
+            )
+        self.shards = shards
+        self.tensors: list[tuple[str, TensorInfo]] = []
+        self.shard_bytes: dict[str, int] = {}
+        for shard in shards:
+            infos, _ = read_header(directory / shard)
+            self.shard_bytes[shard] = (directory / shard).stat().st_size
+            self.tensors.extend((shard, info) for info in infos.values())
+        self.by_name = {info.name: (shard, info) for shard, info in self.tensors}
+
+    @property
+    def largest_shard_bytes(self) -> int:
+        return max(self.shard_bytes.values())
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(info.nbytes for _, info in self.tensors)
+
+    def module_names(self) -> set[str]:
+        return {name[: -len(".weight")] for name in self.by_name if name.endswith(".weight")}
+
+    def weight(self, module: str) -> TensorInfo | None:
+        found = self.by_name.get(f"{module}.weight")
+        return found[1] if found else None
+
+
+# -- planning --------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModulePlan:
+    name: str
+    kind: str
+    #: Shape of the base weight (rows, columns).
+    shape: tuple[int, int]
+    transposed: bool
+    #: (adapter index, rank) of every adapter that updates the module.
+    inputs: list[tuple[int, int]]
+
+    @property
+    def input_rank(self) -> int:
+        return sum(r for _, r in self.inputs)
+
+
+@dataclass
+class MergePlan:
+    """What a merge will do: shown by ``--dry-run``, followed by :func:`execute`."""
+
+    method: str
+    method_params: dict[str, Any]
+    parameters: dict[str, Any]
+    languages: list[str]
+    weights: list[float]
+    output_format: str
+    #: Rank of the PEFT adapter output (None for full weights).
+    rank: int | None
+    shard_size_mb: float
+    device: str
+    modules: list[ModulePlan]
+    excluded: list[str]
+    low_rank_exact: bool
+    estimated_peak_bytes: int
+    estimated_output_bytes: int
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "method_parameters": self.method_params,
+            "parameters": self.parameters,
+            "inputs": [{"language": lang, "weight": w} for lang, w in zip(self.languages, self.weights, strict=True)],
+            "output_format": self.output_format,
+            "output_rank": self.rank,
+            "shard_size_mb": self.shard_size_mb if self.output_format == FULL_WEIGHTS else None,
+            "device": self.device,
+            "modules": [
+                {"name": m.name, "shape": list(m.shape), "input_ranks": [r for _, r in m.inputs]} for m in self.modules
+            ],
+            "excluded_modules": self.excluded,
+            "low_rank_exact": self.low_rank_exact,
+            "estimated_peak_bytes": self.estimated_peak_bytes,
+            "estimated_output_bytes": self.estimated_output_bytes,
+            "notes": self.notes,
+        }
+
+    def describe(self, max_modules: int = 12) -> str:
+        lines = [
+            f"method:      {self.method} {json.dumps(self.method_params, sort_keys=True)}",
+            "inputs:      "
+            + ", ".join(f"{lang} (w={w:g})" for lang, w in zip(self.languages, self.weights, strict=True)),
+            f"output:      {self.output_format}"
+            + (f", rank {self.rank}" if self.rank is not None else f", shards <= {self.shard_size_mb} MiB"),
+            f"device:      {self.device}",
+            f"modules:     {len(self.modules)} merged, {len(self.excluded)} excluded",
+        ]
+        for m in self.modules[:max_modules]:
+            ranks = "+".join(str(r) for _, r in m.inputs)
+            lines.append(f"  {m.name}  {m.shape[0]}x{m.shape[1]}  ranks {ranks}")
+        if len(self.modules) > max_modules:
+            lines.append(f"  ... {len(self.modules) - max_modules} more")
+        lines.append(f"memory:      ~{_mib(self.estimated_peak_bytes)} peak working set (estimate)")
+        lines.append(f"output size: ~{_mib(self.estimated_output_bytes)}")
+        lines.extend(f"note:        {n}" for n in self.notes)
+        return "\n".join(lines)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``auto``/None: CUDA when available, else the CPU."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise MergeError("device cuda was asked for but CUDA is not available")
+    return resolved
+
+
+def resolve_weights(inputs: Sequence[AdapterInput], weights: Mapping[str, float]) -> list[float]:
+    """Per-adapter weights: ``parameters['weights'][language]``, else the input's own weight, else 1.0."""
+    languages = [a.language for a in inputs]
+    duplicates = sorted({lang for lang in languages if languages.count(lang) > 1})
+    if duplicates:
+        raise MergeError(f"more than one adapter for language(s) {', '.join(duplicates)}")
+    unknown = sorted(set(weights) - set(languages))
+    if unknown:
+        raise MergeError(f"weights name languages without an adapter: {', '.join(unknown)}")
+    out = []
+    for a in inputs:
+        given = weights.get(a.language)
+        if given is not None and a.weight is not None and float(given) != float(a.weight):
+            raise MergeError(f"{a.language}: weight {a.weight} on the adapter but {given} in parameters.weights")
+        w = float(given if given is not None else a.weight if a.weight is not None else 1.0)
+        if w < 0 or w != w:
+            raise MergeError(f"{a.language}: weight must be >= 0, got {w}")
+        out.append(w)
+    return out
+
+
+def select_modules(names: Sequence[str], include: Sequence[str], exclude: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Modules kept and left out by the include/exclude regular expressions (``re.search`` on the module name)."""
+    try:
+        inc = [re.compile(p) for p in include]
+        exc = [re.compile(p) for p in exclude]
+    except re.error as err:
+        raise MergeError(f"bad module regular expression: {err}") from err
+    kept, dropped = [], []
+    for name in names:
+        ok = (not inc or any(p.search(name) for p in inc)) and not any(p.search(name) for p in exc)
+        (kept if ok else dropped).append(name)
+    return kept, dropped
+
+
+def plan_merge(
+    adapters: Sequence[LoraAdapter],
+    inputs: Sequence[AdapterInput],
+    method: str,
+    parameters: Mapping[str, Any],
+    output_format: str,
+    rank: int | None,
+    *,
+    base: BaseCheckpoint | None = None,
+    shard_size_mb: float = 2048,
+    device: str = "cpu",
+) -> MergePlan:
+    impl = get_method(method)
+    method_params = impl.resolve(parameters)
+    if output_format not in OUTPUT_FORMATS:
+        raise MergeError(f"unknown output format {output_format!r}; known: {', '.join(OUTPUT_FORMATS)}")
+    if not adapters:
+        raise MergeError("no adapters to merge")
+    weights = resolve_weights(inputs, parameters.get("weights") or {})
+    if all(w == 0 for w in weights):
+        raise MergeError("every adapter has weight 0")
+    modules: dict[str, ModulePlan] = {}
+    for index, adapter in enumerate(adapters):
+        for name, info in adapter.modules.items():
+            plan = modules.get(name)
+            if plan is None:
+                modules[name] = ModulePlan(name, info.kind, info.shape, info.transposed, [(index, info.rank)])
+                continue
+            if (plan.kind, plan.shape, plan.transposed) != (info.kind, info.shape, info.transposed):
+                raise MergeError(
+                    f"module {name}: adapter {adapter.language} has a {info.kind} update of shape {info.shape}, "
+                    f"another has a {plan.kind} update of shape {plan.shape}"
+                )
+            plan.inputs.append((index, info.rank))
+    kept, excluded = select_modules(
+        sorted(modules), parameters.get("include_modules") or [], parameters.get("exclude_modules") or []
+    )
+    if not kept:
+        raise MergeError("include_modules/exclude_modules leave no module to merge")
+    plan_modules = [modules[name] for name in kept]
+    if base is not None:
+        for m in plan_modules:
+            info = base.weight(m.name)
+            if info is None:
+                raise MergeError(f"module {m.name}: the base model has no tensor {m.name}.weight")
+            if info.shape != m.shape:
+                raise MergeError(f"module {m.name}: the base weight is {info.shape}, the adapters update {m.shape}")
+            if output_format == FULL_WEIGHTS and info.dtype not in _FLOAT_DTYPES:
+                raise MergeError(f"module {m.name}: cannot add an update to a {info.dtype} base weight")
+    notes: list[str] = []
+    if output_format == PEFT_ADAPTER:
+        exact_rank = max(m.input_rank for m in plan_modules)
+        if rank is None:
+            rank = exact_rank if impl.low_rank_exact else max(r for m in plan_modules for _, r in m.inputs)
+        if impl.low_rank_exact and rank < exact_rank:
+            notes.append(
+                f"rank {rank} < {exact_rank} (sum of input ranks): modules are truncated by an exact SVD taken from "
+                "the factors; the error per module is reported"
+            )
+        elif not impl.low_rank_exact:
+            notes.append(
+                f"{method} results are not low rank: each module is re-factorised to rank {rank} by a randomized "
+                "range finder; the relative error per module is measured and reported"
+            )
+    else:
+        rank = None
+        if base is None:
+            raise MergeError("a full-weights merge needs the base model")
+    plan = MergePlan(
+        method=method,
+        method_params=method_params,
+        parameters=dict(parameters),
+        languages=[a.language for a in inputs],
+        weights=weights,
+        output_format=output_format,
+        rank=rank,
+        shard_size_mb=shard_size_mb,
+        device=str(device),
+        modules=plan_modules,
+        excluded=excluded,
+        low_rank_exact=impl.low_rank_exact,
+        estimated_peak_bytes=0,
+        estimated_output_bytes=0,
+        notes=notes,
+    )
+    plan.estimated_peak_bytes, plan.estimated_output_bytes = _estimate(plan, impl, adapters, base)
+    return plan
+
+
+def _estimate(
+    plan: MergePlan, impl: MergeMethod, adapters: Sequence[LoraAdapter], base: BaseCheckpoint | None
+) -> tuple[int, int]:
+    """A rough peak working set (bytes) and output size: the largest module's work space plus I/O buffers."""
+    peak = 0
+    for m in plan.modules:
+        rows, cols = m.shape
+        dense = rows * cols
+        factors = (rows + cols) * m.input_rank * 4
+        if impl.low_rank_exact:
+            work = 3 * factors + (m.input_rank * cols * 4 * 6 if plan.method == "knots" else 0)
+            if plan.output_format == FULL_WEIGHTS:
+                work += dense * 4
+        else:
+            work = factors + dense * (4 * 6 + 5)  # accumulators, one update, the selection's mask and magnitudes
+            if plan.output_format == PEFT_ADAPTER:
+                work += dense * 4  # the measured residual
+        if plan.output_format == FULL_WEIGHTS and base is not None:
+            info = base.weight(m.name)
+            work += info.nbytes if info is not None else 0
+        peak = max(peak, work)
+    peak += 8 << 20  # pass-through copy buffer
+    if plan.output_format == FULL_WEIGHTS and base is not None:
+        output = base.total_bytes
+    else:
+        itemsize = ITEMSIZE[_output_dtype(adapters)]
+        output = sum((m.shape[0] + m.shape[1]) * (plan.rank or 0) * itemsize for m in plan.modules)
+    return peak, output
+
+
+def _output_dtype(adapters: Sequence[LoraAdapter]) -> str:
+    dtypes = {a.dtype for a in adapters}
+    return next(iter(dtypes)) if len(dtypes) == 1 else "F32"
+
+
+# -- execution -------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MergeReport:
+    """What a merge did: the manifest's material (``langmerge.artifacts.MergeManifest`` fields)."""
+
+    method: str
+    parameters: dict[str, Any]
+    method_parameters: dict[str, Any]
+    output_format: str
+    output_rank: int | None
+    device: str
+    inputs: list[dict[str, Any]]
+    modules: list[str]
+    excluded_modules: list[str]
+    #: Relative Frobenius error of the written update per module (0.0 where exact).
+    module_errors: dict[str, float]
+    #: Seconds per phase: plan, read, merge, refactor, write, total.
+    timings: dict[str, float]
+    #: Relative path -> (size, sha256) of every file written.
+    files: dict[str, tuple[int, str]]
+    model_digest: str
+    #: Peak resident memory above the level at the start (bytes; None where it cannot be measured).
+    peak_rss_bytes: int | None = None
+    peak_cuda_bytes: int | None = None
+    estimated_peak_bytes: int | None = None
+
+    @property
+    def max_error(self) -> float:
+        return max(self.module_errors.values(), default=0.0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "parameters": self.parameters,
+            "method_parameters": self.method_parameters,
+            "output_format": self.output_format,
+            "output_rank": self.output_rank,
+            "device": self.device,
+            "inputs": self.inputs,
+            "modules": self.modules,
+            "excluded_modules": self.excluded_modules,
+            "module_errors": self.module_errors,
+            "max_error": self.max_error,
+            "timings": self.timings,
+            "files": {k: {"size": s, "sha256": h} for k, (s, h) in sorted(self.files.items())},
+            "model_digest": self.model_digest,
+            "peak_rss_bytes": self.peak_rss_bytes,
+            "peak_cuda_bytes": self.peak_cuda_bytes,
+            "estimated_peak_bytes": self.estimated_peak_bytes,
+        }
+
+
+class _Timer:
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.totals: dict[str, float] = defaultdict(float)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        self._sync()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._sync()
+            self.totals[name] += time.perf_counter() - start
+
+
+@contextmanager
+def atomic_dir(target: Path) -> Iterator[Path]:
+    """A temporary sibling folder renamed to ``target`` on success (replacing it); removed on failure."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+        tmp.chmod(0o755)
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+            target.rename(old)
+            tmp.rename(target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _progress(total: int, unit: str, enabled: bool, desc: str) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total, unit=unit, unit_scale=unit == "B", disable=not enabled, desc=desc, leave=False, dynamic_ncols=True
+    )
+
+
+def _merge_module(
+    plan: MergePlan, module: ModulePlan, adapters: Sequence[LoraAdapter], device: torch.device, timer: _Timer
+) -> MergedDelta:
+    impl = get_method(plan.method)
+    with timer.phase("read"):
+        updates = [adapters[i].update(module.name, plan.weights[i], device) for i, _ in module.inputs]
+    with timer.phase("merge"):
+        return impl.merge(module.name, updates, plan.method_params)
+
+
+def _refactor(merged: MergedDelta, rank: int, module: str) -> Factors:
+    if isinstance(merged, LowRankDelta):
+        return refactor_lowrank(merged.B, merged.A, rank)
+    return randomized_lowrank(merged.delta, rank, seed=derive_seed(0, "range-finder", module))
+
+
+def _adapter_keys(module: ModulePlan) -> tuple[str, str]:
+    if module.kind == "embedding":
+        return f"{PREFIX}{module.name}.lora_embedding_A", f"{PREFIX}{module.name}.lora_embedding_B"
+    return f"{PREFIX}{module.name}.lora_A.weight", f"{PREFIX}{module.name}.lora_B.weight"
+
+
+def _write_adapter(
+    plan: MergePlan,
+    adapters: Sequence[LoraAdapter],
+    base: BaseCheckpoint | None,
+    out: Path,
+    device: torch.device,
+    timer: _Timer,
+    progress: bool,
+) -> tuple[dict[str, tuple[int, str]], dict[str, float]]:
+    assert plan.rank is not None
+    rank = plan.rank
+    dtype = _output_dtype(adapters)
+    entries: list[tuple[str, str, tuple[int, ...]]] = []
+    for m in plan.modules:
+        a_key, b_key = _adapter_keys(m)
+        rows, cols = m.shape
+        a_shape, b_shape = ((rank, rows), (cols, rank)) if m.transposed else ((rank, cols), (rows, rank))
+        entries += [(a_key, dtype, a_shape), (b_key, dtype, b_shape)]
+    errors: dict[str, float] = {}
+    writer = SafetensorsWriter(out / ADAPTER_WEIGHTS, entries, {"format": "pt"})
+    try:
+        with _progress(len(plan.modules), "module", progress, "merging") as bar:
+            for m in plan.modules:
+                merged = _merge_module(plan, m, adapters, device, timer)
+                with timer.phase("refactor"):
+                    factors = _refactor(merged, rank, m.name)
+                    del merged
+                    P, Q = factors.B, factors.A  # delta = P @ Q in the weight's orientation
+                    lora_A, lora_B = (P.T, Q.T) if m.transposed else (Q, P)
+                    lora_A = lora_A.to(dtype=DTYPES[dtype]).cpu()
+                    lora_B = lora_B.to(dtype=DTYPES[dtype]).cpu()
+                errors[m.name] = factors.rel_error
+                with timer.phase("write"):
+                    a_key, b_key = _adapter_keys(m)
+                    writer.write(a_key, lora_A)
+                    writer.write(b_key, lora_B)
+                bar.update(1)
+        files = {ADAPTER_WEIGHTS: writer.close()}
+    except BaseException:
+        writer.abort()
+        raise
+    config = _adapter_config(plan, adapters, base)
+    (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    files[ADAPTER_CONFIG] = file_sha256(out / ADAPTER_CONFIG)
+    return files, errors
+
+
+def _adapter_config(plan: MergePlan, adapters: Sequence[LoraAdapter], base: BaseCheckpoint | None) -> dict[str, Any]:
+    """The first adapter's config with rank, alpha (scaling 1) and target modules of the merged adapter."""
+    assert plan.rank is not None
+    config = dict(adapters[0].config)
+    written = {m.name for m in plan.modules}
+    targets: list[str] = sorted(written)
+    lists = [a.config.get("target_modules") for a in adapters]
+    restricted = any(a.config.get(k) for a in adapters for k in ("layers_to_transform", "exclude_modules"))
+    if base is not None and not restricted and all(isinstance(t, list) for t in lists):
+        union = sorted({str(t) for ts in lists for t in ts})  # type: ignore[union-attr]
+        matched = {n for n in base.module_names() if any(n == t or n.endswith("." + t) for t in union)}
+        if matched == written:
+            targets = union
+    config.update(
+        r=plan.rank,
+        lora_alpha=plan.rank,
+        use_rslora=False,
+        rank_pattern={},
+        alpha_pattern={},
+        target_modules=targets,
+        layers_to_transform=None,
+        layers_pattern=None,
+        exclude_modules=None,
+        inference_mode=True,
+    )
+    return config
+
+
+def _shard_plan(base: BaseCheckpoint, shard_bytes: int) -> list[list[TensorInfo]]:
+    shards: list[list[TensorInfo]] = [[]]
+    size = 0
+    for _, info in base.tensors:
+        if shards[-1] and size + info.nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(info)
+        size += info.nbytes
+    return shards
+
+
+def _write_full(
+    plan: MergePlan,
+    adapters: Sequence[LoraAdapter],
+    base: BaseCheckpoint,
+    out: Path,
+    device: torch.device,
+    timer: _Timer,
+    progress: bool,
+) -> tuple[dict[str, tuple[int, str]], dict[str, float]]:
+    merged_modules = {f"{m.name}.weight": m for m in plan.modules}
+    shards = _shard_plan(base, int(plan.shard_size_mb * 2**20))
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    files: dict[str, tuple[int, str]] = {}
+    weight_map: dict[str, str] = {}
+    readers: dict[str, SafetensorsReader] = {}
+
+    def reader(shard: str) -> SafetensorsReader:
+        if shard not in readers:
+            for old in list(readers):  # the base is read shard after shard: keep one open
+                readers.pop(old).close()
+            readers[shard] = SafetensorsReader(base.directory / shard)
+        return readers[shard]
+
+    try:
+        with _progress(base.total_bytes, "B", progress, "merging") as bar:
+            for name, infos in zip(names, shards, strict=True):
+                writer = SafetensorsWriter(out / name, [(i.name, i.dtype, i.shape) for i in infos], {"format": "pt"})
+                try:
+                    for info in infos:
+                        shard, _ = base.by_name[info.name]
+                        module = merged_modules.get(info.name)
+                        if module is None:
+                            with timer.phase("copy"):
+                                writer.write_chunks(info.name, reader(shard).iter_bytes(info.name))
+                        else:
+                            with timer.phase("read"):
+                                weight = reader(shard).read(info.name).to(device)
+                                weight = weight.float() if weight.dtype != torch.float32 else weight
+                            merged = _merge_module(plan, module, adapters, device, timer)
+                            with timer.phase("merge"):
+                                merged.add_to(weight)
+                                del merged
+                                result = weight.to(info.torch_dtype)
+                                del weight
+                            with timer.phase("write"):
+                                writer.write(info.name, result.cpu())
+                                del result
+                        weight_map[info.name] = name
+                        bar.update(info.nbytes)
+                    files[name] = writer.close()
+                except BaseException:
+                    writer.abort()
+                    raise
+    finally:
+        for r in readers.values():
+            r.close()
+    index = {"metadata": {"total_size": base.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+    (out / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    files[INDEX] = file_sha256(out / INDEX)
+    for path in sorted(base.directory.iterdir()):
+        if (
+            path.is_file()
+            and not path.name.startswith(".")
+            and not path.name.endswith(_WEIGHT_SUFFIXES)
+            and path.name not in (INDEX, "manifest.json")
+        ):
+            shutil.copy2(path, out / path.name)
+            files[path.name] = file_sha256(out / path.name)
+    return files, {m.name: 0.0 for m in plan.modules}
+
+
+def merge_adapters(
+    base_dir: Path | None,
+    adapters: Sequence[AdapterInput],
+    method: str,
+    parameters: Mapping[str, Any],
+    output_format: str,
+    rank: int | None,
+    out_dir: Path,
+    *,
+    shard_size_mb: float = 2048,
+    device: str | torch.device | None = "auto",
+    progress: bool = False,
+) -> MergeReport:
+    """Merge LoRA adapters of one base model into ``out_dir`` (written atomically) and report what was done.
+
+    ``parameters`` is ``MergedModelSpec.effective_parameters()``: ``weights``, ``include_modules``,
+    ``exclude_modules`` and the method's own (``density``, ``lambda_``, ``seed``, ``knots_merge``). ``output_format``
+    is ``peft-adapter`` (re-factorised to ``rank``; default: exact where the method allows, else the largest input
+    rank) or ``full-weights`` (base + merged update, sharded safetensors, the base dtype). ``base_dir`` may be None
+    for an adapter output (then the target modules are listed by full name).
+    """
+    started = time.perf_counter()
+    torch_device = resolve_device(device)
+    timer = _Timer(torch_device)
+    if torch_device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(torch_device)
+    opened: list[LoraAdapter] = []
+    with PeakMemory() as memory:
+        try:
+            with timer.phase("plan"):
+                for a in adapters:
+                    opened.append(load_adapter(Path(a.path), a.language))
+                base = BaseCheckpoint(Path(base_dir)) if base_dir is not None else None
+                plan = plan_merge(
+                    opened,
+                    adapters,
+                    method,
+                    parameters,
+                    output_format,
+                    rank,
+                    base=base,
+                    shard_size_mb=shard_size_mb,
+                    device=str(torch_device),
+                )
+            with torch.no_grad(), atomic_dir(Path(out_dir)) as tmp:
+                if plan.output_format == PEFT_ADAPTER:
+                    files, errors = _write_adapter(plan, opened, base, tmp, torch_device, timer, progress)
+                else:
+                    assert base is not None
+                    files, errors = _write_full(plan, opened, base, tmp, torch_device, timer, progress)
+        finally:
+            for a in opened:
+                a.close()
+    timings = {k: round(v, 6) for k, v in sorted(timer.totals.items())}
+    timings["total"] = round(time.perf_counter() - started, 6)
+    return MergeReport(
+        method=plan.method,
+        parameters=dict(parameters),
+        method_parameters=plan.method_params,
+        output_format=plan.output_format,
+        output_rank=plan.rank,
+        device=str(torch_device),
+        inputs=[
+            {
+                "language": a.language,
+                "path": str(a.path),
+                "uri": a.uri,
+                "digest": a.digest,
+                "weight": w,
+                "rank": o.max_rank,
+            }
+            for a, o, w in zip(adapters, opened, plan.weights, strict=True)
+        ],
+        modules=[m.name for m in plan.modules],
+        excluded_modules=plan.excluded,
+        module_errors=errors,
+        timings=timings,
+        files=files,
+        model_digest=files_digest(files),
+        peak_rss_bytes=memory.growth,
+        peak_cuda_bytes=torch.cuda.max_memory_allocated(torch_device) if torch_device.type == "cuda" else None,
+        estimated_peak_bytes=plan.estimated_peak_bytes,
+    )
