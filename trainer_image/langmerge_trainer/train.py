@@ -406,12 +406,23 @@ def lora_config(lora: Lora) -> Any:
     )
 
 
+def enable_activation_checkpointing(model: Any) -> None:
+    """Recompute decoder-layer activations in the backward pass (non-reentrant: the frozen base needs no input
+    gradients). transformers 5.x renamed ``gradient_checkpointing_enable``; older 5.x releases have only that name."""
+    kwargs = {"use_reentrant": False}
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if callable(enable):
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def attach_lora(model: Any, lora: Lora, *, gradient_checkpointing: bool = False) -> Any:
     """Wrap a causal LM with a fresh LoRA adapter (initialised from the current torch seed)."""
     from peft import get_peft_model
 
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     try:
         with peft_compat():
             return get_peft_model(model, lora_config(lora))
