@@ -20,6 +20,12 @@ while a Job's process runs). A Job deleted while it runs has its process group k
 children and leaves their Jobs ``active``; the next runner on the same work folder starts them again, like pods
 rescheduled after a node loss (it also kills processes a crashed runner left behind).
 
+As on a cluster, ``command`` and ``args`` get ``$(VAR)`` expansion from the container's env, and ``$$`` is the escape
+for ``$`` (a shell's ``$$`` is written ``$$$$``). Not emulated: volumes and ``volumeMounts`` (use env for paths; the
+runner's ``extra_env`` can point them at local folders), ``workingDir`` (the scratch folder is the working directory),
+resources and GPUs, init and sidecar containers (init containers are refused; only the first container runs),
+``podFailurePolicy`` (every non-zero exit counts against ``backoffLimit``), and pod objects (none are created).
+
 One runner per cluster scope: two runners watching the same Jobs would both run them. Use :attr:`RunnerConfig.namespace`
 or :attr:`RunnerConfig.label_selector` to split the work. Never point it at a shared cluster: it executes what Jobs say.
 """
