@@ -167,3 +167,29 @@ def test_peft_linear_has_cross_terms_ours_is_the_true_average() -> None:
     assert torch.allclose(ours, truth, atol=1e-5)
     rel = float((peft_delta - truth).norm() / truth.norm())
     assert rel > 0.3, rel  # the cross terms B_es A_it and B_it A_es
+
+
+@pytest.mark.parametrize("method", ["ties", "magnitude_prune", "dare_ties", "dare_linear"])
+def test_dense_methods_give_the_same_result_in_row_blocks(method: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Small integer factors make many exactly equal magnitudes: the tie budget must carry across blocks."""
+    from langmerge_trainer.merge import methods
+
+    g = torch.Generator().manual_seed(5)
+    updates = [
+        LoraUpdate(
+            B=torch.randint(-2, 3, (23, 2), generator=g).float(),
+            A=torch.randint(-2, 3, (2, 17), generator=g).float(),
+            scale=1.0,
+            weight=w,
+            key=f"l{i}",
+        )
+        for i, w in enumerate((1.0, 0.5, 2.0))
+    ]
+    impl = get_method(method)
+    p = impl.resolve({"density": 0.3, **({"seed": 4} if "seed" in impl.parameters else {})})
+    whole = impl.merge(MODULE, updates, p).dense()
+    monkeypatch.setattr(methods, "CPU_BLOCK_ELEMENTS", 40)  # blocks of 2 rows: 12 blocks, the last one short
+    assert len(methods.row_blocks(23, 17, torch.device("cpu"))) == 12
+    blocked = impl.merge(MODULE, updates, p).dense()
+    assert torch.equal(whole, blocked)
+    assert torch.allclose(blocked.double(), reference(method, updates, p), atol=1e-6)

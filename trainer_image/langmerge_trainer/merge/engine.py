@@ -36,7 +36,14 @@ from langmerge.store import files_digest
 from langmerge_trainer.merge.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PREFIX, LoraAdapter, load_adapter
 from langmerge_trainer.merge.lowrank import Factors, randomized_lowrank, refactor_lowrank
 from langmerge_trainer.merge.memory import PeakMemory
-from langmerge_trainer.merge.methods import LowRankDelta, MergedDelta, MergeMethod, get_method
+from langmerge_trainer.merge.methods import (
+    CPU_BLOCK_ELEMENTS,
+    DEVICE_BLOCK_ELEMENTS,
+    LowRankDelta,
+    MergedDelta,
+    MergeMethod,
+    get_method,
+)
 from langmerge_trainer.merge.safetensors_io import (
     DTYPES,
     ITEMSIZE,
@@ -352,7 +359,8 @@ def _estimate(
             if plan.output_format == FULL_WEIGHTS:
                 work += dense * 4
         else:
-            work = factors + dense * (4 * 6 + 5)  # accumulators, one update, the selection's mask and magnitudes
+            # the merged update and one update's magnitudes (float32), the selection's masks, a block's temporaries
+            work = factors + dense * (4 * 2 + 4) + 16 * 4 * min(dense, _block_elements(plan.device))
             if plan.output_format == PEFT_ADAPTER:
                 work += dense * 4  # the measured residual
         if plan.output_format == FULL_WEIGHTS and base is not None:
@@ -366,6 +374,10 @@ def _estimate(
         itemsize = ITEMSIZE[_output_dtype(adapters)]
         output = sum((m.shape[0] + m.shape[1]) * (plan.rank or 0) * itemsize for m in plan.modules)
     return peak, output
+
+
+def _block_elements(device: str) -> int:
+    return CPU_BLOCK_ELEMENTS if torch.device(device).type == "cpu" else DEVICE_BLOCK_ELEMENTS
 
 
 def _output_dtype(adapters: Sequence[LoraAdapter]) -> str:
@@ -622,16 +634,13 @@ def _write_full(
                         else:
                             with timer.phase("read"):
                                 weight = reader(shard).read(info.name).to(device)
-                                weight = weight.float() if weight.dtype != torch.float32 else weight
                             merged = _merge_module(plan, module, adapters, device, timer)
                             with timer.phase("merge"):
-                                merged.add_to(weight)
+                                merged.add_to(weight)  # float32 arithmetic, stored back in the base dtype
                                 del merged
-                                result = weight.to(info.torch_dtype)
-                                del weight
                             with timer.phase("write"):
-                                writer.write(info.name, result.cpu())
-                                del result
+                                writer.write(info.name, weight.cpu())
+                                del weight
                         weight_map[info.name] = name
                         bar.update(info.nbytes)
                     files[name] = writer.close()

@@ -3,12 +3,14 @@
 Linux keeps a resident-set high-water mark (``VmHWM`` in ``/proc/self/status``) that writing ``5`` to
 ``/proc/self/clear_refs`` resets to the current size; the growth of the mark over a block is the block's peak extra
 memory. Elsewhere (or where ``clear_refs`` is not writable) the measurement is unavailable and reported as ``None``.
-Freed heap that the allocator kept can be reused without growing the resident set, so a measurement in a long-lived
-process can only under-state; tests that must be able to fail measure in a fresh process.
+Freed heap that the allocator kept could be reused without growing the resident set and hide a peak, so the
+measurement first hands free heap pages back to the kernel (glibc ``malloc_trim``) where it can.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import re
 from pathlib import Path
 from types import TracebackType
@@ -34,6 +36,18 @@ def peak_rss() -> int | None:
     return _status_kib("VmHWM")
 
 
+def release_free_memory() -> bool:
+    """Return the allocator's free heap pages to the kernel (glibc ``malloc_trim(0)``); False where unavailable."""
+    name = ctypes.util.find_library("c")
+    if not name:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        return bool(libc.malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
+
+
 def reset_peak_rss() -> bool:
     """Reset the high-water mark to the current resident size; False where the kernel does not allow it."""
     try:
@@ -52,6 +66,7 @@ class PeakMemory:
         self._valid = False
 
     def __enter__(self) -> PeakMemory:
+        release_free_memory()
         self._valid = reset_peak_rss()
         self.start = current_rss()
         return self

@@ -41,7 +41,13 @@ from typing import Any, ClassVar, TypeVar, overload
 import torch
 
 from langmerge.methods import COMMON_PARAMETERS
-from langmerge_trainer.merge.sparsify import dare_keep_mask, derive_seed, keep_count, topk_keep_mask
+from langmerge_trainer.merge.sparsify import (
+    MagnitudeSelector,
+    dare_keep_mask,
+    derive_seed,
+    keep_count,
+    topk_keep_mask,
+)
 
 # -- inputs and results ----------------------------------------------------------------------------------------------
 
@@ -85,8 +91,13 @@ class LowRankDelta:
         return self.B @ self.A
 
     def add_to(self, weight: torch.Tensor) -> torch.Tensor:
-        """``weight += Delta`` in place (``weight`` float32), without materialising Delta separately."""
-        return weight.addmm_(self.B, self.A)
+        """``weight += Delta`` in place, without materialising Delta: float32 arithmetic, one block of rows at a time."""
+        for r0, r1 in row_blocks(*weight.shape, weight.device):
+            if weight.dtype == torch.float32:
+                weight[r0:r1].addmm_(self.B[r0:r1], self.A)
+            else:
+                weight[r0:r1] = torch.addmm(weight[r0:r1].float(), self.B[r0:r1], self.A).to(weight.dtype)
+        return weight
 
 
 @dataclass(frozen=True)
@@ -99,7 +110,13 @@ class DenseDelta:
         return self.delta
 
     def add_to(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight.add_(self.delta)
+        """``weight += Delta`` in place: float32 arithmetic, one block of rows at a time."""
+        for r0, r1 in row_blocks(*weight.shape, weight.device):
+            if weight.dtype == torch.float32:
+                weight[r0:r1].add_(self.delta[r0:r1])
+            else:
+                weight[r0:r1] = (weight[r0:r1].float() + self.delta[r0:r1]).to(weight.dtype)
+        return weight
 
 
 MergedDelta = LowRankDelta | DenseDelta
@@ -320,22 +337,67 @@ class TaskArithmetic(MergeMethod):
             if total <= 0:
                 raise ValueError(f"{module}: the weights sum to zero: nothing to average")
             return stack_factors(updates, [lam * u.weight / total for u in updates])
-        density = float(params.get("density", 1.0))
-        seed = int(params.get("seed", 0))
-
-        def sparsified() -> Iterator[tuple[float, torch.Tensor]]:
-            for update in updates:
-                if update.weight == 0 and self.consensus:
-                    continue
-                tensor = update.dense()
-                if self.sparsify is Sparsify.MAGNITUDE:
-                    tensor = trim_(tensor, density)
-                elif self.sparsify is Sparsify.RANDOM:
-                    tensor = drop_(tensor, density, derive_seed(seed, module, update.key))
-                yield update.weight, tensor
-
-        merged = combine_dense(sparsified(), consensus=self.consensus, normalize=self.normalize)
+        merged = self._merge_dense(module, updates, float(params.get("density", 1.0)), int(params.get("seed", 0)))
         return DenseDelta(merged.mul_(lam) if lam != 1.0 else merged)
+
+    def _merge_dense(self, module: str, updates: Sequence[LoraUpdate], density: float, seed: int) -> torch.Tensor:
+        """Two passes over row blocks: fit each update's selection on the whole update, then combine block by block.
+
+        Holding N dense updates (or even the method's four accumulators) for a whole module is what makes TIES
+        memory-hungry; here the first pass holds one update's magnitudes at a time and the second pass only a block
+        of rows of everything, so the working space is about twice one module in float32 whatever N is. Each block
+        of an update is computed the same way in both passes (``s * B[rows] @ A``), so the selection fitted in the
+        first pass applies exactly in the second.
+        """
+        active = [u for u in updates if not (self.consensus and u.weight == 0)]
+        if not active:
+            raise ValueError(f"{module}: every adapter has weight 0")
+        rows, cols = active[0].shape
+        device = active[0].B.device
+        blocks = row_blocks(rows, cols, device)
+        selectors: list[MagnitudeSelector | None] = []
+        for u in active:
+            if self.sparsify is Sparsify.MAGNITUDE and density < 1.0:
+                magnitude = torch.empty(rows, cols, device=device)
+                for r0, r1 in blocks:
+                    magnitude[r0:r1] = dense_rows(u, r0, r1).abs_()
+                selectors.append(MagnitudeSelector(magnitude, density))
+                del magnitude
+            else:
+                selectors.append(None)
+        keys = [derive_seed(seed, module, u.key) for u in active]
+        out = torch.empty(rows, cols, device=device)
+
+        def block_items(r0: int, r1: int) -> Iterator[tuple[float, torch.Tensor]]:
+            for u, selector, key in zip(active, selectors, keys, strict=True):
+                block = dense_rows(u, r0, r1)
+                if selector is not None:
+                    block = selector.apply_(block)
+                elif self.sparsify is Sparsify.RANDOM and density < 1.0:
+                    keep = dare_keep_mask(block.shape, density, key, device, offset=r0 * cols)
+                    block = block.masked_fill_(~keep, 0.0).div_(density)
+                yield u.weight, block
+
+        for r0, r1 in blocks:
+            out[r0:r1] = combine_dense(block_items(r0, r1), consensus=self.consensus, normalize=self.normalize)
+        return out
+
+
+#: Entries per row block of the dense methods' passes on the CPU (small blocks stay in cache and bound memory);
+#: elsewhere (GPUs) blocks are large so that a module takes few kernel launches.
+CPU_BLOCK_ELEMENTS = 1 << 18
+DEVICE_BLOCK_ELEMENTS = 1 << 26
+
+
+def row_blocks(rows: int, cols: int, device: torch.device) -> list[tuple[int, int]]:
+    budget = CPU_BLOCK_ELEMENTS if device.type == "cpu" else DEVICE_BLOCK_ELEMENTS
+    step = max(1, budget // max(cols, 1))
+    return [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
+
+
+def dense_rows(update: LoraUpdate, r0: int, r1: int) -> torch.Tensor:
+    """Rows ``r0:r1`` of an update as float32: ``scale * B[r0:r1] @ A``."""
+    return (update.B[r0:r1].float() @ update.A.float()).mul_(update.scale)
 
 
 register(

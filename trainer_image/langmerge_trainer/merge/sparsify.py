@@ -131,9 +131,17 @@ def hash_uniform32(key: int, start: int, count: int, device: torch.device | str 
 
 
 def dare_keep_mask(
-    shape: torch.Size | tuple[int, ...], density: float, key: int, device: torch.device | str = "cpu"
+    shape: torch.Size | tuple[int, ...],
+    density: float,
+    key: int,
+    device: torch.device | str = "cpu",
+    *,
+    offset: int = 0,
 ) -> torch.Tensor:
-    """DARE's keep mask: each entry kept with probability ``density``, from a hash of (``key``, flat index)."""
+    """DARE's keep mask: each entry kept with probability ``density``, from a hash of (``key``, flat index).
+
+    ``offset`` is the flat index of the first entry, so a block of rows gets exactly its part of the whole mask.
+    """
     numel = math.prod(shape)
     if density >= 1.0:
         return torch.ones(shape, dtype=torch.bool, device=device)
@@ -141,5 +149,41 @@ def dare_keep_mask(
     out = torch.empty(numel, dtype=torch.bool, device=device)
     for start in range(0, numel, HASH_CHUNK):
         count = min(HASH_CHUNK, numel - start)
-        out[start : start + count] = hash_uniform32(key, start, count, device) < threshold
+        out[start : start + count] = hash_uniform32(key, offset + start, count, device) < threshold
     return out.reshape(shape)
+
+
+class MagnitudeSelector:
+    """Exactly the top-k entries by magnitude of a whole matrix, applied block by block in row-major order.
+
+    Fitted once on the magnitudes (:func:`kth_largest`); then each block keeps entries above the k-th value, and
+    entries equal to it while the budget of ties lasts (in flat index order, as :func:`topk_keep_mask`).
+    """
+
+    def __init__(self, magnitude: torch.Tensor, density: float) -> None:
+        n = magnitude.numel()
+        self.k = keep_count(n, density)
+        self.keep_all = self.k >= n
+        self.value = 0.0
+        self.ties_left = 0
+        self.all_ties = True
+        if not self.keep_all and self.k > 0:
+            value, greater, equal = kth_largest(magnitude.reshape(-1), self.k)
+            self.value = float(value)
+            self.ties_left = self.k - greater
+            self.all_ties = self.ties_left == equal
+
+    def apply_(self, block: torch.Tensor) -> torch.Tensor:
+        """Zero the entries of ``block`` (the next rows, in order) that are not kept; in place."""
+        if self.keep_all:
+            return block
+        if self.k == 0:
+            return block.zero_()
+        magnitude = block.abs()
+        if self.all_ties:
+            return block.masked_fill_(magnitude < self.value, 0.0)
+        equal = (magnitude == self.value).reshape(-1)
+        first = torch.cumsum(equal, dim=0, dtype=torch.int64) <= self.ties_left
+        self.ties_left -= min(int(equal.sum()), self.ties_left)
+        keep = (magnitude.reshape(-1) > self.value) | (equal & first)
+        return block.masked_fill_(~keep.reshape(block.shape), 0.0)
