@@ -201,6 +201,8 @@ class MergeManifest(Record):
     module_errors: dict[str, float] = Field(default_factory=dict)
     #: Per-language evaluation of the merged model.
     evaluation: dict[str, Metrics] = Field(default_factory=dict)
+    #: Each language's expert alone on the same data (from the expert's adapter manifest), for the quality gate.
+    expert_metrics: dict[str, Metrics] = Field(default_factory=dict)
     timings: dict[str, float] = Field(default_factory=dict)
     cost: Cost
     versions: Versions

@@ -58,6 +58,25 @@ def cmd_controlplane(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run the operator (kopf) in the foreground."""
+    import kopf
+
+    import langmerge.controller.main  # noqa: F401  (registers the handlers)
+    from langmerge.settings import Settings
+
+    settings = Settings.from_env()
+    namespaces = list(args.namespace or settings.namespaces)
+    kopf.configure(verbose=args.verbose)
+    kopf.run(
+        standalone=True,
+        clusterwide=not namespaces,
+        namespaces=namespaces,
+        liveness_endpoint=args.liveness or None,
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="langmerge", description=__doc__)
     parser.add_argument("--state", help=f"local state folder (default ${{LANGMERGE_STATE}} or {DEFAULT_STATE})")
@@ -71,6 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("controlplane", help="the local control plane: kube-apiserver, etcd, S3 (development)")
     p.add_argument("action", choices=["build", "start", "stop", "status"])
     p.set_defaults(func=cmd_controlplane)
+
+    p = sub.add_parser("run", help="run the operator (watches LanguageExperts and MergedModels)")
+    p.add_argument("--namespace", "-n", action="append", help="namespace to watch (repeatable; default: all)")
+    p.add_argument("--liveness", default="", help="liveness endpoint, e.g. http://0.0.0.0:8080/healthz")
+    p.add_argument("--verbose", "-v", action="store_true")
+    p.set_defaults(func=cmd_run)
     return parser
 
 

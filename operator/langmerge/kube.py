@@ -164,3 +164,32 @@ class Kube:
                 return False
             raise
         return True
+
+
+def _event_name(name: str) -> str:
+    return f"{name}.{time.time_ns():x}"[:253]
+
+
+def post_event(kube: Kube, involved: dict[str, Any], type_: str, reason: str, message: str, component: str) -> None:
+    """Create a core/v1 Event about ``involved`` (apiVersion, kind, name, namespace, uid). Best effort."""
+    from datetime import UTC, datetime
+
+    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    body = {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"name": _event_name(involved["name"]), "namespace": involved["namespace"]},
+        "involvedObject": involved,
+        "reason": reason,
+        "message": message[:1024],
+        "type": type_,
+        "source": {"component": component},
+        "reportingComponent": component,
+        "firstTimestamp": now,
+        "lastTimestamp": now,
+        "count": 1,
+    }
+    try:
+        kube.core.create_namespaced_event(involved["namespace"], body)
+    except ApiException:
+        pass

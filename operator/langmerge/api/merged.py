@@ -19,7 +19,7 @@ from langmerge.api.common import (
     Resources,
     StatusModel,
 )
-from langmerge.api.expert import LANGUAGE_PATTERN, Metrics
+from langmerge.api.expert import LANGUAGE_PATTERN, Metrics, Retry
 from langmerge.methods import METHOD_NAMES, METHODS, allowed_parameters
 
 
@@ -230,6 +230,7 @@ class MergedModelSpec(ApiModel):
     resources: Annotated[
         Resources, Field(default_factory=_merge_resources, description="Resources of the merge Job (CPU by default).")
     ]
+    retry: Annotated[Retry, Field(default_factory=Retry, description="Retries of failed merge Jobs.")]
     image: Annotated[
         str | None,
         Field(
@@ -281,6 +282,8 @@ class MergedPhase(StrEnum):
     WAITING = "Waiting"
     MERGING = "Merging"
     READY = "Ready"
+    #: The latest merge regressed a language beyond evaluation.maxRegression; the previous revision stays current.
+    BLOCKED = "Blocked"
     FAILED = "Failed"
     SUSPENDED = "Suspended"
 

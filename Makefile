@@ -1,0 +1,55 @@
+# langmerge: the two commands after cloning are `make up` (the main job on a local control plane) and `make test`.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: up down status venv lint test test-unit test-integration controlplane crds bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[trainer,dev]'
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+## The main job: local control plane + operator + local Job runner + the 3-language sample, then a maintenance update.
+up: $(STAMP)
+	$(BIN)/langmerge up
+
+down: $(STAMP)
+	$(BIN)/langmerge down
+
+status: $(STAMP)
+	$(BIN)/langmerge status
+
+## Build (once, cached under ~/.cache/langmerge) the local kube-apiserver and install etcd.
+controlplane: $(STAMP)
+	$(BIN)/langmerge controlplane build
+
+crds: $(STAMP)
+	$(BIN)/langmerge crds
+
+lint: $(STAMP)
+	$(BIN)/ruff check operator trainer_image tests benchmarks
+	$(BIN)/ruff format --check operator trainer_image tests benchmarks
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+	$(BIN)/langmerge crds --check
+
+## Everything CI runs: linters, then every test (unit, integration on the real apiserver + S3, trainer, merge, e2e).
+test: lint controlplane
+	$(BIN)/pytest -p no:cacheprovider
+
+test-unit: $(STAMP)
+	$(BIN)/pytest -m "not integration and not trainer"
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/merge_bench.py
+	$(BIN)/python benchmarks/trainer_throughput.py
+
+clean:
+	-$(BIN)/langmerge down
+	rm -rf .langmerge .pytest_cache .mypy_cache .ruff_cache

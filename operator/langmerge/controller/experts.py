@@ -1,0 +1,529 @@
+"""LanguageExpert reconciliation: desired state = training fingerprint; S3 says whether it exists.
+
+One pass, level-triggered: read the object, its Jobs and S3 fresh, decide, act (at most one Job created or cancelled),
+write the status if it changed, and say when to look again. Safe to run any number of times: the same inputs give
+the same fingerprint, the same Job name and the same S3 prefix, so re-applying, restarting or adopting never trains
+twice.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from pydantic import ValidationError
+
+from langmerge import artifacts
+from langmerge.api.common import OnChange
+from langmerge.api.expert import (
+    AdapterRef,
+    ExpertPhase,
+    LanguageExpertSpec,
+    LanguageExpertStatus,
+    Progress,
+    TrainingRecord,
+)
+from langmerge.artifacts import AdapterManifest, BaseModelIdentity, FailureRecord, ProgressRecord
+from langmerge.constants import COMPONENT_TRAINING, EXPERT_KIND, EXPERT_PLURAL, LABEL_EXPERT
+from langmerge.controller import metrics
+from langmerge.controller.attempts import decide_retry, failure_records, record_job_end
+from langmerge.controller.jobs import JobState, Owner, build_training_job, job_state, label_value, selector
+from langmerge.controller.runtime import EXPERT, Key, Runtime, object_key
+from langmerge.controller.status import (
+    DATA_CHANGED,
+    DEGRADED,
+    READY,
+    TRAINING,
+    bounded,
+    merge_patch_body,
+    set_condition,
+    truncate,
+)
+from langmerge.fingerprint import training_fingerprint
+from langmerge.store import StoreError
+from langmerge.tasks import TrainTask
+
+log = logging.getLogger(__name__)
+
+#: Wait after an S3 error before trying again.
+STORAGE_RETRY_SECONDS = 15.0
+
+
+def fmt_time(value: datetime) -> str:
+    return value.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def format_validation_error(err: ValidationError) -> str:
+    """``spec.lora.rank: Input should be greater than or equal to 1; ...`` — one line a user can act on."""
+    parts = []
+    for e in err.errors():
+        loc = "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in e["loc"])
+        parts.append(f"spec{loc}: {e['msg']}")
+    return "; ".join(parts)
+
+
+def parse_expert_spec(raw: dict[str, Any]) -> LanguageExpertSpec:
+    return LanguageExpertSpec.model_validate(raw)
+
+
+@dataclass
+class DataView:
+    """The dataset as seen in S3 this pass."""
+
+    digest: str
+    eval_digest: str | None
+    objects: int
+
+    @property
+    def combined(self) -> str:
+        return self.digest if self.eval_digest is None else f"{self.digest}+{self.eval_digest}"
+
+
+def split_combined(value: str) -> tuple[str, str | None]:
+    data, _, evaluation = value.partition("+")
+    return data, evaluation or None
+
+
+def owned_jobs(rt: Runtime, body: dict[str, Any]) -> list[JobState]:
+    meta = body["metadata"]
+    jobs = rt.kube.list_jobs(
+        selector(**{"langmerge.dev/component": COMPONENT_TRAINING, LABEL_EXPERT: label_value(meta["name"])}),
+        meta["namespace"],
+    )
+    uid = meta.get("uid")
+    mine = []
+    for job in jobs:
+        refs = job.metadata.owner_references or []
+        if uid and refs and not any(r.uid == uid for r in refs):
+            continue  # left over from a deleted object of the same name; the garbage collector removes it
+        mine.append(job_state(job))
+    return mine
+
+
+def count_active_jobs(rt: Runtime, component: str) -> int:
+    namespaces = rt.settings.namespaces or (None,)
+    total = 0
+    for ns in namespaces:
+        total += sum(
+            1
+            for job in rt.kube.list_jobs(selector(**{"langmerge.dev/component": component}), ns)
+            if job_state(job).active
+        )
+    return total
+
+
+class ExpertReconciler:
+    """One reconcile pass over one LanguageExpert."""
+
+    def __init__(self, rt: Runtime, key: Key, body: dict[str, Any]) -> None:
+        self.rt = rt
+        self.key = key
+        self.body = body
+        meta = body["metadata"]
+        self.namespace: str = meta["namespace"]
+        self.name: str = meta["name"]
+        self.generation: int | None = meta.get("generation")
+        self.now = rt.now()
+        self.now_s = fmt_time(self.now)
+        try:
+            self.old = LanguageExpertStatus.model_validate(body.get("status") or {})
+        except ValidationError:
+            self.old = LanguageExpertStatus()
+        self.status = self.old.model_copy(deep=True)
+        self.settings = rt.settings
+        self.events: list[tuple[str, str, str]] = []
+
+    # -- helpers ---------------------------------------------------------------------------------------------------
+    def condition(self, type_: str, value: bool, reason: str, message: str = "") -> None:
+        self.status.conditions = set_condition(
+            self.status.conditions, type_, value, reason, truncate(message), generation=self.generation, now=self.now_s
+        )
+
+    def event(self, type_: str, reason: str, message: str) -> None:
+        self.events.append((type_, reason, message))
+
+    def set_phase(self, phase: ExpertPhase, message: str | None = None) -> None:
+        self.status.phase = phase
+        self.status.message = truncate(message) if message else None
+
+    def commit(self, requeue: float | None) -> float | None:
+        """Write the status if it changed, post the events, return the requeue delay."""
+        self.status.observed_generation = self.generation
+        new = self.status.model_dump(mode="json", by_alias=True)
+        old = self.old.model_dump(mode="json", by_alias=True)
+        if new != old:
+            self.rt.kube.patch_status(EXPERT_PLURAL, object_key(self.key), merge_patch_body(new))
+        for type_, reason, message in self.events:
+            self.rt.event({**self.body, "kind": EXPERT_KIND}, type_, reason, message)
+        return requeue
+
+    # -- the pass ------------------------------------------------------------------------------------------------
+    def run(self) -> float | None:
+        try:
+            spec = parse_expert_spec(self.body.get("spec") or {})
+        except ValidationError as err:
+            message = f"invalid spec: {format_validation_error(err)}"
+            if self.old.message != truncate(message):
+                self.event("Warning", "InvalidSpec", message)
+            self.set_phase(ExpertPhase.FAILED, message)
+            self.condition(READY, False, "InvalidSpec", message)
+            self.condition(DEGRADED, True, "InvalidSpec", message)
+            return self.commit(None)
+        self.spec = spec
+        self.image = spec.image or self.settings.trainer_image
+        self.prefix_root = artifacts.expert_root(self.settings.artifacts_uri, self.namespace, self.name)
+        try:
+            return self._run()
+        except StoreError as err:
+            message = f"S3 unavailable: {err}"
+            self.condition(DEGRADED, True, "StorageUnavailable", message)
+            self.status.message = truncate(message)
+            return self.commit(STORAGE_RETRY_SECONDS)
+
+    def _run(self) -> float | None:
+        spec = self.spec
+        store = self.rt.store
+        memo = self.rt.memo(self.key)
+        spec_changed = self.old.observed_generation != self.generation
+        poll = float(spec.schedule.poll_interval_seconds)
+        mono = self.rt.monotonic()
+
+        # Base model identity (digest of its objects), re-listed at the poll interval or on a spec change.
+        base_id = f"{spec.base_model.uri}@{spec.base_model.revision or ''}"
+        if (
+            memo.base_digest is None
+            or memo.base_digest[0] != base_id
+            or spec_changed
+            or mono - memo.base_polled >= poll
+        ):
+            digest, count = store.prefix_digest(spec.base_model.uri)
+            if count == 0:
+                return self._blocked(
+                    "BaseModelMissing", f"no objects under the base model URI {spec.base_model.uri}", poll
+                )
+            memo.base_digest = (base_id, digest)
+            memo.base_polled = mono
+        base_digest = memo.base_digest[1]
+
+        # The data: one paginated listing of the prefix, digested over (key, size, ETag) of *.jsonl objects.
+        due = spec_changed or self.status.data_digest is None or mono - memo.last_poll >= poll
+        if due:
+            data_digest, count = store.prefix_digest(spec.dataset.uri, suffix=".jsonl")
+            eval_digest = None
+            if spec.dataset.eval_uri:
+                eval_digest, eval_count = store.prefix_digest(spec.dataset.eval_uri, suffix=".jsonl")
+                if eval_count == 0:
+                    return self._blocked("EvalDatasetEmpty", f"no *.jsonl objects under {spec.dataset.eval_uri}", poll)
+            memo.last_poll = mono
+            if count == 0:
+                return self._blocked("DatasetEmpty", f"no *.jsonl objects under {spec.dataset.uri}", poll)
+            observed = DataView(data_digest, eval_digest, count).combined
+            first = self.status.data_digest is None
+            if observed != self.status.data_digest:
+                if not first:
+                    self.event("Normal", "DataChanged", f"data under {spec.dataset.uri} changed (digest {observed})")
+                self.status.data_digest = observed
+                self.status.data_changed_at = self.now_s
+                if first:
+                    self.status.data_changed_at = None  # the first sighting is settled by definition
+        next_poll = max(1.0, poll - (mono - memo.last_poll))
+
+        # The settle window: train on new data only once it has been stable for settleSeconds.
+        assert self.status.data_digest is not None
+        data_for_training = self.status.data_digest
+        changed_at = artifacts.parse_time(self.status.data_changed_at)
+        settle_wait: float | None = None
+        trained_data = self.status.adapter.data_digest if self.status.adapter else None
+        if changed_at is not None and not spec_changed and data_for_training != trained_data:
+            settle_until = changed_at + timedelta(seconds=spec.schedule.settle_seconds)
+            if settle_until > self.now:
+                settle_wait = (settle_until - self.now).total_seconds()
+                if trained_data is None:
+                    # Nothing trained yet: wait for the settle window before the first Job.
+                    self.condition(
+                        DATA_CHANGED,
+                        True,
+                        "Settling",
+                        f"data changed; training starts at {fmt_time(settle_until)} unless it changes again",
+                    )
+                    self.set_phase(
+                        ExpertPhase.PENDING, f"waiting for the data to settle until {fmt_time(settle_until)}"
+                    )
+                    return self.commit(min(settle_wait, next_poll))
+                data_for_training = trained_data
+        if settle_wait is not None:
+            self.condition(
+                DATA_CHANGED,
+                True,
+                "Settling",
+                f"data changed at {self.status.data_changed_at}; retraining starts after {spec.schedule.settle_seconds}s without further changes",
+            )
+        elif self.status.adapter is not None and data_for_training == trained_data:
+            self.condition(DATA_CHANGED, False, "UpToDate", "the adapter was trained on the current data")
+        else:
+            self.condition(DATA_CHANGED, True, "Retraining", "the data differs from the adapter's training data")
+
+        data_digest, eval_digest = split_combined(data_for_training)
+        fingerprint = training_fingerprint(
+            spec, base_model_digest=base_digest, data_digest=data_digest, eval_data_digest=eval_digest, image=self.image
+        )
+        self.status.desired_fingerprint = fingerprint
+        prefix = artifacts.expert_prefix(self.settings.artifacts_uri, self.namespace, self.name, fingerprint)
+        jobs = owned_jobs(self.rt, self.body)
+        requeue = [next_poll] + ([settle_wait] if settle_wait is not None else [])
+
+        manifest_raw = store.get_json_or_none(artifacts.join(prefix, artifacts.MANIFEST))
+        if manifest_raw is not None:
+            self._ready(AdapterManifest.model_validate(manifest_raw), jobs, data_for_training)
+            self._cancel_outdated(jobs, fingerprint, only_if_restart=True)
+            return self.commit(min(requeue))
+
+        task = TrainTask(
+            fingerprint=fingerprint,
+            output_uri=prefix,
+            namespace=self.namespace,
+            name=self.name,
+            spec=spec,
+            base_model=BaseModelIdentity(
+                uri=spec.base_model.uri, revision=spec.base_model.revision, digest=base_digest
+            ),
+            data_digest=data_digest,
+            eval_data_digest=eval_digest,
+            image=self.image,
+        )
+        return self.commit(min([*requeue, self._converge(task, jobs, prefix)]))
+
+    def _blocked(self, reason: str, message: str, retry: float) -> float | None:
+        """Inputs missing in S3: report, keep any existing adapter, look again at the next poll."""
+        if self.old.message != message:
+            self.event("Warning", reason, message)
+        self.condition(DEGRADED, True, reason, message)
+        self.condition(READY, self.status.adapter is not None and self.old.phase == ExpertPhase.READY, reason, message)
+        if self.status.adapter is None:
+            self.set_phase(ExpertPhase.PENDING, message)
+        else:
+            self.status.message = message
+        return self.commit(retry)
+
+    # -- desired adapter exists ----------------------------------------------------------------------------------
+    def _ready(self, manifest: AdapterManifest, jobs: list[JobState], data_combined: str) -> None:
+        fingerprint = manifest.fingerprint
+        job = next((j for j in sorted(jobs, key=lambda j: -j.attempt) if j.fingerprint == fingerprint), None)
+        if self.status.trained_fingerprint != fingerprint or self.status.adapter is None:
+            adopted = job is None
+            if adopted:
+                metrics.CACHE_HITS.labels(COMPONENT_TRAINING).inc()
+            else:
+                metrics.TRAINING_SECONDS.inc(manifest.cost.wall_seconds)
+                metrics.TRAINING_GPU_SECONDS.inc(manifest.cost.gpu_seconds)
+            record = TrainingRecord(
+                fingerprint=fingerprint,
+                data_digest=data_combined,
+                job=job.name if job else None,
+                result="Adopted" if adopted else "Succeeded",
+                started_at=manifest.started_at,
+                finished_at=manifest.finished_at,
+                wall_seconds=round(manifest.cost.wall_seconds, 3),
+                gpu_seconds=round(manifest.cost.gpu_seconds, 3),
+                cpu_seconds=round(manifest.cost.cpu_seconds, 3),
+                tokens=manifest.tokens_trained,
+                adapter_digest=manifest.adapter_digest,
+            )
+            if not any(h.fingerprint == fingerprint and h.result != "Failed" for h in self.status.history):
+                self.status.history = bounded(self.status.history, record, self.settings.history_limit)
+            loss = manifest.metrics.eval_loss
+            origin = "found in S3, no Job" if adopted or job is None else f"trained by Job {job.name}"
+            figures = f"; eval loss {loss:.4f}" if loss is not None else ""
+            self.event(
+                "Normal",
+                "AdapterAdopted" if adopted else "AdapterReady",
+                f"adapter {manifest.adapter_digest} for fingerprint {fingerprint} ({origin}{figures})",
+            )
+        self.status.adapter = AdapterRef(
+            uri=manifest.adapter_uri,
+            digest=manifest.adapter_digest,
+            fingerprint=fingerprint,
+            data_digest=data_combined,
+            metrics=manifest.metrics,
+            trained_at=manifest.finished_at,
+        )
+        self.status.trained_fingerprint = fingerprint
+        if self.status.data_digest == data_combined:
+            self.condition(DATA_CHANGED, False, "UpToDate", "the adapter was trained on the current data")
+        self.status.active_job = None
+        self.status.progress = None
+        self.status.attempts = 0
+        self.status.next_retry_at = None
+        self.set_phase(ExpertPhase.READY)
+        self.condition(READY, True, "AdapterReady", f"adapter {manifest.adapter_digest} at {manifest.adapter_uri}")
+        self.condition(TRAINING, False, "Idle")
+        self.condition(DEGRADED, False, "AsExpected")
+
+    def _cancel_outdated(self, jobs: list[JobState], fingerprint: str, *, only_if_restart: bool) -> list[JobState]:
+        """Running Jobs for other fingerprints: cancelled under onChange=restart; returned otherwise."""
+        outdated = [j for j in jobs if j.active and j.fingerprint != fingerprint]
+        if not outdated or (only_if_restart and self.spec.on_change != OnChange.RESTART):
+            return outdated
+        if self.spec.on_change == OnChange.RESTART:
+            for job in outdated:
+                if self.rt.kube.delete_job(self.namespace, job.name):
+                    self.event(
+                        "Normal",
+                        "TrainingCancelled",
+                        f"cancelled Job {job.name}: its fingerprint {job.fingerprint} is outdated",
+                    )
+            return []
+        return outdated
+
+    # -- desired adapter missing ---------------------------------------------------------------------------------
+    def _converge(self, task: TrainTask, jobs: list[JobState], prefix: str) -> float:
+        spec = self.spec
+        mine = sorted((j for j in jobs if j.fingerprint == task.fingerprint), key=lambda j: j.attempt)
+        current = mine[-1] if mine else None
+        if current is not None and current.active:
+            return self._training(current, prefix)
+
+        records = failure_records(self.rt.store, prefix)
+        if current is not None:
+            records = record_job_end(self.rt.store, prefix, current, records, self.now_s)
+        decision = decide_retry(
+            records, limit=spec.retry.limit, backoff_seconds=spec.retry.backoff_seconds, now=self.now
+        )
+        self.status.attempts = decision.attempts
+        if decision.give_up and decision.last is not None:
+            return self._failed(decision.last, decision.attempts)
+        if decision.wait_until is not None and decision.last is not None:
+            due = fmt_time(decision.wait_until)
+            self.status.next_retry_at = due
+            self.status.active_job = None
+            self.set_phase(
+                ExpertPhase.PENDING, f"attempt {decision.attempts} failed ({decision.last.message}); retry at {due}"
+            )
+            self.condition(TRAINING, False, "RetryBackoff", self.status.message or "")
+            self.condition(READY, False, "TrainingFailed", decision.last.message)
+            return (decision.wait_until - self.now).total_seconds()
+        self.status.next_retry_at = None
+        assert decision.next_attempt is not None
+        return self._start(task.model_copy(update={"attempt": decision.next_attempt}), jobs)
+
+    def _training(self, job: JobState, prefix: str) -> float:
+        raw = self.rt.store.get_json_or_none(artifacts.join(prefix, artifacts.PROGRESS))
+        if raw is not None:
+            progress = ProgressRecord.model_validate(raw)
+            if progress.fingerprint == job.fingerprint:
+                self.status.progress = Progress(
+                    step=progress.step,
+                    total_steps=progress.total_steps,
+                    loss=round(progress.loss, 4) if progress.loss is not None else None,
+                    tokens_per_second=round(progress.tokens_per_second, 1) if progress.tokens_per_second else None,
+                    eta_seconds=round(progress.eta_seconds, 1) if progress.eta_seconds is not None else None,
+                    updated_at=progress.updated_at,
+                )
+        self.status.active_job = job.name
+        self.status.attempts = job.attempt - 1
+        where = f"Job {job.name} (attempt {job.attempt})"
+        self.set_phase(ExpertPhase.TRAINING, f"{where} is training fingerprint {job.fingerprint}")
+        self.condition(TRAINING, True, "JobRunning", where)
+        self.condition(READY, False, "Training", f"training fingerprint {job.fingerprint}")
+        self.condition(DEGRADED, False, "AsExpected")
+        return self.settings.progress_seconds
+
+    def _failed(self, record: FailureRecord, attempts: int) -> float:
+        message = f"training failed after {attempts} attempt(s): {record.error_class}: {record.message}"
+        if self.old.phase != ExpertPhase.FAILED or self.old.message != truncate(message):
+            self.event("Warning", "TrainingFailed", message)
+            history = TrainingRecord(
+                fingerprint=record.fingerprint,
+                result="Failed",
+                finished_at=record.at,
+                message=truncate(record.message, 256),
+            )
+            self.status.history = bounded(self.status.history, history, self.settings.history_limit)
+        self.status.active_job = None
+        self.status.progress = None
+        self.set_phase(ExpertPhase.FAILED, message)
+        self.condition(TRAINING, False, "Failed", message)
+        self.condition(READY, False, "TrainingFailed", message)
+        self.condition(DEGRADED, True, "TrainingFailed", message)
+        return float(self.spec.schedule.poll_interval_seconds)
+
+    def _start(self, task: TrainTask, jobs: list[JobState]) -> float:
+        spec = self.spec
+        if spec.suspend:
+            self.status.active_job = None
+            self.set_phase(ExpertPhase.SUSPENDED, "spec.suspend is true: no new training Jobs")
+            self.condition(TRAINING, False, "Suspended", "spec.suspend is true")
+            self.condition(
+                READY, False, "Suspended", f"fingerprint {task.fingerprint} is not trained; spec.suspend is true"
+            )
+            return float(spec.schedule.poll_interval_seconds)
+        outdated = self._cancel_outdated(jobs, task.fingerprint, only_if_restart=False)
+        if outdated:
+            job = outdated[0]
+            self.status.active_job = job.name
+            self.set_phase(
+                ExpertPhase.SUPERSEDED,
+                f"Job {job.name} trains outdated fingerprint {job.fingerprint}; fingerprint {task.fingerprint} "
+                "starts when it finishes (spec.onChange: wait)",
+            )
+            self.condition(TRAINING, True, "Superseded", self.status.message or "")
+            self.condition(READY, False, "Superseded", self.status.message or "")
+            return self.settings.progress_seconds
+        owner = Owner(EXPERT_KIND, self.namespace, self.name, self.body["metadata"]["uid"])
+        manifest = build_training_job(owner, task, self.settings)
+        with self.rt.capacity_lock:
+            running = count_active_jobs(self.rt, COMPONENT_TRAINING)
+            if running >= self.settings.max_training_jobs:
+                self.rt.waiting_for_capacity.add(self.key)
+                message = (
+                    f"waiting for a training slot: {running} of {self.settings.max_training_jobs} training Jobs "
+                    "are running (operator setting max_training_jobs)"
+                )
+                self.status.active_job = None
+                self.set_phase(ExpertPhase.PENDING, message)
+                self.condition(TRAINING, False, "QueueFull", message)
+                self.condition(READY, False, "Queued", message)
+                return 30.0
+            created = self.rt.kube.create_job(self.namespace, manifest)
+        self.rt.waiting_for_capacity.discard(self.key)
+        name = manifest["metadata"]["name"]
+        if created:
+            metrics.JOBS_LAUNCHED.labels(COMPONENT_TRAINING).inc()
+            self.event(
+                "Normal",
+                "TrainingStarted",
+                f"created Job {name} (attempt {task.attempt}) for fingerprint {task.fingerprint} on data {task.data_digest}",
+            )
+        self.status.active_job = name
+        self.status.progress = Progress(step=0, total_steps=0, updated_at=self.now_s)
+        self.set_phase(
+            ExpertPhase.TRAINING, f"Job {name} (attempt {task.attempt}) created for fingerprint {task.fingerprint}"
+        )
+        self.condition(TRAINING, True, "JobCreated", f"Job {name}")
+        self.condition(READY, False, "Training", f"training fingerprint {task.fingerprint}")
+        self.condition(DEGRADED, False, "AsExpected")
+        return self.settings.progress_seconds
+
+
+def reconcile_expert(rt: Runtime, key: Key) -> float | None:
+    """One pass over ``key``; returns seconds until the next pass (None: only on events)."""
+    assert key[0] == EXPERT
+    body = rt.kube.get_expert(object_key(key))
+    if body is None or body["metadata"].get("deletionTimestamp"):
+        cleanup_deleted_expert(rt, key)
+        return None
+    return ExpertReconciler(rt, key, body).run()
+
+
+def cleanup_deleted_expert(rt: Runtime, key: Key) -> None:
+    """The expert is gone: stop its Jobs (the garbage collector would too) and, if configured, its artifacts."""
+    namespace, name = key[1], key[2]
+    for job in rt.kube.list_jobs(selector(**{LABEL_EXPERT: label_value(name)}), namespace):
+        if rt.kube.delete_job(namespace, job.metadata.name):
+            log.info("deleted Job %s/%s of deleted expert %s", namespace, job.metadata.name, name)
+    rt.memos.pop(key, None)
+    rt.waiting_for_capacity.discard(key)
+    if rt.settings.delete_artifacts_with_expert:
+        rt.store.delete_prefix(artifacts.expert_root(rt.settings.artifacts_uri, namespace, name))

@@ -1,0 +1,335 @@
+"""Pure builders of the Jobs the operator creates, and a reader of Job state. No I/O.
+
+Jobs are written for current Kubernetes (ttlSecondsAfterFinished, Kueue's queue-name label, seccomp); an older API
+server simply drops the fields it does not know.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from langmerge.api.common import Resources
+from langmerge.artifacts import parse_time
+from langmerge.constants import (
+    ANNOTATION_ARTIFACT,
+    ANNOTATION_ATTEMPT,
+    ANNOTATION_DATA_DIGEST,
+    API_VERSION,
+    COMPONENT_MERGE,
+    COMPONENT_TRAINING,
+    EXPERT_KIND,
+    LABEL_COMPONENT,
+    LABEL_EXPERT,
+    LABEL_FINGERPRINT,
+    LABEL_KUEUE_QUEUE,
+    LABEL_LANGUAGE,
+    LABEL_MANAGED_BY,
+    LABEL_MERGED,
+    LABEL_TASK,
+    MANAGED_BY,
+    MERGED_KIND,
+    TRAINER_COMMAND,
+)
+from langmerge.settings import Settings
+from langmerge.tasks import MergeTask, TrainTask
+
+#: Where the Job's pod keeps downloaded base models and scratch files (emptyDir volumes).
+CACHE_DIR = "/cache"
+#: The non-root user of the trainer image.
+TRAINER_UID = 1000
+
+_LABEL_VALUE = re.compile(r"[^A-Za-z0-9_.-]")
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The custom resource that owns a Job."""
+
+    kind: str
+    namespace: str
+    name: str
+    uid: str
+
+    def reference(self) -> dict[str, Any]:
+        return {
+            "apiVersion": API_VERSION,
+            "kind": self.kind,
+            "name": self.name,
+            "uid": self.uid,
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+
+
+def label_value(value: str) -> str:
+    """A valid label value (<= 63 chars, alphanumeric at both ends)."""
+    cleaned = _LABEL_VALUE.sub("-", value)[:63]
+    return cleaned.strip("-_.") or "x"
+
+
+def job_name(owner: str, component: str, fingerprint: str, attempt: int) -> str:
+    """Deterministic, <= 63 characters: ``<owner>-<train|merge>-<fp10>-<attempt>``."""
+    tag = "train" if component == COMPONENT_TRAINING else "merge"
+    suffix = f"-{tag}-{fingerprint[:10]}-{attempt}"
+    base = owner[: 63 - len(suffix)].rstrip("-.")
+    return f"{base}{suffix}"
+
+
+def selector(**labels: str) -> str:
+    """A label selector string for our Jobs."""
+    pairs = {LABEL_MANAGED_BY: MANAGED_BY, **labels}
+    return ",".join(f"{k}={v}" for k, v in sorted(pairs.items()))
+
+
+def _resources(resources: Resources, settings: Settings) -> dict[str, Any]:
+    requests: dict[str, Any] = {"cpu": resources.cpu, "memory": resources.memory}
+    limits: dict[str, Any] = {"memory": resources.memory}
+    if resources.gpus > 0:
+        gpu = resources.gpu_resource_name or settings.gpu_resource_name
+        requests[gpu] = str(resources.gpus)
+        limits[gpu] = str(resources.gpus)
+    return {"requests": requests, "limits": limits}
+
+
+def _env(settings: Settings) -> list[dict[str, Any]]:
+    env: list[dict[str, Any]] = []
+    if settings.s3_endpoint:
+        env.append({"name": "LANGMERGE_S3_ENDPOINT", "value": settings.s3_endpoint})
+    env += [
+        {"name": "AWS_REGION", "value": settings.s3_region},
+        {
+            "name": "AWS_ACCESS_KEY_ID",
+            "valueFrom": {
+                "secretKeyRef": {"name": settings.s3_secret_name, "key": settings.s3_secret_access_key_id_key}
+            },
+        },
+        {
+            "name": "AWS_SECRET_ACCESS_KEY",
+            "valueFrom": {
+                "secretKeyRef": {"name": settings.s3_secret_name, "key": settings.s3_secret_secret_access_key_key}
+            },
+        },
+        {"name": "LANGMERGE_MODEL_CACHE", "value": f"{CACHE_DIR}/models"},
+        {"name": "LANGMERGE_LOG_LEVEL", "value": settings.trainer_log_level},
+        {"name": "HF_HUB_OFFLINE", "value": "1"},
+        {"name": "HOME", "value": f"{CACHE_DIR}/home"},
+        {"name": "TMPDIR", "value": "/tmp"},
+        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+    ]
+    env += [{"name": k, "value": v} for k, v in settings.job_env]
+    return env
+
+
+def _job(
+    *,
+    name: str,
+    owner: Owner,
+    labels: dict[str, str],
+    annotations: dict[str, str],
+    resources: Resources,
+    image: str,
+    args: list[str],
+    settings: Settings,
+) -> dict[str, Any]:
+    if settings.kueue_queue:
+        labels = {**labels, LABEL_KUEUE_QUEUE: settings.kueue_queue}
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": TRAINER_UID,
+            "runAsGroup": TRAINER_UID,
+            "fsGroup": TRAINER_UID,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [
+            {
+                "name": "trainer",
+                "image": image,
+                "imagePullPolicy": settings.image_pull_policy,
+                "command": [TRAINER_COMMAND],
+                "args": args,
+                "env": _env(settings),
+                "resources": _resources(resources, settings),
+                "securityContext": {
+                    "allowPrivilegeEscalation": False,
+                    "readOnlyRootFilesystem": True,
+                    "capabilities": {"drop": ["ALL"]},
+                },
+                "volumeMounts": [
+                    {"name": "cache", "mountPath": CACHE_DIR},
+                    {"name": "tmp", "mountPath": "/tmp"},
+                    {"name": "shm", "mountPath": "/dev/shm"},
+                ],
+            }
+        ],
+        "volumes": [
+            {"name": "cache", "emptyDir": {}},
+            {"name": "tmp", "emptyDir": {}},
+            {"name": "shm", "emptyDir": {"medium": "Memory"}},
+        ],
+    }
+    if resources.node_selector:
+        pod_spec["nodeSelector"] = dict(resources.node_selector)
+    if resources.tolerations:
+        pod_spec["tolerations"] = [t.to_api() for t in resources.tolerations]
+    if resources.priority_class_name:
+        pod_spec["priorityClassName"] = resources.priority_class_name
+    if settings.job_service_account:
+        pod_spec["serviceAccountName"] = settings.job_service_account
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": name,
+            "namespace": owner.namespace,
+            "labels": labels,
+            "annotations": annotations,
+            "ownerReferences": [owner.reference()],
+        },
+        "spec": {
+            "backoffLimit": settings.job_backoff_limit,
+            "activeDeadlineSeconds": resources.active_deadline_seconds,
+            "ttlSecondsAfterFinished": settings.job_ttl_seconds,
+            "completions": 1,
+            "parallelism": 1,
+            "template": {"metadata": {"labels": labels}, "spec": pod_spec},
+        },
+    }
+
+
+def build_training_job(owner: Owner, task: TrainTask, settings: Settings) -> dict[str, Any]:
+    """The training Job of one attempt at one fingerprint of a LanguageExpert."""
+    assert owner.kind == EXPERT_KIND
+    spec = task.spec
+    labels = {
+        LABEL_MANAGED_BY: MANAGED_BY,
+        LABEL_COMPONENT: COMPONENT_TRAINING,
+        LABEL_EXPERT: label_value(owner.name),
+        LABEL_FINGERPRINT: task.fingerprint,
+        LABEL_LANGUAGE: label_value(spec.language),
+        LABEL_TASK: label_value(spec.task),
+    }
+    return _job(
+        name=job_name(owner.name, COMPONENT_TRAINING, task.fingerprint, task.attempt),
+        owner=owner,
+        labels=labels,
+        annotations={
+            ANNOTATION_ATTEMPT: str(task.attempt),
+            ANNOTATION_DATA_DIGEST: task.data_digest,
+            ANNOTATION_ARTIFACT: task.output_uri,
+        },
+        resources=spec.resources,
+        image=task.image or settings.trainer_image,
+        args=["train", "--task", task.to_json()],
+        settings=settings,
+    )
+
+
+def build_merge_job(owner: Owner, task: MergeTask, resources: Resources, settings: Settings) -> dict[str, Any]:
+    """The merge (and per-language evaluation) Job of one attempt at one fingerprint of a MergedModel."""
+    assert owner.kind == MERGED_KIND
+    labels = {
+        LABEL_MANAGED_BY: MANAGED_BY,
+        LABEL_COMPONENT: COMPONENT_MERGE,
+        LABEL_MERGED: label_value(owner.name),
+        LABEL_FINGERPRINT: task.fingerprint,
+    }
+    return _job(
+        name=job_name(owner.name, COMPONENT_MERGE, task.fingerprint, task.attempt),
+        owner=owner,
+        labels=labels,
+        annotations={ANNOTATION_ATTEMPT: str(task.attempt), ANNOTATION_ARTIFACT: task.output_uri},
+        resources=resources,
+        image=task.image or settings.trainer_image,
+        args=["merge", "--task", task.to_json()],
+        settings=settings,
+    )
+
+
+@dataclass(frozen=True)
+class JobState:
+    """What the operator needs to know about one of its Jobs."""
+
+    name: str
+    fingerprint: str
+    attempt: int
+    active: bool
+    succeeded: bool
+    failed: bool
+    reason: str
+    message: str
+    created: str | None
+    started: str | None
+    finished: str | None
+
+    @property
+    def finished_ok(self) -> bool:
+        return self.succeeded
+
+    def wall_seconds(self) -> float | None:
+        start, end = parse_time(self.started), parse_time(self.finished)
+        if start is None or end is None:
+            return None
+        return (end - start).total_seconds()
+
+
+def _get(obj: Any, *path: str) -> Any:
+    """Read a field from a Job given as a dict (camelCase) or as a client model (snake_case)."""
+    for key in path:
+        if obj is None:
+            return None
+        if isinstance(obj, dict):
+            obj = obj.get(key)
+        else:
+            snake = re.sub(r"(?<!^)(?=[A-Z])", "_", key).lower()
+            obj = getattr(obj, snake, None)
+    return obj
+
+
+def _time(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value
+    return str(value.strftime("%Y-%m-%dT%H:%M:%SZ"))
+
+
+def job_state(job: Any) -> JobState:
+    """Summarise a Job (dict or client model) by its status conditions, as the Job controller writes them."""
+    conditions = _get(job, "status", "conditions") or []
+    succeeded = failed = False
+    reason = message = ""
+    finished = None
+    for cond in conditions:
+        if _get(cond, "status") != "True":
+            continue
+        ctype = _get(cond, "type")
+        if ctype == "Complete":
+            succeeded = True
+            finished = _time(_get(cond, "lastTransitionTime"))
+        elif ctype == "Failed":
+            failed = True
+            reason = str(_get(cond, "reason") or "Failed")
+            message = str(_get(cond, "message") or "")
+            finished = _time(_get(cond, "lastTransitionTime"))
+    if succeeded and not finished:
+        finished = _time(_get(job, "status", "completionTime"))
+    labels = _get(job, "metadata", "labels") or {}
+    annotations = _get(job, "metadata", "annotations") or {}
+    deleting = _get(job, "metadata", "deletionTimestamp") is not None
+    return JobState(
+        name=str(_get(job, "metadata", "name")),
+        fingerprint=str(labels.get(LABEL_FINGERPRINT, "")),
+        attempt=int(annotations.get(ANNOTATION_ATTEMPT, "1") or 1),
+        active=not (succeeded or failed or deleting),
+        succeeded=succeeded,
+        failed=failed,
+        reason=reason,
+        message=message,
+        created=_time(_get(job, "metadata", "creationTimestamp")),
+        started=_time(_get(job, "status", "startTime")),
+        finished=finished,
+    )

@@ -1,0 +1,578 @@
+"""MergedModel reconciliation: desired state = merge fingerprint over the Ready experts' adapters.
+
+One pass: read the published pointer (S3 is the record), select the experts, check they share the base model,
+compute the fingerprint of their adapters, wait out the settle window, then adopt an existing merge or run a merge
+Job, gate it on per-language quality, and publish it with a compare-and-swap.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from pydantic import ValidationError
+
+from langmerge import artifacts
+from langmerge.api.common import OnChange
+from langmerge.api.expert import ExpertPhase, LanguageExpertSpec, LanguageExpertStatus
+from langmerge.api.merged import (
+    LanguageMetrics,
+    MergedModelSpec,
+    MergedModelStatus,
+    MergedPhase,
+    MergeInput,
+    PublishRecord,
+)
+from langmerge.artifacts import BaseModelIdentity, MergeManifest, PublishedRevision
+from langmerge.constants import COMPONENT_MERGE, LABEL_MERGED, MERGED_KIND, MERGED_PLURAL
+from langmerge.controller import metrics
+from langmerge.controller.attempts import decide_retry, failure_records, record_job_end
+from langmerge.controller.experts import count_active_jobs, fmt_time, format_validation_error
+from langmerge.controller.jobs import JobState, Owner, build_merge_job, job_state, label_value, selector
+from langmerge.controller.publish import (
+    Current,
+    PublishConflict,
+    garbage_collect,
+    publish,
+    quality_gate,
+    read_current,
+    read_revision,
+)
+from langmerge.controller.runtime import MERGED, Key, Runtime, object_key
+from langmerge.controller.status import (
+    DEGRADED,
+    EXPERTS_READY,
+    MERGING,
+    QUALITY_GATE,
+    READY,
+    bounded,
+    merge_patch_body,
+    set_condition,
+    truncate,
+)
+from langmerge.fingerprint import merge_fingerprint
+from langmerge.store import StoreError
+from langmerge.tasks import MergeTask, MergeTaskInput
+
+log = logging.getLogger(__name__)
+
+STORAGE_RETRY_SECONDS = 15.0
+
+
+@dataclass(frozen=True)
+class SelectedExpert:
+    name: str
+    spec: LanguageExpertSpec | None
+    status: LanguageExpertStatus
+    labels: dict[str, str]
+
+    @property
+    def ready(self) -> bool:
+        s = self.status
+        return (
+            self.spec is not None
+            and s.phase == ExpertPhase.READY
+            and s.adapter is not None
+            and s.trained_fingerprint is not None
+            and s.trained_fingerprint == s.desired_fingerprint
+        )
+
+
+def _selected(body: dict[str, Any]) -> SelectedExpert:
+    try:
+        spec: LanguageExpertSpec | None = LanguageExpertSpec.model_validate(body.get("spec") or {})
+    except ValidationError:
+        spec = None
+    try:
+        status = LanguageExpertStatus.model_validate(body.get("status") or {})
+    except ValidationError:
+        status = LanguageExpertStatus()
+    meta = body["metadata"]
+    return SelectedExpert(meta["name"], spec, status, dict(meta.get("labels") or {}))
+
+
+class MergedReconciler:
+    """One reconcile pass over one MergedModel."""
+
+    def __init__(self, rt: Runtime, key: Key, body: dict[str, Any]) -> None:
+        self.rt = rt
+        self.key = key
+        self.body = body
+        meta = body["metadata"]
+        self.namespace: str = meta["namespace"]
+        self.name: str = meta["name"]
+        self.generation: int | None = meta.get("generation")
+        self.now = rt.now()
+        self.now_s = fmt_time(self.now)
+        try:
+            self.old = MergedModelStatus.model_validate(body.get("status") or {})
+        except ValidationError:
+            self.old = MergedModelStatus()
+        self.status = self.old.model_copy(deep=True)
+        self.settings = rt.settings
+        self.events: list[tuple[str, str, str]] = []
+
+    # -- helpers ---------------------------------------------------------------------------------------------------
+    def condition(self, type_: str, value: bool, reason: str, message: str = "") -> None:
+        self.status.conditions = set_condition(
+            self.status.conditions, type_, value, reason, truncate(message), generation=self.generation, now=self.now_s
+        )
+
+    def event(self, type_: str, reason: str, message: str) -> None:
+        self.events.append((type_, reason, message))
+
+    def set_phase(self, phase: MergedPhase, message: str | None = None) -> None:
+        self.status.phase = phase
+        self.status.message = truncate(message) if message else None
+
+    def commit(self, requeue: float | None) -> float | None:
+        self.status.observed_generation = self.generation
+        new = self.status.model_dump(mode="json", by_alias=True)
+        if new != self.old.model_dump(mode="json", by_alias=True):
+            self.rt.kube.patch_status(MERGED_PLURAL, object_key(self.key), merge_patch_body(new))
+        for type_, reason, message in self.events:
+            self.rt.event({**self.body, "kind": MERGED_KIND}, type_, reason, message)
+        return requeue
+
+    def mark_failed(self, reason: str, message: str) -> None:
+        """A problem only the user can fix: say so in status and an Event (once), keep the published revision."""
+        if self.old.message != truncate(message):
+            self.event("Warning", reason, message)
+        self.set_phase(MergedPhase.FAILED, message)
+        self.condition(READY, False, reason, message)
+        self.condition(DEGRADED, True, reason, message)
+        self.condition(MERGING, False, reason)
+
+    def fail(self, reason: str, message: str, requeue: float | None = None) -> float | None:
+        self.mark_failed(reason, message)
+        return self.commit(requeue)
+
+    # -- the pass ------------------------------------------------------------------------------------------------
+    def run(self) -> float | None:
+        try:
+            self.spec = MergedModelSpec.model_validate(self.body.get("spec") or {})
+        except ValidationError as err:
+            return self.fail("InvalidSpec", f"invalid spec: {format_validation_error(err)}")
+        self.output = self.spec.output.uri
+        self.image = self.spec.image or self.settings.trainer_image
+        try:
+            return self._run()
+        except StoreError as err:
+            message = f"S3 unavailable: {err}"
+            self.condition(DEGRADED, True, "StorageUnavailable", message)
+            self.status.message = truncate(message)
+            return self.commit(STORAGE_RETRY_SECONDS)
+        except PublishConflict as err:
+            log.info("%s/%s: %s; retrying", self.namespace, self.name, err)
+            return self.commit(1.0)
+
+    def _run(self) -> float | None:
+        spec = self.spec
+        store = self.rt.store
+        current = read_current(store, self.output)
+        self._show_current(current)
+        resync = self.settings.resync_seconds
+
+        experts = self._select()
+        if not experts:
+            what = (
+                f"selector {spec.experts.selector.to_query()}"
+                if spec.experts.selector is not None
+                else f"names {', '.join(spec.experts.names or [])}"
+            )
+            return self._waiting("NoExperts", f"no LanguageExpert in namespace {self.namespace} matches {what}", resync)
+        for expert in experts:
+            if expert.spec is None:
+                continue
+            if (expert.spec.base_model.uri, expert.spec.base_model.revision) != (
+                spec.base_model.uri,
+                spec.base_model.revision,
+            ):
+                return self.fail(
+                    "BaseModelMismatch",
+                    f"LanguageExpert {expert.name} is trained on {expert.spec.base_model.identity()}, but this "
+                    f"MergedModel merges onto {spec.base_model.identity()}; fix one of them or deselect the expert",
+                )
+
+        if spec.pin_revision is not None:
+            return self._pinned(spec.pin_revision, current)
+
+        ready = [e for e in experts if e.ready]
+        missing = sorted(e.name for e in experts if not e.ready)
+        self.status.missing_experts = missing
+        languages: dict[str, str] = {}
+        for expert in ready:
+            assert expert.spec is not None
+            other = languages.setdefault(expert.spec.language, expert.name)
+            if other != expert.name:
+                return self.fail(
+                    "DuplicateLanguage",
+                    f"LanguageExperts {other} and {expert.name} both serve language {expert.spec.language}; "
+                    "select one expert per language",
+                )
+        if missing and (spec.require_all_experts or not ready):
+            self.condition(EXPERTS_READY, False, "ExpertsNotReady", f"waiting for: {', '.join(missing)}")
+            return self._waiting("ExpertsNotReady", f"waiting for experts to be Ready: {', '.join(missing)}", resync)
+        self.condition(
+            EXPERTS_READY,
+            True,
+            "AllReady" if not missing else "PartiallyReady",
+            f"{len(ready)} expert(s) ready" + (f"; merging without: {', '.join(missing)}" if missing else ""),
+        )
+
+        inputs = self._inputs(ready)
+        base_digest, count = store.prefix_digest(spec.base_model.uri)
+        if count == 0:
+            return self.fail("BaseModelMissing", f"no objects under the base model URI {spec.base_model.uri}", resync)
+        fingerprint = merge_fingerprint(
+            spec,
+            inputs=[(i.language, i.adapter_digest, i.weight) for i in inputs],
+            base_model_digest=base_digest,
+            image=self.image,
+        )
+        if current.record is not None and current.record.fingerprint == fingerprint:
+            self.status.desired_fingerprint = fingerprint
+            self.status.inputs_changed_at = None
+            self.status.active_job = None
+            self.status.attempts = 0
+            self._ready_current(current.record)
+            return self.commit(resync)
+
+        # Debounce: merge once the inputs have been unchanged for settleSeconds.
+        if self.status.desired_fingerprint != fingerprint:
+            self.status.desired_fingerprint = fingerprint
+            self.status.inputs_changed_at = self.now_s
+            self.status.attempts = 0
+        changed_at = artifacts.parse_time(self.status.inputs_changed_at) or self.now
+        settle_until = changed_at + timedelta(seconds=spec.settle_seconds)
+
+        prefix = artifacts.merge_prefix(self.output, fingerprint)
+        manifest_uri = artifacts.join(prefix, artifacts.MANIFEST)
+        raw = store.get_json_or_none(manifest_uri)
+        jobs = self._jobs()
+        if raw is not None:
+            self._cancel_outdated(jobs, fingerprint, force=False)
+            return self._gate_and_publish(MergeManifest.model_validate(raw), manifest_uri, current, fingerprint)
+
+        if settle_until > self.now:
+            wait = (settle_until - self.now).total_seconds()
+            self.set_phase(
+                MergedPhase.WAITING, f"inputs changed; merging at {fmt_time(settle_until)} unless they change again"
+            )
+            self.condition(MERGING, False, "Settling", self.status.message or "")
+            return self.commit(wait)
+
+        task = MergeTask(
+            fingerprint=fingerprint,
+            output_uri=prefix,
+            namespace=self.namespace,
+            name=self.name,
+            method=spec.method,
+            parameters=spec.effective_parameters(),
+            base_model=BaseModelIdentity(
+                uri=spec.base_model.uri, revision=spec.base_model.revision, digest=base_digest
+            ),
+            inputs=inputs,
+            output=spec.output,
+            evaluation=spec.evaluation,
+            image=self.image,
+        )
+        return self.commit(self._converge(task, jobs, prefix))
+
+    # -- reading -------------------------------------------------------------------------------------------------
+    def _select(self) -> list[SelectedExpert]:
+        sel = self.spec.experts
+        if sel.selector is not None:
+            bodies = self.rt.kube.list_experts(self.namespace, sel.selector.to_query() or None)
+            return sorted((_selected(b) for b in bodies), key=lambda e: e.name)
+        found = []
+        from langmerge.kube import ObjectKey
+
+        for name in sel.names or []:
+            body = self.rt.kube.get_expert(ObjectKey(self.namespace, name))
+            if body is None:
+                found.append(SelectedExpert(name, None, LanguageExpertStatus(message="not found"), {}))
+            else:
+                found.append(_selected(body))
+        return found
+
+    def _inputs(self, ready: list[SelectedExpert]) -> list[MergeTaskInput]:
+        weights = self.spec.parameters.weights
+        inputs = []
+        for e in ready:
+            assert e.spec is not None and e.status.adapter is not None
+            inputs.append(
+                MergeTaskInput(
+                    expert=e.name,
+                    language=e.spec.language,
+                    adapter_uri=e.status.adapter.uri,
+                    adapter_digest=e.status.adapter.digest,
+                    weight=weights.get(e.spec.language, 1.0),
+                    dataset=e.spec.dataset,
+                    expert_metrics=e.status.adapter.metrics,
+                )
+            )
+        return sorted(inputs, key=lambda i: i.language)
+
+    def _jobs(self) -> list[JobState]:
+        uid = self.body["metadata"].get("uid")
+        out = []
+        for job in self.rt.kube.list_jobs(
+            selector(**{"langmerge.dev/component": COMPONENT_MERGE, LABEL_MERGED: label_value(self.name)}),
+            self.namespace,
+        ):
+            refs = job.metadata.owner_references or []
+            if uid and refs and not any(r.uid == uid for r in refs):
+                continue
+            out.append(job_state(job))
+        return out
+
+    def _show_current(self, current: Current) -> None:
+        """status.revision/uri/inputs/metrics mirror current.json (S3 is the record)."""
+        record = current.record
+        if record is None:
+            return
+        self.status.revision = record.revision
+        self.status.fingerprint = record.fingerprint
+        self.status.uri = record.model_uri
+        self.status.inputs = [
+            MergeInput(
+                expert=i.expert,
+                language=i.language,
+                adapter_uri=i.adapter_uri,
+                adapter_digest=i.adapter_digest,
+                weight=i.weight,
+            )
+            for i in record.inputs
+        ]
+
+    def _waiting(self, reason: str, message: str, requeue: float) -> float | None:
+        self.set_phase(MergedPhase.WAITING, message)
+        self.condition(MERGING, False, reason, message)
+        ready = self.status.revision is not None
+        self.condition(
+            READY,
+            False,
+            reason,
+            message + (f"; revision {self.status.revision} stays published" if ready else ""),
+        )
+        self.condition(DEGRADED, False, "AsExpected")
+        return self.commit(requeue)
+
+    def _ready_current(self, record: PublishedRevision) -> None:
+        self.set_phase(MergedPhase.READY)
+        message = f"revision {record.revision} ({record.fingerprint}) published at {record.model_uri}"
+        self.condition(READY, True, "Published", message)
+        self.condition(MERGING, False, "Idle")
+        self.condition(DEGRADED, False, "AsExpected")
+        self.condition(QUALITY_GATE, True, "Passed", f"revision {record.revision} passed the quality gate when merged")
+
+    # -- converging ----------------------------------------------------------------------------------------------
+    def _cancel_outdated(self, jobs: list[JobState], fingerprint: str, *, force: bool) -> list[JobState]:
+        outdated = [j for j in jobs if j.active and j.fingerprint != fingerprint]
+        if outdated and (force or self.spec.on_change == OnChange.RESTART):
+            for job in outdated:
+                if self.rt.kube.delete_job(self.namespace, job.name):
+                    self.event("Normal", "MergeCancelled", f"cancelled Job {job.name}: its inputs are outdated")
+            return []
+        return outdated
+
+    def _converge(self, task: MergeTask, jobs: list[JobState], prefix: str) -> float:
+        spec = self.spec
+        mine = sorted((j for j in jobs if j.fingerprint == task.fingerprint), key=lambda j: j.attempt)
+        current = mine[-1] if mine else None
+        if current is not None and current.active:
+            self.status.active_job = current.name
+            self.set_phase(MergedPhase.MERGING, f"Job {current.name} is merging fingerprint {task.fingerprint}")
+            self.condition(MERGING, True, "JobRunning", self.status.message or "")
+            return self.settings.progress_seconds
+        records = failure_records(self.rt.store, prefix)
+        if current is not None:
+            records = record_job_end(self.rt.store, prefix, current, records, self.now_s)
+        decision = decide_retry(
+            records, limit=spec.retry.limit, backoff_seconds=spec.retry.backoff_seconds, now=self.now
+        )
+        self.status.attempts = decision.attempts
+        if decision.give_up and decision.last is not None:
+            self.status.active_job = None
+            return (
+                self.fail(
+                    "MergeFailed",
+                    f"merge failed after {decision.attempts} attempt(s): {decision.last.error_class}: {decision.last.message}",
+                    self.settings.resync_seconds,
+                )
+                or self.settings.resync_seconds
+            )
+        if decision.wait_until is not None and decision.last is not None:
+            self.status.active_job = None
+            self.set_phase(
+                MergedPhase.MERGING,
+                f"attempt {decision.attempts} failed ({decision.last.message}); retry at {fmt_time(decision.wait_until)}",
+            )
+            self.condition(MERGING, False, "RetryBackoff", self.status.message or "")
+            return (decision.wait_until - self.now).total_seconds()
+        assert decision.next_attempt is not None
+        task = task.model_copy(update={"attempt": decision.next_attempt})
+
+        if spec.suspend:
+            self.status.active_job = None
+            self.set_phase(MergedPhase.SUSPENDED, "spec.suspend is true: no new merge Jobs")
+            self.condition(MERGING, False, "Suspended", self.status.message or "")
+            return self.settings.resync_seconds
+        outdated = self._cancel_outdated(jobs, task.fingerprint, force=False)
+        if outdated:
+            self.status.active_job = outdated[0].name
+            self.set_phase(
+                MergedPhase.MERGING,
+                f"Job {outdated[0].name} merges outdated inputs; fingerprint {task.fingerprint} follows when it finishes",
+            )
+            self.condition(MERGING, True, "Superseded", self.status.message or "")
+            return self.settings.progress_seconds
+        owner = Owner(MERGED_KIND, self.namespace, self.name, self.body["metadata"]["uid"])
+        manifest = build_merge_job(owner, task, spec.resources, self.settings)
+        with self.rt.capacity_lock:
+            running = count_active_jobs(self.rt, COMPONENT_MERGE)
+            if running >= self.settings.max_merge_jobs:
+                self.rt.waiting_for_capacity.add(self.key)
+                message = (
+                    f"waiting for a merge slot: {running} of {self.settings.max_merge_jobs} merge Jobs are running"
+                )
+                self.set_phase(MergedPhase.WAITING, message)
+                self.condition(MERGING, False, "QueueFull", message)
+                return 30.0
+            created = self.rt.kube.create_job(self.namespace, manifest)
+        self.rt.waiting_for_capacity.discard(self.key)
+        name = manifest["metadata"]["name"]
+        if created:
+            metrics.JOBS_LAUNCHED.labels(COMPONENT_MERGE).inc()
+            languages = ", ".join(f"{i.language}:{i.adapter_digest[:8]}" for i in task.inputs)
+            self.event(
+                "Normal",
+                "MergeStarted",
+                f"created Job {name} (attempt {task.attempt}) merging {languages} with {task.method}",
+            )
+        self.status.active_job = name
+        self.set_phase(MergedPhase.MERGING, f"Job {name} merging fingerprint {task.fingerprint}")
+        self.condition(MERGING, True, "JobCreated", f"Job {name}")
+        return self.settings.progress_seconds
+
+    def _gate_and_publish(
+        self, manifest: MergeManifest, manifest_uri: str, current: Current, fingerprint: str
+    ) -> float | None:
+        spec = self.spec
+        self.status.active_job = None
+        passed, figures, failures = quality_gate(spec.evaluation, manifest.evaluation, manifest.expert_metrics)
+        if not passed:
+            message = "not published: " + "; ".join(failures)
+            if self.old.phase != MergedPhase.BLOCKED or self.old.message != truncate(message):
+                metrics.QUALITY_GATE_BLOCKS.inc()
+                self.event("Warning", "QualityGateFailed", message)
+            self.set_phase(MergedPhase.BLOCKED, message)
+            self.condition(QUALITY_GATE, False, "Regression", message)
+            kept = f"revision {current.record.revision} stays current" if current.record else "nothing is published"
+            self.condition(READY, False, "QualityGateFailed", f"merge {fingerprint} regressed; {kept}")
+            self.condition(MERGING, False, "Blocked")
+            return self.commit(self.settings.resync_seconds)
+        self.condition(QUALITY_GATE, True, "Passed", "every language within evaluation.maxRegression")
+        record = publish(self.rt.store, self.output, manifest, manifest_uri, current, reason="merged")
+        self._after_publish(record, manifest, current, figures)
+        return self.commit(self.settings.resync_seconds)
+
+    def _after_publish(
+        self, record: PublishedRevision, manifest: MergeManifest, previous: Current, figures: dict[str, LanguageMetrics]
+    ) -> None:
+        metrics.PUBLISHED.labels(record.reason).inc()
+        before = {i.language: i.adapter_digest for i in (previous.record.inputs if previous.record else [])}
+        changed = sorted(i.expert for i in record.inputs if before.get(i.language) != i.adapter_digest)
+        jobs = {j.fingerprint: j for j in self._jobs() if j.succeeded}
+        job = jobs.get(manifest.fingerprint)
+        self.status.history = bounded(
+            self.status.history,
+            PublishRecord(
+                revision=record.revision,
+                fingerprint=record.fingerprint,
+                uri=record.model_uri,
+                published_at=record.published_at,
+                reason=record.reason,
+                changed_inputs=changed if record.reason == "merged" else [],
+                wall_seconds=round(manifest.cost.wall_seconds, 3),
+                gpu_seconds=round(manifest.cost.gpu_seconds, 3),
+                cpu_seconds=round(manifest.cost.cpu_seconds, 3),
+                job=job.name if job else None,
+            ),
+            self.settings.history_limit,
+        )
+        self.status.metrics = figures
+        self._show_current(Current(record, None))
+        self._ready_current(record)
+        self.status.attempts = 0
+        what = f"rollback to revision {record.rollback_of}" if record.reason == "rollback" else "merged"
+        self.event(
+            "Normal",
+            "Published",
+            f"revision {record.revision} ({what}, fingerprint {record.fingerprint}) at {record.model_uri}"
+            + (f"; changed inputs: {', '.join(changed)}" if changed and record.reason == "merged" else ""),
+        )
+        deleted = garbage_collect(
+            self.rt.store,
+            self.output,
+            self.spec.publish.keep_revisions,
+            protect={record.fingerprint}
+            | ({self.status.desired_fingerprint} if self.status.desired_fingerprint else set()),
+        )
+        if deleted:
+            self.event("Normal", "GarbageCollected", f"deleted merge outputs {', '.join(deleted)} (keepRevisions)")
+
+    def _pinned(self, revision: int, current: Current) -> float | None:
+        """Rollback: publish an existing revision's merge output again, as a new revision, without merging."""
+        target = read_revision(self.rt.store, self.output, revision)
+        if target is None:
+            return self.fail("RevisionNotFound", f"spec.pinRevision {revision}: no such revision under {self.output}")
+        record = current.record
+        if (
+            record is not None
+            and record.fingerprint == target.fingerprint
+            and (record.revision == revision or record.rollback_of == revision)
+        ):
+            self._ready_current(record)
+            self.condition(
+                READY, True, "Pinned", f"revision {revision} is pinned; remove spec.pinRevision to resume merging"
+            )
+            return self.commit(self.settings.resync_seconds)
+        raw = self.rt.store.get_json_or_none(target.manifest_uri)
+        if raw is None:
+            return self.fail(
+                "RevisionGarbageCollected",
+                f"spec.pinRevision {revision}: its merge output {target.manifest_uri} no longer exists "
+                "(garbage-collected; raise publish.keepRevisions to keep more)",
+            )
+        manifest = MergeManifest.model_validate(raw)
+        new = publish(
+            self.rt.store, self.output, manifest, target.manifest_uri, current, reason="rollback", rollback_of=revision
+        )
+        _, figures, _ = quality_gate(self.spec.evaluation, manifest.evaluation, manifest.expert_metrics)
+        self._after_publish(new, manifest, current, figures)
+        self.condition(
+            READY, True, "Pinned", f"revision {revision} is pinned; remove spec.pinRevision to resume merging"
+        )
+        return self.commit(self.settings.resync_seconds)
+
+
+def reconcile_merged(rt: Runtime, key: Key) -> float | None:
+    assert key[0] == MERGED
+    body = rt.kube.get_merged(object_key(key))
+    if body is None or body["metadata"].get("deletionTimestamp"):
+        cleanup_deleted_merged(rt, key)
+        return None
+    return MergedReconciler(rt, key, body).run()
+
+
+def cleanup_deleted_merged(rt: Runtime, key: Key) -> None:
+    """The MergedModel is gone: stop its merge Jobs. Its published models stay in S3 (they are data)."""
+    namespace, name = key[1], key[2]
+    for job in rt.kube.list_jobs(selector(**{LABEL_MERGED: label_value(name)}), namespace):
+        rt.kube.delete_job(namespace, job.metadata.name)
+    rt.memos.pop(key, None)
+    rt.waiting_for_capacity.discard(key)

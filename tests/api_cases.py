@@ -1,0 +1,71 @@
+"""Valid and invalid custom resources, shared by the unit tests (pydantic) and the integration tests (API server)."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from langmerge.constants import API_VERSION
+
+
+def expert(name: str = "de", **spec_overrides: Any) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "language": "de",
+        "task": "summarization",
+        "baseModel": {"uri": "s3://models/tiny-llama"},
+        "dataset": {"uri": "s3://data/summarization/de"},
+    }
+    spec.update(spec_overrides)
+    return {"apiVersion": API_VERSION, "kind": "LanguageExpert", "metadata": {"name": name}, "spec": spec}
+
+
+def merged(name: str = "mm", **spec_overrides: Any) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "baseModel": {"uri": "s3://models/tiny-llama"},
+        "experts": {"selector": {"matchLabels": {"task": "summarization"}}},
+        "method": "ties",
+        "parameters": {"density": 1.0},
+        "output": {"uri": "s3://models/merged/summarization"},
+    }
+    spec.update(spec_overrides)
+    return {"apiVersion": API_VERSION, "kind": "MergedModel", "metadata": {"name": name}, "spec": spec}
+
+
+def _without(obj: dict[str, Any], *path: str) -> dict[str, Any]:
+    obj = copy.deepcopy(obj)
+    node = obj
+    for key in path[:-1]:
+        node = node[key]
+    del node[path[-1]]
+    return obj
+
+
+#: (id, object, a fragment the API server's message must contain). Each is rejected by the CRD schema.
+INVALID: list[tuple[str, dict[str, Any], str]] = [
+    ("bad-language-code", expert(language="Deutsch"), "spec.language"),
+    ("lowercase-region", expert(language="pt-br"), "spec.language"),
+    ("rank-zero", expert(lora={"rank": 0}), "spec.lora.rank"),
+    ("dataset-not-s3", expert(dataset={"uri": "https://example.invalid/data"}), "spec.dataset.uri"),
+    ("missing-dataset-uri", expert(dataset={"evalFraction": 0.1}), "spec.dataset.uri"),
+    ("missing-base-model", _without(expert(), "spec", "baseModel"), "spec.baseModel"),
+    ("eval-fraction-too-big", expert(dataset={"uri": "s3://data/x", "evalFraction": 0.9}), "spec.dataset.evalFraction"),
+    ("learning-rate-zero", expert(training={"learningRate": 0}), "spec.training.learningRate"),
+    ("bad-batching", expert(training={"batching": "random"}), "spec.training.batching"),
+    ("bad-memory-quantity", expert(resources={"memory": "lots"}), "spec.resources.memory"),
+    ("unknown-method", merged(method="average"), "spec.method"),
+    ("negative-weight", merged(parameters={"weights": {"de": -1.0}}), "spec.parameters.weights.de"),
+    ("density-above-one", merged(parameters={"density": 1.5}), "spec.parameters.density"),
+    ("unknown-output-format", merged(output={"uri": "s3://models/x", "format": "gguf"}), "spec.output.format"),
+    ("keep-one-revision", merged(publish={"keepRevisions": 1}), "spec.publish.keepRevisions"),
+    (
+        "selector-and-names",
+        merged(experts={"selector": {"matchLabels": {"a": "b"}}, "names": ["de"]}),
+        "spec.experts",
+    ),
+]
+
+#: Rejected by the operator's models only (rules a 1.20 API server cannot express; newer servers could use CEL).
+INVALID_OPERATOR_ONLY: list[tuple[str, dict[str, Any], str]] = [
+    ("density-for-linear", merged(method="linear", parameters={"density": 0.5}), "do not apply to method 'linear'"),
+    ("weight-key-not-a-language", merged(parameters={"weights": {"German": 1.0}}), "weights"),
+]

@@ -1,0 +1,345 @@
+"""Helpers for the operator's integration tests: run the operator in-process, seed S3, and stand in for Job execution.
+
+``SimulatedJobs`` plays the role of kubelet + the Job controller + the trainer for tests that exercise the operator's
+logic quickly: it writes what a real training Job writes (adapter files, then the manifest; or a failure record) to
+the real S3 server and reports the Job's status through the real API server's ``/status`` subresource. The real
+trainer running under the local Job runner is covered by the end-to-end tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from langmerge import artifacts
+from langmerge.api.expert import Metrics
+from langmerge.artifacts import (
+    AdapterManifest,
+    Cost,
+    FailureRecord,
+    FileEntry,
+    MergeInputRecord,
+    MergeManifest,
+    Versions,
+)
+from langmerge.constants import API_VERSION, EXPERT_PLURAL, GROUP, MERGED_PLURAL, VERSION
+from langmerge.store import ObjectStore, files_digest
+from langmerge.tasks import MergeTask, TrainTask
+
+
+def now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def wait_for(
+    predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.1, what: str = "condition"
+) -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last value: {last!r})")
+
+
+@contextlib.contextmanager
+def env(**values: str) -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextlib.contextmanager
+def run_operator(namespace: str, artifacts_uri: str, **settings: Any) -> Iterator[Any]:
+    """The real operator (kopf + our controller) in this process, watching one namespace."""
+    from kopf.testing import KopfRunner
+
+    values = {
+        "LANGMERGE_ARTIFACTS_URI": artifacts_uri,
+        "LANGMERGE_S3_ENDPOINT": os.environ["LANGMERGE_S3_ENDPOINT"],
+        "LANGMERGE_METRICS_PORT": "0",
+        "LANGMERGE_RESYNC_SECONDS": "5",
+        "LANGMERGE_PROGRESS_SECONDS": "0.5",
+        "LANGMERGE_TRAINER_IMAGE": "langmerge/trainer:test",
+    }
+    values.update({f"LANGMERGE_{k.upper()}": str(v) for k, v in settings.items()})
+    with (
+        env(**values),
+        KopfRunner(
+            ["run", "--standalone", "--namespace", namespace, "-m", "langmerge.controller.main"], timeout=60
+        ) as runner,
+    ):
+        yield runner
+    assert runner.exception is None, runner.output
+    assert runner.exit_code == 0, runner.output
+
+
+def custom(kube: Any) -> client.CustomObjectsApi:
+    return client.CustomObjectsApi(kube)
+
+
+def apply_expert(
+    kube: Any, namespace: str, name: str, spec: dict[str, Any], labels: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Create, or replace the spec of, a LanguageExpert (like ``kubectl apply``)."""
+    api = custom(kube)
+    body = {
+        "apiVersion": API_VERSION,
+        "kind": "LanguageExpert",
+        "metadata": {"name": name, "labels": labels or {}},
+        "spec": spec,
+    }
+    try:
+        return dict(api.create_namespaced_custom_object(GROUP, VERSION, namespace, EXPERT_PLURAL, body))
+    except ApiException as err:
+        if err.status != 409:
+            raise
+    current = api.get_namespaced_custom_object(GROUP, VERSION, namespace, EXPERT_PLURAL, name)
+    current["spec"] = spec
+    current["metadata"]["labels"] = labels or {}
+    return dict(api.replace_namespaced_custom_object(GROUP, VERSION, namespace, EXPERT_PLURAL, name, current))
+
+
+def apply_merged(kube: Any, namespace: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+    api = custom(kube)
+    body = {"apiVersion": API_VERSION, "kind": "MergedModel", "metadata": {"name": name}, "spec": spec}
+    try:
+        return dict(api.create_namespaced_custom_object(GROUP, VERSION, namespace, MERGED_PLURAL, body))
+    except ApiException as err:
+        if err.status != 409:
+            raise
+    current = api.get_namespaced_custom_object(GROUP, VERSION, namespace, MERGED_PLURAL, name)
+    current["spec"] = spec
+    return dict(api.replace_namespaced_custom_object(GROUP, VERSION, namespace, MERGED_PLURAL, name, current))
+
+
+def get_expert(kube: Any, namespace: str, name: str) -> dict[str, Any]:
+    return dict(custom(kube).get_namespaced_custom_object(GROUP, VERSION, namespace, EXPERT_PLURAL, name))
+
+
+def get_merged(kube: Any, namespace: str, name: str) -> dict[str, Any]:
+    return dict(custom(kube).get_namespaced_custom_object(GROUP, VERSION, namespace, MERGED_PLURAL, name))
+
+
+def status_of(obj: dict[str, Any]) -> dict[str, Any]:
+    return dict(obj.get("status") or {})
+
+
+def condition(obj: dict[str, Any], type_: str) -> dict[str, Any] | None:
+    return next((c for c in status_of(obj).get("conditions", []) if c["type"] == type_), None)
+
+
+def jobs(kube: Any, namespace: str, selector: str = "app.kubernetes.io/managed-by=langmerge") -> list[Any]:
+    return list(client.BatchV1Api(kube).list_namespaced_job(namespace, label_selector=selector).items)
+
+
+def events(kube: Any, namespace: str, name: str) -> list[Any]:
+    items = client.CoreV1Api(kube).list_namespaced_event(namespace).items
+    return [e for e in items if e.involved_object.name == name]
+
+
+def put_jsonl(store: ObjectStore, uri: str, rows: list[dict[str, Any]]) -> None:
+    store.put_bytes(uri, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())
+
+
+def seed_fake_base_model(store: ObjectStore, uri: str) -> None:
+    """A stand-in base model folder for tests whose Jobs are simulated (only its listing digest matters)."""
+    store.put_bytes(artifacts.join(uri, "config.json"), b'{"model_type": "llama"}')
+    store.put_bytes(artifacts.join(uri, "model.safetensors"), b"weights")
+
+
+Behaviour = Callable[[Any, str], str]
+"""(job, fingerprint) -> "succeed" | "fail" | "fail-silently" | "hang"."""
+
+
+@dataclass
+class SimulatedJobs:
+    """Runs the operator's Jobs in a namespace by writing what the trainer would write, then patching Job status."""
+
+    kube: Any
+    store: ObjectStore
+    namespace: str
+    behaviour: Behaviour = lambda job, fp: "succeed"
+    #: Seconds a Job stays active before it finishes.
+    duration: float = 0.3
+    started: list[str] = field(default_factory=list)
+    max_active_seen: int = 0
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+    _starts: dict[str, float] = field(default_factory=dict)
+    _done: set[str] = field(default_factory=set)
+    errors: list[BaseException] = field(default_factory=list)
+
+    def __enter__(self) -> SimulatedJobs:
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=5)
+        assert not self.errors, self.errors
+
+    def _loop(self) -> None:
+        batch = client.BatchV1Api(self.kube)
+        while not self._stop.is_set():
+            try:
+                items = batch.list_namespaced_job(
+                    self.namespace, label_selector="app.kubernetes.io/managed-by=langmerge"
+                ).items
+                active = 0
+                for job in items:
+                    name = job.metadata.name
+                    if name in self._done or job.metadata.deletion_timestamp:
+                        continue
+                    if name not in self._starts:
+                        self._starts[name] = time.monotonic()
+                        self.started.append(name)
+                        self._patch(batch, name, {"startTime": now(), "active": 1})
+                    fp = job.metadata.labels.get("langmerge.dev/fingerprint", "")
+                    mode = self.behaviour(job, fp)
+                    if mode == "hang" or time.monotonic() - self._starts[name] < self.duration:
+                        active += 1
+                        continue
+                    self._finish(batch, job, mode)
+                    self._done.add(name)
+                self.max_active_seen = max(self.max_active_seen, active)
+            except ApiException as err:
+                if err.status != 404:
+                    self.errors.append(err)
+            except BaseException as err:  # surfaced in __exit__
+                self.errors.append(err)
+            time.sleep(0.05)
+
+    def _patch(self, batch: client.BatchV1Api, name: str, status: dict[str, Any]) -> None:
+        with contextlib.suppress(ApiException):
+            batch.patch_namespaced_job_status(name, self.namespace, {"status": status})
+
+    def _finish(self, batch: client.BatchV1Api, job: Any, mode: str) -> None:
+        args = job.spec.template.spec.containers[0].args
+        verb, task_json = args[0], args[args.index("--task") + 1]
+        if mode == "succeed":
+            if verb == "train":
+                write_fake_adapter(self.store, TrainTask.model_validate_json(task_json))
+            else:
+                write_fake_merge(self.store, MergeTask.model_validate_json(task_json))
+            cond = {"type": "Complete", "status": "True", "lastTransitionTime": now()}
+            self._patch(
+                batch, job.metadata.name, {"active": 0, "succeeded": 1, "completionTime": now(), "conditions": [cond]}
+            )
+            return
+        task_fp = json.loads(task_json)["fingerprint"]
+        prefix = json.loads(task_json)["output_uri"]
+        attempt = json.loads(task_json).get("attempt", 1)
+        if mode == "fail":
+            record = FailureRecord(
+                fingerprint=task_fp,
+                error_class="DataError",
+                message="data.jsonl line 3: missing 'completion'",
+                retryable=True,
+                attempt=attempt,
+            )
+            self.store.put_json(artifacts.failure_uri(prefix, attempt), record, if_none_match=True)
+        cond = {
+            "type": "Failed",
+            "status": "True",
+            "reason": "BackoffLimitExceeded",
+            "message": "Job has reached the specified backoff limit",
+            "lastTransitionTime": now(),
+        }
+        self._patch(batch, job.metadata.name, {"active": 0, "failed": 1, "conditions": [cond]})
+
+
+def write_fake_adapter(store: ObjectStore, task: TrainTask, eval_loss: float = 2.0) -> AdapterManifest:
+    """Commit an adapter the way the trainer does: files first, manifest last (conditional)."""
+    adapter = artifacts.adapter_uri(task.output_uri)
+    payload = f"adapter {task.fingerprint}".encode()
+    store.put_bytes(artifacts.join(adapter, "adapter_model.safetensors"), payload)
+    store.put_bytes(artifacts.join(adapter, "adapter_config.json"), b"{}")
+    import hashlib
+
+    files = {
+        "adapter_model.safetensors": (len(payload), hashlib.sha256(payload).hexdigest()),
+        "adapter_config.json": (2, hashlib.sha256(b"{}").hexdigest()),
+    }
+    manifest = AdapterManifest(
+        fingerprint=task.fingerprint,
+        namespace=task.namespace,
+        name=task.name,
+        language=task.spec.language,
+        task=task.spec.task,
+        base_model=task.base_model,
+        data_digest=task.data_digest,
+        adapter_uri=adapter,
+        adapter_digest=files_digest(files),
+        files={k: FileEntry(size=s, sha256=h) for k, (s, h) in files.items()},
+        lora=task.spec.lora.model_dump(mode="json"),
+        training=task.spec.training.model_dump(mode="json"),
+        metrics=Metrics(eval_loss=eval_loss, perplexity=7.39, token_accuracy=0.4, exact_match=0.1, examples=10),
+        examples_train=90,
+        examples_eval=10,
+        tokens_trained=5000,
+        steps=12,
+        cost=Cost(wall_seconds=1.5, cpu_seconds=1.4),
+        versions=Versions(langmerge="test"),
+        started_at=now(),
+        finished_at=now(),
+    )
+    store.put_json(artifacts.join(task.output_uri, artifacts.MANIFEST), manifest, if_none_match=True)
+    return manifest
+
+
+def write_fake_merge(store: ObjectStore, task: MergeTask, merged_loss: dict[str, float] | None = None) -> MergeManifest:
+    model = artifacts.merged_model_uri(task.output_uri)
+    store.put_bytes(artifacts.join(model, "adapter_model.safetensors"), f"merged {task.fingerprint}".encode())
+    losses = merged_loss or {}
+    manifest = MergeManifest(
+        fingerprint=task.fingerprint,
+        namespace=task.namespace,
+        name=task.name,
+        method=task.method,
+        parameters=task.parameters,
+        inputs=[
+            MergeInputRecord(
+                expert=i.expert,
+                language=i.language,
+                adapter_uri=i.adapter_uri,
+                adapter_digest=i.adapter_digest,
+                weight=i.weight,
+            )
+            for i in task.inputs
+        ],
+        base_model=task.base_model,
+        output_format=task.output.format,
+        model_uri=model,
+        model_digest=task.fingerprint,
+        files={},
+        evaluation={i.language: Metrics(eval_loss=losses.get(i.language, 2.05)) for i in task.inputs},
+        expert_metrics={i.language: i.expert_metrics or Metrics(eval_loss=2.0) for i in task.inputs},
+        cost=Cost(wall_seconds=0.5, cpu_seconds=0.4),
+        versions=Versions(langmerge="test"),
+        started_at=now(),
+        finished_at=now(),
+    )
+    store.put_json(artifacts.join(task.output_uri, artifacts.MANIFEST), manifest, if_none_match=True)
+    return manifest
