@@ -63,7 +63,7 @@ def model_config(shape: str) -> Any:
             num_attention_heads=14,
             num_key_value_heads=2,
             max_position_embeddings=32768,
-            rope_theta=1000000.0,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
             rms_norm_eps=1e-6,
             tie_word_embeddings=True,
         )
@@ -76,7 +76,14 @@ def model_config(shape: str) -> Any:
             num_attention_heads=32,
             num_key_value_heads=8,
             max_position_embeddings=131072,
-            rope_theta=500000.0,
+            rope_parameters={
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192,
+            },
             rms_norm_eps=1e-5,
             tie_word_embeddings=False,
         )
@@ -88,7 +95,7 @@ def build_model(shape: str, device: torch.device, dtype: torch.dtype) -> Any:
 
     torch.manual_seed(0)
     with device:
-        model = AutoModelForCausalLM.from_config(model_config(shape), dtype=dtype)
+        model = AutoModelForCausalLM.from_config(model_config(shape), dtype=dtype)  # type: ignore[no-untyped-call]
     return model
 
 
@@ -148,7 +155,7 @@ class PlainLoop:
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return batch.tokens
+        return int(batch.tokens)
 
 
 class OurLoop:
@@ -158,7 +165,7 @@ class OurLoop:
     def step(self) -> int:
         if self.loop.done:
             self.loop.step = 0
-        return self.loop.train_step().tokens
+        return int(self.loop.train_step().tokens)
 
 
 def measure(step: Callable[[], int], steps: int, warmup: int, device: torch.device, fig: Figures) -> None:

@@ -78,7 +78,7 @@ def evaluate_main(argv: Sequence[str]) -> int:
     from langmerge_trainer.evaluate import cli_main
 
     try:
-        return cli_main(argv)
+        return int(cli_main(argv))
     except Exception:
         log.exception("evaluation failed")
         return EXIT_FAILED

@@ -247,7 +247,7 @@ def load_tokenizer(path: Path) -> Any:
 def load_causal_lm(path: Path, device: torch.device, dtype: torch.dtype | None = None) -> Any:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or default_dtype(device))
+    model: Any = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or default_dtype(device))
     return model.to(device)
 
 

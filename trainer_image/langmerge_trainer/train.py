@@ -398,7 +398,7 @@ def lora_config(lora: Lora) -> Any:
 
     return LoraConfig(
         r=lora.rank,
-        lora_alpha=lora.alpha,
+        lora_alpha=lora.alpha,  # type: ignore[arg-type]  # peft annotates int; a float alpha works (alpha / r)
         lora_dropout=lora.dropout,
         target_modules=list(lora.target_modules),
         bias="none",
