@@ -58,6 +58,8 @@ from langmerge_trainer.merge.sparsify import derive_seed
 PEFT_ADAPTER = "peft-adapter"
 FULL_WEIGHTS = "full-weights"
 OUTPUT_FORMATS = (PEFT_ADAPTER, FULL_WEIGHTS)
+#: Bumped when the engine's results change for the same inputs (part of the local CLI's fingerprint).
+ENGINE_VERSION = 1
 INDEX = "model.safetensors.index.json"
 #: Files of a base model folder that are weights (not copied next to the merged weights).
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".part")
@@ -322,8 +324,6 @@ def plan_merge(
             )
     else:
         rank = None
-        if base is None:
-            raise MergeError("a full-weights merge needs the base model")
     plan = MergePlan(
         method=method,
         method_params=method_params,
@@ -687,6 +687,8 @@ def merge_adapters(
     for an adapter output (then the target modules are listed by full name).
     """
     started = time.perf_counter()
+    if output_format == FULL_WEIGHTS and base_dir is None:
+        raise MergeError("a full-weights merge needs the base model")
     torch_device = resolve_device(device)
     timer = _Timer(torch_device)
     if torch_device.type == "cuda":

@@ -1,0 +1,337 @@
+"""``merge-local CONFIG.yaml OUT``: merge language adapters on this machine, like mergekit's ``mergekit-yaml``.
+
+Inputs are local folders or ``s3://`` prefixes (downloaded through :class:`langmerge.store.ObjectStore` into a cache,
+reached with ``LANGMERGE_S3_ENDPOINT`` and the usual AWS credentials). OUT receives the model files (a PEFT adapter
+or sharded full weights) and, last, ``manifest.json`` (``langmerge.artifacts.MergeManifest`` fields). The manifest's
+fingerprint hashes every input (method, parameters, adapter digests and weights, base model digest, output settings,
+engine version): a second run with the same inputs into the same OUT finds the fingerprint and does nothing.
+
+``--dry-run`` prints the plan (modules, ranks, method and parameters, output rank, estimated memory) and writes
+nothing. The operator's ``langmerge merge`` runs ``python -m langmerge_trainer merge-local ...``; this module's
+:func:`main` takes the arguments after ``merge-local`` (a leading ``merge-local`` is accepted too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from collections.abc import Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from langmerge.artifacts import (
+    MANIFEST,
+    BaseModelIdentity,
+    Cost,
+    FileEntry,
+    MergeInputRecord,
+    MergeManifest,
+    Versions,
+    utcnow,
+)
+from langmerge.fingerprint import digest
+from langmerge.store import ObjectStore, StoreError, file_sha256, files_digest
+from langmerge_trainer.merge.adapters import AdapterError, LoraAdapter
+from langmerge_trainer.merge.config import ConfigError, MergeConfig, is_s3, load_config
+
+#: Files never part of a folder's digest: hidden files and partial downloads.
+_SKIP_SUFFIXES = (".part",)
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def default_cache() -> Path:
+    return Path(os.environ.get("LANGMERGE_CACHE") or Path.home() / ".cache" / "langmerge")
+
+
+class Inputs:
+    """Resolves config locations to local folders (downloading s3:// ones) and digests them (cached by mtime)."""
+
+    def __init__(self, cache: Path) -> None:
+        self.cache = cache
+        self._store: ObjectStore | None = None
+        self._digests_path = cache / "digests.json"
+        try:
+            self._digests: dict[str, str] = json.loads(self._digests_path.read_text())
+        except (OSError, ValueError):
+            self._digests = {}
+
+    @property
+    def store(self) -> ObjectStore:
+        if self._store is None:
+            self._store = ObjectStore.from_config()
+        return self._store
+
+    def listing_digest(self, uri: str) -> str:
+        found, count = self.store.prefix_digest(uri)
+        if count == 0:
+            raise StoreError(f"nothing found under {uri}")
+        return found
+
+    def download(self, uri: str) -> Path:
+        """A local copy of the objects under ``uri``, in a cache folder keyed by their listing digest."""
+        bucket_and_key = uri.removeprefix("s3://").strip("/")
+        target = self.cache / "s3" / bucket_and_key / self.listing_digest(uri)
+        _log(f"downloading {uri} -> {target}")
+        self.store.download_prefix(uri, target)
+        return target
+
+    def folder_digest(self, folder: Path) -> str:
+        """``files_digest`` over (name, size, sha256) of the folder's files; sha256s cached by (path, size, mtime)."""
+        if not folder.is_dir():
+            raise ConfigError(f"{folder}: not a folder")
+        files: dict[str, tuple[int, str]] = {}
+        for path in sorted(folder.rglob("*")):
+            rel = path.relative_to(folder).as_posix()
+            if not path.is_file() or any(p.startswith(".") for p in rel.split("/")) or rel.endswith(_SKIP_SUFFIXES):
+                continue
+            stat = path.stat()
+            key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+            sha = self._digests.get(key)
+            if sha is None:
+                sha = file_sha256(path)
+                self._digests[key] = sha
+            files[rel] = (stat.st_size, sha)
+        if not files:
+            raise ConfigError(f"{folder}: empty folder")
+        return files_digest(files)
+
+    def save(self) -> None:
+        with contextlib.suppress(OSError):
+            self.cache.mkdir(parents=True, exist_ok=True)
+            tmp = self._digests_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self._digests, sort_keys=True))
+            tmp.replace(self._digests_path)
+
+
+def fingerprint(config: MergeConfig, parameters: dict[str, Any], adapters: list[dict[str, Any]], base: str) -> str:
+    from langmerge_trainer.merge.engine import ENGINE_VERSION
+
+    return digest(
+        {
+            "v": 1,
+            "engine": ENGINE_VERSION,
+            "langmerge": version("langmerge"),
+            "method": config.method,
+            "parameters": parameters,
+            "inputs": sorted([a["language"], a["digest"], a["weight"]] for a in adapters),
+            "base": base,
+            "output": {
+                "format": config.output.format,
+                "rank": config.output.rank,
+                "shardSizeMb": config.output.shard_size_mb,
+            },
+        }
+    )
+
+
+def up_to_date(out: Path, fp: str) -> bool:
+    """OUT holds a complete output (its manifest, every file at its size) for this fingerprint."""
+    try:
+        manifest = MergeManifest.model_validate_json((out / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    if manifest.fingerprint != fp:
+        return False
+    return all((out / name).is_file() and (out / name).stat().st_size == f.size for name, f in manifest.files.items())
+
+
+def _versions() -> Versions:
+    import torch
+
+    return Versions(
+        langmerge=version("langmerge"),
+        python=platform.python_version(),
+        torch=torch.__version__,
+        transformers=version("transformers"),
+        peft=version("peft"),
+        cuda=torch.version.cuda if torch.cuda.is_available() else None,
+    )
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["merge-local"]:
+        args = args[1:]
+    parser = argparse.ArgumentParser(
+        prog="merge-local",
+        description="Merge per-language LoRA adapters into one model (a PEFT adapter or full merged weights).",
+    )
+    parser.add_argument(
+        "config", type=Path, help="merge config (YAML): baseModel, adapters, method, parameters, output"
+    )
+    parser.add_argument("out", type=Path, help="output folder (model files + manifest.json)")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: cuda if present")
+    parser.add_argument("--cache", type=Path, default=None, help="download cache (default: $LANGMERGE_CACHE)")
+    parser.add_argument("--force", action="store_true", help="merge even if OUT already holds this fingerprint")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser.parse_args(args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``merge-local``; returns the exit code (0 done or up to date, 2 bad inputs, 1 other failures)."""
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except (ConfigError, AdapterError, StoreError, ValueError) as err:
+        _log(f"error: {err}")
+        return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    from langmerge_trainer.merge.engine import (
+        FULL_WEIGHTS,
+        AdapterInput,
+        BaseCheckpoint,
+        merge_adapters,
+        plan_merge,
+        resolve_device,
+    )
+
+    started_at, started = utcnow(), time.perf_counter()
+    cpu_start = resource.getrusage(resource.RUSAGE_SELF)
+    config = load_config(args.config)
+    parameters = config.effective_parameters()
+    inputs = Inputs(args.cache or default_cache())
+
+    adapters: list[dict[str, Any]] = []
+    for entry in config.adapters:
+        folder = inputs.download(entry.path) if is_s3(entry.path) else Path(entry.path)
+        weight = parameters["weights"].get(entry.language, entry.weight if entry.weight is not None else 1.0)
+        adapters.append(
+            {
+                "language": entry.language,
+                "location": entry.path,
+                "folder": folder,
+                "digest": inputs.folder_digest(folder),
+                "weight": float(weight),
+            }
+        )
+    base_location = config.base_model
+    base_digest = (
+        inputs.listing_digest(base_location) if is_s3(base_location) else inputs.folder_digest(Path(base_location))
+    )
+    inputs.save()
+    fp = fingerprint(config, parameters, adapters, base_digest)
+    out: Path = args.out
+    if not args.dry_run and not args.force and up_to_date(out, fp):
+        print(f"{out}: up to date (fingerprint {fp}); nothing to do")
+        return 0
+
+    adapter_inputs = [
+        AdapterInput(
+            language=a["language"],
+            path=a["folder"],
+            weight=config.adapters[i].weight,
+            uri=a["location"] if is_s3(a["location"]) else None,
+            digest=a["digest"],
+        )
+        for i, a in enumerate(adapters)
+    ]
+    device = resolve_device(args.device)
+    if args.dry_run:
+        base = None if is_s3(base_location) else BaseCheckpoint(Path(base_location))
+        opened = [LoraAdapter(a.path, a.language) for a in adapter_inputs]
+        try:
+            plan = plan_merge(
+                opened,
+                adapter_inputs,
+                config.method,
+                parameters,
+                config.output.format,
+                config.output.rank,
+                base=base,
+                shard_size_mb=config.output.shard_size_mb,
+                device=str(device),
+            )
+        finally:
+            for a in opened:
+                a.close()
+        print(plan.describe())
+        print(f"fingerprint: {fp}")
+        print(f"output:      {out}{' (exists: would be replaced)' if out.exists() else ''}")
+        if base is None:
+            print(f"note:        base model {base_location} not downloaded for a dry run; shapes not checked")
+        return 0
+
+    base_dir = inputs.download(base_location) if is_s3(base_location) else Path(base_location)
+    report = merge_adapters(
+        base_dir,
+        adapter_inputs,
+        config.method,
+        parameters,
+        config.output.format,
+        config.output.rank,
+        out,
+        shard_size_mb=config.output.shard_size_mb,
+        device=device,
+        progress=not args.no_progress,
+    )
+    cpu_end = resource.getrusage(resource.RUSAGE_SELF)
+    wall = time.perf_counter() - started
+    manifest = MergeManifest(
+        fingerprint=fp,
+        namespace="local",
+        name=config.name or args.config.stem,
+        method=config.method,
+        parameters=parameters,
+        inputs=[
+            MergeInputRecord(
+                expert=a["language"],
+                language=a["language"],
+                adapter_uri=a["location"],
+                adapter_digest=a["digest"],
+                weight=w,
+                rank=r["rank"],
+            )
+            for a, w, r in zip(adapters, [i["weight"] for i in report.inputs], report.inputs, strict=True)
+        ],
+        base_model=BaseModelIdentity(uri=base_location, digest=base_digest),
+        output_format=report.output_format,
+        output_rank=report.output_rank,
+        model_uri=str(out.resolve()),
+        model_digest=report.model_digest,
+        files={name: FileEntry(size=size, sha256=sha) for name, (size, sha) in sorted(report.files.items())},
+        module_errors=report.module_errors,
+        timings={**report.timings, "wall": round(wall, 6)},
+        cost=Cost(
+            wall_seconds=round(wall, 3),
+            cpu_seconds=round(
+                (cpu_end.ru_utime - cpu_start.ru_utime) + (cpu_end.ru_stime - cpu_start.ru_stime),
+                3,
+            ),
+            gpus=1 if report.device.startswith("cuda") else 0,
+            device=report.device,
+        ),
+        versions=_versions(),
+        started_at=started_at,
+        finished_at=utcnow(),
+    )
+    tmp = out / f".{MANIFEST}.tmp"
+    tmp.write_text(manifest.to_json() + "\n")
+    tmp.replace(out / MANIFEST)  # the commit: written last
+    kind = "adapter of rank " + str(report.output_rank) if report.output_format != FULL_WEIGHTS else "full weights"
+    print(
+        f"{out}: {config.method} merge of {len(adapters)} adapters -> {kind}; {len(report.modules)} modules, "
+        f"max relative error {report.max_error:.3g}, {wall:.1f} s"
+        + (f", peak +{report.peak_rss_bytes / 2**20:.0f} MiB" if report.peak_rss_bytes is not None else "")
+        + f"; fingerprint {fp}"
+    )
+    return 0
