@@ -83,3 +83,31 @@ def test_resumed_run_is_bit_identical(
     assert resumed.adapter_digest == straight.adapter_digest
     assert resumed.metrics == straight.metrics
     assert resumed.cost.wall_seconds > 0
+
+
+def test_sigterm_checkpoints_and_stops(
+    s3: ObjectStore, base_env: tuple[str, BaseModelIdentity], data_uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Kubernetes' preemption notice: the current step finishes, a checkpoint is saved, no failure is recorded."""
+    import signal
+
+    from langmerge_trainer.train import StepResult, TrainingLoop
+
+    original = TrainingLoop.train_step
+
+    def step_then_sigterm(self: TrainingLoop) -> StepResult:
+        result = original(self)
+        if self.step == 2:
+            signal.raise_signal(signal.SIGTERM)
+        return result
+
+    monkeypatch.setattr(TrainingLoop, "train_step", step_then_sigterm)
+    bucket, base = base_env
+    task = _task(bucket, base, data_uri, "sigterm000000001")
+    handler_before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Preempted, match="SIGTERM"):
+        run_train_task(task, s3, device="cpu")
+    pointer = s3.get_json(join(checkpoints_uri(task.output_uri), "latest.json"))
+    assert pointer["step"] == 2
+    assert not list(s3.iter_objects(join(task.output_uri, "failures")))
+    assert signal.getsignal(signal.SIGTERM) == handler_before  # the trainer's handler is gone again

@@ -283,14 +283,14 @@ class TrainingLoop:
         self.model.train()
         batches = self.micro_batches(step)
         targets = sum(int((b.labels[:, 1:] != IGNORE).sum()) for b in batches)
-        loss_total = 0.0
+        loss_total = torch.zeros((), device=self.device)
         tokens = 0
         for batch in batches:
             batch = batch.to(self.device)
             with autocast_context(self.device):
                 loss_sum, _count = completion_loss_sum(self.model, batch)
             (loss_sum / max(1, targets)).backward()
-            loss_total += float(loss_sum.detach())
+            loss_total += loss_sum.detach().float()  # stays on the device: one sync per step, below
             tokens += batch.tokens
         torch.nn.utils.clip_grad_norm_(self.params, MAX_GRAD_NORM)
         self.optimizer.step()
@@ -298,7 +298,7 @@ class TrainingLoop:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.tokens_trained += tokens
-        return StepResult(loss=loss_total / max(1, targets), tokens=tokens, completion_tokens=targets)
+        return StepResult(loss=float(loss_total) / max(1, targets), tokens=tokens, completion_tokens=targets)
 
     @property
     def done(self) -> bool:
@@ -618,7 +618,7 @@ class _Run:
                     log.info("step %d/%d loss %.4f %.0f tokens/s", loop.step, loop.total_steps, loss, tps)
                     t_report, tokens_since, losses = now, 0, []
                 stop = self.stop_after is not None and loop.step == self.stop_after and not loop.done
-                if sigterm.is_set() or stop:
+                if stop or (sigterm.is_set() and not loop.done):  # a finished run commits instead
                     self.save_checkpoint(loop, work)
                     raise Preempted(loop.step, "SIGTERM" if sigterm.is_set() else f"{ENV_STOP_AFTER}={self.stop_after}")
                 if loop.step % training.checkpoint_every_steps == 0 and not loop.done:
