@@ -113,10 +113,29 @@ def apply_expert(
     except ApiException as err:
         if err.status != 409:
             raise
-    current = api.get_namespaced_custom_object(GROUP, VERSION, namespace, EXPERT_PLURAL, name)
-    current["spec"] = spec
-    current["metadata"]["labels"] = labels or {}
-    return dict(api.replace_namespaced_custom_object(GROUP, VERSION, namespace, EXPERT_PLURAL, name, current))
+    return _replace(api, namespace, EXPERT_PLURAL, name, spec, labels or {})
+
+
+def _replace(
+    api: client.CustomObjectsApi,
+    namespace: str,
+    plural: str,
+    name: str,
+    spec: dict[str, Any],
+    labels: dict[str, str] | None,
+) -> dict[str, Any]:
+    """Replace the spec (fields left out fall back to their defaults), retrying when the status moved meanwhile."""
+    for _ in range(20):
+        current = api.get_namespaced_custom_object(GROUP, VERSION, namespace, plural, name)
+        current["spec"] = spec
+        if labels is not None:
+            current["metadata"]["labels"] = labels
+        try:
+            return dict(api.replace_namespaced_custom_object(GROUP, VERSION, namespace, plural, name, current))
+        except ApiException as err:
+            if err.status != 409:
+                raise
+    raise AssertionError(f"could not replace {plural}/{name}: conflicts")
 
 
 def apply_merged(kube: Any, namespace: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
@@ -127,9 +146,7 @@ def apply_merged(kube: Any, namespace: str, name: str, spec: dict[str, Any]) -> 
     except ApiException as err:
         if err.status != 409:
             raise
-    current = api.get_namespaced_custom_object(GROUP, VERSION, namespace, MERGED_PLURAL, name)
-    current["spec"] = spec
-    return dict(api.replace_namespaced_custom_object(GROUP, VERSION, namespace, MERGED_PLURAL, name, current))
+    return _replace(api, namespace, MERGED_PLURAL, name, spec, None)
 
 
 def get_expert(kube: Any, namespace: str, name: str) -> dict[str, Any]:
@@ -181,6 +198,8 @@ class SimulatedJobs:
     behaviour: Behaviour = lambda job, fp: "succeed"
     #: Seconds a Job stays active before it finishes.
     duration: float = 0.3
+    #: Eval loss of the merged model per language in simulated merges (default 2.05 vs the experts' 2.0).
+    merge_losses: dict[str, float] = field(default_factory=dict)
     started: list[str] = field(default_factory=list)
     max_active_seen: int = 0
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -242,7 +261,7 @@ class SimulatedJobs:
             if verb == "train":
                 write_fake_adapter(self.store, TrainTask.model_validate_json(task_json))
             else:
-                write_fake_merge(self.store, MergeTask.model_validate_json(task_json))
+                write_fake_merge(self.store, MergeTask.model_validate_json(task_json), self.merge_losses)
             cond = {"type": "Complete", "status": "True", "lastTransitionTime": now()}
             self._patch(
                 batch, job.metadata.name, {"active": 0, "succeeded": 1, "completionTime": now(), "conditions": [cond]}

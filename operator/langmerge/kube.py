@@ -6,6 +6,7 @@ own, Secrets by name, and Events. Unit tests replace this class; integration tes
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -189,7 +190,5 @@ def post_event(kube: Kube, involved: dict[str, Any], type_: str, reason: str, me
         "lastTimestamp": now,
         "count": 1,
     }
-    try:
+    with contextlib.suppress(ApiException):
         kube.core.create_namespaced_event(involved["namespace"], body)
-    except ApiException:
-        pass

@@ -49,7 +49,7 @@ def test_invalid_specs_rejected_by_models(case: str, obj: dict[str, Any], fragme
 
 def test_operator_only_messages_are_actionable() -> None:
     with pytest.raises(
-        ValidationError, match="do not apply to method 'linear'.*accepts: excludeModules, includeModules, weights"
+        ValidationError, match=r"do not apply to method 'linear'.*accepts: excludeModules, includeModules, weights"
     ):
         _parse(INVALID_OPERATOR_ONLY[0][1])
 
