@@ -77,6 +77,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_jobrunner(args: argparse.Namespace) -> int:
+    """The local Job runner (development only): runs Jobs of the local control plane as local processes."""
+    from langmerge.dev import jobrunner
+
+    rest = list(args.rest)
+    if not any(a == "--kubeconfig" or a.startswith("--kubeconfig=") for a in rest):
+        kubeconfig = _state_dir(args) / "kubeconfig"
+        if kubeconfig.exists():
+            rest = ["--kubeconfig", str(kubeconfig), *rest]
+    return jobrunner.main(rest)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="langmerge", description=__doc__)
     parser.add_argument("--state", help=f"local state folder (default ${{LANGMERGE_STATE}} or {DEFAULT_STATE})")
@@ -96,12 +108,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--liveness", default="", help="liveness endpoint, e.g. http://0.0.0.0:8080/healthz")
     p.add_argument("--verbose", "-v", action="store_true")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser(
+        "jobrunner",
+        help="development only: run the local control plane's Jobs as local processes (see --help after it)",
+        add_help=False,
+    )
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_jobrunner)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if args.command == "jobrunner":
+        args.rest = [*unknown, *args.rest]
+    elif unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     func: Callable[[argparse.Namespace], int] = args.func
     return func(args)
 
