@@ -97,22 +97,24 @@ ADAPTER_SPECS: dict[str, dict[str, Any]] = {
 }
 
 
-def make_adapters(base_dir: Path, out_dir: Path) -> dict[str, Path]:
+def make_adapters(
+    base_dir: Path, out_dir: Path, specs: dict[str, dict[str, Any]] | None = None, gain: float = 20.0
+) -> dict[str, Path]:
     """Random LoRA adapters (nonzero B) on the base model, saved with PEFT."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     paths = {}
-    for i, (language, spec) in enumerate(ADAPTER_SPECS.items()):
+    for i, (language, spec) in enumerate((specs or ADAPTER_SPECS).items()):
         torch.manual_seed(100 + i)
         model = AutoModelForCausalLM.from_pretrained(base_dir)
         peft_model = get_peft_model(model, LoraConfig(init_lora_weights=False, **spec))
         with torch.no_grad():  # PEFT's random init is small; make the updates matter in the forward pass
             for name, p in peft_model.named_parameters():
-                if "lora_B" in name:
-                    p.mul_(20.0)
+                if "lora_B" in name or "lora_embedding_B" in name:
+                    p.mul_(gain)
         paths[language] = out_dir / language
-        peft_model.save_pretrained(paths[language])
+        peft_model.save_pretrained(paths[language], save_embedding_layers=False)
     return paths
 
 
@@ -126,7 +128,7 @@ def peft_deltas(base_dir: Path, adapter_dir: Path) -> dict[str, torch.Tensor]:
     out = {}
     with torch.no_grad():
         for name, module in model.base_model.model.named_modules():
-            if isinstance(module, LoraLayer) and "default" in module.lora_A:
+            if isinstance(module, LoraLayer) and ("default" in module.lora_A or "default" in module.lora_embedding_A):
                 out[name] = module.get_delta_weight("default").detach().clone()
     return out
 

@@ -228,3 +228,51 @@ def test_bad_inputs_are_refused_with_a_message(
     with pytest.raises(MergeError, match="more than one adapter"):
         merge_adapters(tiny_model_dir, [*ins, ins[0]], "linear", params(), "peft-adapter", None, tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def test_embedding_and_fan_in_fan_out_loras(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Embedding LoRA (PEFT's update is (B A)^T) on the Llama, and GPT-2's Conv1D layers (fan_in_fan_out)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+    gpt2 = tmp_path / "gpt2"
+    torch.manual_seed(0)
+    GPT2LMHeadModel(
+        GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=128, n_positions=64, bos_token_id=0, eos_token_id=0)
+    ).save_pretrained(gpt2)
+    cases = {
+        "llama-embedding": (
+            tiny_model_dir,
+            {
+                "es": {"r": 4, "lora_alpha": 4, "target_modules": ["embed_tokens", "q_proj"]},
+                "it": {"r": 2, "lora_alpha": 8, "target_modules": ["embed_tokens"]},
+            },
+        ),
+        "gpt2-conv1d": (
+            gpt2,
+            {
+                "es": {"r": 4, "lora_alpha": 8, "target_modules": ["c_attn", "c_proj"], "fan_in_fan_out": True},
+                "it": {"r": 3, "lora_alpha": 3, "target_modules": ["c_attn"], "fan_in_fan_out": True},
+            },
+        ),
+    }
+    for case, (base, specs) in cases.items():
+        dirs = make_adapters(base, tmp_path / case, specs, gain=5.0)
+        per_lang = {lang: peft_deltas(base, path) for lang, path in dirs.items()}
+        ins = [AdapterInput(lang, path, weight=w) for (lang, path), w in zip(dirs.items(), (0.75, 0.25), strict=True)]
+        p = {"weights": {}, "include_modules": [], "exclude_modules": []}
+        want_deltas = {}
+        for module in sorted({m for d in per_lang.values() for m in d}):
+            langs = [lang for lang in dirs if module in per_lang[lang]]
+            weights = [0.75 if lang == "es" else 0.25 for lang in langs]
+            want_deltas[module] = ref_merge("linear", [per_lang[lang][module] for lang in langs], weights, p)
+        want = logits(model_with_deltas(base, want_deltas))
+        merge_adapters(base, ins, "linear", p, "peft-adapter", None, tmp_path / f"{case}-adapter")
+        merge_adapters(base, ins, "linear", p, "full-weights", None, tmp_path / f"{case}-full")
+        adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), tmp_path / f"{case}-adapter")
+        assert_close_logits(logits(adapter.eval()), want)
+        assert_close_logits(logits(AutoModelForCausalLM.from_pretrained(tmp_path / f"{case}-full").eval()), want)
+    # GPT-2 ties wte to the output head: merging an embedding update into the weights would change the head too
+    tied = make_adapters(gpt2, tmp_path / "tied", {"es": {"r": 2, "lora_alpha": 2, "target_modules": ["wte"]}})
+    with pytest.raises(MergeError, match="ties its input embeddings"):
+        merge_adapters(gpt2, [AdapterInput("es", tied["es"])], "linear", p, "full-weights", None, tmp_path / "t")

@@ -112,6 +112,17 @@ class BaseCheckpoint:
             self.shard_bytes[shard] = (directory / shard).stat().st_size
             self.tensors.extend((shard, info) for info in infos.values())
         self.by_name = {info.name: (shard, info) for shard, info in self.tensors}
+        config = directory / "config.json"
+        try:
+            self.config: dict[str, Any] = json.loads(config.read_text()) if config.is_file() else {}
+        except ValueError:
+            self.config = {}
+
+    @property
+    def tied_embeddings(self) -> bool:
+        text = self.config.get("text_config")
+        nested = text.get("tie_word_embeddings") if isinstance(text, dict) else None
+        return bool(self.config.get("tie_word_embeddings", nested or False))
 
     @property
     def largest_shard_bytes(self) -> int:
@@ -307,6 +318,12 @@ def plan_merge(
                 raise MergeError(f"module {m.name}: the base weight is {info.shape}, the adapters update {m.shape}")
             if output_format == FULL_WEIGHTS and info.dtype not in _FLOAT_DTYPES:
                 raise MergeError(f"module {m.name}: cannot add an update to a {info.dtype} base weight")
+            if output_format == FULL_WEIGHTS and m.kind == "embedding" and base.tied_embeddings:
+                raise MergeError(
+                    f"module {m.name}: the base ties its input embeddings to the output head, so merging the "
+                    "embedding update into the weights would change the head too (a PEFT adapter does not); "
+                    "exclude the module or use the peft-adapter format"
+                )
     notes: list[str] = []
     if output_format == PEFT_ADAPTER:
         exact_rank = max(m.input_rank for m in plan_modules)
