@@ -113,6 +113,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return handler(rest)
     except SystemExit as exc:  # argparse: --help is 0, a usage error is 2
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    except Exception:  # e.g. a verb whose module is missing from this image
+        log.exception("langmerge-trainer %s failed", verb)
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":
