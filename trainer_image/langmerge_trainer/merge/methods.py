@@ -219,42 +219,47 @@ def get_method(name: str) -> MergeMethod:
 
 
 def combine_dense(items: Iterable[tuple[float, torch.Tensor]], *, consensus: bool, normalize: bool) -> torch.Tensor:
-    """Combine dense (already sparsified) updates ``T_i`` with weights ``w_i``, one at a time.
+    """Combine dense (already sparsified) updates ``T_i`` with weights ``w_i >= 0``, one at a time (consumes them).
 
     Without ``consensus``: ``sum w_i T_i`` (divided by ``sum w_i`` when ``normalize``). With ``consensus`` (TIES'
-    elect + disjoint mean), four accumulators replace the stack of N tensors: the positive and negative weighted mass
-    ``P = sum max(w_i T_i, 0)``, ``N = sum min(w_i T_i, 0)`` and the weight behind each sign; the elected sign is that
-    of ``P + N`` and the result is ``P / W_+`` where it is positive (or zero), else ``N / W_-``.
+    elect + disjoint mean), four running sums replace the stack of N tensors: ``S = sum w T``, ``A = sum w |T|``,
+    ``Z = sum w sign(T)``, ``C = sum w |sign(T)|``. The positive mass is ``(A + S) / 2``, the negative ``(S - A) / 2``,
+    the weight behind each sign ``(C +- Z) / 2``; with the elected sign ``e = sign(S)`` (+1 where S = 0) the disjoint
+    weighted mean is ``(S + e A) / (C + e Z)`` (0 where nothing agrees). Every operation is a plain float one.
     """
     iterator: Iterator[tuple[float, torch.Tensor]] = iter(items)
     total_weight = 0.0
     acc: torch.Tensor | None = None
-    pos = neg = w_pos = w_neg = None
+    sums: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     for weight, tensor in iterator:
         total_weight += weight
         if consensus:
-            if pos is None:
-                pos, neg = torch.zeros_like(tensor), torch.zeros_like(tensor)
-                w_pos, w_neg = torch.zeros_like(tensor), torch.zeros_like(tensor)
-            assert neg is not None and w_pos is not None and w_neg is not None
-            pos.add_(tensor.clamp(min=0), alpha=weight)
-            neg.add_(tensor.clamp(max=0), alpha=weight)
-            w_pos.add_(tensor > 0, alpha=weight)
-            w_neg.add_(tensor < 0, alpha=weight)
+            if sums is None:
+                sums = tuple(torch.zeros_like(tensor) for _ in range(4))  # type: ignore[assignment]
+            assert sums is not None
+            signed, magnitude, sign_sum, count = sums
+            signed.add_(tensor, alpha=weight)
+            sign = tensor.sign()
+            sign_sum.add_(sign, alpha=weight)
+            count.add_(sign.abs_(), alpha=weight)
+            del sign
+            magnitude.add_(tensor.abs_(), alpha=weight)
         elif acc is None:
             acc = tensor.mul_(weight)
         else:
             acc.add_(tensor, alpha=weight)
         del tensor
     if consensus:
-        if pos is None or neg is None or w_pos is None or w_neg is None:
+        if sums is None:
             raise ValueError("no updates to merge")
-        positive = (pos + neg) >= 0
-        numerator = torch.where(positive, pos, neg)
-        del pos, neg
-        denominator = torch.where(positive, w_pos, w_neg)
-        del w_pos, w_neg, positive
-        return numerator.div_(denominator.masked_fill_(denominator == 0, 1.0))
+        signed, magnitude, sign_sum, count = sums
+        del sums
+        elected = torch.where(signed >= 0, 1.0, -1.0).to(signed.dtype)
+        numerator = signed.addcmul_(elected, magnitude)
+        del magnitude
+        denominator = count.addcmul_(elected, sign_sum)
+        del sign_sum, elected
+        return numerator.div_(denominator.masked_fill_(denominator <= 0, 1.0))
     if acc is None:
         raise ValueError("no updates to merge")
     if normalize:
@@ -355,6 +360,8 @@ class TaskArithmetic(MergeMethod):
         rows, cols = active[0].shape
         device = active[0].B.device
         blocks = row_blocks(rows, cols, device)
+        # the scale folded into B once: each block is then one matrix product
+        active = [LoraUpdate(u.B.float() * u.scale, u.A.float(), 1.0, u.weight, u.key) for u in active]
         selectors: list[MagnitudeSelector | None] = []
         for u in active:
             if self.sparsify is Sparsify.MAGNITUDE and density < 1.0:
@@ -397,7 +404,8 @@ def row_blocks(rows: int, cols: int, device: torch.device) -> list[tuple[int, in
 
 def dense_rows(update: LoraUpdate, r0: int, r1: int) -> torch.Tensor:
     """Rows ``r0:r1`` of an update as float32: ``scale * B[r0:r1] @ A``."""
-    return (update.B[r0:r1].float() @ update.A.float()).mul_(update.scale)
+    block = update.B[r0:r1].float() @ update.A.float()
+    return block if update.scale == 1.0 else block.mul_(update.scale)
 
 
 register(

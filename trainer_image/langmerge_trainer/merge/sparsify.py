@@ -103,31 +103,28 @@ def derive_seed(seed: int, *parts: str) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
 
 
-def _mul32(x: torch.Tensor, constant: int) -> torch.Tensor:
-    """``(x * constant) mod 2**32`` for int64 ``x`` in [0, 2**32), without signed overflow (16-bit halves)."""
-    low = x * (constant & 0xFFFF)
-    high = ((x * (constant >> 16)) & 0xFFFF) << 16
-    return (low + high) & _M32
+# Multipliers below 2**31: a product with a 32-bit value stays below 2**63, so int64 arithmetic never overflows.
+_C1 = 0x7FEB352D
+_C2 = 0x046CA68B
+_C3 = 0x2C1B3C6D
 
 
-def _lowbias32(x: torch.Tensor) -> torch.Tensor:
-    """Chris Wellons' ``lowbias32`` integer hash (a bijection on 32-bit values)."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
-    return x ^ (x >> 16)
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """An xorshift-multiply mixer of 32-bit values held in int64 (``lowbias32``'s structure), in place."""
+    x.bitwise_xor_(x >> 16).mul_(_C1).bitwise_and_(_M32)
+    x.bitwise_xor_(x >> 15).mul_(_C2).bitwise_and_(_M32)
+    return x.bitwise_xor_(x >> 16)
 
 
 def hash_uniform32(key: int, start: int, count: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """32-bit hashes (int64 in [0, 2**32)) of flat indices ``start .. start+count-1`` under ``key``."""
+    """32-bit hashes (int64 in [0, 2**32)) of flat indices ``start .. start+count-1`` under a 64-bit ``key``."""
     offset = key & _M32
-    multiplier = ((key >> 32) & _M32) | 1  # odd: a bijection of the index
-    x = torch.arange(start, start + count, dtype=torch.int64, device=device) & _M32
-    x = (_mul32(x, multiplier) + offset) & _M32
-    x = _lowbias32(x)
-    x = _lowbias32(x ^ (offset ^ 0x9E3779B9))
-    return x
+    multiplier = ((key >> 32) & 0x7FFFFFFF) | 1  # odd: a bijection of the index
+    x = torch.arange(start, start + count, dtype=torch.int64, device=device).bitwise_and_(_M32)
+    x.mul_(multiplier).bitwise_and_(_M32).add_(offset).bitwise_and_(_M32)
+    _mix32(x)
+    x.bitwise_xor_(offset ^ 0x9E3779B9).mul_(_C3).bitwise_and_(_M32)
+    return _mix32(x)
 
 
 def dare_keep_mask(

@@ -1,0 +1,250 @@
+"""The merge Job: ``langmerge-trainer merge --task <MergeTask JSON>``.
+
+Downloads the base model and every input adapter (checking each adapter's digest), merges them with the streaming
+engine, uploads the result under ``<output_uri>/model/``, evaluates the merged model *and each expert alone* on the same
+held-out examples of every language (so the operator's quality gate compares like with like), and commits
+``manifest.json`` last with a conditional put. A second run of the same fingerprint finds the manifest and exits 0.
+Any failure writes a failure record for the attempt and exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import resource
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from pydantic import ValidationError
+
+from langmerge import artifacts
+from langmerge.api.expert import Metrics
+from langmerge.artifacts import (
+    Cost,
+    FailureRecord,
+    FileEntry,
+    MergeInputRecord,
+    MergeManifest,
+    ProgressRecord,
+    utcnow,
+)
+from langmerge.store import ObjectStore, PreconditionFailed, files_digest
+from langmerge.tasks import MergeTask
+from langmerge_trainer.data import load_eval_split
+from langmerge_trainer.evaluate import evaluate_examples, load_for_eval, pick_device
+from langmerge_trainer.merge.engine import FULL_WEIGHTS, AdapterInput, merge_adapters
+from langmerge_trainer.modelcache import ensure_model
+from langmerge_trainer.train import device_name, library_versions
+
+log = logging.getLogger("langmerge_trainer.merge.job")
+
+
+class AdapterDigestMismatch(ValueError):
+    """An input adapter in S3 is not the one the operator selected (it changed or was replaced)."""
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _progress(store: ObjectStore, task: MergeTask, stage: str, step: int, total: int) -> None:
+    record = ProgressRecord(fingerprint=task.fingerprint, stage=stage, step=step, total_steps=total, attempt=task.attempt)
+    try:
+        store.put_json(artifacts.join(task.output_uri, artifacts.PROGRESS), record)
+    except Exception as err:  # progress is best effort
+        log.warning("progress not written: %s", err)
+
+
+def _download_adapter(store: ObjectStore, uri: str, digest: str, target: Path) -> Path:
+    paths = store.download_prefix(uri, target)
+    if not paths:
+        raise FileNotFoundError(f"no adapter files under {uri}")
+    from langmerge.store import file_sha256
+
+    files = {p.relative_to(target).as_posix(): (p.stat().st_size, file_sha256(p)) for p in paths}
+    actual = files_digest(files)
+    if actual != digest:
+        raise AdapterDigestMismatch(f"adapter under {uri} has digest {actual}, expected {digest}")
+    return target
+
+
+def run_merge_task(task: MergeTask, store: ObjectStore, *, device: str | None = None, work_dir: Path | None = None) -> MergeManifest:
+    """Run the task (idempotent by fingerprint); returns the committed manifest."""
+    manifest_uri = artifacts.join(task.output_uri, artifacts.MANIFEST)
+    existing = store.get_json_or_none(manifest_uri)
+    if existing is not None:
+        log.info("merge %s already committed at %s: nothing to do", task.fingerprint, manifest_uri)
+        return MergeManifest.model_validate(existing)
+    started_at = utcnow()
+    wall0, cpu0 = time.monotonic(), _cpu_seconds()
+    torch_device = pick_device(device)
+    timings: dict[str, float] = {}
+    total_steps = 3 + len(task.inputs)
+    with tempfile.TemporaryDirectory(prefix="langmerge-merge-", dir=work_dir) as tmp:
+        root = Path(tmp)
+        _progress(store, task, "downloading", 0, total_steps)
+        t = time.monotonic()
+        base_dir = ensure_model(store, task.base_model.uri, task.base_model.digest)
+        inputs = []
+        for item in task.inputs:
+            path = _download_adapter(store, item.adapter_uri, item.adapter_digest, root / "adapters" / item.language)
+            inputs.append(
+                AdapterInput(language=item.language, path=path, weight=item.weight, uri=item.adapter_uri, digest=item.adapter_digest)
+            )
+        timings["download"] = time.monotonic() - t
+
+        _progress(store, task, "merging", 1, total_steps)
+        out_dir = root / "merged"
+        report = merge_adapters(
+            base_dir,
+            inputs,
+            task.method,
+            task.parameters,
+            task.output.format,
+            task.output.rank,
+            out_dir,
+            shard_size_mb=task.output.shard_size_mb,
+            device=torch_device,
+        )
+        timings.update({f"merge_{k}": v for k, v in report.timings.items()})
+
+        _progress(store, task, "uploading", 2, total_steps)
+        t = time.monotonic()
+        model_uri = artifacts.merged_model_uri(task.output_uri)
+        files = store.upload_dir(out_dir, model_uri)
+        timings["upload"] = time.monotonic() - t
+
+        merged_metrics: dict[str, Metrics] = {}
+        expert_metrics: dict[str, Metrics] = {}
+        if task.evaluation.enabled:
+            t = time.monotonic()
+            full = task.output.format == FULL_WEIGHTS
+            merged_model, merged_tok = load_for_eval(
+                base_dir, adapter_dir=None if full else out_dir, model_dir=out_dir if full else None, device=torch_device
+            )
+            for i, (item, adapter) in enumerate(zip(task.inputs, inputs, strict=True)):
+                _progress(store, task, f"evaluating {item.language}", 3 + i, total_steps)
+                examples = load_eval_split(store, item.dataset, max_examples=task.evaluation.max_examples)
+                kwargs = {"max_seq_length": item.max_seq_length, "max_examples": task.evaluation.max_examples}
+                merged_metrics[item.language] = evaluate_examples(merged_model, merged_tok, examples, **kwargs)
+                expert_model, expert_tok = load_for_eval(base_dir, adapter_dir=adapter.path, device=torch_device)
+                expert_metrics[item.language] = evaluate_examples(expert_model, expert_tok, examples, **kwargs)
+                del expert_model
+                store.put_json(
+                    artifacts.merge_eval_uri(task.output_uri, item.language),
+                    {
+                        "language": item.language,
+                        "merged": merged_metrics[item.language].model_dump(mode="json", exclude_none=True),
+                        "expert": expert_metrics[item.language].model_dump(mode="json", exclude_none=True),
+                        "evaluated_at": utcnow(),
+                    },
+                )
+                log.info(
+                    "%s: merged eval loss %.4f, expert alone %.4f",
+                    item.language,
+                    merged_metrics[item.language].eval_loss or float("nan"),
+                    expert_metrics[item.language].eval_loss or float("nan"),
+                )
+            del merged_model
+            timings["evaluate"] = time.monotonic() - t
+        else:
+            expert_metrics = {i.language: i.expert_metrics for i in task.inputs if i.expert_metrics is not None}
+
+    wall = time.monotonic() - wall0
+    gpus = 1 if torch_device.type == "cuda" else 0
+    manifest = MergeManifest(
+        fingerprint=task.fingerprint,
+        namespace=task.namespace,
+        name=task.name,
+        method=task.method,
+        parameters=task.parameters,
+        inputs=[
+            MergeInputRecord(
+                expert=i.expert,
+                language=i.language,
+                adapter_uri=i.adapter_uri,
+                adapter_digest=i.adapter_digest,
+                weight=i.weight,
+                rank=next((r["rank"] for r in report.inputs if r["language"] == i.language), None),
+            )
+            for i in task.inputs
+        ],
+        base_model=task.base_model,
+        output_format=report.output_format,
+        output_rank=report.output_rank,
+        model_uri=model_uri,
+        model_digest=files_digest(files),
+        files={k: FileEntry(size=s, sha256=h) for k, (s, h) in files.items()},
+        module_errors=report.module_errors,
+        evaluation=merged_metrics,
+        expert_metrics=expert_metrics,
+        timings={k: round(v, 4) for k, v in timings.items()},
+        cost=Cost(
+            wall_seconds=wall,
+            cpu_seconds=_cpu_seconds() - cpu0,
+            gpus=gpus,
+            gpu_seconds=gpus * wall,
+            device=device_name(torch_device),
+        ),
+        versions=library_versions(),
+        image=task.image,
+        started_at=started_at,
+        finished_at=utcnow(),
+    )
+    try:
+        store.put_json(manifest_uri, manifest, if_none_match=True)
+    except PreconditionFailed:
+        log.info("another attempt committed %s first; keeping it", manifest_uri)
+        return MergeManifest.model_validate(store.get_json(manifest_uri))
+    _progress(store, task, "done", total_steps, total_steps)
+    log.info("merge %s committed: %s (%s, max refactor error %.2e)", task.fingerprint, model_uri, report.output_format, report.max_error)
+    return manifest
+
+
+NON_RETRYABLE = (AdapterDigestMismatch, ValidationError)
+
+
+def record_failure(task: MergeTask, store: ObjectStore, err: BaseException) -> None:
+    from langmerge_trainer.merge.engine import MergeError
+
+    record = FailureRecord(
+        fingerprint=task.fingerprint,
+        error_class=type(err).__name__,
+        message=str(err) or type(err).__name__,
+        traceback_tail="".join(traceback.format_exception(err))[-4000:],
+        retryable=not isinstance(err, (*NON_RETRYABLE, MergeError)),
+        attempt=task.attempt,
+    )
+    try:
+        store.put_json(artifacts.failure_uri(task.output_uri, task.attempt), record)
+    except Exception as put_err:
+        log.error("the failure record could not be written: %s", put_err)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from langmerge_trainer.data import read_json_arg
+
+    parser = argparse.ArgumentParser(prog="langmerge-trainer merge", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--task", required=True, help="the MergeTask as JSON, or @path to a file holding it")
+    parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    try:
+        task = MergeTask.model_validate(read_json_arg(args.task))
+    except (ValueError, OSError, ValidationError) as err:
+        parser.print_usage(sys.stderr)
+        log.error("--task is not a valid MergeTask: %s", err)
+        return 2
+    store = ObjectStore.from_config()
+    try:
+        run_merge_task(task, store, device=args.device)
+    except Exception as err:
+        log.exception("merge failed")
+        record_failure(task, store, err)
+        return 1
+    return 0
