@@ -8,6 +8,10 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from langmerge.kube import Kube
 
 DEFAULT_STATE = ".langmerge"
 
@@ -89,6 +93,99 @@ def cmd_jobrunner(args: argparse.Namespace) -> int:
     return jobrunner.main(rest)
 
 
+def cmd_up(args: argparse.Namespace) -> int:
+    from langmerge.dev.demo import DemoError, up
+
+    try:
+        return up(
+            _state_dir(args),
+            kubeconfig=args.kubeconfig,
+            namespace=args.namespace,
+            parallel=args.parallel,
+            timeout=args.timeout,
+            run_operator=not args.no_operator,
+        )
+    except DemoError as err:
+        print(f"langmerge up: {err}", file=sys.stderr)
+        return 1
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    from langmerge.dev.demo import down
+
+    return down(_state_dir(args))
+
+
+def _kube(args: argparse.Namespace) -> Kube:
+    from langmerge.kube import Kube, load_client
+
+    kubeconfig = args.kubeconfig or os.environ.get("KUBECONFIG")
+    if not kubeconfig and (_state_dir(args) / "kubeconfig").exists():
+        kubeconfig = str(_state_dir(args) / "kubeconfig")
+    return Kube(load_client(kubeconfig))
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from langmerge.constants import EXPERT_PLURAL, MERGED_PLURAL
+    from langmerge.views import experts_table, merged_table
+
+    kube = _kube(args)
+    print(experts_table(kube.list_all(EXPERT_PLURAL, args.namespace)))
+    print()
+    print(merged_table(kube.list_all(MERGED_PLURAL, args.namespace)))
+    return 0
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    from langmerge.kube import ObjectKey
+    from langmerge.views import expert_history, merged_history
+
+    kube = _kube(args)
+    key = ObjectKey(args.namespace or "default", args.name)
+    obj = kube.get_expert(key)
+    if obj is not None:
+        print(expert_history(obj))
+        return 0
+    merged = kube.get_merged(key)
+    if merged is not None:
+        print(merged_history(merged))
+        return 0
+    print(f"no LanguageExpert or MergedModel {key}", file=sys.stderr)
+    return 1
+
+
+def cmd_cost(args: argparse.Namespace) -> int:
+    from langmerge.constants import EXPERT_PLURAL, MERGED_PLURAL
+    from langmerge.views import cost_report, cost_text
+
+    kube = _kube(args)
+    print(
+        cost_text(
+            cost_report(kube.list_all(EXPERT_PLURAL, args.namespace), kube.list_all(MERGED_PLURAL, args.namespace))
+        )
+    )
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    """Merge adapters on this machine: the same engine as the merge Job (needs the trainer extra)."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "langmerge_trainer", "merge-local", *args.rest]
+    return subprocess.run(cmd, check=False).returncode
+
+
+def cmd_sample_manifests(args: argparse.Namespace) -> int:
+    from langmerge.dev.demo import sample_files
+
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in sample_files().items():
+        (out / name).write_text(text, encoding="utf-8")
+        print(out / name)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="langmerge", description=__doc__)
     parser.add_argument("--state", help=f"local state folder (default ${{LANGMERGE_STATE}} or {DEFAULT_STATE})")
@@ -109,6 +206,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", "-v", action="store_true")
     p.set_defaults(func=cmd_run)
 
+    p = sub.add_parser("up", help="the main job: local control plane, operator, Job runner and the 3-language sample")
+    p.add_argument("--kubeconfig", help="use this cluster instead of the local control plane")
+    p.add_argument("--namespace", default="default")
+    p.add_argument("--parallel", type=int, default=2, help="training Jobs at once")
+    p.add_argument("--timeout", type=float, default=1800.0, help="seconds to wait for each stage")
+    p.add_argument("--no-operator", action="store_true", help="the operator already runs in the cluster")
+    p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser("down", help="stop everything `up` started (state is kept)")
+    p.set_defaults(func=cmd_down)
+
+    for name, func, text in (
+        ("status", cmd_status, "experts and merged models: phase, revision, digests, cost"),
+        ("cost", cmd_cost, "GPU-seconds spent, and saved versus retraining every language"),
+    ):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--kubeconfig")
+        p.add_argument("--namespace", "-n", help="default: all namespaces")
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("history", help="training runs of an expert, or published revisions of a merged model")
+    p.add_argument("name")
+    p.add_argument("--kubeconfig")
+    p.add_argument("--namespace", "-n", default="default")
+    p.set_defaults(func=cmd_history)
+
+    p = sub.add_parser(
+        "merge", help="merge adapters locally: langmerge merge CONFIG.yaml OUT [--dry-run]", add_help=False
+    )
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("sample-manifests", help="write the sample's manifests (what `up` applies)")
+    p.add_argument("--output", "-o", default="examples/sample")
+    p.set_defaults(func=cmd_sample_manifests)
+
     p = sub.add_parser(
         "jobrunner",
         help="development only: run the local control plane's Jobs as local processes (see --help after it)",
@@ -122,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
-    if args.command == "jobrunner":
+    if args.command in ("jobrunner", "merge"):
         args.rest = [*unknown, *args.rest]
     elif unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")

@@ -46,8 +46,11 @@ class MergeTaskInput(Task):
     weight: float = 1.0
     #: The expert's held-out data, for the per-language evaluation of the merged model.
     dataset: Dataset
-    #: The expert's own figures on that data (from its adapter manifest), for the quality gate.
+    #: The expert's own figures on that data (from its adapter manifest); the merge Job re-evaluates the expert on
+    #: exactly the examples it evaluates the merged model on, so this is a fallback when evaluation is disabled.
     expert_metrics: Metrics | None = None
+    #: The expert's training.maxSeqLength: evaluation truncates the same way training did.
+    max_seq_length: int = 1024
 
 
 class MergeTask(Task):

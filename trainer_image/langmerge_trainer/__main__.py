@@ -6,6 +6,7 @@ Verbs::
     evaluate --base-model ... --dataset ... --output ...   metrics of a model on a language's eval split
     merge --task <json or @file>        the merge Job (langmerge_trainer.merge.job)
     merge-local ...                     merge adapters on this machine (langmerge_trainer.merge.cli)
+    sample --base-uri ... --data-uri ...  build and upload the sample base model and datasets (langmerge up)
 
 Exit status: 0 done (or nothing to do), 1 failed (a failure record was written where the verb has one),
 2 usage error, 3 preempted (a checkpoint was saved; a new attempt resumes from it).
@@ -24,7 +25,7 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_PREEMPTED = 3
 
-VERBS = ("train", "evaluate", "merge", "merge-local")
+VERBS = ("train", "evaluate", "merge", "merge-local", "sample")
 USAGE = f"usage: langmerge-trainer {{{','.join(VERBS)}}} [options]  (langmerge-trainer <verb> --help)"
 
 log = logging.getLogger("langmerge_trainer")
@@ -96,6 +97,12 @@ def merge_local_main(argv: Sequence[str]) -> int:
     return int(cli_main(list(argv)) or 0)
 
 
+def sample_main(argv: Sequence[str]) -> int:
+    from langmerge_trainer.sample import seed_main
+
+    return int(seed_main(list(argv)) or 0)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help"):
@@ -104,7 +111,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE if not args else EXIT_OK
     verb, rest = args[0], args[1:]
     setup_logging()
-    handlers = {"train": train_main, "evaluate": evaluate_main, "merge": merge_main, "merge-local": merge_local_main}
+    handlers = {
+        "train": train_main,
+        "evaluate": evaluate_main,
+        "merge": merge_main,
+        "merge-local": merge_local_main,
+        "sample": sample_main,
+    }
     handler = handlers.get(verb)
     if handler is None:
         print(f"unknown verb {verb!r}\n{USAGE}", file=sys.stderr)

@@ -149,3 +149,120 @@ def sample_texts(languages: Iterable[str]) -> list[str]:
         for pair in corpus_pairs(lang):
             texts.extend([pair.prompt, pair.completion])
     return texts
+
+
+#: Languages the sample's base model is pre-trained on: not the task's languages, so the experts have something to
+#: learn and no evaluation example was seen in pre-training.
+PRETRAIN_LANGUAGES = ("en", "fr", "de")
+
+
+def pretrain(
+    model_dir: Path,
+    texts: Sequence[str],
+    *,
+    steps: int,
+    batch_size: int = 16,
+    seq: int = 64,
+    lr: float = 3e-3,
+    seed: int = 0,
+) -> float:
+    """A short full-parameter causal-LM pre-training of the tiny model, so it is a (small) language model rather than
+    random weights. Returns the final training loss."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.train()
+    stream: list[int] = []
+    for text in texts:
+        stream.extend(tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
+    blocks = [stream[i : i + seq] for i in range(0, len(stream) - seq, seq)]
+    if not blocks:
+        raise ValueError("not enough pre-training text")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(seed)
+    loss_value = float("nan")
+    for step in range(steps):
+        idx = torch.randint(len(blocks), (batch_size,), generator=generator)
+        batch = torch.tensor([blocks[i] for i in idx.tolist()])
+        lr_now = lr * min(1.0, (step + 1) / 20) * (1 - step / steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_now
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss_value = float(loss.detach())
+    model.save_pretrained(model_dir)
+    return loss_value
+
+
+def _split_update(pairs: Sequence[Pair], update_topics: int) -> tuple[list[Pair], list[Pair]]:
+    """Hold back the last ``update_topics`` topic files: they arrive later as the maintenance update."""
+    names = sorted({p.topic for p in pairs})
+    held = set(names[-update_topics:]) if update_topics > 0 else set()
+    return [p for p in pairs if p.topic not in held], [p for p in pairs if p.topic in held]
+
+
+def seed_main(argv: Sequence[str] | None = None) -> int:
+    """``langmerge-trainer sample``: build the sample base model and datasets and upload them to S3."""
+    import argparse
+    import tempfile
+
+    from langmerge.store import ObjectStore
+
+    parser = argparse.ArgumentParser(prog="langmerge-trainer sample", description=seed_main.__doc__)
+    parser.add_argument("--base-uri", required=True, help="s3:// prefix for the base model")
+    parser.add_argument("--data-uri", required=True, help="s3:// prefix; each language's data goes to <prefix>/<lang>/")
+    parser.add_argument("--updates-uri", help="s3:// prefix for the held-back maintenance data")
+    parser.add_argument("--languages", default="es,it,pt")
+    parser.add_argument("--updated-language", default="pt", help="the language whose data grows later")
+    parser.add_argument("--update-topics", type=int, default=3, help="topic files held back for the update")
+    parser.add_argument("--hidden-size", type=int, default=96)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--vocab-size", type=int, default=2048)
+    parser.add_argument("--pretrain-steps", type=int, default=300)
+    args = parser.parse_args(list(argv) if argv is not None else None)
+
+    import torch
+
+    torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
+    languages = [x.strip() for x in args.languages.split(",") if x.strip()]
+    store = ObjectStore.from_config()
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = Path(tmp) / "model"
+        texts = sample_texts([*languages, *PRETRAIN_LANGUAGES])
+        build_tiny_llama(
+            model_dir,
+            texts,
+            hidden_size=args.hidden_size,
+            intermediate_size=args.hidden_size * 2,
+            num_hidden_layers=args.layers,
+            vocab_size=args.vocab_size,
+        )
+        if args.pretrain_steps > 0:
+            pre_texts = [
+                t for lang in PRETRAIN_LANGUAGES for p in corpus_pairs(lang) for t in (p.prompt + p.completion,)
+            ]
+            loss = pretrain(model_dir, pre_texts, steps=args.pretrain_steps)
+            print(
+                f"base model pre-trained on {', '.join(PRETRAIN_LANGUAGES)} text for {args.pretrain_steps} steps "
+                f"(final loss {loss:.2f})"
+            )
+        files = store.upload_dir(model_dir, args.base_uri)
+        print(f"base model: {len(files)} files -> {args.base_uri}")
+        for lang in languages:
+            pairs = corpus_pairs(lang)
+            initial, update = _split_update(pairs, args.update_topics) if lang == args.updated_language else (pairs, [])
+            path = write_jsonl(initial, Path(tmp) / lang / "part-0.jsonl")
+            store.upload_file(path, f"{args.data_uri.rstrip('/')}/{lang}/part-0.jsonl")
+            line = f"{lang}: {len(initial)} examples -> {args.data_uri.rstrip('/')}/{lang}/"
+            if update and args.updates_uri:
+                upath = write_jsonl(update, Path(tmp) / lang / "part-update.jsonl")
+                store.upload_file(upath, f"{args.updates_uri.rstrip('/')}/{lang}/part-update.jsonl")
+                line += f" (+{len(update)} held back for the maintenance update)"
+            print(line)
+    return 0

@@ -312,6 +312,7 @@ class MergedReconciler:
                     weight=weights.get(e.spec.language, 1.0),
                     dataset=e.spec.dataset,
                     expert_metrics=e.status.adapter.metrics,
+                    max_seq_length=e.spec.training.max_seq_length,
                 )
             )
         return sorted(inputs, key=lambda i: i.language)

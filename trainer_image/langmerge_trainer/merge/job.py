@@ -19,7 +19,6 @@ import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
 from pydantic import ValidationError
 
 from langmerge import artifacts
@@ -54,7 +53,9 @@ def _cpu_seconds() -> float:
 
 
 def _progress(store: ObjectStore, task: MergeTask, stage: str, step: int, total: int) -> None:
-    record = ProgressRecord(fingerprint=task.fingerprint, stage=stage, step=step, total_steps=total, attempt=task.attempt)
+    record = ProgressRecord(
+        fingerprint=task.fingerprint, stage=stage, step=step, total_steps=total, attempt=task.attempt
+    )
     try:
         store.put_json(artifacts.join(task.output_uri, artifacts.PROGRESS), record)
     except Exception as err:  # progress is best effort
@@ -74,7 +75,9 @@ def _download_adapter(store: ObjectStore, uri: str, digest: str, target: Path) -
     return target
 
 
-def run_merge_task(task: MergeTask, store: ObjectStore, *, device: str | None = None, work_dir: Path | None = None) -> MergeManifest:
+def run_merge_task(
+    task: MergeTask, store: ObjectStore, *, device: str | None = None, work_dir: Path | None = None
+) -> MergeManifest:
     """Run the task (idempotent by fingerprint); returns the committed manifest."""
     manifest_uri = artifacts.join(task.output_uri, artifacts.MANIFEST)
     existing = store.get_json_or_none(manifest_uri)
@@ -95,7 +98,13 @@ def run_merge_task(task: MergeTask, store: ObjectStore, *, device: str | None = 
         for item in task.inputs:
             path = _download_adapter(store, item.adapter_uri, item.adapter_digest, root / "adapters" / item.language)
             inputs.append(
-                AdapterInput(language=item.language, path=path, weight=item.weight, uri=item.adapter_uri, digest=item.adapter_digest)
+                AdapterInput(
+                    language=item.language,
+                    path=path,
+                    weight=item.weight,
+                    uri=item.adapter_uri,
+                    digest=item.adapter_digest,
+                )
             )
         timings["download"] = time.monotonic() - t
 
@@ -126,7 +135,10 @@ def run_merge_task(task: MergeTask, store: ObjectStore, *, device: str | None = 
             t = time.monotonic()
             full = task.output.format == FULL_WEIGHTS
             merged_model, merged_tok = load_for_eval(
-                base_dir, adapter_dir=None if full else out_dir, model_dir=out_dir if full else None, device=torch_device
+                base_dir,
+                adapter_dir=None if full else out_dir,
+                model_dir=out_dir if full else None,
+                device=torch_device,
             )
             for i, (item, adapter) in enumerate(zip(task.inputs, inputs, strict=True)):
                 _progress(store, task, f"evaluating {item.language}", 3 + i, total_steps)
@@ -203,7 +215,13 @@ def run_merge_task(task: MergeTask, store: ObjectStore, *, device: str | None = 
         log.info("another attempt committed %s first; keeping it", manifest_uri)
         return MergeManifest.model_validate(store.get_json(manifest_uri))
     _progress(store, task, "done", total_steps, total_steps)
-    log.info("merge %s committed: %s (%s, max refactor error %.2e)", task.fingerprint, model_uri, report.output_format, report.max_error)
+    log.info(
+        "merge %s committed: %s (%s, max refactor error %.2e)",
+        task.fingerprint,
+        model_uri,
+        report.output_format,
+        report.max_error,
+    )
     return manifest
 
 

@@ -1,0 +1,154 @@
+"""The merge Job (``langmerge-trainer merge --task``) on the real S3: two trained experts -> merged, evaluated, committed."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from trainer_helpers import make_task, put_jsonl, sample_pairs
+
+from langmerge import artifacts
+from langmerge.api.merged import Evaluation, Output
+from langmerge.artifacts import AdapterManifest, BaseModelIdentity, FailureRecord, MergeManifest
+from langmerge.store import ObjectStore
+from langmerge.tasks import MergeTask, MergeTaskInput, TrainTask
+from langmerge_trainer.evaluate import peft_compat
+from langmerge_trainer.merge.job import AdapterDigestMismatch, run_merge_task
+from langmerge_trainer.train import run_train_task
+
+
+@pytest.fixture(scope="module")
+def experts(s3: ObjectStore, base_env: tuple[str, BaseModelIdentity]) -> list[tuple[TrainTask, AdapterManifest]]:
+    bucket, base = base_env
+    out = []
+    for i, lang in enumerate(("es", "it")):
+        data_uri = f"s3://{bucket}/data/{lang}"
+        put_jsonl(s3, f"{data_uri}/part-0.jsonl", [p.row() for p in sample_pairs(lang, 80)])
+        task = make_task(bucket=bucket, base=base, data_uri=data_uri, fingerprint=f"mj{i:014d}", language=lang)
+        out.append((task, run_train_task(task, s3, device="cpu")))
+    return out
+
+
+def _task(
+    bucket: str, base: BaseModelIdentity, experts: list[tuple[TrainTask, AdapterManifest]], fp: str, **kw: Any
+) -> MergeTask:
+    output = Output(uri=f"s3://{bucket}/merged/mm", format=kw.pop("format", "peft-adapter"))
+    return MergeTask(
+        fingerprint=fp,
+        output_uri=artifacts.merge_prefix(output.uri, fp),
+        namespace="default",
+        name="mm",
+        method=kw.pop("method", "ties"),
+        parameters=kw.pop(
+            "parameters", {"weights": {}, "include_modules": [], "exclude_modules": [], "density": 1.0, "lambda_": 1.0}
+        ),
+        base_model=base,
+        inputs=[
+            MergeTaskInput(
+                expert=t.name,
+                language=t.spec.language,
+                adapter_uri=m.adapter_uri,
+                adapter_digest=kw.get("digest", m.adapter_digest),
+                dataset=t.spec.dataset,
+                expert_metrics=m.metrics,
+                max_seq_length=t.spec.training.max_seq_length,
+            )
+            for t, m in experts
+        ],
+        output=output,
+        evaluation=Evaluation(),
+    )
+
+
+def test_merge_job_commits_an_evaluated_loadable_adapter(
+    s3: ObjectStore,
+    base_env: tuple[str, BaseModelIdentity],
+    experts: list[tuple[TrainTask, AdapterManifest]],
+    tmp_path: Path,
+) -> None:
+    bucket, base = base_env
+    task = _task(bucket, base, experts, "mergejob00000001")
+    manifest = run_merge_task(task, s3, device="cpu")
+    stored = MergeManifest.model_validate(s3.get_json(artifacts.join(task.output_uri, artifacts.MANIFEST)))
+    assert stored == manifest and manifest.method == "ties" and manifest.output_format == "peft-adapter"
+    assert [i.language for i in manifest.inputs] == ["es", "it"]
+    # The expert alone is re-evaluated on the same examples the trainer used: the same figures as its own manifest.
+    for t, m in experts:
+        lang = t.spec.language
+        assert manifest.expert_metrics[lang].examples == m.metrics.examples
+        assert manifest.expert_metrics[lang].eval_loss == pytest.approx(m.metrics.eval_loss, rel=1e-4)
+        merged = manifest.evaluation[lang]
+        assert merged.eval_loss is not None and math.isfinite(merged.eval_loss)
+        # Merging two languages costs each a little, yet stays far better than the base alone.
+        assert m.base_metrics is not None and m.base_metrics.eval_loss is not None
+        assert merged.eval_loss < m.base_metrics.eval_loss
+        assert s3.exists(artifacts.merge_eval_uri(task.output_uri, lang))
+    assert manifest.cost.wall_seconds > 0 and manifest.versions.torch
+    assert manifest.model_uri == artifacts.merged_model_uri(task.output_uri)
+
+    # The published adapter loads with PEFT on the base model.
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    local = tmp_path / "adapter"
+    s3.download_prefix(manifest.model_uri, local)
+    base_dir = tmp_path / "base"
+    s3.download_prefix(base.uri, base_dir)
+    with peft_compat():
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), str(local))
+    assert sum(1 for n, _ in model.named_parameters() if "lora_A" in n) > 0
+
+    # Same fingerprint again: a no-op that returns the committed manifest.
+    before = {o.key for o in s3.list_objects(task.output_uri)}
+    again = run_merge_task(task, s3, device="cpu")
+    assert again == manifest and {o.key for o in s3.list_objects(task.output_uri)} == before
+
+
+def test_full_weights_output_loads_with_transformers(
+    s3: ObjectStore,
+    base_env: tuple[str, BaseModelIdentity],
+    experts: list[tuple[TrainTask, AdapterManifest]],
+    tmp_path: Path,
+) -> None:
+    bucket, base = base_env
+    task = _task(
+        bucket,
+        base,
+        experts,
+        "mergejob00000002",
+        format="full-weights",
+        method="linear",
+        parameters={"weights": {}, "include_modules": [], "exclude_modules": []},
+    )
+    manifest = run_merge_task(task, s3, device="cpu")
+    from transformers import AutoModelForCausalLM
+
+    local = tmp_path / "full"
+    s3.download_prefix(manifest.model_uri, local)
+    model = AutoModelForCausalLM.from_pretrained(local)
+    assert model.config.model_type == "llama"
+    assert all(math.isfinite(m.eval_loss or math.nan) for m in manifest.evaluation.values())
+
+
+def test_changed_adapter_is_refused_with_a_failure_record(
+    s3: ObjectStore, base_env: tuple[str, BaseModelIdentity], experts: list[tuple[TrainTask, AdapterManifest]]
+) -> None:
+    bucket, base = base_env
+    task = _task(bucket, base, experts, "mergejob00000003", digest="0" * 16)
+    with pytest.raises(AdapterDigestMismatch):
+        run_merge_task(task, s3, device="cpu")
+    # Through the CLI, as a Job runs it: exit 1 and a non-retryable failure record.
+    proc = subprocess.run(
+        [sys.executable, "-m", "langmerge_trainer", "merge", "--task", task.to_json()],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 1, proc.stderr
+    record = FailureRecord.model_validate(s3.get_json(artifacts.failure_uri(task.output_uri, 1)))
+    assert record.error_class == "AdapterDigestMismatch" and not record.retryable
+    assert not s3.exists(artifacts.join(task.output_uri, artifacts.MANIFEST))
