@@ -284,14 +284,6 @@ def trim_(tensor: torch.Tensor, density: float) -> torch.Tensor:
     return tensor.mul_(keep)
 
 
-def drop_(tensor: torch.Tensor, density: float, key: int) -> torch.Tensor:
-    """DARE: keep each entry with probability ``density`` and rescale by ``1 / density`` (in place)."""
-    if density >= 1.0:
-        return tensor
-    keep = dare_keep_mask(tensor.shape, density, key, tensor.device)
-    return tensor.mul_(keep).div_(density)
-
-
 def stack_factors(updates: Sequence[LoraUpdate], coefficients: Sequence[float]) -> LowRankDelta:
     """``sum c_i scale_i B_i A_i`` as exact stacked factors (float32)."""
     B = torch.cat([u.B.float() * (c * u.scale) for u, c in zip(updates, coefficients, strict=True)], dim=1)
