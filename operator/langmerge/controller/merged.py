@@ -487,8 +487,8 @@ class MergedReconciler:
         metrics.PUBLISHED.labels(record.reason).inc()
         before = {i.language: i.adapter_digest for i in (previous.record.inputs if previous.record else [])}
         changed = sorted(i.expert for i in record.inputs if before.get(i.language) != i.adapter_digest)
-        jobs = {j.fingerprint: j for j in self._jobs() if j.succeeded}
-        job = jobs.get(manifest.fingerprint)
+        jobs = sorted((j for j in self._jobs() if j.fingerprint == manifest.fingerprint), key=lambda j: j.attempt)
+        job = jobs[-1] if jobs and record.reason == "merged" else None
         self.status.history = bounded(
             self.status.history,
             PublishRecord(

@@ -33,14 +33,6 @@ from langmerge.kube import Kube, install_crds, load_client
 from langmerge.store import ObjectStore, S3Config
 from langmerge.views import cost_report, cost_text, experts_table, merged_table, table
 
-MODELS_BUCKET = "langmerge-models"
-DATA_BUCKET = "langmerge-data"
-ARTIFACTS_BUCKET = "langmerge"
-BASE_URI = f"s3://{MODELS_BUCKET}/tiny-llama"
-DATA_URI = f"s3://{DATA_BUCKET}/dialog"
-UPDATES_URI = f"s3://{DATA_BUCKET}/dialog-updates"
-MERGED_URI = f"s3://{MODELS_BUCKET}/merged/dialog-multilingual"
-ARTIFACTS_URI = f"s3://{ARTIFACTS_BUCKET}/artifacts"
 LANGUAGES = ("es", "it", "pt")
 #: The language whose data grows in the maintenance step.
 UPDATED_LANGUAGE = "pt"
@@ -52,8 +44,44 @@ class DemoError(RuntimeError):
     pass
 
 
+@dataclass(frozen=True)
+class Layout:
+    """Where the sample lives in S3 (tests use their own buckets)."""
+
+    models_bucket: str = "langmerge-models"
+    data_bucket: str = "langmerge-data"
+    artifacts_bucket: str = "langmerge"
+
+    @property
+    def buckets(self) -> tuple[str, ...]:
+        return (self.models_bucket, self.data_bucket, self.artifacts_bucket)
+
+    @property
+    def base_uri(self) -> str:
+        return f"s3://{self.models_bucket}/tiny-llama"
+
+    @property
+    def data_uri(self) -> str:
+        return f"s3://{self.data_bucket}/{TASK}"
+
+    @property
+    def updates_uri(self) -> str:
+        return f"s3://{self.data_bucket}/{TASK}-updates"
+
+    @property
+    def merged_uri(self) -> str:
+        return f"s3://{self.models_bucket}/merged/{TASK}-multilingual"
+
+    @property
+    def artifacts_uri(self) -> str:
+        return f"s3://{self.artifacts_bucket}/artifacts"
+
+
+DEFAULT_LAYOUT = Layout()
+
+
 # -- the sample's manifests (examples/sample/*.yaml are generated from these) -------------------------------------------
-def sample_experts() -> list[dict[str, Any]]:
+def sample_experts(layout: Layout = DEFAULT_LAYOUT) -> list[dict[str, Any]]:
     out = []
     for lang in LANGUAGES:
         out.append(
@@ -64,8 +92,8 @@ def sample_experts() -> list[dict[str, Any]]:
                 "spec": {
                     "language": lang,
                     "task": TASK,
-                    "baseModel": {"uri": BASE_URI},
-                    "dataset": {"uri": f"{DATA_URI}/{lang}", "evalFraction": 0.15},
+                    "baseModel": {"uri": layout.base_uri},
+                    "dataset": {"uri": f"{layout.data_uri}/{lang}", "evalFraction": 0.15},
                     "lora": {"rank": 8, "alpha": 16, "dropout": 0.0},
                     "training": {
                         "epochs": 4,
@@ -84,17 +112,17 @@ def sample_experts() -> list[dict[str, Any]]:
     return out
 
 
-def sample_merged() -> dict[str, Any]:
+def sample_merged(layout: Layout = DEFAULT_LAYOUT) -> dict[str, Any]:
     return {
         "apiVersion": API_VERSION,
         "kind": "MergedModel",
         "metadata": {"name": f"{TASK}-multilingual"},
         "spec": {
-            "baseModel": {"uri": BASE_URI},
+            "baseModel": {"uri": layout.base_uri},
             "experts": {"selector": {"matchLabels": {"langmerge.dev/task": TASK}}},
             "method": "ties",
             "parameters": {"density": 1.0},
-            "output": {"uri": MERGED_URI, "format": "peft-adapter"},
+            "output": {"uri": layout.merged_uri, "format": "peft-adapter"},
             "evaluation": {"metric": "evalLoss", "maxRegression": 0.5},
             "publish": {"keepRevisions": 5},
             "settleSeconds": 5,
@@ -177,6 +205,7 @@ class Demo:
     store: ObjectStore
     env: dict[str, str]
     namespace: str = "default"
+    layout: Layout = DEFAULT_LAYOUT
     out: Callable[[str], None] = print
 
     def custom(self) -> Any:
@@ -186,7 +215,7 @@ class Demo:
 
     # .. set-up ..
     def prepare_storage(self) -> None:
-        for bucket in (MODELS_BUCKET, DATA_BUCKET, ARTIFACTS_BUCKET):
+        for bucket in self.layout.buckets:
             self.store.ensure_bucket(bucket)
 
     def ensure_secret(self) -> None:
@@ -210,28 +239,16 @@ class Demo:
                 raise
             core.replace_namespaced_secret(SECRET, self.namespace, body)
 
-    def seed(self) -> None:
+    def seed(self, *extra_args: str) -> None:
         """The base model and the datasets, built by the trainer's sample command (it needs torch; we don't)."""
-        if self.store.list_objects(BASE_URI) and self.store.list_objects(f"{DATA_URI}/{LANGUAGES[0]}"):
-            self.out(f"sample already in S3 ({BASE_URI}, {DATA_URI}/...)")
+        lay = self.layout
+        if self.store.list_objects(lay.base_uri) and self.store.list_objects(f"{lay.data_uri}/{LANGUAGES[0]}"):
+            self.out(f"sample already in S3 ({lay.base_uri}, {lay.data_uri}/...)")
             return
         self.out("building the sample: tiny Llama base model + es/it/pt dialog data from chatterbot-corpus ...")
-        cmd = [
-            sys.executable,
-            "-m",
-            "langmerge_trainer",
-            "sample",
-            "--base-uri",
-            BASE_URI,
-            "--data-uri",
-            DATA_URI,
-            "--updates-uri",
-            UPDATES_URI,
-            "--languages",
-            ",".join(LANGUAGES),
-            "--updated-language",
-            UPDATED_LANGUAGE,
-        ]
+        cmd = [sys.executable, "-m", "langmerge_trainer", "sample", "--base-uri", lay.base_uri]
+        cmd += ["--data-uri", lay.data_uri, "--updates-uri", lay.updates_uri, "--languages", ",".join(LANGUAGES)]
+        cmd += ["--updated-language", UPDATED_LANGUAGE, *extra_args]
         result = subprocess.run(cmd, env=self.env, capture_output=True, text=True, check=False)
         if result.returncode != 0:
             raise DemoError(f"seeding the sample failed:\n{result.stdout}\n{result.stderr}")
@@ -260,7 +277,7 @@ class Demo:
     def merged(self) -> dict[str, Any] | None:
         from langmerge.kube import ObjectKey
 
-        return self.kube.get_merged(ObjectKey(self.namespace, sample_merged()["metadata"]["name"]))
+        return self.kube.get_merged(ObjectKey(self.namespace, sample_merged(self.layout)["metadata"]["name"]))
 
     def revision(self) -> int:
         obj = self.merged()
@@ -282,18 +299,24 @@ class Demo:
     # .. live progress ..
     def watch(self, until: Callable[[], bool], what: str, timeout: float) -> None:
         tty = sys.stdout.isatty()
-        last = ""
+        last: tuple[Any, ...] = ()
+        printed = 0.0
         start = time.monotonic()
         while True:
             merged = self.merged()
-            text = experts_table(self.experts()) + "\n\n" + merged_table([merged] if merged else [])
+            experts = self.experts()
+            text = experts_table(experts) + "\n\n" + merged_table([merged] if merged else [])
             elapsed = time.monotonic() - start
+            # Without a terminal (a log, CI), print when a phase or the revision changes, else every 10 s.
+            phases = tuple((o.get("status") or {}).get("phase") for o in experts)
+            signature = (*phases, (merged or {}).get("status", {}).get("phase"), self.revision())
             if tty:
                 sys.stdout.write("\x1b[H\x1b[2J" + f"langmerge up: {what} ({elapsed:.0f}s)\n\n" + text + "\n")
                 sys.stdout.flush()
-            elif text != last:
+            elif signature != last or time.monotonic() - printed >= 10:
                 self.out(f"--- {what} ({elapsed:.0f}s)\n{text}\n")
-            last = text
+                printed = time.monotonic()
+            last = signature
             if until():
                 return
             for obj in self.experts():
@@ -309,15 +332,15 @@ class Demo:
             time.sleep(1.0)
 
     def maintenance_applied(self) -> bool:
-        return bool(self.store.list_objects(f"{DATA_URI}/{UPDATED_LANGUAGE}/part-update.jsonl"))
+        return self.store.exists(f"{self.layout.data_uri}/{UPDATED_LANGUAGE}/part-update.jsonl")
 
     def add_data(self) -> None:
         """The maintenance event: new data arrives for one language."""
-        src = f"{UPDATES_URI}/{UPDATED_LANGUAGE}/part-update.jsonl"
+        src = f"{self.layout.updates_uri}/{UPDATED_LANGUAGE}/part-update.jsonl"
         body, _ = self.store.get_bytes(src)
-        self.store.put_bytes(f"{DATA_URI}/{UPDATED_LANGUAGE}/part-update.jsonl", body)
+        self.store.put_bytes(f"{self.layout.data_uri}/{UPDATED_LANGUAGE}/part-update.jsonl", body)
         lines = body.count(b"\n")
-        self.out(f"added {lines} new {UPDATED_LANGUAGE} examples under {DATA_URI}/{UPDATED_LANGUAGE}/")
+        self.out(f"added {lines} new {UPDATED_LANGUAGE} examples under {self.layout.data_uri}/{UPDATED_LANGUAGE}/")
 
     # .. summary ..
     def summary(self) -> str:
@@ -399,7 +422,7 @@ class Demo:
         lines += ["", cost_text(cost_report(experts, [merged] if merged else []))]
         lines += [
             "",
-            f"published: {mstatus.uri} (revision {mstatus.revision}); pointer {artifacts.current_uri(MERGED_URI)}",
+            f"published: {mstatus.uri} (revision {mstatus.revision}); pointer {artifacts.current_uri(self.layout.merged_uri)}",
             "the system keeps running: `langmerge status`, `langmerge history dialog-pt`, `langmerge cost`; stop with `make down`.",
         ]
         return "\n".join(lines)
@@ -450,7 +473,7 @@ def up(
     services = Services(state)
     operator_env = {
         **env,
-        "LANGMERGE_ARTIFACTS_URI": ARTIFACTS_URI,
+        "LANGMERGE_ARTIFACTS_URI": DEFAULT_LAYOUT.artifacts_uri,
         "LANGMERGE_S3_ENDPOINT": env.get("LANGMERGE_S3_ENDPOINT", ""),
         "LANGMERGE_METRICS_PORT": "0",
         "LANGMERGE_RESYNC_SECONDS": "15",
