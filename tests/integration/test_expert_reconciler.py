@@ -363,7 +363,9 @@ def test_spec_change_to_job_latency(kube: Any, s3: ObjectStore, seeded: str, nam
                 "es",
                 _spec(bucket, onChange="restart", dataset={"uri": f"s3://{bucket}/data/es", "revision": f"r{i}"}),
             )
-            wait_for(lambda b=before: {j.metadata.name for j in jobs(kube, namespace)} - b, interval=0.01, what="new Job")
+            wait_for(
+                lambda b=before: {j.metadata.name for j in jobs(kube, namespace)} - b, interval=0.01, what="new Job"
+            )
             latencies.append(time.monotonic() - t0)
     q = statistics.quantiles(latencies, n=20)
     print(

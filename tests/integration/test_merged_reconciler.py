@@ -10,6 +10,9 @@ import time
 from typing import Any
 
 import pytest
+
+from langmerge import artifacts
+from langmerge.store import ObjectStore
 from operator_harness import (
     SimulatedJobs,
     apply_expert,
@@ -25,9 +28,6 @@ from operator_harness import (
     status_of,
     wait_for,
 )
-
-from langmerge import artifacts
-from langmerge.store import ObjectStore
 
 pytestmark = pytest.mark.integration
 
