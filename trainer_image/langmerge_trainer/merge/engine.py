@@ -262,7 +262,8 @@ def select_modules(names: Sequence[str], include: Sequence[str], exclude: Sequen
         exc = [re.compile(p) for p in exclude]
     except re.error as err:
         raise MergeError(f"bad module regular expression: {err}") from err
-    kept, dropped = [], []
+    kept: list[str] = []
+    dropped: list[str] = []
     for name in names:
         ok = (not inc or any(p.search(name) for p in inc)) and not any(p.search(name) for p in exc)
         (kept if ok else dropped).append(name)
@@ -293,16 +294,16 @@ def plan_merge(
     modules: dict[str, ModulePlan] = {}
     for index, adapter in enumerate(adapters):
         for name, info in adapter.modules.items():
-            plan = modules.get(name)
-            if plan is None:
+            existing = modules.get(name)
+            if existing is None:
                 modules[name] = ModulePlan(name, info.kind, info.shape, info.transposed, [(index, info.rank)])
                 continue
-            if (plan.kind, plan.shape, plan.transposed) != (info.kind, info.shape, info.transposed):
+            if (existing.kind, existing.shape, existing.transposed) != (info.kind, info.shape, info.transposed):
                 raise MergeError(
                     f"module {name}: adapter {adapter.language} has a {info.kind} update of shape {info.shape}, "
-                    f"another has a {plan.kind} update of shape {plan.shape}"
+                    f"another has a {existing.kind} update of shape {existing.shape}"
                 )
-            plan.inputs.append((index, info.rank))
+            existing.inputs.append((index, info.rank))
     kept, excluded = select_modules(
         sorted(modules), parameters.get("include_modules") or [], parameters.get("exclude_modules") or []
     )
@@ -311,13 +312,15 @@ def plan_merge(
     plan_modules = [modules[name] for name in kept]
     if base is not None:
         for m in plan_modules:
-            info = base.weight(m.name)
-            if info is None:
+            weight_info = base.weight(m.name)
+            if weight_info is None:
                 raise MergeError(f"module {m.name}: the base model has no tensor {m.name}.weight")
-            if info.shape != m.shape:
-                raise MergeError(f"module {m.name}: the base weight is {info.shape}, the adapters update {m.shape}")
-            if output_format == FULL_WEIGHTS and info.dtype not in _FLOAT_DTYPES:
-                raise MergeError(f"module {m.name}: cannot add an update to a {info.dtype} base weight")
+            if weight_info.shape != m.shape:
+                raise MergeError(
+                    f"module {m.name}: the base weight is {weight_info.shape}, the adapters update {m.shape}"
+                )
+            if output_format == FULL_WEIGHTS and weight_info.dtype not in _FLOAT_DTYPES:
+                raise MergeError(f"module {m.name}: cannot add an update to a {weight_info.dtype} base weight")
             if output_format == FULL_WEIGHTS and m.kind == "embedding" and base.tied_embeddings:
                 raise MergeError(
                     f"module {m.name}: the base ties its input embeddings to the output head, so merging the "
@@ -374,7 +377,7 @@ def _estimate(
         if impl.low_rank_exact:
             work = 3 * factors + (m.input_rank * cols * 4 * 6 if plan.method == "knots" else 0)
             if plan.output_format == FULL_WEIGHTS:
-                work += dense * 4
+                work += 2 * 4 * min(dense, _block_elements(plan.device))  # W += B A, a block at a time
         else:
             # the merged update and one update's magnitudes (float32), the selection's masks, a block's temporaries
             work = factors + dense * (4 * 2 + 4) + 16 * 4 * min(dense, _block_elements(plan.device))
@@ -394,7 +397,8 @@ def _estimate(
 
 
 def _block_elements(device: str) -> int:
-    return CPU_BLOCK_ELEMENTS if torch.device(device).type == "cpu" else DEVICE_BLOCK_ELEMENTS
+    on_cpu: bool = torch.device(device).type == "cpu"
+    return CPU_BLOCK_ELEMENTS if on_cpu else DEVICE_BLOCK_ELEMENTS
 
 
 def _output_dtype(adapters: Sequence[LoraAdapter]) -> str:
@@ -583,7 +587,7 @@ def _adapter_config(plan: MergePlan, adapters: Sequence[LoraAdapter], base: Base
     lists = [a.config.get("target_modules") for a in adapters]
     restricted = any(a.config.get(k) for a in adapters for k in ("layers_to_transform", "exclude_modules"))
     if base is not None and not restricted and all(isinstance(t, list) for t in lists):
-        union = sorted({str(t) for ts in lists for t in ts})  # type: ignore[union-attr]
+        union = sorted({str(t) for ts in lists for t in ts or []})
         matched = {n for n in base.module_names() if any(n == t or n.endswith("." + t) for t in union)}
         if matched == written:
             targets = union
@@ -735,8 +739,8 @@ def merge_adapters(
                     assert base is not None
                     files, errors = _write_full(plan, opened, base, tmp, torch_device, timer, progress)
         finally:
-            for a in opened:
-                a.close()
+            for adapter in opened:
+                adapter.close()
     timings = {k: round(v, 6) for k, v in sorted(timer.totals.items())}
     timings["total"] = round(time.perf_counter() - started, 6)
     return MergeReport(

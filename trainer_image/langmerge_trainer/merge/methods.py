@@ -92,7 +92,7 @@ class LowRankDelta:
 
     def add_to(self, weight: torch.Tensor) -> torch.Tensor:
         """``weight += Delta`` in place, without materialising Delta: float32 arithmetic, one block of rows at a time."""
-        for r0, r1 in row_blocks(*weight.shape, weight.device):
+        for r0, r1 in row_blocks(weight.shape[0], weight.shape[1], weight.device):
             if weight.dtype == torch.float32:
                 weight[r0:r1].addmm_(self.B[r0:r1], self.A)
             else:
@@ -111,7 +111,7 @@ class DenseDelta:
 
     def add_to(self, weight: torch.Tensor) -> torch.Tensor:
         """``weight += Delta`` in place: float32 arithmetic, one block of rows at a time."""
-        for r0, r1 in row_blocks(*weight.shape, weight.device):
+        for r0, r1 in row_blocks(weight.shape[0], weight.shape[1], weight.device):
             if weight.dtype == torch.float32:
                 weight[r0:r1].add_(self.delta[r0:r1])
             else:
@@ -384,8 +384,8 @@ class TaskArithmetic(MergeMethod):
 
 #: Entries per row block of the dense methods' passes on the CPU (small blocks stay in cache and bound memory);
 #: elsewhere (GPUs) blocks are large so that a module takes few kernel launches.
-CPU_BLOCK_ELEMENTS = 1 << 18
-DEVICE_BLOCK_ELEMENTS = 1 << 26
+CPU_BLOCK_ELEMENTS: int = 1 << 18
+DEVICE_BLOCK_ELEMENTS: int = 1 << 26
 
 
 def row_blocks(rows: int, cols: int, device: torch.device) -> list[tuple[int, int]]:
@@ -501,7 +501,7 @@ def knots_align(
         q_a, r_a = torch.linalg.qr(u.A.float().T)
         q_as.append(q_a)
         r_as.append(r_a)
-    core = r_b.double() @ torch.block_diag(*[r.double().T for r in r_as])
+    core = r_b.double() @ torch.block_diag(*[r.double().T for r in r_as])  # type: ignore[no-untyped-call]
     u_c, s, vh_c = torch.linalg.svd(core, full_matrices=False)
     support = s > s[0] * relative_cutoff if s.numel() and float(s[0]) > 0 else s > 0
     u_c, s, vh_c = u_c[:, support], s[support], vh_c[support]
