@@ -29,8 +29,10 @@ status: $(STAMP)
 controlplane: $(STAMP)
 	$(BIN)/langmerge controlplane build
 
+## The CRDs from the API models: crds/ (the single source) and an identical copy in the Helm chart's crds/.
 crds: $(STAMP)
 	$(BIN)/langmerge crds
+	$(BIN)/langmerge crds --output charts/langmerge/crds
 
 lint: $(STAMP)
 	$(BIN)/ruff check operator trainer_image tests benchmarks
@@ -38,6 +40,7 @@ lint: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 	$(BIN)/langmerge crds --check
+	$(BIN)/langmerge crds --check --output charts/langmerge/crds
 
 ## Everything CI runs: linters, then every test (unit, integration on the real apiserver + S3, trainer, merge, e2e).
 test: lint controlplane

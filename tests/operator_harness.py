@@ -69,8 +69,20 @@ def env(**values: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def run_operator(namespace: str, artifacts_uri: str, **settings: Any) -> Iterator[Any]:
-    """The real operator (kopf + our controller) in this process, watching one namespace."""
+def run_operator(
+    namespace: str,
+    artifacts_uri: str,
+    *,
+    kubeconfig: str | None = None,
+    clusterwide: bool = False,
+    **settings: Any,
+) -> Iterator[Any]:
+    """The real operator (kopf + our controller) in this process, watching one namespace.
+
+    ``kubeconfig``: authenticate as another identity (default: ``$KUBECONFIG``, the admin); kopf and the controller
+    read it at start-up. ``clusterwide``: watch every namespace (``--all-namespaces``, as ``langmerge run`` does
+    without namespaces) instead of ``namespace``.
+    """
     from kopf.testing import KopfRunner
 
     values = {
@@ -82,11 +94,12 @@ def run_operator(namespace: str, artifacts_uri: str, **settings: Any) -> Iterato
         "LANGMERGE_TRAINER_IMAGE": "langmerge/trainer:test",
     }
     values.update({f"LANGMERGE_{k.upper()}": str(v) for k, v in settings.items()})
+    if kubeconfig:
+        values["KUBECONFIG"] = kubeconfig
+    where = ["--all-namespaces"] if clusterwide else ["--namespace", namespace]
     with (
         env(**values),
-        KopfRunner(
-            ["run", "--standalone", "--namespace", namespace, "-m", "langmerge.controller.main"], timeout=60
-        ) as runner,
+        KopfRunner(["run", "--standalone", *where, "-m", "langmerge.controller.main"], timeout=60) as runner,
     ):
         yield runner
     assert runner.exception is None, runner.output

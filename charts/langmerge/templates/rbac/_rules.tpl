@@ -1,0 +1,46 @@
+{{/*
+What the operator does with the API, and nothing more. The same rules go into the ClusterRole (cluster-wide watch)
+or into a Role in each watched namespace.
+*/}}
+{{- define "langmerge.rbac.operatorRules" -}}
+# Its custom resources: kopf's watches (list, watch) and the reconcilers' reads (get). It never writes their spec.
+- apiGroups: ["langmerge.dev"]
+  resources: ["languageexperts", "mergedmodels"]
+  verbs: ["get", "list", "watch"]
+# Their status: the reconcilers' merge patches (Kube.patch_status).
+- apiGroups: ["langmerge.dev"]
+  resources: ["languageexperts/status", "mergedmodels/status"]
+  verbs: ["patch"]
+{{- if .Values.rbac.ownerReferencesPermissionEnforcement }}
+# OwnerReferencesPermissionEnforcement: Jobs carry blockOwnerDeletion owner references to these objects.
+- apiGroups: ["langmerge.dev"]
+  resources: ["languageexperts/finalizers", "mergedmodels/finalizers"]
+  verbs: ["update"]
+{{- end }}
+# The training and merge Jobs it creates, watches (label app.kubernetes.io/managed-by=langmerge), counts and deletes.
+- apiGroups: ["batch"]
+  resources: ["jobs"]
+  verbs: ["get", "list", "watch", "create", "delete"]
+# Events about its custom resources (the reconcilers' and kopf's).
+- apiGroups: [""]
+  resources: ["events"]
+  verbs: ["create"]
+{{- end }}
+
+{{/*
+kopf's observation of the cluster (read-only, cluster-scoped by nature; rbac.kopfObservation). Without these kopf
+retries the forbidden requests for about a minute at every start, logging errors, before it falls back; with a
+namespaced watch it serves nothing during that minute (measured on the local API server, see tests/helm).
+*/}}
+{{- define "langmerge.rbac.observationRules" -}}
+# kopf's observation (rbac.kopfObservation): CRDs, so a running operator notices CRD changes.
+- apiGroups: ["apiextensions.k8s.io"]
+  resources: ["customresourcedefinitions"]
+  verbs: ["list", "watch"]
+{{- if not (include "langmerge.clusterwide" .) }}
+# Namespaced watch only: kopf lists the namespaces to match watch.namespaces (cluster-wide it does not).
+- apiGroups: [""]
+  resources: ["namespaces"]
+  verbs: ["list", "watch"]
+{{- end }}
+{{- end }}

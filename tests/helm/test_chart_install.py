@@ -1,0 +1,317 @@
+"""The chart installed into the real local API server, and the operator run with exactly the chart's permissions.
+
+``helm install`` runs without ``--wait``: the local control plane has no kubelet and no Deployment controller, so the
+operator's Deployment never gets a ready pod and ``--wait`` could only time out. Instead the tests read back what
+Helm created, then prove the RBAC: they take a token of the chart's ServiceAccount (issued by the real
+serviceaccount-token controller), run the real operator in-process authenticated as that ServiceAccount, drive a
+LanguageExpert to Ready and a MergedModel to revision 1 (SimulatedJobs, as admin, plays kubelet + trainer), and show
+that actions outside the chart's rules are refused with 403.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import re
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from chart_helpers import (
+    CHART,
+    CRD_OBSERVATION_RULE,
+    LEASE_RULES,
+    NAMESPACE_OBSERVATION_RULE,
+    OPERATOR_RULES,
+    argocd_health,
+    helm,
+    sa_kubeconfig,
+    set_args,
+)
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from langmerge.constants import EXPERT_PLURAL, GROUP, VERSION
+from langmerge.dev.controlplane import Endpoints
+from langmerge.kube import load_client
+from langmerge.store import ObjectStore
+from operator_harness import (
+    SimulatedJobs,
+    apply_expert,
+    apply_merged,
+    events,
+    get_expert,
+    get_merged,
+    jobs,
+    put_jsonl,
+    run_operator,
+    seed_fake_base_model,
+    status_of,
+    wait_for,
+)
+
+pytestmark = pytest.mark.integration
+
+ROWS = [{"prompt": f"q{i}", "completion": f" a{i}"} for i in range(20)]
+LANGS = ("es", "it")
+#: What kopf says when it lacks a permission it could use, and any refusal (kopf's APIForbiddenError, the client's
+#: ApiException "(403)", the API server's "... is forbidden: User ..."). Not a bare 403: log timestamps have them.
+PERMISSION_PROBLEMS = re.compile(r"Not enough permissions|Forbidden|is forbidden|\(403\)|status=403")
+
+
+@contextlib.contextmanager
+def installed(kubeconfig: str, namespace: str, values: dict[str, Any]) -> Iterator[str]:
+    """``helm install`` (no --wait, see the module docstring); ``helm uninstall`` afterwards (cluster-scoped RBAC)."""
+    release = f"lm-{uuid.uuid4().hex[:6]}"
+    helm("install", release, str(CHART), "--namespace", namespace, *set_args(values), kubeconfig=kubeconfig)
+    try:
+        yield f"{release}-langmerge"
+    finally:
+        helm("uninstall", release, "--namespace", namespace, kubeconfig=kubeconfig, check=False)
+
+
+def service_account_token(kube: Any, namespace: str, name: str) -> str:
+    """The token the 1.20 serviceaccount-token controller mints for the ServiceAccount (polled for)."""
+    core = client.CoreV1Api(kube)
+
+    def find() -> str | None:
+        secrets = core.list_namespaced_secret(namespace, field_selector="type=kubernetes.io/service-account-token")
+        for secret in secrets.items:
+            annotations = secret.metadata.annotations or {}
+            if annotations.get("kubernetes.io/service-account.name") == name and (secret.data or {}).get("token"):
+                return base64.b64decode(secret.data["token"]).decode()
+        return None
+
+    token: str = wait_for(find, timeout=30, what=f"a token Secret for ServiceAccount {namespace}/{name}")
+    return token
+
+
+def token_secret_name(kube: Any, namespace: str, sa: str) -> str:
+    account = client.CoreV1Api(kube).read_namespaced_service_account(sa, namespace)
+    return str(account.secrets[0].name)
+
+
+def expect_forbidden(call: Callable[[], Any], what: str) -> None:
+    with pytest.raises(ApiException) as err:
+        call()
+    assert err.value.status == 403, f"{what}: expected 403, got {err.value.status}"
+
+
+def rules_of(obj: Any) -> list[dict[str, Any]]:
+    """RBAC rules as read from the API server, in the chart's shape."""
+    out = []
+    for rule in obj.rules:
+        item: dict[str, Any] = {"apiGroups": rule.api_groups, "resources": rule.resources}
+        if rule.resource_names:
+            item["resourceNames"] = rule.resource_names
+        item["verbs"] = rule.verbs
+        out.append(item)
+    return out
+
+
+def _expert(bucket: str, lang: str) -> dict[str, Any]:
+    return {
+        "language": lang,
+        "task": "dialog",
+        "baseModel": {"uri": f"s3://{bucket}/base"},
+        "dataset": {"uri": f"s3://{bucket}/data/{lang}"},
+        "lora": {"rank": 4},
+        "schedule": {"pollIntervalSeconds": 5, "settleSeconds": 1},
+        "resources": {"gpus": 0},
+    }
+
+
+def _merged(bucket: str) -> dict[str, Any]:
+    return {
+        "baseModel": {"uri": f"s3://{bucket}/base"},
+        "experts": {"selector": {"matchLabels": {"task": "dialog"}}},
+        "method": "ties",
+        "parameters": {"density": 1.0},
+        "output": {"uri": f"s3://{bucket}/merged/dialog"},
+        "evaluation": {"maxRegression": 0.1},
+        "settleSeconds": 1,
+    }
+
+
+@pytest.fixture
+def seeded(s3: ObjectStore, bucket: str) -> str:
+    seed_fake_base_model(s3, f"s3://{bucket}/base")
+    for lang in LANGS:
+        put_jsonl(s3, f"s3://{bucket}/data/{lang}/part-0.jsonl", ROWS)
+    return bucket
+
+
+def _ready_expert(kube: Any, namespace: str, name: str) -> dict[str, Any] | None:
+    obj = get_expert(kube, namespace, name)
+    return obj if status_of(obj).get("phase") == "Ready" else None
+
+
+def _published(kube: Any, namespace: str, revision: int) -> dict[str, Any] | None:
+    obj = get_merged(kube, namespace, "mm")
+    status = status_of(obj)
+    return obj if status.get("revision") == revision and status.get("phase") == "Ready" else None
+
+
+def test_cluster_wide_install_and_reconcile_as_the_service_account(
+    control_plane: Endpoints,
+    kube: Any,
+    s3: ObjectStore,
+    seeded: str,
+    namespace: str,
+    make_namespace: Callable[[], str],
+    tmp_path: Path,
+) -> None:
+    bucket = seeded
+    release_ns, work_ns = namespace, make_namespace()
+    values = {"artifactsUri": f"s3://{bucket}/artifacts", "s3": {"endpoint": control_plane.s3_endpoint}}
+    with installed(control_plane.kubeconfig, release_ns, values) as fullname:
+        # What Helm created, read back from the API server.
+        rbac = client.RbacAuthorizationV1Api(kube)
+        assert rules_of(rbac.read_cluster_role(fullname)) == [*OPERATOR_RULES, CRD_OBSERVATION_RULE]
+        binding = rbac.read_cluster_role_binding(fullname)
+        assert binding.role_ref.name == fullname
+        assert [(s.kind, s.name, s.namespace) for s in binding.subjects] == [("ServiceAccount", fullname, release_ns)]
+        assert rules_of(rbac.read_namespaced_role(f"{fullname}-leader-election", release_ns)) == LEASE_RULES
+        deployment = client.AppsV1Api(kube).read_namespaced_deployment(fullname, release_ns)
+        assert deployment.spec.template.spec.service_account_name == fullname
+        assert client.CoreV1Api(kube).read_namespaced_service(f"{fullname}-metrics", release_ns).spec.ports[0].port
+        assert client.CoreV1Api(kube).read_namespaced_service_account(fullname, release_ns)
+
+        # The operator, authenticated as the chart's ServiceAccount: cluster-wide, as the chart runs it by default.
+        token = service_account_token(kube, release_ns, fullname)
+        kubeconfig = sa_kubeconfig(control_plane.kubeconfig, token, tmp_path / "operator.kubeconfig")
+        as_operator = load_client(kubeconfig)
+        with (
+            run_operator(
+                work_ns,
+                f"s3://{bucket}/artifacts",
+                kubeconfig=kubeconfig,
+                clusterwide=True,
+                leader_election_namespace=release_ns,
+            ) as runner,
+            SimulatedJobs(kube, s3, work_ns),
+        ):
+            apply_merged(kube, work_ns, "mm", _merged(bucket))
+            for lang in LANGS:
+                apply_expert(kube, work_ns, f"dialog-{lang}", _expert(bucket, lang), labels={"task": "dialog"})
+            experts = [
+                wait_for(lambda n=f"dialog-{lang}": _ready_expert(kube, work_ns, n), timeout=30, what=f"{lang} Ready")
+                for lang in LANGS
+            ]
+            merged = wait_for(lambda: _published(kube, work_ns, 1), timeout=40, what="MergedModel revision 1")
+            lease = client.CoordinationV1Api(kube).read_namespaced_lease("langmerge-operator", release_ns)
+            assert lease.spec.holder_identity
+        assert "became the leader" in runner.output  # the log is captured, and the Lease was taken
+        assert not PERMISSION_PROBLEMS.search(runner.output), runner.output
+
+        # It did its work through the chart's rules: Jobs, status, Events, the Lease.
+        assert {j.metadata.labels["langmerge.dev/component"] for j in jobs(kube, work_ns)} == {"training", "merge"}
+        assert "AdapterReady" in {e.reason for e in events(kube, work_ns, "dialog-es")}
+        for obj in [*experts, merged]:
+            assert argocd_health(obj)[0] == "Healthy", (obj["kind"], argocd_health(obj))
+
+        # And nothing more.
+        core, custom = client.CoreV1Api(as_operator), client.CustomObjectsApi(as_operator)
+        expect_forbidden(lambda: core.list_secret_for_all_namespaces(), "list Secrets cluster-wide")
+        expect_forbidden(
+            lambda: core.read_namespaced_secret(token_secret_name(kube, release_ns, fullname), release_ns),
+            "read its own token Secret",
+        )
+        expect_forbidden(
+            lambda: client.AppsV1Api(as_operator).create_namespaced_deployment(
+                work_ns,
+                {
+                    "apiVersion": "apps/v1",
+                    "kind": "Deployment",
+                    "metadata": {"name": "x"},
+                    "spec": {
+                        "selector": {"matchLabels": {"a": "b"}},
+                        "template": {
+                            "metadata": {"labels": {"a": "b"}},
+                            "spec": {"containers": [{"name": "x", "image": "x"}]},
+                        },
+                    },
+                },
+            ),
+            "create a Deployment",
+        )
+        expect_forbidden(
+            lambda: custom.patch_namespaced_custom_object(
+                GROUP, VERSION, work_ns, EXPERT_PLURAL, "dialog-es", {"spec": {"suspend": True}}
+            ),
+            "patch a LanguageExpert's spec",
+        )
+        expect_forbidden(
+            lambda: custom.delete_namespaced_custom_object(GROUP, VERSION, work_ns, EXPERT_PLURAL, "dialog-es"),
+            "delete a LanguageExpert",
+        )
+        expect_forbidden(
+            lambda: client.CoordinationV1Api(as_operator).read_namespaced_lease("langmerge-operator", work_ns),
+            "read a Lease outside the release namespace",
+        )
+
+
+def test_namespaced_install_and_reconcile_as_the_service_account(
+    control_plane: Endpoints,
+    kube: Any,
+    s3: ObjectStore,
+    seeded: str,
+    namespace: str,
+    make_namespace: Callable[[], str],
+    tmp_path: Path,
+) -> None:
+    bucket = seeded
+    release_ns, team_a, team_b = namespace, make_namespace(), make_namespace()
+    values = {
+        "artifactsUri": f"s3://{bucket}/artifacts",
+        "s3": {"endpoint": control_plane.s3_endpoint},
+        "watch": {"namespaces": [team_a, team_b]},
+    }
+    with installed(control_plane.kubeconfig, release_ns, values) as fullname:
+        rbac = client.RbacAuthorizationV1Api(kube)
+        for ns in (team_a, team_b):
+            assert rules_of(rbac.read_namespaced_role(fullname, ns)) == OPERATOR_RULES
+        # Cluster-wide, only kopf's read-only observation: without it kopf retries the forbidden namespace listing
+        # for about a minute at every start (logging errors) and reconciles nothing meanwhile (measured here).
+        assert rules_of(rbac.read_cluster_role(fullname)) == [CRD_OBSERVATION_RULE, NAMESPACE_OBSERVATION_RULE]
+
+        token = service_account_token(kube, release_ns, fullname)
+        kubeconfig = sa_kubeconfig(control_plane.kubeconfig, token, tmp_path / "operator.kubeconfig")
+        as_operator = load_client(kubeconfig)
+        with (
+            run_operator(
+                team_a,
+                f"s3://{bucket}/artifacts",
+                kubeconfig=kubeconfig,
+                namespaces=f"{team_a},{team_b}",
+                leader_election_namespace=release_ns,
+            ) as runner,
+            SimulatedJobs(kube, s3, team_a),
+        ):
+            apply_expert(kube, team_a, "dialog-es", _expert(bucket, "es"), labels={"task": "dialog"})
+            wait_for(lambda: _ready_expert(kube, team_a, "dialog-es"), timeout=30, what="Ready")
+        assert "became the leader" in runner.output  # the log is captured, and the Lease was taken
+        assert not PERMISSION_PROBLEMS.search(runner.output), runner.output
+
+        batch, custom = client.BatchV1Api(as_operator), client.CustomObjectsApi(as_operator)
+        expect_forbidden(lambda: batch.list_job_for_all_namespaces(), "list Jobs cluster-wide")
+        expect_forbidden(
+            lambda: custom.list_namespaced_custom_object(GROUP, VERSION, release_ns, EXPERT_PLURAL),
+            "list LanguageExperts in a namespace it does not watch",
+        )
+        expect_forbidden(lambda: client.CoreV1Api(as_operator).list_namespaced_secret(team_a), "list Secrets")
+
+
+def test_documented_crd_upgrade_applies(control_plane: Endpoints) -> None:
+    """The README's CRD upgrade step, as a server-side dry run against the real API server."""
+    import subprocess
+
+    from langmerge.dev import tools
+
+    command = [str(tools.kubectl()), "--kubeconfig", control_plane.kubeconfig, "apply", "--server-side"]
+    command += ["--force-conflicts", "--dry-run=server", "-f", str(CHART / "crds")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("serverside-applied (server dry run)") == 2, result.stdout
