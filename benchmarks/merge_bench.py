@@ -214,6 +214,7 @@ def main() -> int:
     parser.add_argument("--density", type=float, default=0.2, help="TIES density of the trimmed runs")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    parser.add_argument("--runs", default="", help="our steps, comma-separated (default: all)")
     parser.add_argument("--repeat", type=int, default=1, help="runs of each of our steps and the floor (best time)")
     args = parser.parse_args()
 
@@ -265,37 +266,45 @@ def main() -> int:
 
     # -- ours ------------------------------------------------------------------------------------------------------
     ours: dict[str, float] = {}
-    runs: list[tuple[str, str, dict[str, Any], str, int | None, str]] = [
-        ("ours: linear -> adapter (exact)", "linear", {}, "peft-adapter", None, "exact"),
-        ("ours: cat -> adapter (exact)", "cat", {}, "peft-adapter", None, "exact"),
-        ("ours: ties d=1.0 -> adapter", "ties", {"density": 1.0, "lambda_": 1.0}, "peft-adapter", None, "rank-r"),
-        (
+    catalogue: dict[str, tuple[str, str, dict[str, Any], str, str]] = {
+        "linear": ("ours: linear -> adapter (exact)", "linear", {}, "peft-adapter", "exact"),
+        "cat": ("ours: cat -> adapter (exact)", "cat", {}, "peft-adapter", "exact"),
+        "ties": ("ours: ties d=1.0 -> adapter", "ties", {"density": 1.0, "lambda_": 1.0}, "peft-adapter", "rank-r"),
+        "ties-trim": (
             f"ours: ties d={args.density} -> adapter",
             "ties",
             {"density": args.density, "lambda_": 1.0},
             "peft-adapter",
-            None,
             "rank-r",
         ),
-        (
+        "dare": (
             "ours: dare_ties d=0.5 -> adapter",
             "dare_ties",
             {"density": 0.5, "lambda_": 1.0, "seed": 0},
             "peft-adapter",
-            None,
             "rank-r",
         ),
-        (
+        "knots": (
             "ours: knots ties -> adapter (exact)",
             "knots",
             {"density": 1.0, "lambda_": 1.0, "knots_merge": "ties"},
             "peft-adapter",
-            None,
             "exact",
         ),
-        ("ours: linear -> full weights", "linear", {}, "full-weights", None, "full"),
-        ("ours: ties d=1.0 -> full weights", "ties", {"density": 1.0, "lambda_": 1.0}, "full-weights", None, "full"),
-    ]
+        "linear-full": ("ours: linear -> full weights", "linear", {}, "full-weights", "full"),
+        "ties-full": (
+            "ours: ties d=1.0 -> full weights",
+            "ties",
+            {"density": 1.0, "lambda_": 1.0},
+            "full-weights",
+            "full",
+        ),
+    }
+    wanted = [k.strip() for k in args.runs.split(",") if k.strip()] if args.runs else list(catalogue)
+    unknown = sorted(set(wanted) - set(catalogue))
+    if unknown:
+        parser.error(f"unknown --runs {unknown}; known: {', '.join(catalogue)}")
+    runs = [(*catalogue[k][:4], None, catalogue[k][4]) for k in wanted]
     errors: dict[str, float] = {}
     for label, method, extra, fmt, rank, floor in runs:
         out = work / "ours"
@@ -377,7 +386,7 @@ def main() -> int:
             ("linear", "ours: linear -> adapter (exact)", "PEFT's inexact linear vs our exact one"),
         ]
         for ct, mine, what in pairs:
-            if ct in peft_times:
+            if ct in peft_times and mine in ours:
                 print(
                     f"  {what:45s} PEFT {ct:9s} {peft_times[ct] * scale:9.2f} s  ours {ours[mine] * scale:8.2f} s  "
                     f"-> {peft_times[ct] / ours[mine]:6.1f}x"

@@ -7,8 +7,8 @@ Every method combines, for one module, the updates ``Delta_i = scale_i * B_i @ A
   ``dare_ties`` and ``magnitude_prune`` are configured instances of it (sparsify by magnitude or at random, elect
   signs or not, normalise by the weights or not, scale by lambda or not). Without sparsification or sign election
   the result is exactly low rank and is returned as factors (``B = [c_1 B_1 ... c_n B_n]``, ``A = [A_1; ...; A_n]``):
-  no dense matrix is formed. Otherwise the dense updates are streamed one adapter at a time into a few accumulators,
-  so memory does not grow with the number of adapters.
+  no dense matrix is formed. Otherwise the dense updates are computed block of rows by block of rows and folded into
+  four running sums, so the working space is about two float32 copies of the module whatever the number of adapters.
 * :class:`Knots` (KnOTS, Stoica et al. 2024, arXiv 2410.19735) aligns the updates in the SVD basis of their
   concatenation ``[Delta_1 ... Delta_n] = U S [V_1^T ... V_n^T]`` (taken exactly from the factors), merges the
   coordinates ``X_i = S V_i^T`` with TIES or a weighted average, and maps back: ``Delta = U X``. The result has rank
