@@ -75,13 +75,14 @@ def run_operator(
     *,
     kubeconfig: str | None = None,
     clusterwide: bool = False,
+    extra_args: tuple[str, ...] = (),
     **settings: Any,
 ) -> Iterator[Any]:
     """The real operator (kopf + our controller) in this process, watching one namespace.
 
     ``kubeconfig``: authenticate as another identity (default: ``$KUBECONFIG``, the admin); kopf and the controller
     read it at start-up. ``clusterwide``: watch every namespace (``--all-namespaces``, as ``langmerge run`` does
-    without namespaces) instead of ``namespace``.
+    without namespaces) instead of ``namespace``. ``extra_args``: more ``kopf run`` options, e.g. ``--liveness URL``.
     """
     from kopf.testing import KopfRunner
 
@@ -99,7 +100,9 @@ def run_operator(
     where = ["--all-namespaces"] if clusterwide else ["--namespace", namespace]
     with (
         env(**values),
-        KopfRunner(["run", "--standalone", *where, "-m", "langmerge.controller.main"], timeout=60) as runner,
+        KopfRunner(
+            ["run", "--standalone", *where, *extra_args, "-m", "langmerge.controller.main"], timeout=60
+        ) as runner,
     ):
         yield runner
     assert runner.exception is None, runner.output

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import json
 import re
+import socket
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -70,6 +73,12 @@ def installed(kubeconfig: str, namespace: str, values: dict[str, Any]) -> Iterat
         yield f"{release}-langmerge"
     finally:
         helm("uninstall", release, "--namespace", namespace, kubeconfig=kubeconfig, check=False)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def service_account_token(kube: Any, namespace: str, name: str) -> str:
@@ -183,12 +192,14 @@ def test_cluster_wide_install_and_reconcile_as_the_service_account(
         token = service_account_token(kube, release_ns, fullname)
         kubeconfig = sa_kubeconfig(control_plane.kubeconfig, token, tmp_path / "operator.kubeconfig")
         as_operator = load_client(kubeconfig)
+        liveness = f"http://127.0.0.1:{free_port()}/healthz"  # the chart's probes, on loopback here
         with (
             run_operator(
                 work_ns,
                 f"s3://{bucket}/artifacts",
                 kubeconfig=kubeconfig,
                 clusterwide=True,
+                extra_args=("--liveness", liveness),
                 leader_election_namespace=release_ns,
             ) as runner,
             SimulatedJobs(kube, s3, work_ns),
@@ -201,8 +212,21 @@ def test_cluster_wide_install_and_reconcile_as_the_service_account(
                 for lang in LANGS
             ]
             merged = wait_for(lambda: _published(kube, work_ns, 1), timeout=40, what="MergedModel revision 1")
-            lease = client.CoordinationV1Api(kube).read_namespaced_lease("langmerge-operator", release_ns)
-            assert lease.spec.holder_identity
+            # Leader election through the lease Role: created (create), then renewed (get + update) every 5 s.
+            leases = client.CoordinationV1Api(kube)
+            first = leases.read_namespaced_lease("langmerge-operator", release_ns).spec
+            assert first.holder_identity
+            wait_for(
+                lambda: (
+                    leases.read_namespaced_lease("langmerge-operator", release_ns).spec.renew_time != first.renew_time
+                ),
+                timeout=15,
+                interval=0.5,
+                what="a Lease renewal",
+            )
+            # What the Deployment's liveness and readiness probes get: 200 and kopf's probe results.
+            with urllib.request.urlopen(liveness, timeout=5) as response:
+                assert response.status == 200 and "workqueue" in json.loads(response.read())
         assert "became the leader" in runner.output  # the log is captured, and the Lease was taken
         assert not PERMISSION_PROBLEMS.search(runner.output), runner.output
 
