@@ -18,3 +18,11 @@ def test_committed_crds_match_generated() -> None:
 
 def test_no_stray_crd_files() -> None:
     assert sorted(p.name for p in (ROOT / "crds").glob("*.yaml")) == sorted(all_crds())
+
+
+def test_example_manifests_are_what_up_applies() -> None:
+    from langmerge.dev.demo import sample_files
+
+    for name, text in sample_files().items():
+        path = ROOT / "examples" / "sample" / name
+        assert path.read_text(encoding="utf-8") == text, f"{path} is stale: run `langmerge sample-manifests`"
