@@ -653,9 +653,9 @@ def _write_full(
                             with timer.phase("copy"):
                                 writer.write_chunks(info.name, reader(shard).iter_bytes(info.name))
                         else:
+                            merged = _merge_module(plan, module, adapters, device, timer)
                             with timer.phase("read"):
                                 weight = reader(shard).read(info.name).to(device)
-                            merged = _merge_module(plan, module, adapters, device, timer)
                             with timer.phase("merge"):
                                 merged.add_to(weight)  # float32 arithmetic, stored back in the base dtype
                                 del merged

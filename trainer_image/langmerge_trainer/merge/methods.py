@@ -384,7 +384,7 @@ class TaskArithmetic(MergeMethod):
 
 #: Entries per row block of the dense methods' passes on the CPU (small blocks stay in cache and bound memory);
 #: elsewhere (GPUs) blocks are large so that a module takes few kernel launches.
-CPU_BLOCK_ELEMENTS: int = 1 << 18
+CPU_BLOCK_ELEMENTS: int = 1 << 16
 DEVICE_BLOCK_ELEMENTS: int = 1 << 26
 
 
