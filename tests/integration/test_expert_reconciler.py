@@ -64,9 +64,36 @@ def _ready(kube: Any, namespace: str, name: str) -> dict[str, Any] | None:
     return obj if status_of(obj).get("phase") == "Ready" else None
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _metric(port: int, name: str) -> float:
+    import urllib.error
+    import urllib.request
+
+    def scrape() -> str | None:
+        try:
+            return str(urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode())
+        except urllib.error.URLError:
+            return None  # the operator is still starting
+
+    text = wait_for(scrape, timeout=20, what="the metrics endpoint")
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+
+
 def test_expert_trains_once_and_becomes_ready(kube: Any, s3: ObjectStore, seeded: str, namespace: str) -> None:
     bucket = seeded
-    with run_operator(namespace, f"s3://{bucket}/artifacts"), SimulatedJobs(kube, s3, namespace, duration=1.0):
+    port = _free_port()
+    with (
+        run_operator(namespace, f"s3://{bucket}/artifacts", metrics_port=port),
+        SimulatedJobs(kube, s3, namespace, duration=1.0),
+    ):
+        launched = _metric(port, 'langmerge_jobs_launched_total{component="training"}')
         apply_expert(kube, namespace, "es", _spec(bucket))
         job = wait_for(lambda: jobs(kube, namespace), what="a training Job")[0]
         # The Job, as built by the pure builder and created by the operator.
@@ -102,6 +129,9 @@ def test_expert_trains_once_and_becomes_ready(kube: Any, s3: ObjectStore, seeded
         reasons = {e.reason for e in events(kube, namespace, "es")}
         assert {"TrainingStarted", "AdapterReady"} <= reasons
         assert len(jobs(kube, namespace)) == 1
+        # Prometheus metrics: the Job launched and the reconcile latency histogram.
+        assert _metric(port, 'langmerge_jobs_launched_total{component="training"}') >= launched + 1
+        assert _metric(port, 'langmerge_reconcile_seconds_count{kind="expert"}') > 0
 
 
 def test_reapply_and_restart_start_no_jobs(kube: Any, s3: ObjectStore, seeded: str, namespace: str) -> None:
