@@ -137,6 +137,8 @@ class Result:
     seconds: float
     peak_bytes: int | None
     note: str = ""
+    #: CPU seconds of this process (robust to other load on a shared machine; counts all threads).
+    cpu_seconds: float = 0.0
 
 
 def measure(
@@ -153,6 +155,7 @@ def measure(
                 result.seconds,
                 max(result.peak_bytes or 0, best.peak_bytes or 0) if best else result.peak_bytes,
                 note,
+                result.cpu_seconds,
             )
         elif result.peak_bytes is not None:
             best.peak_bytes = max(best.peak_bytes or 0, result.peak_bytes)
@@ -167,13 +170,13 @@ def _measure_once(name: str, device: torch.device, fn: Callable[[], Any], note: 
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     with PeakMemory() as memory:
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         value = fn()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else memory.growth
-    return Result(name, seconds, peak, note), value
+    return Result(name, seconds, peak, note, cpu), value
 
 
 def copy_bytes(sources: list[Path], target: Path, out_bytes: int | None = None) -> int:
@@ -265,6 +268,11 @@ def main() -> int:
     results.append(r)
 
     # -- ours ------------------------------------------------------------------------------------------------------
+    # warm-up (lazy imports, first-use kernels), not timed
+    merge_adapters(
+        base, inputs, "ties", {**params, "density": 0.5, "lambda_": 1.0}, "peft-adapter", None, work / "warm"
+    )
+    shutil.rmtree(work / "warm", ignore_errors=True)
     ours: dict[str, float] = {}
     catalogue: dict[str, tuple[str, str, dict[str, Any], str, str]] = {
         "linear": ("ours: linear -> adapter (exact)", "linear", {}, "peft-adapter", "exact"),
@@ -374,9 +382,12 @@ def main() -> int:
         del model
 
     # -- report ----------------------------------------------------------------------------------------------------
-    print(f"\n{'step':58s} {'seconds':>9s} {'scaled':>9s} {'peak mem':>12s}  note")
+    print(f"\n{'step':58s} {'wall s':>9s} {'cpu s':>8s} {'scaled':>9s} {'peak mem':>12s}  note (wall-clock ratios)")
     for r in results:
-        print(f"{r.name:58s} {r.seconds:9.3f} {r.seconds * scale:9.2f} {peak_text(r.peak_bytes):>12s}  {r.note}")
+        print(
+            f"{r.name:58s} {r.seconds:9.3f} {r.cpu_seconds:8.2f} {r.seconds * scale:9.2f} "
+            f"{peak_text(r.peak_bytes):>12s}  {r.note}"
+        )
     if peft_times:
         print("\nratios (PEFT time / ours):")
         pairs = [
