@@ -30,7 +30,7 @@ OPERATOR_RULES: list[dict[str, Any]] = [
         "resources": ["languageexperts/status", "mergedmodels/status"],
         "verbs": ["patch"],
     },
-    {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "list", "watch", "create", "delete"]},
+    {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["list", "watch", "create", "delete"]},
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
 ]
 #: With rbac.ownerReferencesPermissionEnforcement (OpenShift-style clusters).

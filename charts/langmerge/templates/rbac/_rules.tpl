@@ -17,10 +17,11 @@ or into a Role in each watched namespace.
   resources: ["languageexperts/finalizers", "mergedmodels/finalizers"]
   verbs: ["update"]
 {{- end }}
-# The training and merge Jobs it creates, watches (label app.kubernetes.io/managed-by=langmerge), counts and deletes.
+# The training and merge Jobs: created, watched by kopf (label app.kubernetes.io/managed-by=langmerge), listed to
+# count and find them, deleted when outdated or orphaned. Never read one by name (no get).
 - apiGroups: ["batch"]
   resources: ["jobs"]
-  verbs: ["get", "list", "watch", "create", "delete"]
+  verbs: ["list", "watch", "create", "delete"]
 # Events about its custom resources (the reconcilers' and kopf's).
 - apiGroups: [""]
   resources: ["events"]
