@@ -22,6 +22,21 @@ class Conflict(Exception):
     """409 on create: the object already exists."""
 
 
+class Rejected(Exception):
+    """The API server refused an object (forbidden, invalid, quota): a problem a retry alone will not fix."""
+
+
+def api_message(err: ApiException) -> str:
+    """The human part of an API error (its Status message), else the reason."""
+    import json
+
+    try:
+        body = err.body.decode() if isinstance(err.body, bytes) else err.body
+        return str(json.loads(body).get("message") or err.reason)
+    except (TypeError, ValueError, AttributeError):
+        return str(err.reason)
+
+
 def load_client(kubeconfig: str | None = None) -> ApiClient:
     """An ApiClient from a kubeconfig file, else the in-cluster ServiceAccount, else ``~/.kube/config``."""
     if kubeconfig:
@@ -137,12 +152,14 @@ class Kube:
         return list(self.batch.list_job_for_all_namespaces(label_selector=label_selector).items)
 
     def create_job(self, namespace: str, manifest: dict[str, Any]) -> bool:
-        """Create a Job; False if it already exists (409)."""
+        """Create a Job; False if it already exists (409). :class:`Rejected` for 400/403/422 (e.g. a quota)."""
         try:
             self.batch.create_namespaced_job(namespace, manifest)
         except ApiException as err:
             if err.status == 409:
                 return False
+            if err.status in (400, 403, 422):
+                raise Rejected(f"{err.status} {api_message(err)}") from err
             raise
         return True
 

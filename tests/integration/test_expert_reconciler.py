@@ -402,3 +402,25 @@ def test_spec_change_to_job_latency(kube: Any, s3: ObjectStore, seeded: str, nam
         f"\nspec change -> Job created over {len(latencies)} changes: p50 {statistics.median(latencies) * 1000:.0f} ms, p95 {q[18] * 1000:.0f} ms"
     )
     assert len(latencies) == 20
+
+
+def test_rejected_job_is_reported(kube: Any, s3: ObjectStore, seeded: str, namespace: str) -> None:
+    """The API server refuses the Job (here a node selector value the CRD cannot check): the expert says so in its
+    status and an Event instead of failing silently, and recovers once the spec is fixed."""
+    bucket = seeded
+    bad = _spec(bucket, resources={"gpus": 1, "nodeSelector": {"pool": "gpu nodes!"}})
+    with run_operator(namespace, f"s3://{bucket}/artifacts"), SimulatedJobs(kube, s3, namespace):
+        apply_expert(kube, namespace, "es", bad)
+        obj = wait_for(
+            lambda: (
+                (c := condition(get_expert(kube, namespace, "es"), "Degraded"))
+                and c["reason"] == "JobRejected"
+                and get_expert(kube, namespace, "es")
+            ),
+            what="JobRejected",
+        )
+        assert "refused the training Job" in obj["status"]["message"] and "nodeSelector" in obj["status"]["message"]
+        assert "JobRejected" in {e.reason for e in events(kube, namespace, "es")}
+        assert jobs(kube, namespace) == []
+        apply_expert(kube, namespace, "es", _spec(bucket, resources={"gpus": 1, "nodeSelector": {"pool": "gpu"}}))
+        wait_for(lambda: _ready(kube, namespace, "es"), what="Ready after the fix")

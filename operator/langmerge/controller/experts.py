@@ -42,6 +42,7 @@ from langmerge.controller.status import (
     truncate,
 )
 from langmerge.fingerprint import training_fingerprint
+from langmerge.kube import Rejected
 from langmerge.store import StoreError
 from langmerge.tasks import TrainTask
 
@@ -486,7 +487,17 @@ class ExpertReconciler:
                 self.condition(TRAINING, False, "QueueFull", message)
                 self.condition(READY, False, "Queued", message)
                 return 30.0
-            created = self.rt.kube.create_job(self.namespace, manifest)
+            try:
+                created = self.rt.kube.create_job(self.namespace, manifest)
+            except Rejected as err:
+                message = f"the API server refused the training Job {manifest['metadata']['name']}: {err}"
+                if self.old.message != truncate(message):
+                    self.event("Warning", "JobRejected", message)
+                self.status.active_job = None
+                self.set_phase(ExpertPhase.PENDING, message)
+                self.condition(TRAINING, False, "JobRejected", message)
+                self.condition(DEGRADED, True, "JobRejected", message)
+                return 60.0
         self.rt.waiting_for_capacity.discard(self.key)
         name = manifest["metadata"]["name"]
         if created:

@@ -53,6 +53,7 @@ from langmerge.controller.status import (
     truncate,
 )
 from langmerge.fingerprint import merge_fingerprint
+from langmerge.kube import Rejected
 from langmerge.store import StoreError
 from langmerge.tasks import MergeTask, MergeTaskInput
 
@@ -443,7 +444,17 @@ class MergedReconciler:
                 self.set_phase(MergedPhase.WAITING, message)
                 self.condition(MERGING, False, "QueueFull", message)
                 return 30.0
-            created = self.rt.kube.create_job(self.namespace, manifest)
+            try:
+                created = self.rt.kube.create_job(self.namespace, manifest)
+            except Rejected as err:
+                message = f"the API server refused the merge Job {manifest['metadata']['name']}: {err}"
+                if self.old.message != truncate(message):
+                    self.event("Warning", "JobRejected", message)
+                self.status.active_job = None
+                self.set_phase(MergedPhase.WAITING, message)
+                self.condition(MERGING, False, "JobRejected", message)
+                self.condition(DEGRADED, True, "JobRejected", message)
+                return 60.0
         self.rt.waiting_for_capacity.discard(self.key)
         name = manifest["metadata"]["name"]
         if created:
