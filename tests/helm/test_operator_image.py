@@ -15,28 +15,14 @@ from chart_helpers import CHART, ROOT
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
+from dockerfile_helpers import dockerfile_instructions
 from langmerge.cli import build_parser
 
 DOCKERFILE = ROOT / "operator" / "Dockerfile"
 
 
 def instructions() -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) with comments dropped and continuation lines joined."""
-    out: list[tuple[str, str]] = []
-    pending = ""
-    for raw in DOCKERFILE.read_text().splitlines():
-        line = raw.strip()
-        if not pending and (not line or line.startswith("#")):
-            continue
-        if line.endswith("\\"):
-            pending += line[:-1] + " "
-            continue
-        line = pending + line
-        pending = ""
-        word, _, rest = line.partition(" ")
-        out.append((word.upper(), rest.strip()))
-    assert not pending, "dangling line continuation"
-    return out
+    return dockerfile_instructions(DOCKERFILE)
 
 
 def final_stage() -> list[tuple[str, str]]:

@@ -13,27 +13,14 @@ import pytest
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
+from dockerfile_helpers import dockerfile_instructions
+
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "trainer_image" / "Dockerfile"
 
 
 def instructions() -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) with comments dropped and continuation lines joined."""
-    out: list[tuple[str, str]] = []
-    pending = ""
-    for raw in DOCKERFILE.read_text().splitlines():
-        line = raw.strip()
-        if not pending and (not line or line.startswith("#")):
-            continue
-        if line.endswith("\\"):
-            pending += line[:-1] + " "
-            continue
-        line = pending + line
-        pending = ""
-        word, _, rest = line.partition(" ")
-        out.append((word.upper(), rest.strip()))
-    assert not pending, "dangling line continuation"
-    return out
+    return dockerfile_instructions(DOCKERFILE)
 
 
 def args_of(kind: str) -> list[str]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from pydantic import ValidationError
@@ -30,6 +30,7 @@ from langmerge.constants import COMPONENT_TRAINING, EXPERT_KIND, EXPERT_PLURAL, 
 from langmerge.controller import metrics
 from langmerge.controller.attempts import decide_retry, failure_records, record_job_end
 from langmerge.controller.jobs import JobState, Owner, build_training_job, job_state, label_value, selector
+from langmerge.controller.reconcile import ReconcilePass, fmt_time, format_validation_error
 from langmerge.controller.runtime import EXPERT, Key, Runtime, object_key
 from langmerge.controller.status import (
     DATA_CHANGED,
@@ -37,8 +38,6 @@ from langmerge.controller.status import (
     READY,
     TRAINING,
     bounded,
-    merge_patch_body,
-    set_condition,
     truncate,
 )
 from langmerge.fingerprint import training_fingerprint
@@ -50,19 +49,6 @@ log = logging.getLogger(__name__)
 
 #: Wait after an S3 error before trying again.
 STORAGE_RETRY_SECONDS = 15.0
-
-
-def fmt_time(value: datetime) -> str:
-    return value.strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def format_validation_error(err: ValidationError) -> str:
-    """``spec.lora.rank: Input should be greater than or equal to 1; ...`` — one line a user can act on."""
-    parts = []
-    for e in err.errors():
-        loc = "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in e["loc"])
-        parts.append(f"spec{loc}: {e['msg']}")
-    return "; ".join(parts)
 
 
 def parse_expert_spec(raw: dict[str, Any]) -> LanguageExpertSpec:
@@ -115,50 +101,12 @@ def count_active_jobs(rt: Runtime, component: str) -> int:
     return total
 
 
-class ExpertReconciler:
+class ExpertReconciler(ReconcilePass[LanguageExpertStatus]):
     """One reconcile pass over one LanguageExpert."""
 
-    def __init__(self, rt: Runtime, key: Key, body: dict[str, Any]) -> None:
-        self.rt = rt
-        self.key = key
-        self.body = body
-        meta = body["metadata"]
-        self.namespace: str = meta["namespace"]
-        self.name: str = meta["name"]
-        self.generation: int | None = meta.get("generation")
-        self.now = rt.now()
-        self.now_s = fmt_time(self.now)
-        try:
-            self.old = LanguageExpertStatus.model_validate(body.get("status") or {})
-        except ValidationError:
-            self.old = LanguageExpertStatus()
-        self.status = self.old.model_copy(deep=True)
-        self.settings = rt.settings
-        self.events: list[tuple[str, str, str]] = []
-
-    # -- helpers ---------------------------------------------------------------------------------------------------
-    def condition(self, type_: str, value: bool, reason: str, message: str = "") -> None:
-        self.status.conditions = set_condition(
-            self.status.conditions, type_, value, reason, truncate(message), generation=self.generation, now=self.now_s
-        )
-
-    def event(self, type_: str, reason: str, message: str) -> None:
-        self.events.append((type_, reason, message))
-
-    def set_phase(self, phase: ExpertPhase, message: str | None = None) -> None:
-        self.status.phase = phase
-        self.status.message = truncate(message) if message else None
-
-    def commit(self, requeue: float | None) -> float | None:
-        """Write the status if it changed, post the events, return the requeue delay."""
-        self.status.observed_generation = self.generation
-        new = self.status.model_dump(mode="json", by_alias=True)
-        old = self.old.model_dump(mode="json", by_alias=True)
-        if new != old:
-            self.rt.kube.patch_status(EXPERT_PLURAL, object_key(self.key), merge_patch_body(new))
-        for type_, reason, message in self.events:
-            self.rt.event({**self.body, "kind": EXPERT_KIND}, type_, reason, message)
-        return requeue
+    kind = EXPERT_KIND
+    plural = EXPERT_PLURAL
+    status_model = LanguageExpertStatus
 
     # -- the pass ------------------------------------------------------------------------------------------------
     def run(self) -> float | None:

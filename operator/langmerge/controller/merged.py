@@ -29,7 +29,7 @@ from langmerge.artifacts import BaseModelIdentity, MergeManifest, PublishedRevis
 from langmerge.constants import COMPONENT_MERGE, LABEL_MERGED, MERGED_KIND, MERGED_PLURAL
 from langmerge.controller import metrics
 from langmerge.controller.attempts import decide_retry, failure_records, record_job_end
-from langmerge.controller.experts import count_active_jobs, fmt_time, format_validation_error
+from langmerge.controller.experts import count_active_jobs
 from langmerge.controller.jobs import JobState, Owner, build_merge_job, job_state, label_value, selector
 from langmerge.controller.publish import (
     Current,
@@ -40,6 +40,7 @@ from langmerge.controller.publish import (
     read_current,
     read_revision,
 )
+from langmerge.controller.reconcile import ReconcilePass, fmt_time, format_validation_error
 from langmerge.controller.runtime import MERGED, Key, Runtime, object_key
 from langmerge.controller.status import (
     DEGRADED,
@@ -48,8 +49,6 @@ from langmerge.controller.status import (
     QUALITY_GATE,
     READY,
     bounded,
-    merge_patch_body,
-    set_condition,
     truncate,
 )
 from langmerge.fingerprint import merge_fingerprint
@@ -94,48 +93,12 @@ def _selected(body: dict[str, Any]) -> SelectedExpert:
     return SelectedExpert(meta["name"], spec, status, dict(meta.get("labels") or {}))
 
 
-class MergedReconciler:
+class MergedReconciler(ReconcilePass[MergedModelStatus]):
     """One reconcile pass over one MergedModel."""
 
-    def __init__(self, rt: Runtime, key: Key, body: dict[str, Any]) -> None:
-        self.rt = rt
-        self.key = key
-        self.body = body
-        meta = body["metadata"]
-        self.namespace: str = meta["namespace"]
-        self.name: str = meta["name"]
-        self.generation: int | None = meta.get("generation")
-        self.now = rt.now()
-        self.now_s = fmt_time(self.now)
-        try:
-            self.old = MergedModelStatus.model_validate(body.get("status") or {})
-        except ValidationError:
-            self.old = MergedModelStatus()
-        self.status = self.old.model_copy(deep=True)
-        self.settings = rt.settings
-        self.events: list[tuple[str, str, str]] = []
-
-    # -- helpers ---------------------------------------------------------------------------------------------------
-    def condition(self, type_: str, value: bool, reason: str, message: str = "") -> None:
-        self.status.conditions = set_condition(
-            self.status.conditions, type_, value, reason, truncate(message), generation=self.generation, now=self.now_s
-        )
-
-    def event(self, type_: str, reason: str, message: str) -> None:
-        self.events.append((type_, reason, message))
-
-    def set_phase(self, phase: MergedPhase, message: str | None = None) -> None:
-        self.status.phase = phase
-        self.status.message = truncate(message) if message else None
-
-    def commit(self, requeue: float | None) -> float | None:
-        self.status.observed_generation = self.generation
-        new = self.status.model_dump(mode="json", by_alias=True)
-        if new != self.old.model_dump(mode="json", by_alias=True):
-            self.rt.kube.patch_status(MERGED_PLURAL, object_key(self.key), merge_patch_body(new))
-        for type_, reason, message in self.events:
-            self.rt.event({**self.body, "kind": MERGED_KIND}, type_, reason, message)
-        return requeue
+    kind = MERGED_KIND
+    plural = MERGED_PLURAL
+    status_model = MergedModelStatus
 
     def mark_failed(self, reason: str, message: str) -> None:
         """A problem only the user can fix: say so in status and an Event (once), keep the published revision."""
