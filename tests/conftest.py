@@ -122,3 +122,20 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     out = tmp_path_factory.mktemp("tiny-llama")
     return build_tiny_llama(out, sample_texts(["es", "it", "pt"]))
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    """Counts by kind, so a run shows that the integration tests really ran (not skipped) against the real servers."""
+    counts: dict[str, dict[str, int]] = {}
+    for outcome in ("passed", "failed", "skipped", "error"):
+        for report in terminalreporter.stats.get(outcome, []):
+            keywords = getattr(report, "keywords", {})
+            for kind in ("integration", "trainer", "e2e", "gpu"):
+                if kind in keywords:
+                    counts.setdefault(kind, {}).setdefault(outcome, 0)
+                    counts[kind][outcome] += 1
+    if counts:
+        terminalreporter.write_sep("-", "tests by kind")
+        for kind, by_outcome in sorted(counts.items()):
+            summary = ", ".join(f"{n} {outcome}" for outcome, n in sorted(by_outcome.items()))
+            terminalreporter.write_line(f"{kind}: {summary}")
