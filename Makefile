@@ -49,6 +49,9 @@ test: lint controlplane
 test-unit: $(STAMP)
 	$(BIN)/pytest -m "not integration and not trainer"
 
+test-integration: controlplane
+	$(BIN)/pytest -m integration
+
 bench: $(STAMP)
 	$(BIN)/python benchmarks/merge_bench.py
 	$(BIN)/python benchmarks/trainer_throughput.py
