@@ -529,7 +529,8 @@ def up(
     demo.watch(lambda: demo.revision() >= 1, "training 3 language experts, then merging (revision 1)", timeout)
     trained_before = len(demo.training_jobs())
     merges_before = len(demo.merge_jobs())
-    if not demo.maintenance_applied():
+    update_now = not demo.maintenance_applied()
+    if update_now:
         demo.add_data()
     else:
         print("maintenance data already applied (state from an earlier run)")
@@ -541,10 +542,15 @@ def up(
     print(demo.summary())
     new_training = len(demo.training_jobs()) - trained_before
     new_merges = len(demo.merge_jobs()) - merges_before
-    if trained_before or merges_before:
+    if update_now:
         print(
-            f"\nmaintenance update: {new_training} training Job(s) and {new_merges} merge Job(s) "
-            f"(of {len(LANGUAGES)} languages); total time {time.monotonic() - t0:.0f}s"
+            f"\nmaintenance update: {new_training} training Job(s) for 1 of {len(LANGUAGES)} languages and {new_merges} "
+            f"merge Job(s); total time {time.monotonic() - t0:.0f}s"
+        )
+    else:
+        print(
+            f"\nthe sample ran before: this run started {new_training} training and {new_merges} merge Job(s) "
+            f"(everything came back from etcd and S3); total time {time.monotonic() - t0:.0f}s"
         )
     return 0
 
