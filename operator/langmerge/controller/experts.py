@@ -41,7 +41,6 @@ from langmerge.controller.status import (
     truncate,
 )
 from langmerge.fingerprint import training_fingerprint
-from langmerge.kube import Rejected
 from langmerge.store import StoreError
 from langmerge.tasks import TrainTask
 
@@ -87,18 +86,6 @@ def owned_jobs(rt: Runtime, body: dict[str, Any]) -> list[JobState]:
             continue  # left over from a deleted object of the same name; the garbage collector removes it
         mine.append(job_state(job))
     return mine
-
-
-def count_active_jobs(rt: Runtime, component: str) -> int:
-    namespaces = rt.settings.namespaces or (None,)
-    total = 0
-    for ns in namespaces:
-        total += sum(
-            1
-            for job in rt.kube.list_jobs(selector(**{"langmerge.dev/component": component}), ns)
-            if job_state(job).active
-        )
-    return total
 
 
 class ExpertReconciler(ReconcilePass[LanguageExpertStatus]):
@@ -422,31 +409,15 @@ class ExpertReconciler(ReconcilePass[LanguageExpertStatus]):
             return self.settings.progress_seconds
         owner = Owner(EXPERT_KIND, self.namespace, self.name, self.body["metadata"]["uid"])
         manifest = build_training_job(owner, task, self.settings)
-        with self.rt.capacity_lock:
-            running = count_active_jobs(self.rt, COMPONENT_TRAINING)
-            if running >= self.settings.max_training_jobs:
-                self.rt.waiting_for_capacity.add(self.key)
-                message = (
-                    f"waiting for a training slot: {running} of {self.settings.max_training_jobs} training Jobs "
-                    "are running (operator setting max_training_jobs)"
-                )
-                self.status.active_job = None
-                self.set_phase(ExpertPhase.PENDING, message)
-                self.condition(TRAINING, False, "QueueFull", message)
-                self.condition(READY, False, "Queued", message)
-                return 30.0
-            try:
-                created = self.rt.kube.create_job(self.namespace, manifest)
-            except Rejected as err:
-                message = f"the API server refused the training Job {manifest['metadata']['name']}: {err}"
-                if self.old.message != truncate(message):
-                    self.event("Warning", "JobRejected", message)
-                self.status.active_job = None
-                self.set_phase(ExpertPhase.PENDING, message)
-                self.condition(TRAINING, False, "JobRejected", message)
-                self.condition(DEGRADED, True, "JobRejected", message)
-                return 60.0
-        self.rt.waiting_for_capacity.discard(self.key)
+        created = self.launch_job(
+            manifest,
+            component=COMPONENT_TRAINING,
+            limit=self.settings.max_training_jobs,
+            waiting_phase=ExpertPhase.PENDING,
+            condition_type=TRAINING,
+        )
+        if isinstance(created, float):
+            return created
         name = manifest["metadata"]["name"]
         if created:
             metrics.JOBS_LAUNCHED.labels(COMPONENT_TRAINING).inc()

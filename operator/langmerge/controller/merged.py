@@ -29,7 +29,6 @@ from langmerge.artifacts import BaseModelIdentity, MergeManifest, PublishedRevis
 from langmerge.constants import COMPONENT_MERGE, LABEL_MERGED, MERGED_KIND, MERGED_PLURAL
 from langmerge.controller import metrics
 from langmerge.controller.attempts import decide_retry, failure_records, record_job_end
-from langmerge.controller.experts import count_active_jobs
 from langmerge.controller.jobs import JobState, Owner, build_merge_job, job_state, label_value, selector
 from langmerge.controller.publish import (
     Current,
@@ -52,7 +51,6 @@ from langmerge.controller.status import (
     truncate,
 )
 from langmerge.fingerprint import merge_fingerprint
-from langmerge.kube import Rejected
 from langmerge.store import StoreError
 from langmerge.tasks import MergeTask, MergeTaskInput
 
@@ -397,28 +395,15 @@ class MergedReconciler(ReconcilePass[MergedModelStatus]):
             return self.settings.progress_seconds
         owner = Owner(MERGED_KIND, self.namespace, self.name, self.body["metadata"]["uid"])
         manifest = build_merge_job(owner, task, spec.resources, self.settings)
-        with self.rt.capacity_lock:
-            running = count_active_jobs(self.rt, COMPONENT_MERGE)
-            if running >= self.settings.max_merge_jobs:
-                self.rt.waiting_for_capacity.add(self.key)
-                message = (
-                    f"waiting for a merge slot: {running} of {self.settings.max_merge_jobs} merge Jobs are running"
-                )
-                self.set_phase(MergedPhase.WAITING, message)
-                self.condition(MERGING, False, "QueueFull", message)
-                return 30.0
-            try:
-                created = self.rt.kube.create_job(self.namespace, manifest)
-            except Rejected as err:
-                message = f"the API server refused the merge Job {manifest['metadata']['name']}: {err}"
-                if self.old.message != truncate(message):
-                    self.event("Warning", "JobRejected", message)
-                self.status.active_job = None
-                self.set_phase(MergedPhase.WAITING, message)
-                self.condition(MERGING, False, "JobRejected", message)
-                self.condition(DEGRADED, True, "JobRejected", message)
-                return 60.0
-        self.rt.waiting_for_capacity.discard(self.key)
+        created = self.launch_job(
+            manifest,
+            component=COMPONENT_MERGE,
+            limit=self.settings.max_merge_jobs,
+            waiting_phase=MergedPhase.WAITING,
+            condition_type=MERGING,
+        )
+        if isinstance(created, float):
+            return created
         name = manifest["metadata"]["name"]
         if created:
             metrics.JOBS_LAUNCHED.labels(COMPONENT_MERGE).inc()

@@ -8,8 +8,10 @@ from typing import Any, ClassVar, Generic, Protocol, TypeVar
 from pydantic import ValidationError
 
 from langmerge.api.common import Condition
+from langmerge.controller.jobs import job_state, selector
 from langmerge.controller.runtime import Key, Runtime, object_key
-from langmerge.controller.status import merge_patch_body, set_condition, truncate
+from langmerge.controller.status import DEGRADED, READY, merge_patch_body, set_condition, truncate
+from langmerge.kube import Rejected
 
 
 class _Status(Protocol):
@@ -17,6 +19,7 @@ class _Status(Protocol):
     message: str | None
     observed_generation: int | None
     conditions: list[Condition]
+    active_job: str | None
 
     def model_dump(self, *, mode: str, by_alias: bool) -> dict[str, Any]: ...
 
@@ -37,6 +40,17 @@ def format_validation_error(err: ValidationError) -> str:
         loc = "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in e["loc"])
         parts.append(f"spec{loc}: {e['msg']}")
     return "; ".join(parts)
+
+
+def count_active_jobs(rt: Runtime, component: str) -> int:
+    """Running Jobs of ``component`` (training or merge) in the watched namespaces."""
+    namespaces = rt.settings.namespaces or (None,)
+    return sum(
+        1
+        for ns in namespaces
+        for job in rt.kube.list_jobs(selector(**{"langmerge.dev/component": component}), ns)
+        if job_state(job).active
+    )
 
 
 class ReconcilePass(Generic[StatusT]):
@@ -86,3 +100,38 @@ class ReconcilePass(Generic[StatusT]):
         for type_, reason, message in self.events:
             self.rt.event({**self.body, "kind": self.kind}, type_, reason, message)
         return requeue
+
+    def launch_job(
+        self, manifest: dict[str, Any], *, component: str, limit: int, waiting_phase: Any, condition_type: str
+    ) -> bool | float:
+        """Create a Job under the operator-wide cap of running ``component`` Jobs.
+
+        Returns whether it was created (False: it already existed), or the seconds to wait when the cap is reached
+        (the object queues) or the API server refused the Job (status and an Event say why).
+        """
+        with self.rt.capacity_lock:
+            running = count_active_jobs(self.rt, component)
+            if running >= limit:
+                self.rt.waiting_for_capacity.add(self.key)
+                message = (
+                    f"waiting for a {component} slot: {running} of {limit} {component} Jobs are running "
+                    f"(operator setting max_{component}_jobs)"
+                )
+                self.status.active_job = None
+                self.set_phase(waiting_phase, message)
+                self.condition(condition_type, False, "QueueFull", message)
+                self.condition(READY, False, "Queued", message)
+                return 30.0
+            try:
+                created = self.rt.kube.create_job(self.namespace, manifest)
+            except Rejected as err:
+                message = f"the API server refused the {component} Job {manifest['metadata']['name']}: {err}"
+                if self.old.message != truncate(message):
+                    self.event("Warning", "JobRejected", message)
+                self.status.active_job = None
+                self.set_phase(waiting_phase, message)
+                self.condition(condition_type, False, "JobRejected", message)
+                self.condition(DEGRADED, True, "JobRejected", message)
+                return 60.0
+        self.rt.waiting_for_capacity.discard(self.key)
+        return created
