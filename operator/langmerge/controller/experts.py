@@ -29,8 +29,8 @@ from langmerge.artifacts import AdapterManifest, BaseModelIdentity, FailureRecor
 from langmerge.constants import COMPONENT_TRAINING, EXPERT_KIND, EXPERT_PLURAL, LABEL_EXPERT
 from langmerge.controller import metrics
 from langmerge.controller.attempts import decide_retry, failure_records, record_job_end
-from langmerge.controller.jobs import JobState, Owner, build_training_job, job_state, label_value, selector
-from langmerge.controller.reconcile import ReconcilePass, fmt_time, format_validation_error
+from langmerge.controller.jobs import JobState, Owner, build_training_job
+from langmerge.controller.reconcile import ReconcilePass, delete_jobs_of, fmt_time, format_validation_error
 from langmerge.controller.runtime import EXPERT, Key, Runtime, object_key
 from langmerge.controller.status import (
     DATA_CHANGED,
@@ -70,22 +70,6 @@ class DataView:
 def split_combined(value: str) -> tuple[str, str | None]:
     data, _, evaluation = value.partition("+")
     return data, evaluation or None
-
-
-def owned_jobs(rt: Runtime, body: dict[str, Any]) -> list[JobState]:
-    meta = body["metadata"]
-    jobs = rt.kube.list_jobs(
-        selector(**{"langmerge.dev/component": COMPONENT_TRAINING, LABEL_EXPERT: label_value(meta["name"])}),
-        meta["namespace"],
-    )
-    uid = meta.get("uid")
-    mine = []
-    for job in jobs:
-        refs = job.metadata.owner_references or []
-        if uid and refs and not any(r.uid == uid for r in refs):
-            continue  # left over from a deleted object of the same name; the garbage collector removes it
-        mine.append(job_state(job))
-    return mine
 
 
 class ExpertReconciler(ReconcilePass[LanguageExpertStatus]):
@@ -207,7 +191,7 @@ class ExpertReconciler(ReconcilePass[LanguageExpertStatus]):
         )
         self.status.desired_fingerprint = fingerprint
         prefix = artifacts.expert_prefix(self.settings.artifacts_uri, self.namespace, self.name, fingerprint)
-        jobs = owned_jobs(self.rt, self.body)
+        jobs = self.owned_jobs(COMPONENT_TRAINING, LABEL_EXPERT)
         requeue = [next_poll] + ([settle_wait] if settle_wait is not None else [])
 
         manifest_raw = store.get_json_or_none(artifacts.join(prefix, artifacts.MANIFEST))
@@ -450,9 +434,8 @@ def reconcile_expert(rt: Runtime, key: Key) -> float | None:
 def cleanup_deleted_expert(rt: Runtime, key: Key) -> None:
     """The expert is gone: stop its Jobs (the garbage collector would too) and, if configured, its artifacts."""
     namespace, name = key[1], key[2]
-    for job in rt.kube.list_jobs(selector(**{LABEL_EXPERT: label_value(name)}), namespace):
-        if rt.kube.delete_job(namespace, job.metadata.name):
-            log.info("deleted Job %s/%s of deleted expert %s", namespace, job.metadata.name, name)
+    if deleted := delete_jobs_of(rt, namespace, LABEL_EXPERT, name):
+        log.info("deleted %d Job(s) of deleted expert %s/%s", deleted, namespace, name)
     rt.memos.pop(key, None)
     rt.waiting_for_capacity.discard(key)
     if rt.settings.delete_artifacts_with_expert:

@@ -8,6 +8,7 @@ Job, gate it on per-language quality, and publish it with a compare-and-swap.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -29,7 +30,7 @@ from langmerge.artifacts import BaseModelIdentity, MergeManifest, PublishedRevis
 from langmerge.constants import COMPONENT_MERGE, LABEL_MERGED, MERGED_KIND, MERGED_PLURAL
 from langmerge.controller import metrics
 from langmerge.controller.attempts import decide_retry, failure_records, record_job_end
-from langmerge.controller.jobs import JobState, Owner, build_merge_job, job_state, label_value, selector
+from langmerge.controller.jobs import JobState, Owner, build_merge_job
 from langmerge.controller.publish import (
     Current,
     PublishConflict,
@@ -39,7 +40,7 @@ from langmerge.controller.publish import (
     read_current,
     read_revision,
 )
-from langmerge.controller.reconcile import ReconcilePass, fmt_time, format_validation_error
+from langmerge.controller.reconcile import ReconcilePass, delete_jobs_of, fmt_time, format_validation_error
 from langmerge.controller.runtime import MERGED, Key, Runtime, object_key
 from langmerge.controller.status import (
     DEGRADED,
@@ -97,6 +98,8 @@ class MergedReconciler(ReconcilePass[MergedModelStatus]):
     kind = MERGED_KIND
     plural = MERGED_PLURAL
     status_model = MergedModelStatus
+    #: This object's merge Jobs, listed once per pass (none are needed for a rollback).
+    jobs: Sequence[JobState] = ()
 
     def mark_failed(self, reason: str, message: str) -> None:
         """A problem only the user can fix: say so in status and an Event (once), keep the published revision."""
@@ -213,7 +216,7 @@ class MergedReconciler(ReconcilePass[MergedModelStatus]):
         prefix = artifacts.merge_prefix(self.output, fingerprint)
         manifest_uri = artifacts.join(prefix, artifacts.MANIFEST)
         raw = store.get_json_or_none(manifest_uri)
-        jobs = self._jobs()
+        jobs = self.jobs = self.owned_jobs(COMPONENT_MERGE, LABEL_MERGED)
         if raw is not None:
             self._cancel_outdated(jobs, fingerprint, force=False)
             return self._gate_and_publish(MergeManifest.model_validate(raw), manifest_uri, current, fingerprint)
@@ -278,19 +281,6 @@ class MergedReconciler(ReconcilePass[MergedModelStatus]):
                 )
             )
         return sorted(inputs, key=lambda i: i.language)
-
-    def _jobs(self) -> list[JobState]:
-        uid = self.body["metadata"].get("uid")
-        out = []
-        for job in self.rt.kube.list_jobs(
-            selector(**{"langmerge.dev/component": COMPONENT_MERGE, LABEL_MERGED: label_value(self.name)}),
-            self.namespace,
-        ):
-            refs = job.metadata.owner_references or []
-            if uid and refs and not any(r.uid == uid for r in refs):
-                continue
-            out.append(job_state(job))
-        return out
 
     def _show_current(self, current: Current) -> None:
         """status.revision/uri/inputs/metrics mirror current.json (S3 is the record)."""
@@ -446,7 +436,7 @@ class MergedReconciler(ReconcilePass[MergedModelStatus]):
         metrics.PUBLISHED.labels(record.reason).inc()
         before = {i.language: i.adapter_digest for i in (previous.record.inputs if previous.record else [])}
         changed = sorted(i.expert for i in record.inputs if before.get(i.language) != i.adapter_digest)
-        jobs = sorted((j for j in self._jobs() if j.fingerprint == manifest.fingerprint), key=lambda j: j.attempt)
+        jobs = sorted((j for j in self.jobs if j.fingerprint == manifest.fingerprint), key=lambda j: j.attempt)
         job = jobs[-1] if jobs and record.reason == "merged" else None
         self.status.history = bounded(
             self.status.history,
@@ -531,8 +521,6 @@ def reconcile_merged(rt: Runtime, key: Key) -> float | None:
 
 def cleanup_deleted_merged(rt: Runtime, key: Key) -> None:
     """The MergedModel is gone: stop its merge Jobs. Its published models stay in S3 (they are data)."""
-    namespace, name = key[1], key[2]
-    for job in rt.kube.list_jobs(selector(**{LABEL_MERGED: label_value(name)}), namespace):
-        rt.kube.delete_job(namespace, job.metadata.name)
+    delete_jobs_of(rt, key[1], LABEL_MERGED, key[2])
     rt.memos.pop(key, None)
     rt.waiting_for_capacity.discard(key)

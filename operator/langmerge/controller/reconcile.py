@@ -8,7 +8,7 @@ from typing import Any, ClassVar, Generic, Protocol, TypeVar
 from pydantic import ValidationError
 
 from langmerge.api.common import Condition
-from langmerge.controller.jobs import job_state, selector
+from langmerge.controller.jobs import JobState, job_state, label_value, selector
 from langmerge.controller.runtime import Key, Runtime, object_key
 from langmerge.controller.status import DEGRADED, READY, merge_patch_body, set_condition, truncate
 from langmerge.kube import Rejected
@@ -51,6 +51,15 @@ def count_active_jobs(rt: Runtime, component: str) -> int:
         for job in rt.kube.list_jobs(selector(**{"langmerge.dev/component": component}), ns)
         if job_state(job).active
     )
+
+
+def delete_jobs_of(rt: Runtime, namespace: str, owner_label: str, name: str) -> int:
+    """The owner is gone: delete its Jobs (the garbage collector would too, where it runs). Returns how many."""
+    deleted = 0
+    for job in rt.kube.list_jobs(selector(**{owner_label: label_value(name)}), namespace):
+        if rt.kube.delete_job(namespace, job.metadata.name):
+            deleted += 1
+    return deleted
 
 
 class ReconcilePass(Generic[StatusT]):
@@ -135,3 +144,17 @@ class ReconcilePass(Generic[StatusT]):
                 return 60.0
         self.rt.waiting_for_capacity.discard(self.key)
         return created
+
+    def owned_jobs(self, component: str, owner_label: str) -> list[JobState]:
+        """This object's Jobs of ``component``; Jobs of a deleted object of the same name (another UID) are skipped,
+        the garbage collector removes them."""
+        uid = self.body["metadata"].get("uid")
+        out = []
+        for job in self.rt.kube.list_jobs(
+            selector(**{"langmerge.dev/component": component, owner_label: label_value(self.name)}), self.namespace
+        ):
+            refs = job.metadata.owner_references or []
+            if uid and refs and not any(r.uid == uid for r in refs):
+                continue
+            out.append(job_state(job))
+        return out
