@@ -7,21 +7,31 @@ put. A reader trusts only prefixes that have a manifest.
 Layout::
 
     <artifacts>/experts/<namespace>/<name>/<fingerprint>/
-        adapter/adapter_model.safetensors, adapter/adapter_config.json, adapter/tokenizer* (if the trainer changed it)
-        checkpoints/step-<n>/...      resumable checkpoints; checkpoints/latest.json points at the newest
+        attempts/<n>-<run>/adapter/   the adapter files one run of attempt <n> uploaded (only that run writes there):
+                                      adapter_model.safetensors, adapter_config.json
+        checkpoints/step-<n>/...      resumable checkpoints; checkpoints/latest.json points at the newest (deleted
+                                      once the adapter is committed, unless the operator keeps them)
         progress.json                 live progress (overwritten)
         failures/attempt-<n>.json     one record per failed attempt
-        manifest.json                 the commit: written last, never overwritten
+        manifest.json                 the commit: written last, never overwritten; its ``adapter_uri`` and ``files``
+                                      name exactly the committed files
     <merged output uri>/
-        merges/<fingerprint>/model/...        a PEFT adapter or full safetensors weights
-        merges/<fingerprint>/eval/<lang>.json per-language evaluation of the merged model
-        merges/<fingerprint>/manifest.json    the commit
+        merges/<fingerprint>/attempts/<n>-<run>/model/...      a PEFT adapter or full safetensors weights
+        merges/<fingerprint>/attempts/<n>-<run>/eval/<lang>.json  per-language evaluation of the merged model
+        merges/<fingerprint>/manifest.json    the commit (``model_uri`` names the committed run's ``model/``)
         revisions/<revision:06d>.json         one record per published revision (never overwritten)
         current.json                          the published revision, moved by compare-and-swap
+
+Each run of a Job uploads its payload under its own ``attempts/<n>-<run>/`` prefix, so two runs of one fingerprint
+(a retry racing a slow attempt, a pod that outlived its node) never write the same key: whichever commits first wins,
+and its files stay exactly as its manifest describes them. Readers follow the manifest's URIs. Manifests written
+before this layout name the fixed ``adapter/`` and ``model/`` folders directly under the fingerprint; they stay
+readable the same way.
 """
 
 from __future__ import annotations
 
+import secrets
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
@@ -63,6 +73,20 @@ def expert_prefix(artifacts_uri: str, namespace: str, name: str, fingerprint: st
 
 def expert_root(artifacts_uri: str, namespace: str, name: str) -> str:
     return join(artifacts_uri, "experts", namespace, name)
+
+
+#: The folder of the per-run upload prefixes under a fingerprint's prefix.
+ATTEMPTS = "attempts"
+
+
+def new_run_id() -> str:
+    """A random tag that tells apart two runs of the same attempt (e.g. two pods of one Job)."""
+    return secrets.token_hex(4)
+
+
+def attempt_prefix(prefix: str, attempt: int, run_id: str) -> str:
+    """Where one run of ``attempt`` uploads its payload: ``<prefix>/attempts/<attempt>-<run_id>``."""
+    return join(prefix, ATTEMPTS, f"{attempt}-{run_id}")
 
 
 def adapter_uri(prefix: str) -> str:

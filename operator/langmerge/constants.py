@@ -30,9 +30,27 @@ COMPONENT_MERGE = "merge"
 ANNOTATION_ATTEMPT = "langmerge.dev/attempt"
 ANNOTATION_DATA_DIGEST = "langmerge.dev/data-digest"
 ANNOTATION_ARTIFACT = "langmerge.dev/artifact-uri"
+#: A copy of the Job's ``spec.podFailurePolicy`` as JSON. API servers older than 1.26 drop the field on write; the
+#: local Job runner (development only) reads the policy from here when the spec has none.
+ANNOTATION_POD_FAILURE_POLICY = "langmerge.dev/pod-failure-policy"
 
 #: Prefix of kopf's own annotations on our objects (progress and diff-base storage).
 KOPF_ANNOTATION_PREFIX = "kopf.langmerge.dev"
 
 #: Name of the trainer's command inside the trainer image.
 TRAINER_COMMAND = "langmerge-trainer"
+#: Name of the trainer's container in a Job's pod.
+TRAINER_CONTAINER = "trainer"
+
+#: Exit statuses of ``langmerge-trainer`` (the Job builders' podFailurePolicy matches on them).
+EXIT_OK = 0
+#: Failed in a way another attempt may not (S3 or a node had a problem): counts against the Job's backoffLimit.
+EXIT_FAILED = 1
+#: The command line or the task document is invalid: no attempt can succeed.
+EXIT_USAGE = 2
+#: Stopped early after saving a checkpoint (preemption notice); the next attempt resumes.
+EXIT_PREEMPTED = 3
+#: An error only the user can fix (bad data, bad spec, inputs that changed): the Job fails at once, no second pod.
+EXIT_USER_ERROR = 4
+#: Exit statuses that fail a Job at once (``FailJob`` in its podFailurePolicy).
+EXIT_NOT_RETRYABLE = (EXIT_USAGE, EXIT_USER_ERROR)

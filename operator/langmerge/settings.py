@@ -46,6 +46,8 @@ class Settings:
     job_backoff_limit: int = 1
     #: Seconds a finished Job is kept before Kubernetes deletes it (S3 keeps the record).
     job_ttl_seconds: int = 7 * 86400
+    #: Keep a training run's resumable checkpoints in S3 after its adapter is committed (default: delete them then).
+    keep_checkpoints: bool = False
     #: Kueue LocalQueue name set as the Jobs' queue-name label (empty: no Kueue).
     kueue_queue: str = ""
     #: ServiceAccount of the Jobs' pods (empty: the namespace's default).

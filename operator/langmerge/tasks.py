@@ -36,6 +36,8 @@ class TrainTask(Task):
     image: str | None = None
     #: Attempt number (1 for the first Job of a fingerprint); failure records are kept per attempt.
     attempt: int = 1
+    #: Keep the resumable checkpoints in S3 after the adapter is committed (default: delete them then).
+    keep_checkpoints: bool = False
 
 
 class MergeTaskInput(Task):

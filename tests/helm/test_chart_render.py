@@ -48,6 +48,7 @@ EDGE: dict[str, Any] = {
         "maxMergeJobs": 1,
         "backoffLimit": 3,
         "ttlSecondsAfterFinished": 1000000,
+        "keepCheckpoints": True,
         "kueueQueue": "gpu-queue",
         "serviceAccountName": "trainer",
         "logLevel": "DEBUG",
@@ -232,6 +233,7 @@ def test_edge_render(edge: list[dict[str, Any]]) -> None:
     assert (settings.image_pull_policy, settings.gpu_resource_name) == ("Always", "amd.com/gpu")
     assert (settings.max_training_jobs, settings.max_merge_jobs, settings.job_backoff_limit) == (8, 1, 3)
     assert settings.job_ttl_seconds == 1000000, "large integers are rendered as integers, not 1e+06"
+    assert settings.keep_checkpoints is True
     assert (settings.kueue_queue, settings.job_service_account, settings.trainer_log_level) == (
         "gpu-queue",
         "trainer",

@@ -11,10 +11,8 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -24,6 +22,7 @@ from typing import Any, TypeVar
 import pytest
 from kubernetes import client, config
 
+from faults import TcpProxy
 from langmerge.dev.controlplane import Endpoints
 from langmerge.dev.jobrunner import (
     DEFAULT_TRAINER_PATTERN,
@@ -287,7 +286,12 @@ def test_secret_env_reaches_the_child_and_the_runners_env_does_not(
     # Nothing of the runner's own environment: credentials flow only through Secrets.
     assert "LANGMERGE_RUNNER_ONLY" not in env
     assert "AWS_SECRET_ACCESS_KEY" not in env and "KUBECONFIG" not in env
+    # The runner's own: where the container's termination message goes (kubelet would mount a file there).
+    assert env["LANGMERGE_TERMINATION_MESSAGE_PATH"] == str(
+        runner.config.attempt_dir(namespace, "env", 0) / "termination-log"
+    )
     assert set(env) <= {"PATH", "HOME", "LANG", "TMPDIR", "HOSTNAME", "PYTHONUNBUFFERED", "HF_HOME", "TOKEN"} | {
+        "LANGMERGE_TERMINATION_MESSAGE_PATH",
         "DERIVED",
         "LEVEL",
         "POD",
@@ -527,69 +531,6 @@ def test_trainer_image_runs_the_real_langmerge_trainer(
 
 
 # -- robustness against the API server ---------------------------------------------------------------------------------
-class TcpProxy:
-    """A loopback TCP forwarder that can drop every connection and refuse new ones, like an API server restart."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = int(s.getsockname()[1])
-        self._server: socket.socket | None = None
-        self._sockets: list[socket.socket] = []
-        self._lock = threading.Lock()
-
-    def start(self) -> None:
-        server = socket.socket()
-        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        server.bind(("127.0.0.1", self.port))
-        server.listen(32)
-        server.settimeout(0.1)
-        self._server = server
-        threading.Thread(target=self._accept, args=(server,), daemon=True).start()
-
-    def stop(self) -> None:
-        server, self._server = self._server, None
-        if server is not None:
-            server.close()
-        with self._lock:
-            for sock in self._sockets:
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-                sock.close()
-            self._sockets.clear()
-
-    def _accept(self, server: socket.socket) -> None:
-        while self._server is server:
-            try:
-                downstream, _ = server.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            try:
-                upstream = socket.create_connection(("127.0.0.1", self.target_port))
-            except OSError:
-                downstream.close()
-                continue
-            downstream.settimeout(None)
-            with self._lock:
-                self._sockets += [downstream, upstream]
-            for src, dst in ((downstream, upstream), (upstream, downstream)):
-                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
-
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            with contextlib.suppress(OSError):
-                dst.shutdown(socket.SHUT_WR)
-
-
 def test_runner_survives_an_api_server_outage(
     make_runner: Callable[..., LocalJobRunner], jobs: Jobs, control_plane: Endpoints
 ) -> None:
@@ -624,3 +565,114 @@ def test_runner_survives_an_api_server_outage(
             runner.stop()
     finally:
         proxy.stop()
+
+
+# -- podFailurePolicy and disruptions (issue 12, item 11) --------------------------------------------------------------
+def _s3_secret(kube: Any, namespace: str, control_plane: Endpoints) -> None:
+    data = {"AWS_ACCESS_KEY_ID": control_plane.s3_access_key, "AWS_SECRET_ACCESS_KEY": control_plane.s3_secret_key}
+    client.CoreV1Api(kube).create_namespaced_secret(
+        namespace,
+        {
+            "metadata": {"name": "langmerge-s3"},
+            "data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()},
+        },
+    )
+
+
+def test_a_user_error_fails_the_training_job_at_once_with_no_second_pod(
+    make_runner: Callable[..., LocalJobRunner],
+    jobs: Jobs,
+    kube: Any,
+    namespace: str,
+    control_plane: Endpoints,
+    s3: Any,
+    bucket: str,
+) -> None:
+    """The operator's own training Job (backoffLimit 1) on data with a bad line: the trainer exits with its
+    user-error status and the podFailurePolicy ends the Job after one pod, saying why."""
+    from langmerge.api.expert import LanguageExpertSpec
+    from langmerge.artifacts import BaseModelIdentity, failure_uri
+    from langmerge.controller.jobs import Owner, build_training_job
+    from langmerge.settings import Settings
+    from langmerge.tasks import TrainTask
+
+    s3.put_bytes(f"s3://{bucket}/data/de/a.jsonl", b'{"prompt": "a", "completion": "b"}\nnot json\n')
+    spec = LanguageExpertSpec.model_validate(
+        {
+            "language": "de",
+            "task": "chat",
+            "baseModel": {"uri": f"s3://{bucket}/models/none"},
+            "dataset": {"uri": f"s3://{bucket}/data/de"},
+            "resources": {"gpus": 0},
+        }
+    )
+    task = TrainTask(
+        fingerprint="a" * 16,
+        output_uri=f"s3://{bucket}/artifacts/experts/{namespace}/de/" + "a" * 16,
+        namespace=namespace,
+        name="de",
+        spec=spec,
+        base_model=BaseModelIdentity(uri=spec.base_model.uri, digest="b" * 16),
+        data_digest="d" * 16,
+    )
+    settings = Settings(artifacts_uri=f"s3://{bucket}/artifacts", s3_endpoint=control_plane.s3_endpoint)
+    assert settings.job_backoff_limit == 1
+    manifest = build_training_job(Owner("LanguageExpert", namespace, "de", str(uuid.uuid4())), task, settings)
+    manifest["metadata"]["ownerReferences"] = []  # no owner object in this test
+    _s3_secret(kube, namespace, control_plane)
+    runner = make_runner()
+    name = manifest["metadata"]["name"]
+    jobs.create(manifest)
+
+    status = jobs.finished(name, timeout=120)
+    cond = only_condition(status)
+    assert (cond["type"], cond["reason"]) == ("Failed", "PodFailurePolicy")
+    assert cond["message"].startswith(f"Container trainer for pod {namespace}/{name}-0 failed with exit code 4")
+    assert "training failed (DataError)" in cond["message"] and "line 2" in cond["message"]
+    assert status["failed"] == 1
+    assert not runner.config.attempt_log(namespace, name, 1).exists()  # no second pod
+    record = s3.get_json(failure_uri(task.output_uri, 1))
+    assert record["error_class"] == "DataError" and record["retryable"] is False
+
+
+def _disruptable(marker: Path, pids: Path) -> list[str]:
+    """First run: wait to be disrupted, exit 3 on SIGTERM (the trainer checkpoints and does the same). Then: done."""
+    script = (
+        f"import os, signal, sys, time\n"
+        f"if os.path.exists({str(marker)!r}): sys.exit(0)\n"
+        f"open({str(marker)!r}, 'w').close()\n"
+        f"signal.signal(signal.SIGTERM, lambda *a: sys.exit(3))\n"
+        f"open({str(pids)!r}, 'a').write(f'{{os.getpid()}}\\n')\n"
+        f"time.sleep(60)\n"
+    )
+    return ["python", "-c", script]
+
+
+@pytest.mark.parametrize("with_policy", [True, False], ids=["policy", "no-policy"])
+def test_disruptions_do_not_count_against_the_backoff_limit(
+    make_runner: Callable[..., LocalJobRunner], jobs: Jobs, tmp_path: Path, namespace: str, with_policy: bool
+) -> None:
+    """A preempted pod (DisruptionTarget) is replaced without using up backoffLimit 0 under the builders' policy;
+    without the policy the same disruption fails the Job, as on a cluster."""
+    from langmerge.constants import ANNOTATION_POD_FAILURE_POLICY
+    from langmerge.controller.jobs import pod_failure_policy
+
+    marker, pids = tmp_path / "marker", tmp_path / "pids"
+    manifest = job_manifest("preemptible", _disruptable(marker, pids), backoff_limit=0)
+    manifest["spec"]["template"]["spec"]["containers"][0]["name"] = "trainer"
+    if with_policy:  # as the builders write it: the annotation is what survives on this API server
+        manifest["metadata"]["annotations"] = {ANNOTATION_POD_FAILURE_POLICY: json.dumps(pod_failure_policy())}
+    runner = make_runner()
+    jobs.create(manifest)
+    wait_for(lambda: read_pids(pids), what="the first pod to run")
+    assert runner.disrupt(namespace, "preemptible")
+
+    status = jobs.finished("preemptible", timeout=30)
+    cond = only_condition(status)
+    if with_policy:
+        assert cond["type"] == "Complete" and "failed" not in status
+        assert runner.config.attempt_log(namespace, "preemptible", 1).exists()  # a replacement pod ran
+    else:
+        assert (cond["type"], cond["reason"]) == ("Failed", "BackoffLimitExceeded") and status["failed"] == 1
+        assert "exited with code 3 after a disruption (PreemptionByScheduler)" in cond["message"]
+    assert not runner.disrupt(namespace, "preemptible")  # nothing runs any more

@@ -86,9 +86,13 @@ def test_merge_job_commits_an_evaluated_loadable_adapter(
         # Merging two languages costs each a little, yet stays far better than the base alone.
         assert m.base_metrics is not None and m.base_metrics.eval_loss is not None
         assert merged.eval_loss < m.base_metrics.eval_loss
-        assert s3.exists(artifacts.merge_eval_uri(task.output_uri, lang))
+        assert s3.exists(artifacts.merge_eval_uri(manifest.model_uri.removesuffix("/model"), lang))
     assert manifest.cost.wall_seconds > 0 and manifest.versions.torch
-    assert manifest.model_uri == artifacts.merged_model_uri(task.output_uri)
+    # The model is under this run's own prefix, and holds exactly the files the manifest names.
+    assert manifest.model_uri.startswith(artifacts.join(task.output_uri, "attempts", "1-"))
+    assert manifest.model_uri.endswith("/model")
+    listed = {o.key.rsplit("/model/", 1)[1]: o.size for o in s3.list_objects(manifest.model_uri)}
+    assert listed == {name: entry.size for name, entry in manifest.files.items()}
 
     # The published adapter loads with PEFT on the base model.
     from peft import PeftModel
@@ -141,14 +145,14 @@ def test_changed_adapter_is_refused_with_a_failure_record(
     task = _task(bucket, base, experts, "mergejob00000003", digest="0" * 16)
     with pytest.raises(AdapterDigestMismatch):
         run_merge_task(task, s3, device="cpu")
-    # Through the CLI, as a Job runs it: exit 1 and a non-retryable failure record.
+    # Through the CLI, as a Job runs it: the user-error exit status and a non-retryable failure record.
     proc = subprocess.run(
         [sys.executable, "-m", "langmerge_trainer", "merge", "--task", task.to_json()],
         capture_output=True,
         text=True,
         check=False,
     )
-    assert proc.returncode == 1, proc.stderr
+    assert proc.returncode == 4, proc.stderr
     record = FailureRecord.model_validate(s3.get_json(artifacts.failure_uri(task.output_uri, 1)))
     assert record.error_class == "AdapterDigestMismatch" and not record.retryable
     assert not s3.exists(artifacts.join(task.output_uri, artifacts.MANIFEST))

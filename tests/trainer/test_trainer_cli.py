@@ -1,4 +1,4 @@
-"""The trainer's command line, run as a real subprocess: exit codes 0 / 1 / 2 / 3 and the resume across processes."""
+"""The trainer's command line, run as a real subprocess: exit codes 0 / 2 / 3 / 4 and the resume across processes."""
 
 from __future__ import annotations
 
@@ -51,10 +51,17 @@ def test_cli_exit_codes_and_resume(s3: ObjectStore, base_env: tuple[str, BaseMod
     # Timestamped log lines on stderr.
     assert any(line[:4].isdigit() and "INFO" in line for line in done.stderr.splitlines())
 
+    # No data: an error no retry can fix. Its own exit status (the Job's podFailurePolicy fails the Job at once on
+    # it), a non-retryable record, and the reason in the termination message Kubernetes shows in the pod's status.
     broken = make_task(bucket=bucket, base=base, data_uri=f"s3://{bucket}/data/missing", fingerprint="cli0000000000002")
-    failed = _run(["train", "--task", broken.to_json()])
-    assert failed.returncode == 1, failed.stderr
-    assert s3.get_json(failure_uri(broken.output_uri, 1))["error_class"] == "DataError"
+    message = tmp_path / "termination-log"
+    message.touch()
+    failed = _run(["train", "--task", broken.to_json()], LANGMERGE_TERMINATION_MESSAGE_PATH=str(message))
+    assert failed.returncode == 4, failed.stderr
+    record = s3.get_json(failure_uri(broken.output_uri, 1))
+    assert record["error_class"] == "DataError" and record["retryable"] is False
+    assert message.read_text().startswith("training failed (DataError): no *.jsonl objects under")
+    assert f"recorded at {failure_uri(broken.output_uri, 1)}" in message.read_text()
 
 
 def test_cli_usage() -> None:

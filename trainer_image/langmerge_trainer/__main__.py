@@ -8,8 +8,16 @@ Verbs::
     merge-local ...                     merge adapters on this machine (langmerge_trainer.merge.cli)
     sample --base-uri ... --data-uri ...  build and upload the sample base model and datasets (langmerge up)
 
-Exit status: 0 done (or nothing to do), 1 failed (a failure record was written where the verb has one),
-2 usage error, 3 preempted (a checkpoint was saved; a new attempt resumes from it).
+Exit status (``langmerge.constants``; a Job's podFailurePolicy fails the Job at once on 2 and 4):
+
+    0  done (or nothing to do)
+    1  failed in a way another attempt may not (S3 or the node had a problem); a failure record was written where the
+       verb has one
+    2  usage error: the command line or the task document is invalid
+    3  preempted: a checkpoint was saved and a new attempt resumes from it
+    4  an error no retry can fix (bad data, bad spec, inputs that changed); a non-retryable failure record was written
+
+Why an attempt failed also goes to the container's termination message (``langmerge_trainer.failures``).
 """
 
 from __future__ import annotations
@@ -20,10 +28,9 @@ import os
 import sys
 from collections.abc import Sequence
 
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-EXIT_PREEMPTED = 3
+from langmerge.constants import EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED, EXIT_USAGE, EXIT_USER_ERROR
+
+__all__ = ["EXIT_FAILED", "EXIT_OK", "EXIT_PREEMPTED", "EXIT_USAGE", "EXIT_USER_ERROR", "main"]
 
 VERBS = ("train", "evaluate", "merge", "merge-local", "sample")
 USAGE = f"usage: langmerge-trainer {{{','.join(VERBS)}}} [options]  (langmerge-trainer <verb> --help)"
@@ -48,6 +55,7 @@ def train_main(argv: Sequence[str]) -> int:
     from langmerge.store import ObjectStore
     from langmerge.tasks import TrainTask
     from langmerge_trainer.data import read_json_arg
+    from langmerge_trainer.failures import write_termination_message
 
     parser = argparse.ArgumentParser(prog="langmerge-trainer train", description="Train one expert's LoRA adapter.")
     parser.add_argument("--task", required=True, help="the TrainTask as JSON, or @path to a file holding it")
@@ -59,8 +67,9 @@ def train_main(argv: Sequence[str]) -> int:
         # No task, no output prefix: nothing to record a failure under.
         parser.print_usage(sys.stderr)
         log.error("--task is not a valid TrainTask: %s", err)
+        write_termination_message(f"--task is not a valid TrainTask: {err}\n")
         return EXIT_USAGE
-    from langmerge_trainer.train import Preempted, run_train_task
+    from langmerge_trainer.train import Preempted, is_retryable, run_train_task
 
     store = ObjectStore.from_config()
     try:
@@ -68,9 +77,9 @@ def train_main(argv: Sequence[str]) -> int:
     except Preempted as err:
         log.warning("%s", err)
         return EXIT_PREEMPTED
-    except Exception:
+    except Exception as err:
         log.exception("training failed")
-        return EXIT_FAILED
+        return EXIT_FAILED if is_retryable(err) else EXIT_USER_ERROR
     log.info("adapter %s at %s", manifest.adapter_digest, manifest.adapter_uri)
     return EXIT_OK
 

@@ -3,7 +3,8 @@ committed adapter under the task's ``output_uri``.
 
 What a run does, in order:
 
-1. If ``manifest.json`` exists the adapter is committed already: return it, write nothing (idempotent).
+1. If ``manifest.json`` exists the adapter is committed already: return it (idempotent; only leftovers of other
+   runs are cleaned up).
 2. Read and split the data (:mod:`langmerge_trainer.data`), fetch the base model into the local cache
    (:mod:`langmerge_trainer.modelcache`), wrap it with a fresh LoRA adapter (seeded), evaluate the base alone.
 3. Resume from ``checkpoints/latest.json`` if a previous attempt left one, then run our own loop
@@ -12,10 +13,16 @@ What a run does, in order:
    ``progress.json``; a resumable checkpoint (adapter weights, optimiser, scheduler, RNG, step and data-order state)
    to ``checkpoints/step-<n>/`` with ``latest.json`` moved after it. On CPU a resumed run ends bit-identical to an
    uninterrupted one.
-4. Evaluate, upload ``adapter/adapter_model.safetensors`` and ``adapter/adapter_config.json``, then commit
-   ``manifest.json`` last with ``IfNoneMatch='*'``.
+4. Evaluate, upload ``adapter_model.safetensors`` and ``adapter_config.json`` under this run's own prefix
+   ``attempts/<n>-<run>/adapter/``, then commit ``manifest.json`` last with ``IfNoneMatch='*'``: it names exactly
+   those files. A run that loses the commit to another keeps nothing (its own prefix is deleted). After the commit
+   the checkpoints and other runs' uploads are deleted (``TrainTask.keep_checkpoints`` keeps the checkpoints).
 
-Any failure writes a :class:`langmerge.artifacts.FailureRecord` and re-raises. Preemption (SIGTERM, or the test hook
+S3 is reached through :class:`langmerge_trainer.s3retry.RetryingStore`: an S3 outage shorter than the retry budget
+costs time, not the attempt. A periodic checkpoint that still cannot be written is skipped (training goes on).
+
+Any failure writes a :class:`langmerge.artifacts.FailureRecord` and re-raises (:func:`is_retryable` tells whether
+another attempt can help; the CLI maps that to its exit status). Preemption (SIGTERM, or the test hook
 ``LANGMERGE_TRAINER_STOP_AFTER_STEPS=N``) checkpoints and raises :class:`Preempted`: no failure record, the next
 attempt resumes.
 
@@ -37,7 +44,6 @@ import signal
 import tempfile
 import threading
 import time
-import traceback
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -62,9 +68,11 @@ from langmerge.artifacts import (
     ProgressRecord,
     Versions,
     adapter_uri,
+    attempt_prefix,
     checkpoints_uri,
     failure_uri,
     join,
+    new_run_id,
     utcnow,
 )
 from langmerge.store import ObjectStore, PreconditionFailed, file_sha256, files_digest
@@ -86,7 +94,10 @@ from langmerge_trainer.evaluate import (
     peft_compat,
     pick_device,
 )
+from langmerge_trainer.failures import failure_record, report_failure
 from langmerge_trainer.modelcache import ModelDigestMismatch, ensure_model
+from langmerge_trainer.runs import delete_stale_runs
+from langmerge_trainer.s3retry import RetryingStore, retrying
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +114,8 @@ EVAL_MAX_EXAMPLES = 512
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 LATEST = "latest.json"
 CHECKPOINT_VERSION = 1
+#: After a progress record could not be written, skip progress writes for this long (progress never holds up training).
+PROGRESS_PAUSE_SECONDS = 30.0
 
 
 class SpecError(ValueError):
@@ -120,6 +133,11 @@ class Preempted(Exception):
 
 #: Errors that a retry of the same task cannot fix.
 NON_RETRYABLE: tuple[type[BaseException], ...] = (DataError, SpecError, ModelDigestMismatch, ValidationError)
+
+
+def is_retryable(err: BaseException) -> bool:
+    """Whether another attempt at the same task may succeed where this one failed with ``err``."""
+    return not isinstance(err, NON_RETRYABLE)
 
 
 # -- the data order -----------------------------------------------------------------------------------------------------
@@ -467,22 +485,29 @@ class _Clock:
 class _Run:
     """One attempt at a training task."""
 
-    def __init__(self, task: TrainTask, store: ObjectStore, device: torch.device, stop_after: int | None) -> None:
+    def __init__(self, task: TrainTask, store: RetryingStore, device: torch.device, stop_after: int | None) -> None:
         self.task = task
         self.store = store
         self.device = device
         self.stop_after = stop_after
         self.prefix = task.output_uri
+        #: This run's own upload prefix: no other run writes there.
+        self.run_prefix = attempt_prefix(self.prefix, task.attempt, new_run_id())
         self.clock = _Clock()
         self.started_at = utcnow()
+        self._progress_paused_until = 0.0
 
     # -- S3 records
     def progress(self, stage: str, **fields: Any) -> None:
+        """Best effort, without retries: progress never holds up or fails training."""
+        if time.monotonic() < self._progress_paused_until:
+            return
         record = ProgressRecord(fingerprint=self.task.fingerprint, stage=stage, attempt=self.task.attempt, **fields)
         try:
-            self.store.put_json(join(self.prefix, PROGRESS), record)
-        except Exception as err:  # progress is best effort: never fail training for it
-            log.warning("could not write progress: %s", err)
+            self.store.inner.put_json(join(self.prefix, PROGRESS), record)
+        except Exception as err:
+            self._progress_paused_until = time.monotonic() + PROGRESS_PAUSE_SECONDS
+            log.warning("could not write progress (next try in %.0fs): %s", PROGRESS_PAUSE_SECONDS, err)
 
     def latest_uri(self) -> str:
         return join(checkpoints_uri(self.prefix), LATEST)
@@ -505,6 +530,14 @@ class _Run:
         if previous and previous.get("uri") and previous["uri"] != uri:
             self.store.delete_prefix(previous["uri"])
         log.info("checkpoint at step %d: %s", loop.step, uri)
+
+    def periodic_checkpoint(self, loop: TrainingLoop, work: Path) -> None:
+        """A checkpoint on the way: if S3 cannot take it even after retries, training goes on without it (a preempted
+        attempt then resumes from an earlier one)."""
+        try:
+            self.save_checkpoint(loop, work)
+        except Exception as err:
+            log.error("checkpoint at step %d not saved, training goes on: %s", loop.step, err)
 
     def resume(self, loop: TrainingLoop, work: Path) -> int | None:
         raw = self.store.get_json_or_none(self.latest_uri())
@@ -538,6 +571,7 @@ class _Run:
         existing = self.committed()
         if existing is not None:
             log.info("%s is committed already: nothing to do", join(self.prefix, MANIFEST))
+            self.clean_up(existing)
             return existing
         if spec.resources.gpus > 1:
             log.warning("resources.gpus=%d: this trainer uses one device", spec.resources.gpus)
@@ -622,7 +656,7 @@ class _Run:
                     self.save_checkpoint(loop, work)
                     raise Preempted(loop.step, "SIGTERM" if sigterm.is_set() else f"{ENV_STOP_AFTER}={self.stop_after}")
                 if loop.step % training.checkpoint_every_steps == 0 and not loop.done:
-                    self.save_checkpoint(loop, work)
+                    self.periodic_checkpoint(loop, work)
 
     def commit(
         self,
@@ -639,8 +673,9 @@ class _Run:
         existing = self.committed()
         if existing is not None:  # a concurrent attempt committed while we trained: keep its files
             log.warning("%s appeared while training; keeping the committed adapter", manifest_uri)
+            self.clean_up(existing)
             return existing
-        target = adapter_uri(self.prefix)
+        target = adapter_uri(self.run_prefix)
         files: dict[str, tuple[int, str]] = {}
 
         for name in ADAPTER_FILES:
@@ -687,12 +722,29 @@ class _Run:
         try:
             self.store.put_json(manifest_uri, manifest, if_none_match=True)
         except PreconditionFailed:
-            log.warning("%s was committed by another attempt first", manifest_uri)
             committed = self.committed()
-            assert committed is not None
+            if committed is None:
+                raise
+            if committed.adapter_uri != target:
+                log.warning("%s was committed by another run first; keeping its adapter", manifest_uri)
+            # else: our own put went through and only its response was lost (the retry found the object)
+            self.clean_up(committed)
             return committed
         log.info("committed %s (adapter %s)", manifest_uri, manifest.adapter_digest)
+        self.clean_up(manifest)
         return manifest
+
+    def clean_up(self, committed: AdapterManifest) -> None:
+        """After the commit: delete the uploads of runs that did not commit and, unless the task keeps them, the
+        checkpoints. Best effort: leftovers cost storage, not correctness (readers follow the manifest)."""
+        try:
+            delete_stale_runs(self.store, self.prefix, committed.adapter_uri)
+            if not self.task.keep_checkpoints:
+                deleted = self.store.delete_prefix(checkpoints_uri(self.prefix))
+                if deleted:
+                    log.info("deleted %d checkpoint object(s) under %s", deleted, checkpoints_uri(self.prefix))
+        except Exception as err:
+            log.warning("clean-up after the commit failed (leftovers stay in S3): %s", err)
 
 
 def _fmt(metrics: Metrics) -> str:
@@ -713,37 +765,24 @@ def run_train_task(
 ) -> AdapterManifest:
     """Train, evaluate and commit the adapter of ``task``; return its manifest (the existing one if committed).
 
-    ``stop_after_steps`` (default: ``LANGMERGE_TRAINER_STOP_AFTER_STEPS``) checkpoints after that many steps and
-    raises :class:`Preempted`. Any other exception is recorded at ``failures/attempt-<n>.json`` and re-raised.
+    ``store`` is used through :func:`langmerge_trainer.s3retry.retrying`. ``stop_after_steps`` (default:
+    ``LANGMERGE_TRAINER_STOP_AFTER_STEPS``) checkpoints after that many steps and raises :class:`Preempted`. Any
+    other exception is recorded at ``failures/attempt-<n>.json`` (and in the termination message) and re-raised.
     """
     dev = device if isinstance(device, torch.device) else pick_device(device)
     stop = stop_after_steps if stop_after_steps is not None else stop_after_from_env()
+    s3 = retrying(store)
     try:
-        return _Run(task, store, dev, stop).run()
+        return _Run(task, s3, dev, stop).run()
     except Preempted:
         raise
     except Exception as err:
-        record_failure(task, store, err)
+        record_failure(task, s3, err)
         raise
 
 
 def record_failure(task: TrainTask, store: ObjectStore, err: BaseException) -> FailureRecord:
-    """Write the failure record of ``task``'s attempt (best effort: a failing S3 is logged, not raised)."""
-    tail = "".join(traceback.format_exception(err))[-4000:]
-    record = FailureRecord(
-        fingerprint=task.fingerprint,
-        error_class=type(err).__name__,
-        message=str(err) or type(err).__name__,
-        traceback_tail=tail,
-        retryable=not isinstance(err, NON_RETRYABLE),
-        attempt=task.attempt,
-    )
-    uri = failure_uri(task.output_uri, task.attempt)
-    try:
-        store.put_json(uri, record)
-        log.error("training failed (%s): %s; recorded at %s", record.error_class, record.message, uri)
-    except Exception as put_err:
-        log.error(
-            "training failed (%s): %s; the failure record could not be written: %s", type(err).__name__, err, put_err
-        )
+    """Write the failure record of ``task``'s attempt; a record S3 cannot take is reported, never raised."""
+    record = failure_record(err, fingerprint=task.fingerprint, attempt=task.attempt, retryable=is_retryable(err))
+    report_failure(retrying(store), failure_uri(task.output_uri, task.attempt), record, what="training")
     return record

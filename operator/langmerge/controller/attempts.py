@@ -12,6 +12,10 @@ from langmerge.artifacts import FailureRecord
 from langmerge.controller.jobs import JobState
 from langmerge.store import ObjectStore, StoreError, split_uri
 
+#: The reason of a Job's Failed condition when a podFailurePolicy ``FailJob`` rule ended it: the trainer exited with a
+#: status that says no retry can fix the error (bad data, bad spec).
+REASON_POD_FAILURE_POLICY = "PodFailurePolicy"
+
 
 def failure_records(store: ObjectStore, prefix: str) -> dict[int, FailureRecord]:
     """attempt -> failure record, read from ``<prefix>/failures/attempt-<n>.json``."""
@@ -35,7 +39,8 @@ def record_job_end(
     """A Job for ``prefix`` ended without a commit: make sure its attempt has a failure record.
 
     The trainer writes its own record (with the real error) when it can; a Job killed by its deadline, evicted, or
-    whose image could not start cannot, so the operator records the Job's condition instead.
+    whose image could not start cannot, so the operator records the Job's condition instead. A Job failed by its
+    podFailurePolicy ended on an error the trainer said no retry can fix: that record is not retryable.
     """
     if job.attempt in records:
         return records
@@ -53,7 +58,7 @@ def record_job_end(
         fingerprint=prefix.rstrip("/").rsplit("/", 1)[-1],
         error_class=error,
         message=message,
-        retryable=True,
+        retryable=job.succeeded or job.reason != REASON_POD_FAILURE_POLICY,
         attempt=job.attempt,
         at=job.finished or now,
     )

@@ -212,6 +212,7 @@ class ExpertReconciler(ReconcilePass[LanguageExpertStatus]):
             data_digest=data_digest,
             eval_data_digest=eval_digest,
             image=self.image,
+            keep_checkpoints=self.settings.keep_checkpoints,
         )
         return self.commit(min([*requeue, self._converge(task, jobs, prefix)]))
 

@@ -1,11 +1,13 @@
 """Pure builders of the Jobs the operator creates, and a reader of Job state. No I/O.
 
-Jobs are written for current Kubernetes (ttlSecondsAfterFinished, Kueue's queue-name label, seccomp); an older API
-server simply drops the fields it does not know.
+Jobs are written for current Kubernetes (ttlSecondsAfterFinished, Kueue's queue-name label, seccomp, a
+podFailurePolicy); an older API server simply drops the fields it does not know. The podFailurePolicy is also copied
+into an annotation, which is how the local Job runner (development only, on an API server that drops the field) reads it.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -16,9 +18,11 @@ from langmerge.constants import (
     ANNOTATION_ARTIFACT,
     ANNOTATION_ATTEMPT,
     ANNOTATION_DATA_DIGEST,
+    ANNOTATION_POD_FAILURE_POLICY,
     API_VERSION,
     COMPONENT_MERGE,
     COMPONENT_TRAINING,
+    EXIT_NOT_RETRYABLE,
     EXPERT_KIND,
     LABEL_COMPONENT,
     LABEL_EXPERT,
@@ -31,6 +35,7 @@ from langmerge.constants import (
     MANAGED_BY,
     MERGED_KIND,
     TRAINER_COMMAND,
+    TRAINER_CONTAINER,
 )
 from langmerge.settings import Settings
 from langmerge.tasks import MergeTask, TrainTask
@@ -39,6 +44,8 @@ from langmerge.tasks import MergeTask, TrainTask
 CACHE_DIR = "/cache"
 #: The non-root user of the trainer image.
 TRAINER_UID = 1000
+#: Where the trainer writes why it failed (Kubernetes shows it in the pod's status; the default path, made explicit).
+TERMINATION_MESSAGE_PATH = "/dev/termination-log"
 
 _LABEL_VALUE = re.compile(r"[^A-Za-z0-9_.-]")
 
@@ -122,6 +129,25 @@ def _env(settings: Settings) -> list[dict[str, Any]]:
     return env
 
 
+def pod_failure_policy() -> dict[str, Any]:
+    """Fail the Job at once when the trainer reports an error no retry can fix (bad data, bad spec: a second pod
+    would only fail again, after another GPU allocation and model download); do not count pods that were disrupted
+    (preemption, node drain, eviction) against ``backoffLimit``: the next pod resumes from the last checkpoint."""
+    return {
+        "rules": [
+            {
+                "action": "FailJob",
+                "onExitCodes": {
+                    "containerName": TRAINER_CONTAINER,
+                    "operator": "In",
+                    "values": list(EXIT_NOT_RETRYABLE),
+                },
+            },
+            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+        ]
+    }
+
+
 def _job(
     *,
     name: str,
@@ -146,13 +172,15 @@ def _job(
         },
         "containers": [
             {
-                "name": "trainer",
+                "name": TRAINER_CONTAINER,
                 "image": image,
                 "imagePullPolicy": settings.image_pull_policy,
                 "command": [TRAINER_COMMAND],
                 "args": args,
                 "env": _env(settings),
                 "resources": _resources(resources, settings),
+                "terminationMessagePath": TERMINATION_MESSAGE_PATH,
+                "terminationMessagePolicy": "FallbackToLogsOnError",
                 "securityContext": {
                     "allowPrivilegeEscalation": False,
                     "readOnlyRootFilesystem": True,
@@ -179,6 +207,8 @@ def _job(
         pod_spec["priorityClassName"] = resources.priority_class_name
     if settings.job_service_account:
         pod_spec["serviceAccountName"] = settings.job_service_account
+    policy = pod_failure_policy()
+    annotations = {**annotations, ANNOTATION_POD_FAILURE_POLICY: json.dumps(policy, separators=(",", ":"))}
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -191,6 +221,7 @@ def _job(
         },
         "spec": {
             "backoffLimit": settings.job_backoff_limit,
+            "podFailurePolicy": policy,
             "activeDeadlineSeconds": resources.active_deadline_seconds,
             "ttlSecondsAfterFinished": settings.job_ttl_seconds,
             "completions": 1,

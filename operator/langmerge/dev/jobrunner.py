@@ -12,8 +12,18 @@ Job never gets a pod or a status. This runner watches ``batch/v1`` Jobs and, for
 * runs the command in a scratch folder ``<work_root>/<namespace>/<job>/<attempt>`` in its own process group, with
   stdout and stderr in ``<logs_dir>/<namespace>_<job>_<attempt>.log``;
 * writes the Job's status through ``/status`` like the Job controller (``startTime``, ``active``, ``succeeded``,
-  ``failed``, ``completionTime``, ``Complete``/``Failed`` conditions), enforcing ``activeDeadlineSeconds`` and
-  ``backoffLimit``.
+  ``failed``, ``completionTime``, ``Complete``/``Failed`` conditions), enforcing ``activeDeadlineSeconds``,
+  ``backoffLimit`` and ``podFailurePolicy`` (``FailJob``, ``Ignore`` and ``Count`` rules on the container's exit code
+  or on the pseudo pod's ``DisruptionTarget`` condition). API servers before 1.26 (like the local one) drop
+  ``spec.podFailurePolicy`` on write, so when the spec has none the runner reads the policy from the Job's
+  ``langmerge.dev/pod-failure-policy`` annotation (JSON), which the operator's Job builders also write: a
+  development-only path;
+* emulates disruptions (:meth:`LocalJobRunner.disrupt`: preemption, node drain): the running attempt gets the
+  ``DisruptionTarget`` condition and SIGTERM, then SIGKILL after the grace period, as kubelet does;
+* maps the container's termination message file to ``<attempt folder>/termination-log``, named to the process in
+  ``LANGMERGE_TERMINATION_MESSAGE_PATH`` (the trainer writes there; Kubernetes would mount the file at
+  ``terminationMessagePath``). With no pods to keep it in, the last attempt's message (or, with
+  ``terminationMessagePolicy: FallbackToLogsOnError``, its log tail) is appended to the Job's Failed condition.
 
 At most :attr:`RunnerConfig.parallel` Jobs run at once; the others wait in order of creation (``active`` is set only
 while a Job's process runs). A Job deleted while it runs has its process group killed. Stopping the runner kills its
@@ -24,7 +34,7 @@ As on a cluster, ``command`` and ``args`` get ``$(VAR)`` expansion from the cont
 for ``$`` (a shell's ``$$`` is written ``$$$$``). Not emulated: volumes and ``volumeMounts`` (use env for paths; the
 runner's ``extra_env`` can point them at local folders), ``workingDir`` (the scratch folder is the working directory),
 resources and GPUs, init and sidecar containers (init containers are refused; only the first container runs),
-``podFailurePolicy`` (every non-zero exit counts against ``backoffLimit``), and pod objects (none are created).
+and pod objects (none are created).
 
 One runner per cluster scope: two runners watching the same Jobs would both run them. Use :attr:`RunnerConfig.namespace`
 or :attr:`RunnerConfig.label_selector` to split the work. Never point it at a shared cluster: it executes what Jobs say.
@@ -60,7 +70,7 @@ import urllib3
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from langmerge.constants import TRAINER_COMMAND
+from langmerge.constants import ANNOTATION_POD_FAILURE_POLICY, TRAINER_COMMAND
 
 log = logging.getLogger("langmerge.jobrunner")
 
@@ -84,6 +94,14 @@ REASON_IMAGE = "ImageNotRunnableLocally"
 REASON_COMMAND = "CommandNotRunnableLocally"
 REASON_CONFIG = "CreateContainerConfigError"
 REASON_UNSUPPORTED = "UnsupportedByLocalRunner"
+REASON_POD_FAILURE_POLICY = "PodFailurePolicy"
+
+#: The environment variable naming the file the process writes its termination message to.
+TERMINATION_MESSAGE_ENV = "LANGMERGE_TERMINATION_MESSAGE_PATH"
+#: Kubernetes keeps at most this many bytes of a termination message, and a log tail of at most this many lines.
+TERMINATION_MESSAGE_MAX_BYTES = 4096
+TERMINATION_LOG_TAIL_BYTES = 2048
+TERMINATION_LOG_TAIL_LINES = 80
 
 MESSAGE_COMPLETE = "Reached expected number of succeeded pods"
 MESSAGE_BACKOFF_LIMIT = "Job has reached the specified backoff limit"
@@ -291,6 +309,77 @@ def expand(text: str, env: Mapping[str, str]) -> str:
         cursor += 1
     out.append(text[checkpoint:])
     return "".join(out)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Pure parts: podFailurePolicy
+# ---------------------------------------------------------------------------------------------------------------------
+def pod_failure_policy(job: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The Job's ``spec.podFailurePolicy``, else the one in its ``langmerge.dev/pod-failure-policy`` annotation."""
+    policy = (job.get("spec") or {}).get("podFailurePolicy")
+    if policy:
+        return dict(policy)
+    raw = ((job.get("metadata") or {}).get("annotations") or {}).get(ANNOTATION_POD_FAILURE_POLICY)
+    if not raw:
+        return None
+    try:
+        parsed = json.loads(raw)
+    except json.JSONDecodeError as err:
+        log.warning("annotation %s is not JSON (%s); no podFailurePolicy", ANNOTATION_POD_FAILURE_POLICY, err)
+        return None
+    return parsed if isinstance(parsed, dict) else None
+
+
+def container_exit_code(code: int) -> int:
+    """The exit code Kubernetes reports for a process: 128 + the signal for a process killed by one."""
+    return 128 - code if code < 0 else code
+
+
+def match_pod_failure_policy(
+    policy: Mapping[str, Any] | None,
+    *,
+    pod: str,
+    container: str,
+    exit_code: int,
+    conditions: Sequence[Mapping[str, str]],
+) -> tuple[str, str] | None:
+    """The (action, message) of the first rule matching a failed pod, as the Job controller words it; None if none.
+
+    ``exit_code`` is the container's (see :func:`container_exit_code`); ``conditions`` are the pod's conditions.
+    """
+    for index, rule in enumerate((policy or {}).get("rules") or []):
+        action = str(rule.get("action") or "")
+        codes = rule.get("onExitCodes")
+        if codes:
+            if codes.get("containerName") not in (None, container) or exit_code == 0:
+                continue
+            values = {int(v) for v in codes.get("values") or []}
+            inside = exit_code in values
+            if inside == (codes.get("operator") == "In"):
+                return action, (
+                    f"Container {container} for pod {pod} failed with exit code {exit_code} matching {action} rule "
+                    f"at index {index}"
+                )
+            continue
+        for pattern in rule.get("onPodConditions") or []:
+            wanted = (pattern.get("type"), pattern.get("status", "True"))
+            if any((c.get("type"), c.get("status")) == wanted for c in conditions):
+                return action, f"Pod {pod} has condition {wanted[0]} matching {action} rule at index {index}"
+    return None
+
+
+def termination_message(path: Path, log_path: Path, *, fallback_to_logs: bool) -> str:
+    """What kubelet would keep as the container's termination message: the file's first 4 KiB, or (with
+    ``FallbackToLogsOnError``, for a failed container that wrote none) the log's last 80 lines / 2 KiB."""
+    text = ""
+    with contextlib.suppress(OSError):
+        text = path.read_bytes()[:TERMINATION_MESSAGE_MAX_BYTES].decode("utf-8", "replace").strip()
+    if text or not fallback_to_logs:
+        return text
+    with contextlib.suppress(OSError):
+        data = log_path.read_bytes()[-TERMINATION_LOG_TAIL_BYTES:]
+        text = "\n".join(data.decode("utf-8", "replace").splitlines()[-TERMINATION_LOG_TAIL_LINES:]).strip()
+    return text
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -676,6 +765,13 @@ def _proc_start_ticks(pid: int) -> int | None:
         return None
 
 
+def _with_last_words(message: str, last_words: str) -> str:
+    """A Failed condition's message with the last attempt's termination message on one line."""
+    if not last_words:
+        return message
+    return f"{message}; termination message: {' | '.join(line.strip() for line in last_words.splitlines() if line.strip())}"
+
+
 def _exit_description(code: int) -> str:
     if code < 0:
         with contextlib.suppress(ValueError):
@@ -789,6 +885,17 @@ class LocalJobRunner:
         """``namespace/name`` of the Jobs whose process runs now."""
         with self._cond:
             return sorted(f"{w.namespace}/{w.name}" for w in self._running.values())
+
+    def disrupt(self, namespace: str, name: str, reason: str = "PreemptionByScheduler") -> bool:
+        """Disrupt the running attempt of a Job, as a preemption or a node drain would: its pseudo pod gets the
+        ``DisruptionTarget`` condition (``reason``) and its process SIGTERM, then SIGKILL after the grace period. The
+        Job's podFailurePolicy decides whether that failure counts. False if the Job has no running process."""
+        with self._cond:
+            worker = next((w for w in self._running.values() if (w.namespace, w.name) == (namespace, name)), None)
+        if worker is None:
+            return False
+        worker.disrupt(reason)
+        return True
 
     def pending_jobs(self) -> list[str]:
         """``namespace/name`` of the Jobs waiting for a free slot, in the order they will start."""
@@ -986,6 +1093,8 @@ class _Worker:
         self.job = job
         self._cancel = threading.Event()
         self.cancel_reason = ""
+        self._disrupted = threading.Event()
+        self._disruption = ""
         self.thread = threading.Thread(target=self._main, name=f"job {self.namespace}/{self.name}", daemon=True)
 
     def observe(self, job: dict[str, Any]) -> None:
@@ -995,6 +1104,18 @@ class _Worker:
         if not self._cancel.is_set():
             self.cancel_reason = reason
             self._cancel.set()
+
+    def disrupt(self, reason: str) -> None:
+        """Give the running attempt the DisruptionTarget condition and stop it (SIGTERM, then SIGKILL)."""
+        self._disruption = reason
+        self._disrupted.set()
+
+    def _take_disruption(self) -> str:
+        """The reason the attempt that just ended was disrupted ("" if it was not); clears it."""
+        if not self._disrupted.is_set():
+            return ""
+        self._disrupted.clear()
+        return self._disruption or "Disrupted"
 
     @property
     def _status(self) -> dict[str, Any]:
@@ -1063,8 +1184,12 @@ class _Worker:
             env = child_environment(
                 resolved, home=workdir, tmpdir=workdir / "tmp", hostname=pod.name, config=self.config
             )
+            message_file = workdir / "termination-log"
+            message_file.touch()
+            env[TERMINATION_MESSAGE_ENV] = str(message_file)
             command = [expand(arg, resolved) for arg in argv]
             outcome = self._run_attempt(command, env, attempt, started_at)
+            disruption = self._take_disruption()
             log_path = self.config.attempt_log(self.namespace, self.name, attempt)
             if outcome == "deadline":
                 self._fail(REASON_DEADLINE, MESSAGE_DEADLINE, failed=failed + 1)
@@ -1074,12 +1199,32 @@ class _Worker:
                 self._patch(status_complete(self._status, rfc3339()))
                 return True
             assert isinstance(outcome, int)
+            ended = _exit_description(outcome) + (f" after a disruption ({disruption})" if disruption else "")
+            log.info("Job %s/%s: attempt %d %s", self.namespace, self.name, attempt, ended)
+            fallback = container.get("terminationMessagePolicy") == "FallbackToLogsOnError"
+            last_words = termination_message(message_file, log_path, fallback_to_logs=fallback)
+            conditions = [{"type": "DisruptionTarget", "status": "True", "reason": disruption}] if disruption else []
+            matched = match_pod_failure_policy(
+                pod_failure_policy(self.job),
+                pod=f"{pod.namespace}/{pod.name}",
+                container=str(container.get("name") or ""),
+                exit_code=container_exit_code(outcome),
+                conditions=conditions,
+            )
+            if matched is not None and matched[0] == "FailJob":
+                self._fail(REASON_POD_FAILURE_POLICY, _with_last_words(matched[1], last_words), failed=failed + 1)
+                return True
+            if matched is not None and matched[0] == "Ignore":
+                log.info("Job %s/%s: not counted against backoffLimit: %s", self.namespace, self.name, matched[1])
+                self._sleep(self.config.retry_delay_seconds, started_at)
+                continue
             failed += 1
-            log.info("Job %s/%s: attempt %d %s", self.namespace, self.name, attempt, _exit_description(outcome))
             limit = self._backoff_limit()
             if failed > limit:
-                detail = f" ({failed} failed attempts; the last {_exit_description(outcome)}, log: {log_path})"
-                self._fail(REASON_BACKOFF_LIMIT, MESSAGE_BACKOFF_LIMIT + detail, failed=failed)
+                detail = f" ({failed} failed attempts; the last {ended}, log: {log_path})"
+                self._fail(
+                    REASON_BACKOFF_LIMIT, _with_last_words(MESSAGE_BACKOFF_LIMIT + detail, last_words), failed=failed
+                )
                 return True
             self._patch(status_retrying(failed))
             self._sleep(delay, started_at)
@@ -1130,6 +1275,12 @@ class _Worker:
                 if self._cancel.is_set():
                     self._terminate(proc)
                     raise _Cancelled
+                if self._disrupted.is_set():
+                    log.info(
+                        "Job %s/%s: disrupting attempt %d (%s)", self.namespace, self.name, attempt, self._disruption
+                    )
+                    self._terminate(proc)
+                    return proc.wait()
                 if self._deadline_passed(started_at):
                     log.info("Job %s/%s: deadline exceeded, killing attempt %d", self.namespace, self.name, attempt)
                     self._terminate(proc)

@@ -1,10 +1,12 @@
 """The merge Job: ``langmerge-trainer merge --task <MergeTask JSON>``.
 
 Downloads the base model and every input adapter (checking each adapter's digest), merges them with the streaming
-engine, uploads the result under ``<output_uri>/model/``, evaluates the merged model *and each expert alone* on the same
-held-out examples of every language (so the operator's quality gate compares like with like), and commits
-``manifest.json`` last with a conditional put. A second run of the same fingerprint finds the manifest and exits 0.
-Any failure writes a failure record for the attempt and exits 1.
+engine, uploads the result under this run's own prefix ``<output_uri>/attempts/<n>-<run>/model/``, evaluates the merged
+model *and each expert alone* on the same held-out examples of every language (so the operator's quality gate compares
+like with like), and commits ``manifest.json`` last with a conditional put; it names exactly the files of this run.
+A run that loses the commit to another keeps nothing. A second run of the same fingerprint finds the manifest and
+exits 0. S3 is reached through :class:`langmerge_trainer.s3retry.RetryingStore`. Any failure writes a failure record
+for the attempt and exits 1, or 4 when no retry can fix it (``langmerge.constants``).
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import resource
 import sys
 import tempfile
 import time
-import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,19 +26,22 @@ from langmerge import artifacts
 from langmerge.api.expert import Metrics
 from langmerge.artifacts import (
     Cost,
-    FailureRecord,
     FileEntry,
     MergeInputRecord,
     MergeManifest,
     ProgressRecord,
     utcnow,
 )
+from langmerge.constants import EXIT_FAILED, EXIT_OK, EXIT_USAGE, EXIT_USER_ERROR
 from langmerge.store import ObjectStore, PreconditionFailed, files_digest
 from langmerge.tasks import MergeTask
 from langmerge_trainer.data import load_eval_split
 from langmerge_trainer.evaluate import evaluate_examples, load_for_eval, pick_device
-from langmerge_trainer.merge.engine import FULL_WEIGHTS, AdapterInput, merge_adapters
+from langmerge_trainer.failures import failure_record, report_failure, write_termination_message
+from langmerge_trainer.merge.engine import FULL_WEIGHTS, AdapterInput, MergeError, merge_adapters
 from langmerge_trainer.modelcache import ensure_model
+from langmerge_trainer.runs import delete_stale_runs
+from langmerge_trainer.s3retry import RetryingStore, retrying
 from langmerge_trainer.train import device_name, library_versions
 
 log = logging.getLogger("langmerge_trainer.merge.job")
@@ -52,13 +56,13 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _progress(store: ObjectStore, task: MergeTask, stage: str, step: int, total: int) -> None:
+def _progress(store: RetryingStore, task: MergeTask, stage: str, step: int, total: int) -> None:
     record = ProgressRecord(
         fingerprint=task.fingerprint, stage=stage, step=step, total_steps=total, attempt=task.attempt
     )
-    try:
-        store.put_json(artifacts.join(task.output_uri, artifacts.PROGRESS), record)
-    except Exception as err:  # progress is best effort
+    try:  # best effort, without retries: progress never holds up the merge
+        store.inner.put_json(artifacts.join(task.output_uri, artifacts.PROGRESS), record)
+    except Exception as err:
         log.warning("progress not written: %s", err)
 
 
@@ -78,12 +82,17 @@ def _download_adapter(store: ObjectStore, uri: str, digest: str, target: Path) -
 def run_merge_task(
     task: MergeTask, store: ObjectStore, *, device: str | None = None, work_dir: Path | None = None
 ) -> MergeManifest:
-    """Run the task (idempotent by fingerprint); returns the committed manifest."""
+    """Run the task (idempotent by fingerprint); returns the committed manifest. ``store`` is used through
+    :func:`langmerge_trainer.s3retry.retrying`."""
+    s3 = retrying(store)
     manifest_uri = artifacts.join(task.output_uri, artifacts.MANIFEST)
-    existing = store.get_json_or_none(manifest_uri)
+    existing = s3.get_json_or_none(manifest_uri)
     if existing is not None:
         log.info("merge %s already committed at %s: nothing to do", task.fingerprint, manifest_uri)
-        return MergeManifest.model_validate(existing)
+        committed = MergeManifest.model_validate(existing)
+        _clean_up(s3, task, committed)
+        return committed
+    run_prefix = artifacts.attempt_prefix(task.output_uri, task.attempt, artifacts.new_run_id())
     started_at = utcnow()
     wall0, cpu0 = time.monotonic(), _cpu_seconds()
     torch_device = pick_device(device)
@@ -91,12 +100,12 @@ def run_merge_task(
     total_steps = 3 + len(task.inputs)
     with tempfile.TemporaryDirectory(prefix="langmerge-merge-", dir=work_dir) as tmp:
         root = Path(tmp)
-        _progress(store, task, "downloading", 0, total_steps)
+        _progress(s3, task, "downloading", 0, total_steps)
         t = time.monotonic()
-        base_dir = ensure_model(store, task.base_model.uri, task.base_model.digest)
+        base_dir = ensure_model(s3, task.base_model.uri, task.base_model.digest)
         inputs = []
         for item in task.inputs:
-            path = _download_adapter(store, item.adapter_uri, item.adapter_digest, root / "adapters" / item.language)
+            path = _download_adapter(s3, item.adapter_uri, item.adapter_digest, root / "adapters" / item.language)
             inputs.append(
                 AdapterInput(
                     language=item.language,
@@ -108,7 +117,7 @@ def run_merge_task(
             )
         timings["download"] = time.monotonic() - t
 
-        _progress(store, task, "merging", 1, total_steps)
+        _progress(s3, task, "merging", 1, total_steps)
         out_dir = root / "merged"
         report = merge_adapters(
             base_dir,
@@ -123,10 +132,10 @@ def run_merge_task(
         )
         timings.update({f"merge_{k}": v for k, v in report.timings.items()})
 
-        _progress(store, task, "uploading", 2, total_steps)
+        _progress(s3, task, "uploading", 2, total_steps)
         t = time.monotonic()
-        model_uri = artifacts.merged_model_uri(task.output_uri)
-        files = store.upload_dir(out_dir, model_uri)
+        model_uri = artifacts.merged_model_uri(run_prefix)
+        files = s3.upload_dir(out_dir, model_uri)
         timings["upload"] = time.monotonic() - t
 
         merged_metrics: dict[str, Metrics] = {}
@@ -141,15 +150,15 @@ def run_merge_task(
                 device=torch_device,
             )
             for i, (item, adapter) in enumerate(zip(task.inputs, inputs, strict=True)):
-                _progress(store, task, f"evaluating {item.language}", 3 + i, total_steps)
-                examples = load_eval_split(store, item.dataset, max_examples=task.evaluation.max_examples)
+                _progress(s3, task, f"evaluating {item.language}", 3 + i, total_steps)
+                examples = load_eval_split(s3, item.dataset, max_examples=task.evaluation.max_examples)
                 kwargs = {"max_seq_length": item.max_seq_length, "max_examples": task.evaluation.max_examples}
                 merged_metrics[item.language] = evaluate_examples(merged_model, merged_tok, examples, **kwargs)
                 expert_model, expert_tok = load_for_eval(base_dir, adapter_dir=adapter.path, device=torch_device)
                 expert_metrics[item.language] = evaluate_examples(expert_model, expert_tok, examples, **kwargs)
                 del expert_model
-                store.put_json(
-                    artifacts.merge_eval_uri(task.output_uri, item.language),
+                s3.put_json(
+                    artifacts.merge_eval_uri(run_prefix, item.language),
                     {
                         "language": item.language,
                         "merged": merged_metrics[item.language].model_dump(mode="json", exclude_none=True),
@@ -210,11 +219,16 @@ def run_merge_task(
         finished_at=utcnow(),
     )
     try:
-        store.put_json(manifest_uri, manifest, if_none_match=True)
+        s3.put_json(manifest_uri, manifest, if_none_match=True)
     except PreconditionFailed:
-        log.info("another attempt committed %s first; keeping it", manifest_uri)
-        return MergeManifest.model_validate(store.get_json(manifest_uri))
-    _progress(store, task, "done", total_steps, total_steps)
+        committed = MergeManifest.model_validate(s3.get_json(manifest_uri))
+        if committed.model_uri != model_uri:
+            log.info("another run committed %s first; keeping it", manifest_uri)
+        # else: our own put went through and only its response was lost (the retry found the object)
+        _clean_up(s3, task, committed)
+        return committed
+    _clean_up(s3, task, manifest)
+    _progress(s3, task, "done", total_steps, total_steps)
     log.info(
         "merge %s committed: %s (%s, max refactor error %.2e)",
         task.fingerprint,
@@ -225,24 +239,26 @@ def run_merge_task(
     return manifest
 
 
-NON_RETRYABLE = (AdapterDigestMismatch, ValidationError)
-
-
-def record_failure(task: MergeTask, store: ObjectStore, err: BaseException) -> None:
-    from langmerge_trainer.merge.engine import MergeError
-
-    record = FailureRecord(
-        fingerprint=task.fingerprint,
-        error_class=type(err).__name__,
-        message=str(err) or type(err).__name__,
-        traceback_tail="".join(traceback.format_exception(err))[-4000:],
-        retryable=not isinstance(err, (*NON_RETRYABLE, MergeError)),
-        attempt=task.attempt,
-    )
+def _clean_up(store: ObjectStore, task: MergeTask, committed: MergeManifest) -> None:
+    """Delete the uploads of runs that did not commit (best effort: readers follow the manifest anyway)."""
     try:
-        store.put_json(artifacts.failure_uri(task.output_uri, task.attempt), record)
-    except Exception as put_err:
-        log.error("the failure record could not be written: %s", put_err)
+        delete_stale_runs(store, task.output_uri, committed.model_uri)
+    except Exception as err:
+        log.warning("clean-up after the commit failed (leftovers stay in S3): %s", err)
+
+
+#: Errors that a retry of the same task cannot fix.
+NON_RETRYABLE: tuple[type[BaseException], ...] = (AdapterDigestMismatch, ValidationError, MergeError)
+
+
+def is_retryable(err: BaseException) -> bool:
+    return not isinstance(err, NON_RETRYABLE)
+
+
+def record_failure(task: MergeTask, store: ObjectStore, err: BaseException) -> bool:
+    """Write the failure record of ``task``'s attempt; a record S3 cannot take is reported, never raised."""
+    record = failure_record(err, fingerprint=task.fingerprint, attempt=task.attempt, retryable=is_retryable(err))
+    return report_failure(retrying(store), artifacts.failure_uri(task.output_uri, task.attempt), record, what="merge")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -257,12 +273,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, OSError, ValidationError) as err:
         parser.print_usage(sys.stderr)
         log.error("--task is not a valid MergeTask: %s", err)
-        return 2
+        write_termination_message(f"--task is not a valid MergeTask: {err}\n")
+        return EXIT_USAGE
     store = ObjectStore.from_config()
     try:
         run_merge_task(task, store, device=args.device)
     except Exception as err:
         log.exception("merge failed")
         record_failure(task, store, err)
-        return 1
-    return 0
+        return EXIT_FAILED if is_retryable(err) else EXIT_USER_ERROR
+    return EXIT_OK

@@ -46,6 +46,8 @@ The operator's environment: one LANGMERGE_<FIELD> per field of langmerge.setting
   value: {{ $v.jobs.backoffLimit | int64 | quote }}
 - name: LANGMERGE_JOB_TTL_SECONDS
   value: {{ $v.jobs.ttlSecondsAfterFinished | int64 | quote }}
+- name: LANGMERGE_KEEP_CHECKPOINTS
+  value: {{ $v.jobs.keepCheckpoints | quote }}
 - name: LANGMERGE_KUEUE_QUEUE
   value: {{ $v.jobs.kueueQueue | quote }}
 - name: LANGMERGE_JOB_SERVICE_ACCOUNT
