@@ -10,7 +10,7 @@ import contextlib
 import os
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -104,15 +104,41 @@ def kube(control_plane: Endpoints) -> Any:
 
 @pytest.fixture
 def namespace(kube: Any) -> Iterator[str]:
-    """A fresh namespace for one test (deleted afterwards)."""
+    """A fresh namespace for one test (deleted afterwards), with the S3 Secret the operator's Jobs read."""
     from kubernetes import client
+
+    from operator_harness import create_s3_secret
 
     name = f"t-{uuid.uuid4().hex[:10]}"
     core = client.CoreV1Api(kube)
     core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
+    create_s3_secret(kube, name)
     yield name
     with contextlib.suppress(client.ApiException):
         core.delete_namespace(name)
+
+
+@pytest.fixture
+def make_namespace(kube: Any) -> Iterator[Callable[[], str]]:
+    """Create more fresh namespaces on demand, each with the S3 Secret (deleted afterwards)."""
+    from kubernetes import client
+
+    from operator_harness import create_s3_secret
+
+    core = client.CoreV1Api(kube)
+    made: list[str] = []
+
+    def make() -> str:
+        name = f"t-{uuid.uuid4().hex[:10]}"
+        core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
+        create_s3_secret(kube, name)
+        made.append(name)
+        return name
+
+    yield make
+    for name in made:
+        with contextlib.suppress(client.ApiException):
+            core.delete_namespace(name)
 
 
 @pytest.fixture(scope="session")

@@ -75,6 +75,7 @@ def run_operator(
     *,
     kubeconfig: str | None = None,
     clusterwide: bool = False,
+    also_watch: tuple[str, ...] = (),
     extra_args: tuple[str, ...] = (),
     **settings: Any,
 ) -> Iterator[Any]:
@@ -82,7 +83,8 @@ def run_operator(
 
     ``kubeconfig``: authenticate as another identity (default: ``$KUBECONFIG``, the admin); kopf and the controller
     read it at start-up. ``clusterwide``: watch every namespace (``--all-namespaces``, as ``langmerge run`` does
-    without namespaces) instead of ``namespace``. ``extra_args``: more ``kopf run`` options, e.g. ``--liveness URL``.
+    without namespaces) instead of ``namespace``; ``also_watch``: more namespaces to watch beside it.
+    ``extra_args``: more ``kopf run`` options, e.g. ``--liveness URL``.
     """
     from kopf.testing import KopfRunner
 
@@ -97,7 +99,12 @@ def run_operator(
     values.update({f"LANGMERGE_{k.upper()}": str(v) for k, v in settings.items()})
     if kubeconfig:
         values["KUBECONFIG"] = kubeconfig
-    where = ["--all-namespaces"] if clusterwide else ["--namespace", namespace]
+    if "uri_grants" not in settings:
+        # The tests' objects use URIs anywhere in their bucket: grant it to every namespace (the URI policy's own
+        # tests pass their grants).
+        bucket = artifacts_uri.removeprefix("s3://").split("/", 1)[0]
+        values["LANGMERGE_URI_GRANTS"] = json.dumps({"*": {"readWrite": [f"s3://{bucket}/"]}})
+    where = ["--all-namespaces"] if clusterwide else [a for ns in (namespace, *also_watch) for a in ("--namespace", ns)]
     with (
         env(**values),
         KopfRunner(
@@ -107,6 +114,20 @@ def run_operator(
         yield runner
     assert runner.exception is None, runner.output
     assert runner.exit_code == 0, runner.output
+
+
+def create_s3_secret(kube: Any, namespace: str, name: str = "langmerge-s3") -> None:
+    """The S3 Secret the operator's Jobs read, as the README says to create it in each namespace."""
+    body = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": name},
+        "stringData": {
+            "AWS_ACCESS_KEY_ID": os.environ.get("AWS_ACCESS_KEY_ID", "test"),
+            "AWS_SECRET_ACCESS_KEY": os.environ.get("AWS_SECRET_ACCESS_KEY", "test"),
+        },
+    }
+    client.CoreV1Api(kube).create_namespaced_secret(namespace, body)
 
 
 def custom(kube: Any) -> client.CustomObjectsApi:

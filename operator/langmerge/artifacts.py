@@ -15,7 +15,9 @@ Layout::
         failures/attempt-<n>.json     one record per failed attempt
         manifest.json                 the commit: written last, never overwritten; its ``adapter_uri`` and ``files``
                                       name exactly the committed files
+    <artifacts>/experts/<namespace>/<name>/.langmerge-owner.json   the LanguageExpert owning the folder
     <merged output uri>/
+        .langmerge-owner.json                 the MergedModel owning the prefix: kind, namespace, name, uid
         merges/<fingerprint>/attempts/<n>-<run>/model/...      a PEFT adapter or full safetensors weights
         merges/<fingerprint>/attempts/<n>-<run>/eval/<lang>.json  per-language evaluation of the merged model
         merges/<fingerprint>/manifest.json    the commit (``model_uri`` names the committed run's ``model/``)
@@ -44,6 +46,8 @@ SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 PROGRESS = "progress.json"
 CURRENT = "current.json"
+#: The ownership record of a prefix (:mod:`langmerge.ownership`).
+OWNER = ".langmerge-owner.json"
 
 
 def utcnow() -> str:
@@ -119,6 +123,10 @@ def revision_uri(output_uri: str, revision: int) -> str:
 
 def current_uri(output_uri: str) -> str:
     return join(output_uri, CURRENT)
+
+
+def owner_uri(prefix: str) -> str:
+    return join(prefix, OWNER)
 
 
 class Record(BaseModel):
@@ -266,6 +274,23 @@ class CheckpointPointer(Record):
     step: int
     uri: str
     at: str = Field(default_factory=utcnow)
+
+
+class OwnerRecord(Record):
+    """``.langmerge-owner.json``: the one custom resource that may write, pin and delete under a prefix."""
+
+    api_version: str
+    kind: str
+    namespace: str
+    name: str
+    uid: str
+    created_at: str = Field(default_factory=utcnow)
+
+    def same_object(self, other: OwnerRecord) -> bool:
+        return (self.kind, self.namespace, self.name, self.uid) == (other.kind, other.namespace, other.name, other.uid)
+
+    def describe(self) -> str:
+        return f"{self.kind} {self.namespace}/{self.name} (uid {self.uid or 'unknown'})"
 
 
 class PublishedRevision(Record):

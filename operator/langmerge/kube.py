@@ -7,6 +7,8 @@ own, Secrets by name, and Events. Unit tests replace this class; integration tes
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import itertools
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +26,14 @@ class Conflict(Exception):
 
 class Rejected(Exception):
     """The API server refused an object (forbidden, invalid, quota): a problem a retry alone will not fix."""
+
+
+class Forbidden(Exception):
+    """RBAC does not allow the request."""
+
+
+#: Accept header of a metadata-only read: the API server returns the object's metadata, never its data.
+PARTIAL_METADATA = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"
 
 
 def api_message(err: ApiException) -> str:
@@ -175,17 +185,33 @@ class Kube:
 
     # -- Secrets and Events --------------------------------------------------------------------------------------
     def secret_exists(self, namespace: str, name: str) -> bool:
+        """Whether the Secret exists, read as PartialObjectMetadata: its data never leaves the API server.
+
+        :class:`Forbidden` if RBAC does not allow it (the chart grants ``get`` on this one name only)."""
         try:
-            self.core.read_namespaced_secret(name, namespace)
+            resp = self.core.read_namespaced_secret(
+                name, namespace, _preload_content=False, _headers={"Accept": PARTIAL_METADATA}
+            )
         except ApiException as err:
-            if err.status in (403, 404):
+            if err.status == 404:
                 return False
+            if err.status == 403:
+                raise Forbidden(api_message(err)) from err
             raise
+        resp.release_conn()
         return True
 
 
-def _event_name(name: str) -> str:
-    return f"{name}.{time.time_ns():x}"[:253]
+_event_counter = itertools.count()
+
+
+def event_name(involved: dict[str, Any]) -> str:
+    """A unique, valid Event name: the object's name (shortened), a hash of its namespace, name and uid, and a
+    timestamp with a per-process counter, so neither long names nor two objects sharing a prefix collide."""
+    identity = f"{involved.get('namespace')}/{involved.get('name')}/{involved.get('uid')}"
+    digest = hashlib.sha256(identity.encode()).hexdigest()[:10]
+    base = str(involved.get("name") or "object")[:200].rstrip(".-")
+    return f"{base}.{digest}.{time.time_ns():x}{next(_event_counter) % 4096:03x}"
 
 
 def post_event(kube: Kube, involved: dict[str, Any], type_: str, reason: str, message: str, component: str) -> None:
@@ -196,7 +222,7 @@ def post_event(kube: Kube, involved: dict[str, Any], type_: str, reason: str, me
     body = {
         "apiVersion": "v1",
         "kind": "Event",
-        "metadata": {"name": _event_name(involved["name"]), "namespace": involved["namespace"]},
+        "metadata": {"name": event_name(involved), "namespace": involved["namespace"]},
         "involvedObject": involved,
         "reason": reason,
         "message": message[:1024],

@@ -8,6 +8,16 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from langmerge.store import S3Config
+from langmerge.tenancy import (
+    DEFAULT_NAMESPACE_PREFIX,
+    ENFORCE,
+    OFF,
+    Access,
+    UriError,
+    UriPolicy,
+    parse_grants,
+    uri_segments,
+)
 
 
 class SettingsError(ValueError):
@@ -42,6 +52,29 @@ class Settings:
     max_training_jobs: int = 4
     #: Most merge Jobs running at once, operator-wide.
     max_merge_jobs: int = 2
+    #: Most training Jobs running at once in one namespace (0: only the operator-wide cap), so that one namespace
+    #: cannot hold every training slot.
+    max_training_jobs_per_namespace: int = 2
+    #: Most merge Jobs running at once in one namespace (0: only the operator-wide cap).
+    max_merge_jobs_per_namespace: int = 1
+    #: Largest CPU request of one Job (a Kubernetes quantity); larger specs are refused before a Job is created.
+    max_job_cpu: str = "256"
+    #: Largest memory request of one Job (a Kubernetes quantity).
+    max_job_memory: str = "4Ti"
+    #: Registries (or ``registry/path`` prefixes) the Jobs' images may come from, comma-separated; ``*`` allows any.
+    #: Empty: the registry of ``trainer_image``.
+    allowed_registries: tuple[str, ...] = ()
+    #: Check that the S3 Secret exists in a namespace (by name, metadata only) before creating a Job there.
+    check_s3_secret: bool = True
+    #: ``enforce``: every S3 URI in a spec must be under a prefix its namespace may use; ``off``: single-tenant
+    #: clusters, any URI (see :mod:`langmerge.tenancy`).
+    uri_policy: str = ENFORCE
+    #: The default rule: the prefix every namespace may read and write, a template with ``{artifactsUri}`` and
+    #: ``{namespace}``; empty: no default rule (grants only).
+    namespace_prefix: str = DEFAULT_NAMESPACE_PREFIX
+    #: Prefixes granted per namespace, JSON: ``{"team-a": {"read": ["s3://shared/models/"], "readWrite": [...]},
+    #: "*": {"read": [...]}}`` (``*``: every namespace).
+    uri_grants: tuple[tuple[str, Access, str], ...] = ()
     #: Pod-level retries inside one Job (e.g. node loss; the trainer resumes from its checkpoint).
     job_backoff_limit: int = 1
     #: Seconds a finished Job is kept before Kubernetes deletes it (S3 keeps the record).
@@ -73,6 +106,16 @@ class Settings:
     def s3(self) -> S3Config:
         return S3Config(endpoint_url=self.s3_endpoint or None, region=self.s3_region)
 
+    @property
+    def policy(self) -> UriPolicy:
+        """The URI policy these settings describe."""
+        return UriPolicy(
+            artifacts_uri=self.artifacts_uri,
+            mode=self.uri_policy,
+            namespace_prefix=self.namespace_prefix,
+            grants=self.uri_grants,
+        )
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         """Read ``LANGMERGE_*`` variables; a malformed value is a :class:`SettingsError` naming the variable."""
@@ -100,11 +143,46 @@ class Settings:
                 raise SettingsError(f"LANGMERGE_{name.upper()} must be >= 1")
         if self.resync_seconds <= 0 or self.progress_seconds <= 0:
             raise SettingsError("LANGMERGE_RESYNC_SECONDS and LANGMERGE_PROGRESS_SECONDS must be > 0")
+        for name in ("max_training_jobs_per_namespace", "max_merge_jobs_per_namespace"):
+            if getattr(self, name) < 0:
+                raise SettingsError(f"LANGMERGE_{name.upper()} must be >= 0 (0: no per-namespace cap)")
+        from langmerge.admission import ImageError, parse_image, parse_quantity
+
+        for name in ("max_job_cpu", "max_job_memory"):
+            try:
+                if parse_quantity(getattr(self, name)) <= 0:
+                    raise ValueError("must be positive")
+            except ValueError as err:
+                raise SettingsError(f"LANGMERGE_{name.upper()}: {err}") from err
+        try:
+            parse_image(self.trainer_image)
+        except ImageError as err:
+            raise SettingsError(f"LANGMERGE_TRAINER_IMAGE: {err}") from err
+        if self.uri_policy not in (ENFORCE, OFF):
+            raise SettingsError(f"LANGMERGE_URI_POLICY must be {ENFORCE} or {OFF}, got {self.uri_policy!r}")
+        if self.namespace_prefix:
+            try:
+                example = self.policy.grants_for("example")[0].prefix
+            except (KeyError, IndexError, ValueError) as err:
+                raise SettingsError(
+                    "LANGMERGE_NAMESPACE_PREFIX: a template with {artifactsUri} and {namespace} only"
+                ) from err
+            try:
+                uri_segments(example)
+            except UriError as err:
+                raise SettingsError(f"LANGMERGE_NAMESPACE_PREFIX: {err}") from err
+            if "{namespace}" not in self.namespace_prefix:
+                raise SettingsError(
+                    "LANGMERGE_NAMESPACE_PREFIX must be an s3:// template containing {namespace}, "
+                    f"got {self.namespace_prefix!r}"
+                )
 
 
 def _parse(name: str, raw: str, default: Any) -> Any:
-    if name == "namespaces":
+    if name in ("namespaces", "allowed_registries"):
         return tuple(x.strip() for x in raw.split(",") if x.strip())
+    if name == "uri_grants":
+        return parse_grants(raw)
     if name == "job_env":
         pairs = []
         for item in (x for x in raw.split(",") if x.strip()):

@@ -39,6 +39,22 @@ class NotFound(StoreError):
     pass
 
 
+class UnsafeKey(StoreError):
+    """An object key that would land outside the local folder it is downloaded into."""
+
+
+def local_path(directory: Path, relative: str) -> Path:
+    """``directory / relative`` for a key relative to a listed prefix; :class:`UnsafeKey` when the key is absolute,
+    has empty, ``.`` or ``..`` segments (``prefix//etc/x``, ``a/../../x``), or resolves outside ``directory``."""
+    parts = relative.split("/")
+    if not relative or any(part in ("", ".", "..") for part in parts) or "\0" in relative:
+        raise UnsafeKey(f"object key part {relative!r} is not a plain relative path; refusing to write it locally")
+    target = directory / relative
+    if not target.resolve().is_relative_to(directory.resolve()):
+        raise UnsafeKey(f"object key part {relative!r} resolves outside {directory}; refusing to write it locally")
+    return target
+
+
 def split_uri(uri: str) -> tuple[str, str]:
     """``s3://bucket/a/b`` -> ``("bucket", "a/b")``."""
     match = _URI.match(uri)
@@ -235,17 +251,17 @@ class ObjectStore:
         """Download every object under ``uri`` into ``directory``, resumably.
 
         A file already present with the object's size is kept; partial downloads land in ``*.part`` and are renamed
-        when complete, so an interrupted download never leaves a truncated file under its real name.
+        when complete, so an interrupted download never leaves a truncated file under its real name. A key that
+        would land outside ``directory`` (see :func:`local_path`) stops the download with :class:`UnsafeKey` before
+        anything is written.
         """
         bucket, key = split_uri(uri)
         base = prefix_key(key)
         directory.mkdir(parents=True, exist_ok=True)
+        objects = [o for o in self.iter_objects(uri) if o.relative_to(base) and not o.key.endswith("/")]
+        targets = [(obj, local_path(directory, obj.relative_to(base))) for obj in objects]
         paths = []
-        for obj in self.iter_objects(uri):
-            rel = obj.relative_to(base)
-            if not rel or rel.endswith("/"):
-                continue
-            target = directory / rel
+        for obj, target in targets:
             paths.append(target)
             if target.exists() and target.stat().st_size == obj.size:
                 continue

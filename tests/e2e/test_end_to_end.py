@@ -56,7 +56,16 @@ def test_sample_end_to_end(control_plane: Any, kube: Any, s3: ObjectStore, names
             ),
         ),
     )
-    with run_operator(namespace, layout.artifacts_uri, max_training_jobs=2, resync_seconds=5), runner:
+    with (
+        run_operator(
+            namespace,
+            layout.artifacts_uri,
+            max_training_jobs=2,
+            resync_seconds=5,
+            uri_grants=layout.uri_grants(namespace),
+        ),
+        runner,
+    ):
         for doc in sample_experts(layout):
             demo.apply(_fast(doc))
         demo.apply(sample_merged(layout))

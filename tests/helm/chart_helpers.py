@@ -33,6 +33,15 @@ OPERATOR_RULES: list[dict[str, Any]] = [
     {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["list", "watch", "create", "delete"]},
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
 ]
+
+
+def secret_rule(name: str = "langmerge-s3") -> dict[str, Any]:
+    """s3.credentials.checkExists (default on): get on the S3 Secret's name only, to check it exists before a Job."""
+    return {"apiGroups": [""], "resources": ["secrets"], "resourceNames": [name], "verbs": ["get"]}
+
+
+#: The operator's rules with the default values (the Secret check on, Secret name langmerge-s3).
+DEFAULT_OPERATOR_RULES: list[dict[str, Any]] = [*OPERATOR_RULES, secret_rule()]
 #: With rbac.ownerReferencesPermissionEnforcement (OpenShift-style clusters).
 FINALIZERS_RULE = {
     "apiGroups": ["langmerge.dev"],

@@ -25,9 +25,9 @@ import pytest
 from chart_helpers import (
     CHART,
     CRD_OBSERVATION_RULE,
+    DEFAULT_OPERATOR_RULES,
     LEASE_RULES,
     NAMESPACE_OBSERVATION_RULE,
-    OPERATOR_RULES,
     argocd_health,
     helm,
     sa_kubeconfig,
@@ -38,7 +38,7 @@ from kubernetes.client.exceptions import ApiException
 
 from langmerge.constants import EXPERT_PLURAL, GROUP, VERSION
 from langmerge.dev.controlplane import Endpoints
-from langmerge.kube import load_client
+from langmerge.kube import Forbidden, Kube, load_client
 from langmerge.store import ObjectStore
 from operator_harness import (
     SimulatedJobs,
@@ -192,7 +192,7 @@ def test_cluster_wide_install_and_reconcile_as_the_service_account(
     with installed(control_plane.kubeconfig, release_ns, values) as fullname:
         # What Helm created, read back from the API server.
         rbac = client.RbacAuthorizationV1Api(kube)
-        assert rules_of(rbac.read_cluster_role(fullname)) == [*OPERATOR_RULES, CRD_OBSERVATION_RULE]
+        assert rules_of(rbac.read_cluster_role(fullname)) == [*DEFAULT_OPERATOR_RULES, CRD_OBSERVATION_RULE]
         binding = rbac.read_cluster_role_binding(fullname)
         assert binding.role_ref.name == fullname
         assert [(s.kind, s.name, s.namespace) for s in binding.subjects] == [("ServiceAccount", fullname, release_ns)]
@@ -261,9 +261,14 @@ def test_cluster_wide_install_and_reconcile_as_the_service_account(
         for obj in [*experts, merged]:
             assert argocd_health(obj)[0] == "Healthy", (obj["kind"], argocd_health(obj))
 
+        # The S3 Secret's existence, by name and as metadata only (what the reconcilers check before a Job).
+        assert Kube(as_operator).secret_exists(work_ns, "langmerge-s3")
+        with pytest.raises(Forbidden):  # any other name: RBAC refuses even the existence check
+            Kube(as_operator).secret_exists(work_ns, "another-secret")
         # And nothing more.
         core, custom = client.CoreV1Api(as_operator), client.CustomObjectsApi(as_operator)
         expect_forbidden(lambda: core.list_secret_for_all_namespaces(), "list Secrets cluster-wide")
+        expect_forbidden(lambda: core.list_namespaced_secret(work_ns), "list Secrets in a namespace")
         expect_forbidden(
             lambda: core.read_namespaced_secret(token_secret_name(kube, release_ns, fullname), release_ns),
             "read its own token Secret",
@@ -321,7 +326,7 @@ def test_namespaced_install_and_reconcile_as_the_service_account(
     with installed(control_plane.kubeconfig, release_ns, values) as fullname:
         rbac = client.RbacAuthorizationV1Api(kube)
         for ns in (team_a, team_b):
-            assert rules_of(rbac.read_namespaced_role(fullname, ns)) == OPERATOR_RULES
+            assert rules_of(rbac.read_namespaced_role(fullname, ns)) == DEFAULT_OPERATOR_RULES
         # Cluster-wide, only kopf's read-only observation: without it kopf retries the forbidden namespace listing
         # for about a minute at every start (logging errors) and reconciles nothing meanwhile (measured here).
         assert rules_of(rbac.read_cluster_role(fullname)) == [CRD_OBSERVATION_RULE, NAMESPACE_OBSERVATION_RULE]

@@ -13,6 +13,7 @@ import yaml
 from chart_helpers import (
     CHART,
     CRD_OBSERVATION_RULE,
+    DEFAULT_OPERATOR_RULES,
     FINALIZERS_RULE,
     LEASE_RULES,
     NAMESPACE_OBSERVATION_RULE,
@@ -24,10 +25,12 @@ from chart_helpers import (
     helm,
     one,
     render,
+    secret_rule,
     set_args,
 )
 
 from langmerge.settings import Settings
+from langmerge.tenancy import UriPolicy, parse_grants
 
 #: Every knob turned: namespaced watch over two namespaces, ServiceMonitor, Kueue, two replicas, and more.
 EDGE: dict[str, Any] = {
@@ -46,6 +49,11 @@ EDGE: dict[str, Any] = {
         "gpuResourceName": "amd.com/gpu",
         "maxTrainingJobs": 8,
         "maxMergeJobs": 1,
+        "maxTrainingJobsPerNamespace": 3,
+        "maxMergeJobsPerNamespace": 0,
+        "maxCpu": "64",
+        "maxMemory": "512Gi",
+        "allowedRegistries": ["platform", "ghcr.io/acme"],
         "backoffLimit": 3,
         "ttlSecondsAfterFinished": 1000000,
         "keepCheckpoints": True,
@@ -60,6 +68,14 @@ EDGE: dict[str, Any] = {
         "historyLimit": 50,
         "workers": 4,
         "deleteArtifactsWithExpert": True,
+    },
+    "tenancy": {
+        "uriPolicy": "enforce",
+        "namespacePrefix": "s3://ml-{namespace}/langmerge/",
+        "grants": {
+            "team-a": {"readWrite": ["s3://team-a-extra/"], "read": ["s3://shared/datasets/"]},
+            "*": {"read": ["s3://shared/base-models/"]},
+        },
     },
     "verbose": True,
     "serviceAccount": {"annotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::123456789012:role/langmerge"}},
@@ -122,7 +138,7 @@ def test_default_render(default: list[dict[str, Any]]) -> None:
     )
     # Cluster-wide watch: exactly the operator's rules plus kopf's CRD observation, bound to the chart's account.
     role = one(default, "ClusterRole")
-    assert role["rules"] == [*OPERATOR_RULES, CRD_OBSERVATION_RULE]
+    assert role["rules"] == [*DEFAULT_OPERATOR_RULES, CRD_OBSERVATION_RULE]
     binding = one(default, "ClusterRoleBinding")
     assert binding["roleRef"] == {
         "apiGroup": "rbac.authorization.k8s.io",
@@ -135,9 +151,9 @@ def test_default_render(default: list[dict[str, Any]]) -> None:
     assert one(default, "RoleBinding")["roleRef"]["name"] == "lm-langmerge-leader-election"
     account = one(default, "ServiceAccount")
     assert account["metadata"]["name"] == "lm-langmerge" and account["automountServiceAccountToken"] is False
-    # Nothing reads or writes Secrets: no rule names them.
+    # Secrets: only get on the S3 Secret's name (whether it exists), never list, watch or write.
     for obj in by_kind(default, "ClusterRole") + by_kind(default, "Role"):
-        assert not any("secrets" in rule["resources"] for rule in obj["rules"])
+        assert [r for r in obj["rules"] if "secrets" in r["resources"]] in ([], [secret_rule()])
     assert not by_kind(default, "Secret") and not by_kind(default, "ServiceMonitor")
 
 
@@ -202,7 +218,7 @@ def test_edge_render(edge: list[dict[str, Any]]) -> None:
     assert one(edge, "ClusterRole")["rules"] == [CRD_OBSERVATION_RULE, NAMESPACE_OBSERVATION_RULE]
     for ns in ("team-a", "team-b"):
         (role,) = [r for r in by_kind(edge, "Role") if r["metadata"]["namespace"] == ns]
-        assert role["rules"] == [*OPERATOR_RULES[:2], FINALIZERS_RULE, *OPERATOR_RULES[2:]]
+        assert role["rules"] == [*OPERATOR_RULES[:2], FINALIZERS_RULE, *OPERATOR_RULES[2:], secret_rule("s3-creds")]
         (binding,) = [b for b in by_kind(edge, "RoleBinding") if b["metadata"]["namespace"] == ns]
         assert binding["roleRef"]["name"] == role["metadata"]["name"]
         assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "lm-langmerge", "namespace": "ml-ops"}]
@@ -242,6 +258,20 @@ def test_edge_render(edge: list[dict[str, Any]]) -> None:
     assert settings.job_env == (("HF_HUB_OFFLINE", "1"), ("NCCL_DEBUG", "WARN"))
     assert (settings.resync_seconds, settings.progress_seconds) == (30.5, 5.0)
     assert (settings.history_limit, settings.workers, settings.delete_artifacts_with_expert) == (50, 4, True)
+    assert (settings.max_training_jobs_per_namespace, settings.max_merge_jobs_per_namespace) == (3, 0)
+    assert (settings.max_job_cpu, settings.max_job_memory, settings.check_s3_secret) == ("64", "512Gi", True)
+    assert settings.allowed_registries == ("platform", "ghcr.io/acme")
+    assert settings.uri_policy == "enforce" and settings.namespace_prefix == "s3://ml-{namespace}/langmerge/"
+    assert settings.uri_grants == (
+        ("*", "read", "s3://shared/base-models/"),
+        ("team-a", "read", "s3://shared/datasets/"),
+        ("team-a", "readWrite", "s3://team-a-extra/"),
+    )
+    policy = settings.policy
+    assert policy.check("team-a", "f", "s3://ml-team-a/langmerge/x", write=True) is None
+    assert policy.check("team-b", "f", "s3://ml-team-a/langmerge/x", write=False) is not None
+    assert policy.check("team-b", "f", "s3://shared/base-models/llama", write=False) is None
+    assert policy.check("team-b", "f", "s3://shared/base-models/llama", write=True) is not None
 
     monitor = one(edge, "ServiceMonitor")
     service = one(edge, "Service")
@@ -268,6 +298,18 @@ def test_metrics_off_and_existing_service_account() -> None:
     assert one(objects, "ClusterRoleBinding")["subjects"][0]["name"] == "ops"
 
 
+def test_single_tenant_options_without_secret_permission() -> None:
+    """uriPolicy off and checkExists false: the settings say so, and no rule names Secrets at all."""
+    objects = render(
+        {"tenancy": {"uriPolicy": "off", "namespacePrefix": ""}, "s3": {"credentials": {"checkExists": False}}}
+    )
+    for obj in by_kind(objects, "ClusterRole") + by_kind(objects, "Role"):
+        assert not any("secrets" in rule["resources"] for rule in obj["rules"])
+    assert one(objects, "ClusterRole")["rules"] == [*OPERATOR_RULES, CRD_OBSERVATION_RULE]
+    settings = settings_from(one(objects, "Deployment"))
+    assert (settings.uri_policy, settings.namespace_prefix, settings.check_s3_secret) == ("off", "", False)
+
+
 def test_strictest_namespaced_install_has_nothing_cluster_scoped() -> None:
     objects = render({"watch": {"namespaces": ["team-a"]}, "rbac": {"kopfObservation": False}})
     assert not by_kind(objects, "ClusterRole") and not by_kind(objects, "ClusterRoleBinding")
@@ -285,6 +327,12 @@ def test_strictest_namespaced_install_has_nothing_cluster_scoped() -> None:
         (["--set-json", 'watch={"namespaces":["Team_A"]}'], "namespaces"),
         (["--set", "replicaCount=2", "--set", "leaderElection.enabled=false"], "leaderElection.enabled"),
         (["--set-json", 'jobs={"env":{"A":"x,y"}}'], "commas"),
+        (["--set", "tenancy.uriPolicy=loose"], "uriPolicy"),
+        (["--set-json", 'tenancy={"grants":{"team-a":{"write":["s3://b/"]}}}'], "write"),
+        (["--set-json", 'tenancy={"grants":{"team-a":{"read":["http://b/"]}}}'], "read"),
+        (["--set", "tenancy.namespacePrefix=s3://b/shared/"], "namespacePrefix"),
+        (["--set", "jobs.maxMemory=lots"], "maxMemory"),
+        (["--set", "jobs.maxTrainingJobsPerNamespace=-1"], "maxTrainingJobsPerNamespace"),
     ],
 )
 def test_values_are_checked(args: list[str], message: str) -> None:
@@ -365,6 +413,8 @@ def test_notes_tell_what_to_apply_next() -> None:
     assert "--from-literal=AWS_ACCESS_KEY_ID=" in notes and "--from-literal=AWS_SECRET_ACCESS_KEY=" in notes
     assert "kind: LanguageExpert" in notes and "kubectl -n team-a apply -f -" in notes
     assert "kubectl apply --server-side" in notes
+    # The example's URIs are under the namespace's own prefix, and the notes say what else is refused.
+    assert "uri: s3://langmerge/artifacts/team-a/data/dialog/es" in notes and "UriNotAllowed" in notes
 
 
 def test_chart_readme_documents_install_upgrade_and_health() -> None:
@@ -390,8 +440,23 @@ def test_readme_language_expert_is_valid() -> None:
     blocks = [b.split("```", 1)[0] for b in section.split("```yaml")[1:]]
     experts = [d for b in blocks for d in yaml.safe_load_all(b) if d and d.get("kind") == "LanguageExpert"]
     assert experts, "the install section shows a LanguageExpert"
+    # Its URIs pass the URI policy the install command sets up, in the namespace the section uses.
+    grants = '{"*":{"read":["s3://my-bucket/models/"]}}'
+    assert "--set artifactsUri=s3://my-bucket/langmerge" in section and f"tenancy.grants={grants}" in section
+    policy = UriPolicy("s3://my-bucket/langmerge", grants=parse_grants(grants))
     for doc in experts:
-        LanguageExpertSpec.model_validate(doc["spec"])
+        spec = LanguageExpertSpec.model_validate(doc["spec"])
+        for uri in (spec.base_model.uri, spec.dataset.uri):
+            assert policy.check("ml-team", "uri", uri, write=False) is None, uri
+
+
+def test_readme_grants_for_the_sample_are_what_up_sets() -> None:
+    """The grants the README gives for running the sample against an installed operator are the ones `up` sets."""
+    from langmerge.dev.demo import DEFAULT_LAYOUT
+
+    text = (ROOT / "README.md").read_text()
+    documented = text.split("tenancy.grants=", 1)[1].split("'", 1)[0]
+    assert json.loads(documented) == json.loads(DEFAULT_LAYOUT.uri_grants("default"))
 
 
 def test_chart_files_are_what_helm_packages(tmp_path: Path) -> None:

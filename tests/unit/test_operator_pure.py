@@ -16,7 +16,7 @@ from langmerge.api.expert import Metrics
 from langmerge.api.merged import Evaluation
 from langmerge.artifacts import BaseModelIdentity, FailureRecord
 from langmerge.controller.attempts import decide_retry
-from langmerge.controller.jobs import Owner, build_merge_job, build_training_job, job_name, job_state
+from langmerge.controller.jobs import Owner, build_merge_job, build_training_job, job_name, job_state, owner_hash
 from langmerge.controller.publish import quality_gate
 from langmerge.controller.status import bounded, merge_patch_body, set_condition
 from langmerge.controller.workqueue import WorkQueue
@@ -53,10 +53,25 @@ OWNER = Owner("LanguageExpert", "ns", "de", "uid-1")
     [("de", 1), ("a" * 63, 3), ("summarize.de-at", 12), ("x" * 80 + "-", 2)],
 )
 def test_job_names_are_deterministic_and_short(owner: str, attempt: int) -> None:
-    name = job_name(owner, "training", "0123456789abcdef", attempt)
-    assert name == job_name(owner, "training", "0123456789abcdef", attempt)
-    assert len(name) <= 63 and name.endswith(f"-train-0123456789-{attempt}")
+    who = Owner("LanguageExpert", "ns", owner, "uid-1")
+    name = job_name(who, "training", "0123456789abcdef", attempt)
+    assert name == job_name(who, "training", "0123456789abcdef", attempt)
+    assert len(name) <= 63 and name.endswith(f"-train-0123456789-{owner_hash(who)}-{attempt}")
     assert name[0].isalnum() and name[-1].isalnum()
+
+
+def test_job_names_differ_by_namespace_name_and_uid() -> None:
+    """Names sharing their first 44 characters, the same name in another namespace, a re-created object (new uid):
+    never the same Job name for the same fingerprint and attempt."""
+    prefix = "summarize-customer-support-tickets-language-"
+    owners = [
+        Owner("LanguageExpert", "ns", prefix + "german", "uid-1"),
+        Owner("LanguageExpert", "ns", prefix + "french", "uid-2"),
+        Owner("LanguageExpert", "other", prefix + "german", "uid-3"),
+        Owner("LanguageExpert", "ns", prefix + "german", "uid-4"),
+    ]
+    names = {job_name(o, "training", "0123456789abcdef", 1) for o in owners}
+    assert len(names) == len(owners) and all(len(n) <= 63 for n in names)
 
 
 @pytest.mark.parametrize(

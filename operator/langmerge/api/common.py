@@ -7,10 +7,11 @@ Field descriptions become the CRD's ``description`` fields, so they are written 
 
 from __future__ import annotations
 
+import re
 from enum import StrEnum
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 #: An ``s3://bucket/prefix`` location. Bucket names follow S3's DNS rules; keys must not contain ``//``.
@@ -169,6 +170,33 @@ class Condition(StatusModel):
     ] = None
 
 
+_LABEL_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+
+
+def label_key_problem(key: str) -> str | None:
+    """Why ``key`` is not a label key the API server accepts (``[prefix/]name``), or None."""
+    prefix, sep, name = key.rpartition("/")
+    if sep and (not prefix or len(prefix) > 253 or not _DNS_SUBDOMAIN.match(prefix)):
+        return f"label key {key!r}: the prefix must be a DNS subdomain (lower case, at most 253 characters)"
+    if len(name) > 63 or not _LABEL_NAME.match(name):
+        return (
+            f"label key {key!r}: the name must be at most 63 characters, alphanumeric at both ends, with '-', '_' "
+            "or '.' between"
+        )
+    return None
+
+
+def label_value_problem(value: str) -> str | None:
+    """Why ``value`` is not a label value the API server accepts, or None."""
+    if value and (len(value) > 63 or not _LABEL_NAME.match(value)):
+        return (
+            f"label value {value!r}: at most 63 characters, empty or alphanumeric at both ends, with '-', '_' or "
+            "'.' between"
+        )
+    return None
+
+
 class LabelSelectorRequirement(ApiModel):
     key: Annotated[str, Field(description="Label key.", min_length=1)]
     operator: Annotated[
@@ -180,6 +208,20 @@ class LabelSelectorRequirement(ApiModel):
     ]
     values: Annotated[list[str], Field(default_factory=list, description="Values for In and NotIn.")]
 
+    @model_validator(mode="after")
+    def _valid_for_the_api_server(self) -> LabelSelectorRequirement:
+        problems = [label_key_problem(self.key), *(label_value_problem(v) for v in self.values)]
+        if self.operator in ("In", "NotIn") and not self.values:
+            problems.append(f"operator {self.operator} on {self.key!r} needs at least one value")
+        if self.operator in ("Exists", "DoesNotExist") and self.values:
+            problems.append(f"operator {self.operator} on {self.key!r} takes no values")
+        if self.operator not in ("In", "NotIn", "Exists", "DoesNotExist"):
+            problems.append(f"unknown operator {self.operator!r} (In, NotIn, Exists, DoesNotExist)")
+        found = [p for p in problems if p]
+        if found:
+            raise ValueError("; ".join(found))
+        return self
+
 
 class LabelSelector(ApiModel):
     """A Kubernetes label selector."""
@@ -188,6 +230,14 @@ class LabelSelector(ApiModel):
     match_expressions: Annotated[
         list[LabelSelectorRequirement], Field(default_factory=list, description="Set-based requirements.")
     ]
+
+    @field_validator("match_labels")
+    @classmethod
+    def _labels_valid(cls, value: dict[str, str]) -> dict[str, str]:
+        problems = [p for k, v in value.items() for p in (label_key_problem(k), label_value_problem(v)) if p]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return value
 
     def to_query(self) -> str:
         """The selector in the API's ``labelSelector`` query syntax."""

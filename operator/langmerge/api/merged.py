@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from enum import StrEnum
 from typing import Annotated, Any
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from langmerge.api.common import (
     IMAGE_PATTERN,
@@ -94,6 +95,16 @@ class MergeParameters(ApiModel):
         list[str],
         Field(default_factory=list, description="Regular expressions over module names left out of the merge."),
     ]
+
+    @field_validator("include_modules", "exclude_modules")
+    @classmethod
+    def _regular_expressions(cls, value: list[str]) -> list[str]:
+        for pattern in value:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ValueError(f"{pattern!r} is not a valid regular expression: {err}") from None
+        return value
 
 
 class OutputFormat(StrEnum):

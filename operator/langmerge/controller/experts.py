@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from langmerge import artifacts
+from langmerge.admission import Refusal, check_job_spec, check_uris
 from langmerge.api.common import OnChange
 from langmerge.api.expert import (
     AdapterRef,
@@ -30,7 +31,13 @@ from langmerge.constants import COMPONENT_TRAINING, EXPERT_KIND, EXPERT_PLURAL, 
 from langmerge.controller import metrics
 from langmerge.controller.attempts import decide_retry, failure_records, record_job_end
 from langmerge.controller.jobs import JobState, Owner, build_training_job
-from langmerge.controller.reconcile import ReconcilePass, delete_jobs_of, fmt_time, format_validation_error
+from langmerge.controller.reconcile import (
+    ReconcilePass,
+    delete_jobs_of,
+    fmt_time,
+    format_validation_error,
+    object_exists,
+)
 from langmerge.controller.runtime import EXPERT, Key, Runtime, object_key
 from langmerge.controller.status import (
     DATA_CHANGED,
@@ -41,6 +48,7 @@ from langmerge.controller.status import (
     truncate,
 )
 from langmerge.fingerprint import training_fingerprint
+from langmerge.ownership import live_owner
 from langmerge.store import StoreError
 from langmerge.tasks import TrainTask
 
@@ -94,13 +102,41 @@ class ExpertReconciler(ReconcilePass[LanguageExpertStatus]):
         self.spec = spec
         self.image = spec.image or self.settings.trainer_image
         self.prefix_root = artifacts.expert_root(self.settings.artifacts_uri, self.namespace, self.name)
+        refusal = self.admit(spec)
+        if refusal is not None:
+            self.refuse(refusal, phase=ExpertPhase.FAILED, condition_type=TRAINING)
+            return self.commit(None)
         try:
+            claim = self.claim(self.prefix_root, "the expert's artifact prefix")
+            if not claim.owned:
+                self.refuse(
+                    Refusal("ArtifactsOwnedByAnother", claim.message), phase=ExpertPhase.FAILED, condition_type=TRAINING
+                )
+                return self.commit(self.settings.resync_seconds)
             return self._run()
         except StoreError as err:
             message = f"S3 unavailable: {err}"
             self.condition(DEGRADED, True, "StorageUnavailable", message)
             self.status.message = truncate(message)
             return self.commit(STORAGE_RETRY_SECONDS)
+
+    def admit(self, spec: LanguageExpertSpec) -> Refusal | None:
+        """The URIs this namespace may read, the image and the resources, before any S3 request or Job."""
+        return check_uris(
+            self.settings,
+            self.namespace,
+            [
+                ("spec.baseModel.uri", spec.base_model.uri, False),
+                ("spec.dataset.uri", spec.dataset.uri, False),
+                ("spec.dataset.evalUri", spec.dataset.eval_uri, False),
+            ],
+        ) or check_job_spec(
+            self.image,
+            "spec.image" if spec.image else "the operator's trainer image",
+            spec.resources,
+            "spec.resources",
+            self.settings,
+        )
 
     def _run(self) -> float | None:
         spec = self.spec
@@ -440,4 +476,9 @@ def cleanup_deleted_expert(rt: Runtime, key: Key) -> None:
     rt.memos.pop(key, None)
     rt.waiting_for_capacity.discard(key)
     if rt.settings.delete_artifacts_with_expert:
-        rt.store.delete_prefix(artifacts.expert_root(rt.settings.artifacts_uri, namespace, name))
+        root = artifacts.expert_root(rt.settings.artifacts_uri, namespace, name)
+        owner = live_owner(rt.store, root, lambda record: object_exists(rt, record))
+        if owner is not None:
+            log.info("kept %s: it belongs to %s now", root, owner.describe())
+            return
+        rt.store.delete_prefix(root)

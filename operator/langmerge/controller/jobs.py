@@ -7,6 +7,7 @@ into an annotation, which is how the local Job runner (development only, on an A
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -76,11 +77,19 @@ def label_value(value: str) -> str:
     return cleaned.strip("-_.") or "x"
 
 
-def job_name(owner: str, component: str, fingerprint: str, attempt: int) -> str:
-    """Deterministic, <= 63 characters: ``<owner>-<train|merge>-<fp10>-<attempt>``."""
+def owner_hash(owner: Owner) -> str:
+    """8 hex digits identifying one object: its namespace, name and uid (a re-created object gets another)."""
+    return hashlib.sha256(f"{owner.namespace}/{owner.name}/{owner.uid}".encode()).hexdigest()[:8]
+
+
+def job_name(owner: Owner, component: str, fingerprint: str, attempt: int) -> str:
+    """Deterministic, unique, <= 63 characters: ``<name>-<train|merge>-<fp10>-<owner hash>-<attempt>``.
+
+    The name is shortened to fit; the hash of namespace, name and uid keeps two objects whose names share a long
+    prefix (or a deleted and re-created object) from ever mapping to the same Job."""
     tag = "train" if component == COMPONENT_TRAINING else "merge"
-    suffix = f"-{tag}-{fingerprint[:10]}-{attempt}"
-    base = owner[: 63 - len(suffix)].rstrip("-.")
+    suffix = f"-{tag}-{fingerprint[:10]}-{owner_hash(owner)}-{attempt}"
+    base = owner.name[: 63 - len(suffix)].rstrip("-.")
     return f"{base}{suffix}"
 
 
@@ -244,7 +253,7 @@ def build_training_job(owner: Owner, task: TrainTask, settings: Settings) -> dic
         LABEL_TASK: label_value(spec.task),
     }
     return _job(
-        name=job_name(owner.name, COMPONENT_TRAINING, task.fingerprint, task.attempt),
+        name=job_name(owner, COMPONENT_TRAINING, task.fingerprint, task.attempt),
         owner=owner,
         labels=labels,
         annotations={
@@ -269,7 +278,7 @@ def build_merge_job(owner: Owner, task: MergeTask, resources: Resources, setting
         LABEL_FINGERPRINT: task.fingerprint,
     }
     return _job(
-        name=job_name(owner.name, COMPONENT_MERGE, task.fingerprint, task.attempt),
+        name=job_name(owner, COMPONENT_MERGE, task.fingerprint, task.attempt),
         owner=owner,
         labels=labels,
         annotations={ANNOTATION_ATTEMPT: str(task.attempt), ANNOTATION_ARTIFACT: task.output_uri},

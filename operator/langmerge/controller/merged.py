@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from langmerge import artifacts
+from langmerge.admission import Refusal, check_job_spec, check_uris
 from langmerge.api.common import OnChange
 from langmerge.api.expert import ExpertPhase, LanguageExpertSpec, LanguageExpertStatus
 from langmerge.api.merged import (
@@ -122,7 +123,18 @@ class MergedReconciler(ReconcilePass[MergedModelStatus]):
             return self.fail("InvalidSpec", f"invalid spec: {format_validation_error(err)}")
         self.output = self.spec.output.uri
         self.image = self.spec.image or self.settings.trainer_image
+        refusal = self.admit()
+        if refusal is not None:
+            self.refuse(refusal, phase=MergedPhase.FAILED, condition_type=MERGING)
+            return self.commit(None)
         try:
+            # Nothing is read, written, pinned or deleted under the output prefix before it is ours.
+            claim = self.claim(self.output, "spec.output.uri", legacy_owner=self._legacy_owner)
+            if not claim.owned:
+                self.refuse(
+                    Refusal("OutputOwnedByAnother", claim.message), phase=MergedPhase.FAILED, condition_type=MERGING
+                )
+                return self.commit(self.settings.resync_seconds)
             return self._run()
         except StoreError as err:
             message = f"S3 unavailable: {err}"
@@ -132,6 +144,39 @@ class MergedReconciler(ReconcilePass[MergedModelStatus]):
         except PublishConflict as err:
             log.info("%s/%s: %s; retrying", self.namespace, self.name, err)
             return self.commit(1.0)
+
+    def admit(self) -> Refusal | None:
+        """The URIs this namespace may read and write, the image and the resources, before any S3 request or Job."""
+        spec = self.spec
+        return check_uris(
+            self.settings,
+            self.namespace,
+            [("spec.baseModel.uri", spec.base_model.uri, False), ("spec.output.uri", spec.output.uri, True)],
+        ) or check_job_spec(
+            self.image,
+            "spec.image" if spec.image else "the operator's trainer image",
+            spec.resources,
+            "spec.resources",
+            self.settings,
+        )
+
+    def _legacy_owner(self) -> tuple[str, str] | None:
+        """An output prefix published before ownership records: the MergedModel named in its published manifest."""
+        current = read_current(self.rt.store, self.output).record
+        if current is None:
+            return None
+        raw = self.rt.store.get_json_or_none(current.manifest_uri)
+        if raw is None:
+            return None
+        manifest = MergeManifest.model_validate(raw)
+        return manifest.namespace, manifest.name
+
+    def _suspended(self, message: str) -> float | None:
+        """spec.suspend: nothing is published, rolled back or garbage-collected."""
+        self.status.active_job = None
+        self.set_phase(MergedPhase.SUSPENDED, f"spec.suspend is true: {message}")
+        self.condition(MERGING, False, "Suspended", self.status.message or "")
+        return self.commit(self.settings.resync_seconds)
 
     def _run(self) -> float | None:
         spec = self.spec
@@ -188,6 +233,13 @@ class MergedReconciler(ReconcilePass[MergedModelStatus]):
         )
 
         inputs = self._inputs(ready)
+        if all(i.weight == 0 for i in inputs):
+            zero_weighted = ", ".join(i.language for i in inputs)
+            return self.fail(
+                "InvalidSpec",
+                f"invalid spec: spec.parameters.weights gives every selected language weight 0 ({zero_weighted}): the "
+                "merge would be the base model; give at least one language a weight above 0",
+            )
         base_digest, count = store.prefix_digest(spec.base_model.uri)
         if count == 0:
             return self.fail("BaseModelMissing", f"no objects under the base model URI {spec.base_model.uri}", resync)
@@ -406,6 +458,7 @@ class MergedReconciler(ReconcilePass[MergedModelStatus]):
         self.status.active_job = name
         self.set_phase(MergedPhase.MERGING, f"Job {name} merging fingerprint {task.fingerprint}")
         self.condition(MERGING, True, "JobCreated", f"Job {name}")
+        self.condition(DEGRADED, False, "AsExpected")
         return self.settings.progress_seconds
 
     def _gate_and_publish(
@@ -426,6 +479,8 @@ class MergedReconciler(ReconcilePass[MergedModelStatus]):
             self.condition(MERGING, False, "Blocked")
             return self.commit(self.settings.resync_seconds)
         self.condition(QUALITY_GATE, True, "Passed", "every language within evaluation.maxRegression")
+        if spec.suspend:
+            return self._suspended(f"merge {fingerprint} passed the quality gate and is not published")
         record = publish(self.rt.store, self.output, manifest, manifest_uri, current, reason="merged")
         self._after_publish(record, manifest, current, figures)
         return self.commit(self.settings.resync_seconds)
@@ -498,6 +553,8 @@ class MergedReconciler(ReconcilePass[MergedModelStatus]):
                 f"spec.pinRevision {revision}: its merge output {target.manifest_uri} no longer exists "
                 "(garbage-collected; raise publish.keepRevisions to keep more)",
             )
+        if self.spec.suspend:
+            return self._suspended(f"revision {revision} is pinned and not published again (no rollback)")
         manifest = MergeManifest.model_validate(raw)
         new = publish(
             self.rt.store, self.output, manifest, target.manifest_uri, current, reason="rollback", rollback_of=revision

@@ -13,6 +13,7 @@ With ``--kubeconfig`` it uses that cluster instead (Jobs then run on the cluster
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -75,6 +76,17 @@ class Layout:
     @property
     def artifacts_uri(self) -> str:
         return f"s3://{self.artifacts_bucket}/artifacts"
+
+    def uri_grants(self, namespace: str) -> str:
+        """The operator's URI policy grants (LANGMERGE_URI_GRANTS) that let ``namespace`` run the sample: read the
+        base model and the data, write the merged model. Nothing else outside ``<artifacts>/<namespace>/``."""
+        grants = {
+            namespace: {
+                "read": [f"{self.base_uri}/", f"{self.data_uri}/"],
+                "readWrite": [f"s3://{self.models_bucket}/merged/"],
+            }
+        }
+        return json.dumps(grants, sort_keys=True)
 
 
 DEFAULT_LAYOUT = Layout()
@@ -474,6 +486,7 @@ def up(
     operator_env = {
         **env,
         "LANGMERGE_ARTIFACTS_URI": DEFAULT_LAYOUT.artifacts_uri,
+        "LANGMERGE_URI_GRANTS": DEFAULT_LAYOUT.uri_grants(namespace),
         "LANGMERGE_S3_ENDPOINT": env.get("LANGMERGE_S3_ENDPOINT", ""),
         "LANGMERGE_METRICS_PORT": "0",
         "LANGMERGE_RESYNC_SECONDS": "15",

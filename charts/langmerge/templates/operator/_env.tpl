@@ -20,6 +20,8 @@ The operator's environment: one LANGMERGE_<FIELD> per field of langmerge.setting
   value: {{ $v.s3.credentials.accessKeyIdKey | quote }}
 - name: LANGMERGE_S3_SECRET_SECRET_ACCESS_KEY_KEY
   value: {{ $v.s3.credentials.secretAccessKeyKey | quote }}
+- name: LANGMERGE_CHECK_S3_SECRET
+  value: {{ $v.s3.credentials.checkExists | quote }}
 {{- if $v.s3.credentials.operatorFromSecret }}
 - name: AWS_ACCESS_KEY_ID
   valueFrom:
@@ -42,6 +44,22 @@ The operator's environment: one LANGMERGE_<FIELD> per field of langmerge.setting
   value: {{ $v.jobs.maxTrainingJobs | int64 | quote }}
 - name: LANGMERGE_MAX_MERGE_JOBS
   value: {{ $v.jobs.maxMergeJobs | int64 | quote }}
+- name: LANGMERGE_MAX_TRAINING_JOBS_PER_NAMESPACE
+  value: {{ $v.jobs.maxTrainingJobsPerNamespace | int64 | quote }}
+- name: LANGMERGE_MAX_MERGE_JOBS_PER_NAMESPACE
+  value: {{ $v.jobs.maxMergeJobsPerNamespace | int64 | quote }}
+- name: LANGMERGE_MAX_JOB_CPU
+  value: {{ $v.jobs.maxCpu | quote }}
+- name: LANGMERGE_MAX_JOB_MEMORY
+  value: {{ $v.jobs.maxMemory | quote }}
+- name: LANGMERGE_ALLOWED_REGISTRIES
+  value: {{ join "," $v.jobs.allowedRegistries | quote }}
+- name: LANGMERGE_URI_POLICY
+  value: {{ $v.tenancy.uriPolicy | quote }}
+- name: LANGMERGE_NAMESPACE_PREFIX
+  value: {{ $v.tenancy.namespacePrefix | quote }}
+- name: LANGMERGE_URI_GRANTS
+  value: {{ $v.tenancy.grants | toJson | quote }}
 - name: LANGMERGE_JOB_BACKOFF_LIMIT
   value: {{ $v.jobs.backoffLimit | int64 | quote }}
 - name: LANGMERGE_JOB_TTL_SECONDS

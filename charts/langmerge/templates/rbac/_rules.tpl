@@ -26,6 +26,14 @@ or into a Role in each watched namespace.
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
+{{- if .Values.s3.credentials.checkExists }}
+# Whether the S3 Secret the Jobs read exists, before a Job takes a slot: get on that one name, read as metadata
+# only (PartialObjectMetadata), never listed (s3.credentials.checkExists).
+- apiGroups: [""]
+  resources: ["secrets"]
+  resourceNames: [{{ .Values.s3.credentials.secretName | quote }}]
+  verbs: ["get"]
+{{- end }}
 {{- end }}
 
 {{/*

@@ -1,0 +1,112 @@
+"""Ownership of S3 prefixes: exactly one custom resource may write, pin and delete under a prefix.
+
+The operator acts with its own credentials, so without this any MergedModel naming another's ``output.uri`` could
+move that model's ``current.json`` and garbage-collect its merge outputs. The owner is recorded in
+``<prefix>/.langmerge-owner.json`` (kind, namespace, name, uid), written with ``If-None-Match: *`` by the first
+object that reconciles the prefix, and read before anything is written, pinned or deleted there.
+
+Another object naming an owned prefix gets a refusal naming the owner, and the operator touches nothing there for
+it. When the recorded owner no longer exists in the API server (deleted, or deleted and re-created: a new uid), an
+object *of the same namespace* takes the prefix over with a compare-and-swap on the record, so a GitOps re-create or
+a rename keeps its published history. Another namespace never takes a prefix over by itself: deleting the record (a
+deliberate act of whoever administers the bucket) hands it over.
+
+A prefix published before ownership records existed is claimed only by the object named in its published merge
+manifest (``legacy_owner``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from langmerge import artifacts
+from langmerge.artifacts import OwnerRecord
+from langmerge.store import ObjectStore, PreconditionFailed
+
+
+@dataclass(frozen=True)
+class Claim:
+    """The outcome of :func:`claim_prefix`."""
+
+    owned: bool
+    #: The owner on record (``me`` when owned).
+    owner: OwnerRecord
+    #: When ``me`` just took the prefix over: the previous owner, which no longer exists.
+    adopted_from: OwnerRecord | None = None
+    #: Why not, when not owned.
+    message: str = ""
+
+
+def read_owner(store: ObjectStore, prefix: str) -> tuple[OwnerRecord, str] | None:
+    found = store.get_json_with_etag(artifacts.owner_uri(prefix))
+    if found is None:
+        return None
+    raw, etag = found
+    return OwnerRecord.model_validate(raw), etag
+
+
+def claim_prefix(
+    store: ObjectStore,
+    prefix: str,
+    me: OwnerRecord,
+    *,
+    exists: Callable[[OwnerRecord], bool],
+    legacy_owner: Callable[[], tuple[str, str] | None] | None = None,
+    what: str = "prefix",
+) -> Claim:
+    """Make sure ``me`` owns ``prefix`` (claim it if free, take it over if its owner is gone), or say who does.
+
+    ``exists(record)``: whether the recorded object (same kind, namespace, name and uid) still exists.
+    ``legacy_owner()``: for a prefix without a record, the (namespace, name) that published there before records
+    existed, if any. ``what`` names the prefix in messages, e.g. ``spec.output.uri``.
+    """
+    uri = artifacts.owner_uri(prefix)
+    for _ in range(5):
+        found = read_owner(store, prefix)
+        if found is None:
+            legacy = legacy_owner() if legacy_owner is not None else None
+            if legacy is not None and legacy != (me.namespace, me.name):
+                previous = OwnerRecord(
+                    api_version=me.api_version, kind=me.kind, namespace=legacy[0], name=legacy[1], uid=""
+                )
+                if exists(previous) or previous.namespace != me.namespace:
+                    return Claim(False, previous, message=_refusal(what, prefix, previous, alive=exists(previous)))
+            try:
+                store.put_json(uri, me, if_none_match=True)
+            except PreconditionFailed:
+                continue  # another object claimed it first: read who
+            return Claim(True, me)
+        record, etag = found
+        if record.same_object(me):
+            return Claim(True, record)
+        alive = exists(record)
+        if alive or record.namespace != me.namespace:
+            return Claim(False, record, message=_refusal(what, prefix, record, alive=alive))
+        try:
+            store.put_json(uri, me, if_match=etag)
+        except PreconditionFailed:
+            continue  # the record changed meanwhile: decide again on the new one
+        return Claim(True, me, adopted_from=record)
+    raise PreconditionFailed(f"{uri} kept changing while it was claimed")
+
+
+def _refusal(what: str, prefix: str, owner: OwnerRecord, *, alive: bool) -> str:
+    if alive:
+        return (
+            f"{what} {prefix} belongs to {owner.describe()}; the operator writes, pins and deletes nothing there for "
+            "this object: choose another prefix"
+        )
+    return (
+        f"{what} {prefix} belonged to {owner.describe()}, which no longer exists; a prefix passes to another "
+        f"namespace only by hand: delete {artifacts.owner_uri(prefix)} to hand it over, or choose another prefix"
+    )
+
+
+def live_owner(store: ObjectStore, prefix: str, exists: Callable[[OwnerRecord], bool]) -> OwnerRecord | None:
+    """Before deleting a prefix for an object that is gone: the live owner that forbids it, or None."""
+    found = read_owner(store, prefix)
+    if found is None:
+        return None
+    record, _ = found
+    return record if exists(record) else None
