@@ -568,17 +568,6 @@ def test_runner_survives_an_api_server_outage(
 
 
 # -- podFailurePolicy and disruptions (issue 12, item 11) --------------------------------------------------------------
-def _s3_secret(kube: Any, namespace: str, control_plane: Endpoints) -> None:
-    data = {"AWS_ACCESS_KEY_ID": control_plane.s3_access_key, "AWS_SECRET_ACCESS_KEY": control_plane.s3_secret_key}
-    client.CoreV1Api(kube).create_namespaced_secret(
-        namespace,
-        {
-            "metadata": {"name": "langmerge-s3"},
-            "data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()},
-        },
-    )
-
-
 def test_a_user_error_fails_the_training_job_at_once_with_no_second_pod(
     make_runner: Callable[..., LocalJobRunner],
     jobs: Jobs,
@@ -619,7 +608,7 @@ def test_a_user_error_fails_the_training_job_at_once_with_no_second_pod(
     assert settings.job_backoff_limit == 1
     manifest = build_training_job(Owner("LanguageExpert", namespace, "de", str(uuid.uuid4())), task, settings)
     manifest["metadata"]["ownerReferences"] = []  # no owner object in this test
-    _s3_secret(kube, namespace, control_plane)
+    # The namespace fixture created the langmerge-s3 Secret with the local S3's keys.
     runner = make_runner()
     name = manifest["metadata"]["name"]
     jobs.create(manifest)
