@@ -1,10 +1,14 @@
-"""Fault injection for tests: a loopback TCP proxy in front of a real server (the API server, S3) that can go away."""
+"""Fault injection for tests: a loopback TCP proxy in front of a real server (the API server, S3) that can go away,
+and a view of our S3 seam that lags behind a commit (to replay a race deterministically)."""
 
 from __future__ import annotations
 
 import contextlib
 import socket
 import threading
+from typing import Any
+
+from langmerge.store import NotFound, ObjectStore
 
 
 class TcpProxy:
@@ -91,3 +95,23 @@ class TcpProxy:
         finally:
             with contextlib.suppress(OSError):
                 dst.shutdown(socket.SHUT_WR)
+
+
+class LateView(ObjectStore):
+    """Our S3 seam as seen by a run that checked for the commit before another run made it: the manifest stays
+    invisible to it until it tries to commit its own."""
+
+    def __init__(self, inner: ObjectStore, manifest_uri: str) -> None:
+        super().__init__(inner.client)
+        self.manifest_uri = manifest_uri
+        self.hidden = True
+
+    def get_bytes(self, uri: str) -> tuple[bytes, str]:
+        if self.hidden and uri == self.manifest_uri:
+            raise NotFound(uri)
+        return super().get_bytes(uri)
+
+    def put_bytes(self, uri: str, data: bytes, **kwargs: Any) -> str:
+        if uri == self.manifest_uri:
+            self.hidden = False
+        return super().put_bytes(uri, data, **kwargs)

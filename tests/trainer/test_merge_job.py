@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from typing import Any
 import pytest
 from trainer_helpers import make_task, put_jsonl, sample_pairs
 
+from faults import LateView
 from langmerge import artifacts
 from langmerge.api.merged import Evaluation, Output
 from langmerge.artifacts import AdapterManifest, BaseModelIdentity, FailureRecord, MergeManifest
@@ -156,3 +158,31 @@ def test_changed_adapter_is_refused_with_a_failure_record(
     record = FailureRecord.model_validate(s3.get_json(artifacts.failure_uri(task.output_uri, 1)))
     assert record.error_class == "AdapterDigestMismatch" and not record.retryable
     assert not s3.exists(artifacts.join(task.output_uri, artifacts.MANIFEST))
+
+
+def test_racing_merge_runs_leave_exactly_the_committed_files(
+    s3: ObjectStore,
+    base_env: tuple[str, BaseModelIdentity],
+    experts: list[tuple[TrainTask, AdapterManifest]],
+    tmp_path: Path,
+) -> None:
+    """Run B checked for the commit before run A made it, merges other weights, and commits after A (issue 12,
+    item 8): A's commit stands, its model files stay exactly as its manifest says, and nothing of B is left."""
+    bucket, base = base_env
+    linear = {"include_modules": [], "exclude_modules": []}
+    first = _task(bucket, base, experts, "mergerace0000001", method="linear", parameters={**linear, "weights": {}})
+    weights = {"es": 0.2, "it": 1.8}
+    other = _task(bucket, base, experts, "mergerace0000001", method="linear", parameters={**linear, "weights": weights})
+    inputs = [i.model_copy(update={"weight": weights[i.language]}) for i in other.inputs]
+    second = other.model_copy(update={"attempt": 2, "inputs": inputs})
+    committed = run_merge_task(first, s3, device="cpu")
+    late = LateView(s3, artifacts.join(first.output_uri, artifacts.MANIFEST))
+    assert run_merge_task(second, late, device="cpu") == committed
+    assert not late.hidden, "run B must have tried to commit"
+
+    local = tmp_path / "model"
+    paths = s3.download_prefix(committed.model_uri, local)
+    found = {p.relative_to(local).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in paths}
+    assert found == {name: entry.sha256 for name, entry in committed.files.items()}
+    runs = {o.key.split("/attempts/", 1)[1].split("/", 1)[0] for o in s3.iter_objects(first.output_uri + "/attempts")}
+    assert runs == {committed.model_uri.split("/attempts/", 1)[1].split("/", 1)[0]}

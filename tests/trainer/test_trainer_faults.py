@@ -18,10 +18,10 @@ from typing import Any
 import pytest
 from trainer_helpers import make_task, put_jsonl, sample_pairs
 
-from faults import TcpProxy
+from faults import LateView, TcpProxy
 from langmerge.artifacts import MANIFEST, AdapterManifest, BaseModelIdentity, checkpoints_uri, failure_uri, join
 from langmerge.dev.controlplane import Endpoints
-from langmerge.store import NotFound, ObjectStore, S3Config
+from langmerge.store import ObjectStore, S3Config
 from langmerge_trainer.train import StepResult, TrainingLoop, run_train_task
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -147,26 +147,6 @@ def test_a_failure_record_s3_cannot_take_is_reported_in_the_termination_message(
     assert f"the failure record could not be written to {record_uri}" in text
     assert "the failure record could not be written" in proc.stderr
     assert "retrying in" in proc.stderr  # it did wait for S3 first
-
-
-class LateView(ObjectStore):
-    """Our S3 seam as seen by a run that checked for the commit before another run made it: the manifest stays
-    invisible to it until it tries to commit its own."""
-
-    def __init__(self, inner: ObjectStore, manifest_uri: str) -> None:
-        super().__init__(inner.client)
-        self.manifest_uri = manifest_uri
-        self.hidden = True
-
-    def get_bytes(self, uri: str) -> tuple[bytes, str]:
-        if self.hidden and uri == self.manifest_uri:
-            raise NotFound(uri)
-        return super().get_bytes(uri)
-
-    def put_bytes(self, uri: str, data: bytes, **kwargs: Any) -> str:
-        if uri == self.manifest_uri:
-            self.hidden = False
-        return super().put_bytes(uri, data, **kwargs)
 
 
 def test_racing_runs_of_one_fingerprint_leave_exactly_the_committed_files(
