@@ -222,7 +222,11 @@ def seed_fake_base_model(store: ObjectStore, uri: str) -> None:
 
 
 Behaviour = Callable[[Any, str], str]
-"""(job, fingerprint) -> "succeed" | "fail" | "fail-silently" | "hang"."""
+"""(job, fingerprint) -> "succeed" | "succeed-on-read-data" | "fail" | "fail-silently" | "hang".
+
+"succeed-on-read-data" is a training Job that finds the data changed since the operator listed it: it commits the
+adapter of the data as it is now under that data's fingerprint and leaves a ``DataChanged`` record, as the trainer
+does."""
 
 
 @dataclass
@@ -294,8 +298,10 @@ class SimulatedJobs:
     def _finish(self, batch: client.BatchV1Api, job: Any, mode: str) -> None:
         args = job.spec.template.spec.containers[0].args
         verb, task_json = args[0], args[args.index("--task") + 1]
-        if mode == "succeed":
-            if verb == "train":
+        if mode in ("succeed", "succeed-on-read-data"):
+            if mode == "succeed-on-read-data":
+                write_adapter_of_read_data(self.store, TrainTask.model_validate_json(task_json))
+            elif verb == "train":
                 write_fake_adapter(self.store, TrainTask.model_validate_json(task_json))
             else:
                 write_fake_merge(self.store, MergeTask.model_validate_json(task_json), self.merge_losses)
@@ -326,7 +332,9 @@ class SimulatedJobs:
         self._patch(batch, job.metadata.name, {"active": 0, "failed": 1, "conditions": [cond]})
 
 
-def write_fake_adapter(store: ObjectStore, task: TrainTask, eval_loss: float = 2.0) -> AdapterManifest:
+def write_fake_adapter(
+    store: ObjectStore, task: TrainTask, eval_loss: float = 2.0, requested_fingerprint: str | None = None
+) -> AdapterManifest:
     """Commit an adapter the way the trainer does: files first, manifest last (conditional)."""
     adapter = artifacts.adapter_uri(task.output_uri)
     payload = f"adapter {task.fingerprint}".encode()
@@ -360,8 +368,47 @@ def write_fake_adapter(store: ObjectStore, task: TrainTask, eval_loss: float = 2
         versions=Versions(langmerge="test"),
         started_at=now(),
         finished_at=now(),
+        requested_fingerprint=requested_fingerprint,
     )
     store.put_json(artifacts.join(task.output_uri, artifacts.MANIFEST), manifest, if_none_match=True)
+    return manifest
+
+
+def write_adapter_of_read_data(store: ObjectStore, task: TrainTask) -> AdapterManifest:
+    """What the trainer does when the data changed after the operator listed it: it trains on the data as it is
+    now, commits under that data's fingerprint (a sibling prefix) and leaves a DataChanged record for the attempt."""
+    from langmerge.fingerprint import training_fingerprint
+
+    digest, _count = store.prefix_digest(task.spec.dataset.uri, suffix=".jsonl")
+    fingerprint = training_fingerprint(
+        task.spec,
+        base_model_digest=task.base_model.digest,
+        data_digest=digest,
+        eval_data_digest=None,
+        image=task.image or "",
+    )
+    assert fingerprint != task.fingerprint, "the data did not change"
+    moved = task.model_copy(
+        update={
+            "fingerprint": fingerprint,
+            "output_uri": artifacts.sibling_prefix(task.output_uri, fingerprint),
+            "data_digest": digest,
+        }
+    )
+    raw = store.get_json_or_none(artifacts.join(moved.output_uri, artifacts.MANIFEST))
+    if raw is not None:
+        manifest = AdapterManifest.model_validate(raw)
+    else:
+        manifest = write_fake_adapter(store, moved, requested_fingerprint=task.fingerprint)
+    record = FailureRecord(
+        fingerprint=task.fingerprint,
+        error_class=artifacts.DATA_CHANGED,
+        message=f"the data changed after the operator listed it: digest {task.data_digest} when listed, {digest} "
+        f"when read; the adapter of the data read is fingerprint {fingerprint}",
+        retryable=True,
+        attempt=task.attempt,
+    )
+    store.put_json(artifacts.failure_uri(task.output_uri, task.attempt), record)
     return manifest
 
 

@@ -79,6 +79,11 @@ def expert_root(artifacts_uri: str, namespace: str, name: str) -> str:
     return join(artifacts_uri, "experts", namespace, name)
 
 
+def sibling_prefix(prefix: str, fingerprint: str) -> str:
+    """The prefix of another fingerprint of the same expert (or merged model): ``<root>/<fingerprint>``."""
+    return join(prefix.rstrip("/").rsplit("/", 1)[0], fingerprint)
+
+
 #: The folder of the per-run upload prefixes under a fingerprint's prefix.
 ATTEMPTS = "attempts"
 
@@ -201,6 +206,12 @@ class AdapterManifest(Record):
     started_at: str
     finished_at: str
     resumed_from_step: int | None = None
+    #: The fingerprint the Job was started for, when the data it read differed from the operator's listing: it
+    #: trained on what it read and committed under that data's fingerprint (this one) instead.
+    requested_fingerprint: str | None = None
+    #: The data digest the operator listed, when it differs from ``data_digest`` (what the trainer read) and the
+    #: trainer could not compute the fingerprint of what it read (an operator of another version).
+    listed_data_digest: str | None = None
 
 
 class MergeInputRecord(Record):
@@ -255,6 +266,11 @@ class ProgressRecord(Record):
     eta_seconds: float | None = None
     attempt: int | None = None
     updated_at: str = Field(default_factory=utcnow)
+
+
+#: ``FailureRecord.error_class`` of an attempt that found other data than the operator listed and committed the
+#: adapter of the data it read under that data's fingerprint: not a failure, a cue to list the data again.
+DATA_CHANGED = "DataChanged"
 
 
 class FailureRecord(Record):

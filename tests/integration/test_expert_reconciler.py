@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import threading
 import time
 from typing import Any
 
@@ -216,6 +217,41 @@ def test_data_change_gives_exactly_one_job_after_settle(
         assert condition(obj, "DataChanged")["status"] == "False"
         time.sleep(2.0)
         assert len(sim.started) == 2
+
+
+def test_data_changed_before_the_job_read_it_is_adopted_at_once(
+    kube: Any, s3: ObjectStore, seeded: str, namespace: str
+) -> None:
+    """Issue 12, item 9: the data changes after the operator listed it, before the Job reads it. The Job trains on
+    what it read, under that data's fingerprint, and says so; the operator lists the data again at once and adopts
+    that adapter: no second Job, and no wait for the next poll (300 s) or a settle window (60 s)."""
+    bucket = seeded
+    release = threading.Event()
+    with (
+        run_operator(namespace, f"s3://{bucket}/artifacts"),
+        SimulatedJobs(
+            kube, s3, namespace, behaviour=lambda job, fp: "succeed-on-read-data" if release.is_set() else "hang"
+        ) as sim,
+    ):
+        apply_expert(
+            kube, namespace, "it", _spec(bucket, "it", schedule={"pollIntervalSeconds": 300, "settleSeconds": 60})
+        )
+        job = wait_for(lambda: jobs(kube, namespace), what="Job")[0]
+        listed = job.metadata.annotations["langmerge.dev/data-digest"]  # what the operator listed
+        put_jsonl(s3, f"s3://{bucket}/data/it/part-1.jsonl", ROWS[:7])
+        release.set()
+        obj = wait_for(lambda: _ready(kube, namespace, "it"), timeout=20, what="Ready")
+        status = status_of(obj)
+        now, _count = s3.prefix_digest(f"s3://{bucket}/data/it", suffix=".jsonl")
+        assert status["dataDigest"] == now != listed
+        assert status["adapter"]["dataDigest"] == now
+        assert status["trainedFingerprint"] != job.metadata.labels["langmerge.dev/fingerprint"]
+        assert condition(obj, "DataChanged")["status"] == "False"
+        assert (status["history"][-1]["job"], status["history"][-1]["result"]) == (job.metadata.name, "Succeeded")
+        changed = [e for e in events(kube, namespace, "it") if e.reason == "DataChangedDuringTraining"]
+        assert changed and f"{listed} when listed, {now} when read" in changed[0].message
+        time.sleep(2.0)
+        assert len(sim.started) == 1
 
 
 def test_failed_job_retries_then_fails_with_message(kube: Any, s3: ObjectStore, seeded: str, namespace: str) -> None:

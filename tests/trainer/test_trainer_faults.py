@@ -1,6 +1,7 @@
 """The training Job under faults (issue 12): an S3 outage mid-training costs time, not the attempt (item 2); a
 failure record S3 cannot take is still reported (item 2); two runs of one fingerprint racing to commit leave exactly
-the committed files (item 8); checkpoints go once the adapter is committed (item 12).
+the committed files (item 8); data that changed after the operator listed it is trained and recorded as read
+(item 9); checkpoints go once the adapter is committed (item 12).
 
 S3 faults are real: a loopback TCP proxy in front of the real S3 server goes away and comes back."""
 
@@ -16,12 +17,24 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from trainer_helpers import make_task, put_jsonl, sample_pairs
+from trainer_helpers import listing_digest, make_task, put_jsonl, sample_pairs
 
 from faults import LateView, TcpProxy
-from langmerge.artifacts import MANIFEST, AdapterManifest, BaseModelIdentity, checkpoints_uri, failure_uri, join
+from langmerge.artifacts import (
+    DATA_CHANGED,
+    MANIFEST,
+    AdapterManifest,
+    BaseModelIdentity,
+    FailureRecord,
+    checkpoints_uri,
+    failure_uri,
+    join,
+    sibling_prefix,
+)
 from langmerge.dev.controlplane import Endpoints
+from langmerge.fingerprint import training_fingerprint
 from langmerge.store import ObjectStore, S3Config
+from langmerge.tasks import TrainTask
 from langmerge_trainer.train import StepResult, TrainingLoop, run_train_task
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -179,3 +192,51 @@ def test_racing_runs_of_one_fingerprint_leave_exactly_the_committed_files(
     assert runs == {committed.adapter_uri.split("/attempts/", 1)[1].split("/", 1)[0]}
     assert runs.pop().startswith("1-")  # attempt 1's run
     assert not list(s3.iter_objects(checkpoints_uri(first.output_uri)))
+
+
+def test_data_changed_after_the_listing_is_trained_as_read_under_its_own_fingerprint(
+    s3: ObjectStore, base_env: tuple[str, BaseModelIdentity]
+) -> None:
+    """Item 9: the data changes between the operator's listing and the Job's reading. The Job trains on what it
+    read, commits it under the fingerprint of that data (so a manifest never describes data it was not trained on)
+    and leaves a DataChanged record for its attempt, which makes the operator list the data again."""
+    bucket, base = base_env
+    uri = f"s3://{bucket}/data/moving"
+    pairs = sample_pairs("es", 52)
+    put_jsonl(s3, f"{uri}/a.jsonl", [p.row() for p in pairs[:40]])
+    draft = make_task(bucket=bucket, base=base, data_uri=uri, fingerprint="x" * 16)
+    listed = draft.data_digest
+    asked = _operator_fingerprint(draft, listed)  # what the operator computed from its listing
+    task = draft.model_copy(update={"fingerprint": asked, "output_uri": sibling_prefix(draft.output_uri, asked)})
+    put_jsonl(s3, f"{uri}/b.jsonl", [p.row() for p in pairs[40:]])  # the data changes before the Job reads it
+    read = listing_digest(uri)
+
+    manifest = run_train_task(task, s3, device="cpu")
+    assert manifest.data_digest == read != listed
+    assert manifest.fingerprint == _operator_fingerprint(task, read) and manifest.requested_fingerprint == asked
+    assert manifest.examples_train + manifest.examples_eval == 52  # both files: what it read
+    assert s3.exists(join(sibling_prefix(task.output_uri, manifest.fingerprint), MANIFEST))
+    assert manifest.adapter_uri.startswith(sibling_prefix(task.output_uri, manifest.fingerprint) + "/attempts/1-")
+    assert not s3.exists(join(task.output_uri, MANIFEST))
+    record = FailureRecord.model_validate(s3.get_json(failure_uri(task.output_uri, 1)))
+    assert record.error_class == DATA_CHANGED and record.retryable
+    assert f"digest {listed} when listed, {read} when read" in record.message and manifest.fingerprint in record.message
+    # Another attempt at the same task finds the adapter of the data it reads committed: nothing is trained again.
+    assert run_train_task(task.model_copy(update={"attempt": 2}), s3, device="cpu") == manifest
+    assert s3.get_json(failure_uri(task.output_uri, 2))["error_class"] == DATA_CHANGED
+
+    # A task whose fingerprint this trainer cannot reproduce (another operator version): trained on what it read,
+    # under the task's fingerprint, the manifest recording both digests.
+    foreign = make_task(bucket=bucket, base=base, data_uri=uri, fingerprint="foreign000000001", data_digest=listed)
+    kept = run_train_task(foreign, s3, device="cpu")
+    assert (kept.fingerprint, kept.data_digest, kept.listed_data_digest) == ("foreign000000001", read, listed)
+
+
+def _operator_fingerprint(task: TrainTask, data_digest: str) -> str:
+    return training_fingerprint(
+        task.spec,
+        base_model_digest=task.base_model.digest,
+        data_digest=data_digest,
+        eval_data_digest=None,
+        image=task.image or "",
+    )

@@ -51,6 +51,12 @@ def put_jsonl(s3: ObjectStore, uri: str, rows: list[dict[str, Any]] | list[str])
     s3.put_bytes(uri, ("\n".join(lines) + "\n").encode())
 
 
+def listing_digest(uri: str) -> str:
+    """The digest of the ``*.jsonl`` objects under ``uri``, as the operator lists them."""
+    digest, _count = ObjectStore.from_config().prefix_digest(uri, suffix=".jsonl")
+    return digest
+
+
 def sample_pairs(language: str = "es", count: int = 64) -> list[Pair]:
     """A fixed, small slice of the language's corpus pairs."""
     return corpus_pairs(language)[:count]
@@ -67,7 +73,10 @@ def make_task(
     lora: dict[str, Any] | None = None,
     dataset: dict[str, Any] | None = None,
     attempt: int = 1,
+    data_digest: str | None = None,
 ) -> TrainTask:
+    """A task as the operator would build it for the data under ``data_uri`` now (its listing digest, unless
+    ``data_digest`` is given); ``fingerprint`` is any label (the task's output prefix ends with it)."""
     spec = LanguageExpertSpec.model_validate(
         {
             "language": language,
@@ -86,7 +95,8 @@ def make_task(
         name=f"chat-{language}",
         spec=spec,
         base_model=base,
-        data_digest="d" * 16,
+        data_digest=data_digest or listing_digest(data_uri),
+        eval_data_digest=listing_digest(spec.dataset.eval_uri) if spec.dataset.eval_uri else None,
         image="langmerge/trainer:test",
         attempt=attempt,
     )

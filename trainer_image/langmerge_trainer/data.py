@@ -9,6 +9,10 @@ The eval split is chosen per example by a sha256 of the example's content alone 
 depend on file names, line order or the other examples: appending data never moves an old example between the splits.
 An explicit ``eval_uri`` replaces the hash split (then all of ``uri`` is training data).
 
+What was read is digested the way the operator digests its listing (:func:`langmerge.fingerprint.objects_digest`
+over relative key, size and ETag of each ``*.jsonl`` object), from the responses of the reads themselves: the
+trainer can tell when the data changed between the operator's listing and its own reading.
+
 This module does not import torch: the merge Job and tools can use it cheaply.
 """
 
@@ -23,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from langmerge.api.expert import Dataset
+from langmerge.fingerprint import objects_digest
 from langmerge.store import ObjectStore, prefix_key, split_uri
 
 log = logging.getLogger(__name__)
@@ -73,6 +78,10 @@ class LoadedData:
     skipped_lines: int
     #: The objects read, as s3:// URIs.
     files: list[str]
+    #: Digest of the ``*.jsonl`` objects read under ``uri`` (the operator's listing digest, over what was read).
+    data_digest: str = ""
+    #: The same for ``eval_uri`` (None without one).
+    eval_data_digest: str | None = None
 
     @property
     def eval_digest(self) -> str:
@@ -178,13 +187,21 @@ def jsonl_uris(store: ObjectStore, uri: str) -> list[str]:
     return [f"s3://{bucket}/{k}" for k in keys]
 
 
-def read_examples(store: ObjectStore, uri: str, *, skip_invalid: bool = False) -> tuple[list[Example], int, list[str]]:
-    """Every example under the prefix ``uri``: (examples in key and line order, lines skipped, files read)."""
+def read_examples(
+    store: ObjectStore, uri: str, *, skip_invalid: bool = False, read: list[tuple[str, int, str]] | None = None
+) -> tuple[list[Example], int, list[str]]:
+    """Every example under the prefix ``uri``: (examples in key and line order, lines skipped, files read).
+
+    ``read`` collects (key relative to ``uri``, size, ETag) of each object as its read returned it.
+    """
     files = jsonl_uris(store, uri)
+    base = len(prefix_key(split_uri(uri)[1]))
     examples: list[Example] = []
     skipped = 0
     for file_uri in files:
-        body, _etag = store.get_bytes(file_uri)
+        body, etag = store.get_bytes(file_uri)
+        if read is not None:
+            read.append((split_uri(file_uri)[1][base:], len(body), etag))
         rows, bad = parse_jsonl(body, source=file_uri, skip_invalid=skip_invalid)
         examples.extend(rows)
         skipped += bad
@@ -219,7 +236,9 @@ def examples_digest(examples: Iterable[Example]) -> str:
 
 def load_dataset(store: ObjectStore, dataset: Dataset) -> LoadedData:
     """Read and split a language's data. Raises :class:`DataError` for bad lines, no data or an empty split."""
-    examples, skipped, files = read_examples(store, dataset.uri, skip_invalid=dataset.skip_invalid_lines)
+    read: list[tuple[str, int, str]] = []
+    examples, skipped, files = read_examples(store, dataset.uri, skip_invalid=dataset.skip_invalid_lines, read=read)
+    eval_read: list[tuple[str, int, str]] = []
     if not files:
         raise DataError(f"no *{SUFFIX} objects under {dataset.uri}")
     if not examples:
@@ -227,7 +246,7 @@ def load_dataset(store: ObjectStore, dataset: Dataset) -> LoadedData:
     if dataset.eval_uri:
         train = examples
         held_out, eval_skipped, eval_files = read_examples(
-            store, dataset.eval_uri, skip_invalid=dataset.skip_invalid_lines
+            store, dataset.eval_uri, skip_invalid=dataset.skip_invalid_lines, read=eval_read
         )
         skipped += eval_skipped
         files += eval_files
@@ -249,7 +268,14 @@ def load_dataset(store: ObjectStore, dataset: Dataset) -> LoadedData:
         len(files),
         skipped,
     )
-    return LoadedData(train=train, eval=held_out, skipped_lines=skipped, files=files)
+    return LoadedData(
+        train=train,
+        eval=held_out,
+        skipped_lines=skipped,
+        files=files,
+        data_digest=objects_digest(read),
+        eval_data_digest=objects_digest(eval_read) if dataset.eval_uri else None,
+    )
 
 
 def load_eval_split(store: ObjectStore, dataset: Dataset, *, max_examples: int | None = None) -> list[Example]:

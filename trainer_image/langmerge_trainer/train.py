@@ -5,7 +5,10 @@ What a run does, in order:
 
 1. If ``manifest.json`` exists the adapter is committed already: return it (idempotent; only leftovers of other
    runs are cleaned up).
-2. Read and split the data (:mod:`langmerge_trainer.data`), fetch the base model into the local cache
+2. Read and split the data (:mod:`langmerge_trainer.data`). If what was read differs from what the operator listed
+   (the data changed in between), train on what was read, under the fingerprint of that data (a sibling prefix),
+   and leave a ``DataChanged`` record for this attempt that tells the operator to list the data again
+   (:meth:`_Run.follow_data`). Fetch the base model into the local cache
    (:mod:`langmerge_trainer.modelcache`), wrap it with a fresh LoRA adapter (seeded), evaluate the base alone.
 3. Resume from ``checkpoints/latest.json`` if a previous attempt left one, then run our own loop
    (:class:`TrainingLoop`): AdamW, linear warm-up and decay, gradient clipping, loss on completion tokens only, the
@@ -58,6 +61,7 @@ from torch import nn
 
 from langmerge.api.expert import Batching, Lora, Metrics, Training
 from langmerge.artifacts import (
+    DATA_CHANGED,
     MANIFEST,
     PROGRESS,
     AdapterManifest,
@@ -73,11 +77,13 @@ from langmerge.artifacts import (
     failure_uri,
     join,
     new_run_id,
+    sibling_prefix,
     utcnow,
 )
+from langmerge.fingerprint import training_fingerprint
 from langmerge.store import ObjectStore, PreconditionFailed, file_sha256, files_digest
 from langmerge.tasks import TrainTask
-from langmerge_trainer.data import DataError, limit_examples, load_dataset
+from langmerge_trainer.data import DataError, LoadedData, limit_examples, load_dataset
 from langmerge_trainer.evaluate import (
     IGNORE,
     Batch,
@@ -490,7 +496,13 @@ class _Run:
         self.store = store
         self.device = device
         self.stop_after = stop_after
+        #: What this run trains and commits: the task's fingerprint, or that of the data it read (follow_data).
+        self.fingerprint = task.fingerprint
         self.prefix = task.output_uri
+        self.data_digests: tuple[str, str | None] = (task.data_digest, task.eval_data_digest)
+        #: Why the run trains another fingerprint than the task's (None: it does not).
+        self.data_changed: str | None = None
+        self.listed_data_digest: str | None = None
         #: This run's own upload prefix: no other run writes there.
         self.run_prefix = attempt_prefix(self.prefix, task.attempt, new_run_id())
         self.clock = _Clock()
@@ -503,8 +515,8 @@ class _Run:
         if time.monotonic() < self._progress_paused_until:
             return
         record = ProgressRecord(fingerprint=self.task.fingerprint, stage=stage, attempt=self.task.attempt, **fields)
-        try:
-            self.store.inner.put_json(join(self.prefix, PROGRESS), record)
+        try:  # where the operator looks: the task's prefix
+            self.store.inner.put_json(join(self.task.output_uri, PROGRESS), record)
         except Exception as err:
             self._progress_paused_until = time.monotonic() + PROGRESS_PAUSE_SECONDS
             log.warning("could not write progress (next try in %.0fs): %s", PROGRESS_PAUSE_SECONDS, err)
@@ -517,7 +529,7 @@ class _Run:
         loop.save(
             folder,
             {
-                "fingerprint": self.task.fingerprint,
+                "fingerprint": self.fingerprint,
                 "wall_seconds": self.clock.wall(),
                 "cpu_seconds": self.clock.cpu(),
                 "started_at": self.started_at,
@@ -550,7 +562,7 @@ class _Run:
         step = state.get("step")
         valid = (
             state.get("version") == CHECKPOINT_VERSION
-            and state.get("fingerprint") == self.task.fingerprint
+            and state.get("fingerprint") == self.fingerprint
             and isinstance(step, int)
             and 0 < step <= loop.total_steps
             and state.get("data") == loop.data_state(step)
@@ -577,6 +589,11 @@ class _Run:
             log.warning("resources.gpus=%d: this trainer uses one device", spec.resources.gpus)
         self.progress("preparing")
         data = load_dataset(self.store, spec.dataset)
+        if self.follow_data(data) and (existing := self.committed()) is not None:
+            log.info("the adapter of the data read is committed already (%s)", existing.adapter_uri)
+            self.clean_up(existing)
+            self.note_data_changed()
+            return existing
         base_dir = ensure_model(self.store, spec.base_model.uri, task.base_model.digest)
         training = spec.training
         seed_everything(training.seed)
@@ -615,8 +632,51 @@ class _Run:
                 loop=loop,
                 resumed_from=resumed_from,
             )
+        self.note_data_changed()
         self.progress("done", step=loop.step, total_steps=loop.total_steps)
         return manifest
+
+    def follow_data(self, data: LoadedData) -> bool:
+        """Compare what was read with what the operator listed. On a difference, train on what was read: under
+        the fingerprint of that data when this trainer computes the task's fingerprint the way the operator did
+        (True: the run moved to that fingerprint's prefix), else under the task's, the manifest recording both."""
+        task = self.task
+        read = (data.data_digest, data.eval_data_digest)
+        listed = (task.data_digest, task.eval_data_digest)
+        if read == listed:
+            return False
+        self.data_digests = read
+        change = (
+            f"the data under {task.spec.dataset.uri} changed after the operator listed it: digest "
+            f"{_combined(listed)} when listed, {_combined(read)} when read"
+        )
+        if task.image is None or _fingerprint(task, listed) != task.fingerprint:
+            log.warning("%s; training on what was read (the manifest records both digests)", change)
+            self.listed_data_digest = task.data_digest
+            return False
+        self.fingerprint = _fingerprint(task, read)
+        self.prefix = sibling_prefix(task.output_uri, self.fingerprint)
+        self.run_prefix = attempt_prefix(self.prefix, task.attempt, new_run_id())
+        self.data_changed = f"{change}; the adapter of the data read is fingerprint {self.fingerprint} ({self.prefix})"
+        log.warning("%s; training fingerprint %s instead of %s", change, self.fingerprint, task.fingerprint)
+        return True
+
+    def note_data_changed(self) -> None:
+        """Tell the operator (a record for this attempt of the task's fingerprint) to list the data again."""
+        if self.data_changed is None:
+            return
+        task = self.task
+        record = FailureRecord(
+            fingerprint=task.fingerprint,
+            error_class=DATA_CHANGED,
+            message=self.data_changed,
+            retryable=True,
+            attempt=task.attempt,
+        )
+        try:
+            self.store.put_json(failure_uri(task.output_uri, task.attempt), record)
+        except Exception as err:  # the operator then records the Job's end and retries: the retry finds the commit
+            log.warning("could not record that the data changed: %s", err)
 
     def committed(self) -> AdapterManifest | None:
         raw = self.store.get_json_or_none(join(self.prefix, MANIFEST))
@@ -686,14 +746,14 @@ class _Run:
         gpus = 1 if self.device.type == "cuda" else 0
         wall = self.clock.wall()
         manifest = AdapterManifest(
-            fingerprint=task.fingerprint,
+            fingerprint=self.fingerprint,
             namespace=task.namespace,
             name=task.name,
             language=spec.language,
             task=spec.task,
             base_model=task.base_model,
-            data_digest=task.data_digest,
-            eval_data_digest=task.eval_data_digest,
+            data_digest=self.data_digests[0],
+            eval_data_digest=self.data_digests[1],
             adapter_uri=target,
             adapter_digest=files_digest(files),
             files={name: FileEntry(size=size, sha256=sha) for name, (size, sha) in files.items()},
@@ -718,6 +778,8 @@ class _Run:
             started_at=self.started_at,
             finished_at=utcnow(),
             resumed_from_step=resumed_from,
+            requested_fingerprint=task.fingerprint if self.fingerprint != task.fingerprint else None,
+            listed_data_digest=self.listed_data_digest,
         )
         try:
             self.store.put_json(manifest_uri, manifest, if_none_match=True)
@@ -745,6 +807,22 @@ class _Run:
                     log.info("deleted %d checkpoint object(s) under %s", deleted, checkpoints_uri(self.prefix))
         except Exception as err:
             log.warning("clean-up after the commit failed (leftovers stay in S3): %s", err)
+
+
+def _combined(digests: tuple[str, str | None]) -> str:
+    data, evaluation = digests
+    return data if evaluation is None else f"{data}+{evaluation}"
+
+
+def _fingerprint(task: TrainTask, digests: tuple[str, str | None]) -> str:
+    """The training fingerprint of ``task`` on the data with ``digests``, as the operator computes it."""
+    return training_fingerprint(
+        task.spec,
+        base_model_digest=task.base_model.digest,
+        data_digest=digests[0],
+        eval_data_digest=digests[1],
+        image=task.image or "",
+    )
 
 
 def _fmt(metrics: Metrics) -> str:

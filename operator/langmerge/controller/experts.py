@@ -194,7 +194,9 @@ class ExpertReconciler(ReconcilePass[LanguageExpertStatus]):
         trained_data = self.status.adapter.data_digest if self.status.adapter else None
         if changed_at is not None and not spec_changed and data_for_training != trained_data:
             settle_until = changed_at + timedelta(seconds=spec.schedule.settle_seconds)
-            if settle_until > self.now:
+            # Nothing to wait for when the adapter of the new data exists already (a Job that read the data after
+            # it changed committed it, or the data went back to what was trained before): adopt it now.
+            if settle_until > self.now and not self._committed_for(data_for_training, base_digest):
                 settle_wait = (settle_until - self.now).total_seconds()
                 if trained_data is None:
                     # Nothing trained yet: wait for the settle window before the first Job.
@@ -252,6 +254,19 @@ class ExpertReconciler(ReconcilePass[LanguageExpertStatus]):
         )
         return self.commit(min([*requeue, self._converge(task, jobs, prefix)]))
 
+    def _committed_for(self, data_combined: str, base_digest: str) -> bool:
+        """Whether the adapter of this spec on the data with digest ``data_combined`` is committed in S3."""
+        data_digest, eval_digest = split_combined(data_combined)
+        fingerprint = training_fingerprint(
+            self.spec,
+            base_model_digest=base_digest,
+            data_digest=data_digest,
+            eval_data_digest=eval_digest,
+            image=self.image,
+        )
+        prefix = artifacts.expert_prefix(self.settings.artifacts_uri, self.namespace, self.name, fingerprint)
+        return self.rt.store.exists(artifacts.join(prefix, artifacts.MANIFEST))
+
     def _blocked(self, reason: str, message: str, retry: float) -> float | None:
         """Inputs missing in S3: report, keep any existing adapter, look again at the next poll."""
         if self.old.message != message:
@@ -267,7 +282,9 @@ class ExpertReconciler(ReconcilePass[LanguageExpertStatus]):
     # -- desired adapter exists ----------------------------------------------------------------------------------
     def _ready(self, manifest: AdapterManifest, jobs: list[JobState], data_combined: str) -> None:
         fingerprint = manifest.fingerprint
-        job = next((j for j in sorted(jobs, key=lambda j: -j.attempt) if j.fingerprint == fingerprint), None)
+        # A Job that found the data changed trains the fingerprint of what it read: it is that adapter's Job too.
+        trained_by = {fingerprint, manifest.requested_fingerprint}
+        job = next((j for j in sorted(jobs, key=lambda j: -j.attempt) if j.fingerprint in trained_by), None)
         if self.status.trained_fingerprint != fingerprint or self.status.adapter is None:
             adopted = job is None
             if adopted:
@@ -298,6 +315,13 @@ class ExpertReconciler(ReconcilePass[LanguageExpertStatus]):
                 "AdapterAdopted" if adopted else "AdapterReady",
                 f"adapter {manifest.adapter_digest} for fingerprint {fingerprint} ({origin}{figures})",
             )
+            if manifest.listed_data_digest is not None:
+                self.event(
+                    "Warning",
+                    "TrainedOnOtherData",
+                    f"adapter {manifest.adapter_digest} was trained on data digest {manifest.data_digest}, not the "
+                    f"listed {manifest.listed_data_digest}: the data changed while the Job read it",
+                )
         self.status.adapter = AdapterRef(
             uri=manifest.adapter_uri,
             digest=manifest.adapter_digest,
@@ -345,6 +369,9 @@ class ExpertReconciler(ReconcilePass[LanguageExpertStatus]):
         records = failure_records(self.rt.store, prefix)
         if current is not None:
             records = record_job_end(self.rt.store, prefix, current, records, self.now_s)
+            ended = records[current.attempt]
+            if ended.error_class == artifacts.DATA_CHANGED and self.old.active_job == current.name:
+                return self._data_changed_during_training(current, ended)
         decision = decide_retry(
             records, limit=spec.retry.limit, backoff_seconds=spec.retry.backoff_seconds, now=self.now
         )
@@ -365,7 +392,21 @@ class ExpertReconciler(ReconcilePass[LanguageExpertStatus]):
         assert decision.next_attempt is not None
         return self._start(task.model_copy(update={"attempt": decision.next_attempt}), jobs)
 
+    def _data_changed_during_training(self, job: JobState, record: FailureRecord) -> float:
+        """The Job found other data than was listed, trained on what it read and committed that data's adapter
+        under its fingerprint: list the data again at once (the next pass adopts that adapter if the data is still
+        what the Job read, or trains the data as it is now)."""
+        self.event("Normal", "DataChangedDuringTraining", f"Job {job.name}: {record.message}")
+        self.rt.memo(self.key).last_poll = float("-inf")
+        self.status.active_job = None
+        self.status.progress = None
+        self.condition(DATA_CHANGED, True, "ChangedDuringTraining", record.message)
+        self.set_phase(ExpertPhase.PENDING, f"listing the data again: {record.message}")
+        self.condition(TRAINING, False, "DataChanged", record.message)
+        return 0.1
+
     def _training(self, job: JobState, prefix: str) -> float:
+
         raw = self.rt.store.get_json_or_none(artifacts.join(prefix, artifacts.PROGRESS))
         if raw is not None:
             progress = ProgressRecord.model_validate(raw)
