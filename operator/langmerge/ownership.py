@@ -6,9 +6,9 @@ move that model's ``current.json`` and garbage-collect its merge outputs. The ow
 object that reconciles the prefix, and read before anything is written, pinned or deleted there.
 
 Another object naming an owned prefix gets a refusal naming the owner, and the operator touches nothing there for
-it. When the recorded owner no longer exists in the API server (deleted, or deleted and re-created: a new uid), an
-object *of the same namespace* takes the prefix over with a compare-and-swap on the record, so a GitOps re-create or
-a rename keeps its published history. Another namespace never takes a prefix over by itself: deleting the record (a
+it. When the recorded owner no longer exists in the API server (deleted, or deleted and re-created: a new uid) or
+no longer names the prefix (it moved to another output), an object *of the same namespace* takes the prefix over with
+a compare-and-swap on the record, so a GitOps re-create or a rename keeps its published history. Another namespace never takes a prefix over by itself: deleting the record (a
 deliberate act of whoever administers the bucket) hands it over.
 
 A prefix published before ownership records existed is claimed only by the object named in its published merge
@@ -98,8 +98,9 @@ def _refusal(what: str, prefix: str, owner: OwnerRecord, *, alive: bool) -> str:
             "this object: choose another prefix"
         )
     return (
-        f"{what} {prefix} belonged to {owner.describe()}, which no longer exists; a prefix passes to another "
-        f"namespace only by hand: delete {artifacts.owner_uri(prefix)} to hand it over, or choose another prefix"
+        f"{what} {prefix} belonged to {owner.describe()}, which no longer exists or no longer names it; a prefix "
+        f"passes to another namespace only by hand: delete {artifacts.owner_uri(prefix)} to hand it over, or choose "
+        "another prefix"
     )
 
 

@@ -201,6 +201,15 @@ def test_two_namespace_takeover_is_refused(
         wait_for(lambda: _published(kube, team_b, "published", 3), timeout=30, what="rollback revision 3")
         assert s3.get_json(artifacts.current_uri(out_b))["rollback_of"] == 1
 
+        # Within team-b, another MergedModel gets the prefix only once its owner names another output.
+        weights = {"weights": {"es": 0.5}}
+        apply_merged(kube, team_b, "successor", _merged(base, out_b, parameters=weights))
+        wait_for(lambda: _refused(lambda: get_merged(kube, team_b, "successor"), "OutputOwnedByAnother"), what="no")
+        apply_merged(kube, team_b, "published", _merged(base, f"s3://{bucket}/models/team-b/v2", parameters=weights))
+        wait_for(lambda: _published(kube, team_b, "successor", 4), timeout=30, what="the successor publishes")
+        _event(kube, team_b, "successor", "PrefixAdopted")
+        assert s3.get_json(artifacts.owner_uri(out_b))["name"] == "successor"
+
 
 # -- item 2: URI policy per namespace ------------------------------------------------------------------------------------
 def test_uri_policy_refuses_every_uri_field(

@@ -333,3 +333,26 @@ def test_valid_label_selectors() -> None:
 def test_invalid_regular_expressions(field: str) -> None:
     with pytest.raises(ValidationError, match="is not a valid regular expression"):
         MergedModelSpec.model_validate(_merged(method="linear", parameters={field: ["q_proj", "(unclosed"]}))
+
+
+def test_the_sample_passes_admission_with_the_grants_up_sets() -> None:
+    """`make up` runs the sample under the default policy plus the grants it sets: every URI, image and resource of
+    the sample's manifests is admitted, and the same manifests in another namespace are not."""
+    from langmerge.api.expert import LanguageExpertSpec
+    from langmerge.dev.demo import DEFAULT_LAYOUT, sample_experts, sample_merged
+
+    settings = Settings.from_env(
+        {
+            "LANGMERGE_ARTIFACTS_URI": DEFAULT_LAYOUT.artifacts_uri,
+            "LANGMERGE_URI_GRANTS": DEFAULT_LAYOUT.uri_grants("default"),
+        }
+    )
+    merged = MergedModelSpec.model_validate(sample_merged()["spec"])
+    merged_uris = [("base", merged.base_model.uri, False), ("output", merged.output.uri, True)]
+    assert check_uris(settings, "default", merged_uris) is None
+    assert check_uris(settings, "elsewhere", merged_uris) is not None
+    for doc in sample_experts():
+        spec = LanguageExpertSpec.model_validate(doc["spec"])
+        uris = [("base", spec.base_model.uri, False), ("data", spec.dataset.uri, False)]
+        assert check_uris(settings, "default", uris) is None
+        assert check_job_spec(settings.trainer_image, "image", spec.resources, "resources", settings) is None

@@ -76,14 +76,18 @@ def delete_jobs_of(rt: Runtime, namespace: str, owner_label: str, name: str) -> 
     return deleted
 
 
-def object_exists(rt: Runtime, record: OwnerRecord) -> bool:
+def object_exists(rt: Runtime, record: OwnerRecord, prefix: str | None = None) -> bool:
     """Whether the object an ownership record names still exists (same kind, namespace, name and, if recorded,
-    uid): a deleted and re-created object is another object."""
+    uid: a deleted and re-created object is another object) and, for a MergedModel and a ``prefix``, still names
+    that prefix as its ``spec.output.uri`` (an owner that moved to another output has let the old one go)."""
     key = ObjectKey(record.namespace, record.name)
     body = rt.kube.get_merged(key) if record.kind == MERGED_KIND else rt.kube.get_expert(key)
-    if body is None:
+    if body is None or (record.uid and body["metadata"].get("uid") != record.uid):
         return False
-    return not record.uid or body["metadata"].get("uid") == record.uid
+    if prefix is not None and record.kind == MERGED_KIND:
+        output = ((body.get("spec") or {}).get("output") or {}).get("uri")
+        return isinstance(output, str) and output.rstrip("/") == prefix.rstrip("/")
+    return True
 
 
 class ReconcilePass(Generic[StatusT]):
@@ -147,7 +151,7 @@ class ReconcilePass(Generic[StatusT]):
             self.rt.store,
             prefix,
             self.owner_record(),
-            exists=lambda record: object_exists(self.rt, record),
+            exists=lambda record: object_exists(self.rt, record, prefix),
             legacy_owner=legacy_owner,
             what=what,
         )
