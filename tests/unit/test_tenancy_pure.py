@@ -356,3 +356,38 @@ def test_the_sample_passes_admission_with_the_grants_up_sets() -> None:
         uris = [("base", spec.base_model.uri, False), ("data", spec.dataset.uri, False)]
         assert check_uris(settings, "default", uris) is None
         assert check_job_spec(settings.trainer_image, "image", spec.resources, "resources", settings) is None
+
+
+# -- the Secret check, through our Kubernetes seam ----------------------------------------------------------------------
+class SecretsOnly:
+    """Stands in for :class:`langmerge.kube.Kube` in the Secret check: present, missing, or forbidden by RBAC."""
+
+    def __init__(self, answer: bool | None) -> None:
+        self.answer = answer
+
+    def secret_exists(self, namespace: str, name: str) -> bool:
+        if self.answer is None:
+            from langmerge.kube import Forbidden
+
+            raise Forbidden('secrets "langmerge-s3" is forbidden')
+        return self.answer
+
+
+@pytest.mark.parametrize(
+    ("answer", "check", "reason", "text"),
+    [
+        (True, True, None, ""),
+        (False, True, "SecretMissing", "Secret langmerge-s3 not found in namespace team-a"),
+        (None, True, "SecretNotCheckable", "s3.credentials.checkExists"),
+        (False, False, None, ""),
+    ],
+)
+def test_secret_check(answer: bool | None, check: bool, reason: str | None, text: str) -> None:
+    from langmerge.controller.experts import ExpertReconciler
+    from langmerge.controller.runtime import Runtime, expert_key
+
+    rt = Runtime(settings=Settings(check_s3_secret=check), kube=SecretsOnly(answer), store=MemoryStore())  # type: ignore[arg-type]
+    body = {"metadata": {"namespace": "team-a", "name": "de", "uid": "u", "generation": 1}, "spec": {}}
+    refusal = ExpertReconciler(rt, expert_key("team-a", "de"), body).job_admission("training")
+    assert (refusal.reason if refusal else None) == reason
+    assert refusal is None or text in refusal.message
