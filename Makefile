@@ -55,6 +55,7 @@ test-integration: controlplane
 bench: $(STAMP)
 	$(BIN)/python benchmarks/merge_bench.py
 	$(BIN)/python benchmarks/trainer_throughput.py
+	$(BIN)/python benchmarks/merge_eval_memory.py
 
 clean:
 	-$(BIN)/langmerge down

@@ -186,3 +186,66 @@ def test_racing_merge_runs_leave_exactly_the_committed_files(
     assert found == {name: entry.sha256 for name, entry in committed.files.items()}
     runs = {o.key.split("/attempts/", 1)[1].split("/", 1)[0] for o in s3.iter_objects(first.output_uri + "/attempts")}
     assert runs == {committed.model_uri.split("/attempts/", 1)[1].split("/", 1)[0]}
+
+
+@pytest.mark.parametrize("output_format", ["peft-adapter", "full-weights"])
+def test_evaluation_holds_one_model_at_a_time(
+    s3: ObjectStore,
+    base_env: tuple[str, BaseModelIdentity],
+    experts: list[tuple[TrainTask, AdapterManifest]],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    output_format: str,
+) -> None:
+    """Issue 12, item 16: the merge Job evaluates the merged model and every expert with one model in memory (the
+    adapters are swapped on one base), and gets the same figures as evaluating each model on its own."""
+    import gc
+    import weakref
+
+    from transformers import AutoModelForCausalLM
+
+    from langmerge_trainer.data import load_eval_split
+    from langmerge_trainer.evaluate import evaluate_examples, load_for_eval
+
+    loaded: weakref.WeakSet[Any] = weakref.WeakSet()
+    most = 0
+    original = AutoModelForCausalLM.from_pretrained
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        nonlocal most
+        gc.collect()
+        model = original(*args, **kwargs)
+        loaded.add(model)
+        most = max(most, len(loaded))
+        return model
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", counting)
+    bucket, base = base_env
+    linear = {"weights": {}, "include_modules": [], "exclude_modules": []}
+    fp = "onemodel" + ("0" * 7 + "1" if output_format == "peft-adapter" else "0" * 7 + "2")
+    task = _task(bucket, base, experts, fp, format=output_format, method="linear", parameters=linear)
+    manifest = run_merge_task(task, s3, device="cpu")
+    assert most == 1, f"{most} models were in memory at once"
+    monkeypatch.undo()
+
+    # The same figures as one model per evaluation (the previous way).
+    base_dir = tmp_path / "base"
+    s3.download_prefix(base.uri, base_dir)
+    merged_dir = tmp_path / "merged"
+    s3.download_prefix(manifest.model_uri, merged_dir)
+    full = output_format == "full-weights"
+    merged_model, merged_tok = load_for_eval(
+        base_dir, adapter_dir=None if full else merged_dir, model_dir=merged_dir if full else None
+    )
+    for t, m in experts:
+        lang = t.spec.language
+        examples = load_eval_split(s3, t.spec.dataset, max_examples=task.evaluation.max_examples)
+        kwargs: dict[str, Any] = {"max_seq_length": t.spec.training.max_seq_length}
+        merged = evaluate_examples(merged_model, merged_tok, examples, **kwargs)
+        assert manifest.evaluation[lang].eval_loss == pytest.approx(merged.eval_loss, rel=1e-5)
+        adapter_dir = tmp_path / "adapters" / lang
+        s3.download_prefix(m.adapter_uri, adapter_dir)
+        expert_model, expert_tok = load_for_eval(base_dir, adapter_dir=adapter_dir)
+        alone = evaluate_examples(expert_model, expert_tok, examples, **kwargs)
+        assert manifest.expert_metrics[lang].eval_loss == pytest.approx(alone.eval_loss, rel=1e-5)
+        assert manifest.expert_metrics[lang].token_accuracy == alone.token_accuracy

@@ -3,7 +3,7 @@
 Downloads the base model and every input adapter (checking each adapter's digest), merges them with the streaming
 engine, uploads the result under this run's own prefix ``<output_uri>/attempts/<n>-<run>/model/``, evaluates the merged
 model *and each expert alone* on the same held-out examples of every language (so the operator's quality gate compares
-like with like), and commits ``manifest.json`` last with a conditional put; it names exactly the files of this run.
+like with like; one model in memory, :mod:`langmerge_trainer.merge.evaluation`), and commits ``manifest.json`` last with a conditional put; it names exactly the files of this run.
 A run that loses the commit to another keeps nothing. A second run of the same fingerprint finds the manifest and
 exits 0. S3 is reached through :class:`langmerge_trainer.s3retry.RetryingStore`. Any failure writes a failure record
 for the attempt and exits 1, or 4 when no retry can fix it (``langmerge.constants``).
@@ -36,9 +36,10 @@ from langmerge.constants import EXIT_FAILED, EXIT_OK, EXIT_USAGE, EXIT_USER_ERRO
 from langmerge.store import ObjectStore, PreconditionFailed, files_digest
 from langmerge.tasks import MergeTask
 from langmerge_trainer.data import load_eval_split
-from langmerge_trainer.evaluate import evaluate_examples, load_for_eval, pick_device
+from langmerge_trainer.evaluate import pick_device
 from langmerge_trainer.failures import failure_record, report_failure, write_termination_message
 from langmerge_trainer.merge.engine import FULL_WEIGHTS, AdapterInput, MergeError, merge_adapters
+from langmerge_trainer.merge.evaluation import LanguageInput, evaluate_merge
 from langmerge_trainer.modelcache import ensure_model
 from langmerge_trainer.runs import delete_stale_runs
 from langmerge_trainer.s3retry import RetryingStore, retrying
@@ -142,21 +143,26 @@ def run_merge_task(
         expert_metrics: dict[str, Metrics] = {}
         if task.evaluation.enabled:
             t = time.monotonic()
-            full = task.output.format == FULL_WEIGHTS
-            merged_model, merged_tok = load_for_eval(
+            languages = [
+                LanguageInput(
+                    language=item.language,
+                    adapter_dir=adapter.path,
+                    examples=load_eval_split(s3, item.dataset, max_examples=task.evaluation.max_examples),
+                    max_seq_length=item.max_seq_length,
+                )
+                for item, adapter in zip(task.inputs, inputs, strict=True)
+            ]
+            step = {item.language: 3 + i for i, item in enumerate(task.inputs)}
+            merged_metrics, expert_metrics = evaluate_merge(
                 base_dir,
-                adapter_dir=None if full else out_dir,
-                model_dir=out_dir if full else None,
+                out_dir,
+                full_weights=report.output_format == FULL_WEIGHTS,
+                languages=languages,
                 device=torch_device,
+                max_examples=task.evaluation.max_examples,
+                on_language=lambda lang: _progress(s3, task, f"evaluating {lang}", step[lang], total_steps),
             )
-            for i, (item, adapter) in enumerate(zip(task.inputs, inputs, strict=True)):
-                _progress(s3, task, f"evaluating {item.language}", 3 + i, total_steps)
-                examples = load_eval_split(s3, item.dataset, max_examples=task.evaluation.max_examples)
-                kwargs = {"max_seq_length": item.max_seq_length, "max_examples": task.evaluation.max_examples}
-                merged_metrics[item.language] = evaluate_examples(merged_model, merged_tok, examples, **kwargs)
-                expert_model, expert_tok = load_for_eval(base_dir, adapter_dir=adapter.path, device=torch_device)
-                expert_metrics[item.language] = evaluate_examples(expert_model, expert_tok, examples, **kwargs)
-                del expert_model
+            for item in task.inputs:
                 s3.put_json(
                     artifacts.merge_eval_uri(run_prefix, item.language),
                     {
@@ -172,7 +178,6 @@ def run_merge_task(
                     merged_metrics[item.language].eval_loss or float("nan"),
                     expert_metrics[item.language].eval_loss or float("nan"),
                 )
-            del merged_model
             timings["evaluate"] = time.monotonic() - t
         else:
             expert_metrics = {i.language: i.expert_metrics for i in task.inputs if i.expert_metrics is not None}

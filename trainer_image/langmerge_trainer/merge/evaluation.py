@@ -1,0 +1,154 @@
+"""The merge Job's evaluation, with one model in memory.
+
+The quality gate compares, per language, the merged model with that language's expert alone, on the same held-out
+examples. Loading a model per comparison holds two at once (the merged model, and the base again under each
+expert's adapter). Here the base is loaded once and the LoRA adapters are swapped on it:
+
+* each expert: its adapter loaded onto the base, evaluated, deleted again;
+* a merged PEFT adapter: one more adapter on the same base, kept while the experts come and go;
+* merged full weights: evaluated last, loaded once the base has been released.
+
+On a GPU that supports it the model is loaded in bfloat16 straight onto the device, on CPU in float32 (the figures
+then match the trainer's own evaluation of each expert bit for bit).
+
+Memory of the evaluation, for an N-parameter base: N x 2 bytes (bf16, GPU memory; little host memory, the weights
+are loaded onto the device as they are read) or N x 4 bytes (float32, CPU), plus the adapters in use (two at most)
+and one batch's activations (the output head runs in chunks: :mod:`langmerge_trainer.evaluate`). Before, it held two
+models: twice that. The benchmark ``benchmarks/merge_eval_memory.py`` measures both against the model's size.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from langmerge.api.expert import Metrics
+from langmerge_trainer.data import Example
+from langmerge_trainer.evaluate import evaluate_examples, load_tokenizer, peft_compat
+
+log = logging.getLogger(__name__)
+
+#: Adapter names on the shared base (PEFT adapter names must not contain ".").
+MERGED = "merged"
+EXPERT = "expert"
+
+
+@dataclass(frozen=True)
+class LanguageInput:
+    """One language to evaluate: its expert's adapter folder and its held-out examples."""
+
+    language: str
+    adapter_dir: Path
+    examples: Sequence[Example]
+    #: The expert's training.maxSeqLength: evaluation truncates the same way training did.
+    max_seq_length: int = 1024
+
+
+def eval_dtype(device: torch.device) -> torch.dtype:
+    """bfloat16 on a GPU that supports it, else float32."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def load_model(folder: Path, device: torch.device) -> Any:
+    """A causal LM for evaluation: in :func:`eval_dtype`, placed on ``device`` while it is read."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"dtype": eval_dtype(device)}
+    if device.type == "cuda":
+        kwargs["device_map"] = str(device)
+    model: Any = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
+    if device.type != "cuda":
+        model = model.to(device)
+    model.eval()
+    return model
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    return (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file()
+
+
+def _tokenizer(folder: Path, base_dir: Path, cache: dict[Path, Any]) -> Any:
+    """The folder's own tokenizer when it carries one, else the base's (loaded once each)."""
+    source = folder if _has_tokenizer(folder) else base_dir
+    if source not in cache:
+        cache[source] = load_tokenizer(source)
+    return cache[source]
+
+
+def _collect() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def evaluate_merge(
+    base_dir: Path,
+    merged_dir: Path,
+    *,
+    full_weights: bool,
+    languages: Sequence[LanguageInput],
+    device: torch.device,
+    max_examples: int | None = None,
+    on_language: Callable[[str], None] = lambda language: None,
+) -> tuple[dict[str, Metrics], dict[str, Metrics]]:
+    """Per-language metrics of the merged model and of each expert alone: ``(merged, experts)``.
+
+    ``merged_dir`` holds a PEFT adapter, or full merged weights when ``full_weights``. ``on_language`` is called
+    before each language's first evaluation (progress).
+    """
+    from peft import PeftModel
+
+    tokenizers: dict[Path, Any] = {}
+    merged: dict[str, Metrics] = {}
+    experts: dict[str, Metrics] = {}
+    model: Any = load_model(base_dir, device)
+    wrapped = False
+    previous: str | None = None
+    with peft_compat():
+        if not full_weights:
+            model = PeftModel.from_pretrained(model, str(merged_dir), adapter_name=MERGED)
+            wrapped = True
+        for index, item in enumerate(languages):
+            on_language(item.language)
+            kwargs = {"max_seq_length": item.max_seq_length, "max_examples": max_examples}
+            name = f"{EXPERT}{index}"
+            if wrapped:
+                model.load_adapter(str(item.adapter_dir), adapter_name=name)
+            else:
+                model = PeftModel.from_pretrained(model, str(item.adapter_dir), adapter_name=name)
+                wrapped = True
+            model.set_adapter(name)
+            if previous is not None:  # one expert adapter at a time (never the last adapter left: PEFT needs one)
+                model.delete_adapter(previous)
+                previous = None
+            experts[item.language] = evaluate_examples(
+                model, _tokenizer(item.adapter_dir, base_dir, tokenizers), item.examples, **kwargs
+            )
+            if full_weights:
+                previous = name
+            else:
+                model.set_adapter(MERGED)
+                model.delete_adapter(name)
+                merged[item.language] = evaluate_examples(
+                    model, _tokenizer(merged_dir, base_dir, tokenizers), item.examples, **kwargs
+                )
+    model = None
+    _collect()
+    if full_weights:
+        # The experts are done and the base is gone: the merged weights are the only model in memory.
+        model = load_model(merged_dir, device)
+        tokenizer = _tokenizer(merged_dir, base_dir, tokenizers)
+        for item in languages:
+            kwargs = {"max_seq_length": item.max_seq_length, "max_examples": max_examples}
+            merged[item.language] = evaluate_examples(model, tokenizer, item.examples, **kwargs)
+        model = None
+        _collect()
+    return merged, experts
