@@ -159,7 +159,8 @@ class ReconcilePass(Generic[StatusT]):
             self.event(
                 "Normal",
                 "PrefixAdopted",
-                f"took over {what} {prefix} from {result.adopted_from.describe()}, which no longer exists",
+                f"took over {what} {prefix} from {result.adopted_from.describe()}, which no longer exists or no "
+                "longer names it",
             )
         return result
 
