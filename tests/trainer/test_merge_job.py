@@ -12,11 +12,12 @@ from typing import Any
 import pytest
 from trainer_helpers import make_task, put_jsonl, sample_pairs
 
-from faults import LateView
+from faults import LateView, TcpProxy
 from langmerge import artifacts
 from langmerge.api.merged import Evaluation, Output
 from langmerge.artifacts import AdapterManifest, BaseModelIdentity, FailureRecord, MergeManifest
-from langmerge.store import ObjectStore
+from langmerge.dev.controlplane import Endpoints
+from langmerge.store import ObjectStore, S3Config
 from langmerge.tasks import MergeTask, MergeTaskInput, TrainTask
 from langmerge_trainer.evaluate import peft_compat
 from langmerge_trainer.merge.job import AdapterDigestMismatch, run_merge_task
@@ -62,7 +63,7 @@ def _task(
             for t, m in experts
         ],
         output=output,
-        evaluation=Evaluation(),
+        evaluation=kw.pop("evaluation", Evaluation()),
     )
 
 
@@ -249,3 +250,40 @@ def test_evaluation_holds_one_model_at_a_time(
         alone = evaluate_examples(expert_model, expert_tok, examples, **kwargs)
         assert manifest.expert_metrics[lang].eval_loss == pytest.approx(alone.eval_loss, rel=1e-5)
         assert manifest.expert_metrics[lang].token_accuracy == alone.token_accuracy
+
+
+def test_merge_job_rides_out_an_s3_outage(
+    s3: ObjectStore,
+    base_env: tuple[str, BaseModelIdentity],
+    experts: list[tuple[TrainTask, AdapterManifest]],
+    control_plane: Endpoints,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 12, item 2: S3 goes away for 3 s right when the merged model is to be uploaded (through a proxy in
+    front of the real S3 server): the upload waits for it and the merge commits; no failure record."""
+    from langmerge_trainer.merge import job as merge_job
+
+    proxy = TcpProxy(int(control_plane.s3_endpoint.rsplit(":", 1)[1]))
+    proxy.start()
+    original = merge_job.merge_adapters
+
+    def merge_then_outage(*args: Any, **kwargs: Any) -> Any:
+        report = original(*args, **kwargs)
+        proxy.outage(3.0)
+        return report
+
+    monkeypatch.setattr(merge_job, "merge_adapters", merge_then_outage)
+    bucket, base = base_env
+    task = _task(bucket, base, experts, "mergeoutage00001", evaluation=Evaluation(enabled=False))
+    store = ObjectStore.from_config(
+        S3Config(endpoint_url=f"http://127.0.0.1:{proxy.port}"),
+        aws_access_key_id=control_plane.s3_access_key,
+        aws_secret_access_key=control_plane.s3_secret_key,
+    )
+    try:
+        manifest = run_merge_task(task, store, device="cpu")
+    finally:
+        proxy.stop()
+    assert proxy.recovered.is_set()
+    assert MergeManifest.model_validate(s3.get_json(artifacts.join(task.output_uri, artifacts.MANIFEST))) == manifest
+    assert not list(s3.iter_objects(artifacts.join(task.output_uri, "failures")))
