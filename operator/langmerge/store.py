@@ -13,11 +13,13 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import boto3
 from botocore.config import Config
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
+from botocore.exceptions import ConnectionError as BotoConnectionError
+from pydantic import BaseModel, ValidationError
 
 from langmerge.fingerprint import objects_digest
 
@@ -26,9 +28,41 @@ if TYPE_CHECKING:
 
 _URI = re.compile(r"^s3://(?P<bucket>[^/]+)/?(?P<key>.*)$")
 
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+#: Error codes of S3 answers that mean "the service is not answering properly right now", not "your request is wrong".
+_UNAVAILABLE_CODES = frozenset({"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "503", "500"})
+
 
 class StoreError(Exception):
     """An S3 request failed in a way the caller should report."""
+
+
+class StorageUnavailable(StoreError):
+    """S3 does not answer (connection refused or reset, timeout, 5xx): an outage that heals by itself."""
+
+    def __init__(self, endpoint: str, detail: str) -> None:
+        self.endpoint = endpoint
+        self.detail = detail
+        super().__init__(f"S3 at {endpoint} is unavailable: {detail}")
+
+
+class BucketNotFound(StoreError):
+    """The bucket of a URI does not exist: a user error (a wrong URI, or a bucket not created yet), not an outage."""
+
+    def __init__(self, bucket: str, uri: str) -> None:
+        self.bucket = bucket
+        self.uri = uri
+        super().__init__(f"S3 bucket {bucket!r} does not exist (needed for {uri})")
+
+
+class MalformedRecord(StoreError):
+    """An object holds something other than the JSON record expected there; names the key and the parse error."""
+
+    def __init__(self, uri: str, detail: str) -> None:
+        self.uri = uri
+        self.detail = detail
+        super().__init__(f"{uri} is malformed: {detail}")
 
 
 class PreconditionFailed(StoreError):
@@ -53,6 +87,15 @@ def local_path(directory: Path, relative: str) -> Path:
     if not target.resolve().is_relative_to(directory.resolve()):
         raise UnsafeKey(f"object key part {relative!r} resolves outside {directory}; refusing to write it locally")
     return target
+
+
+def describe_validation_error(err: ValidationError) -> str:
+    """``files.a.size: Input should be a valid integer; fingerprint: missing`` — one line naming each bad field."""
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"]) or "(record)"
+        parts.append(f"{loc}: {'missing' if e['type'] == 'missing' else e['msg']}")
+    return "; ".join(parts)
 
 
 def split_uri(uri: str) -> tuple[str, str]:
@@ -84,6 +127,11 @@ class S3Config:
 
     endpoint_url: str | None = None
     region: str = "us-east-1"
+    #: Seconds to wait for a connection, and for each read of an answer: no request waits forever.
+    connect_timeout: float = 5.0
+    read_timeout: float = 60.0
+    #: Tries per request (botocore's standard retry mode) before an error reaches the caller.
+    max_attempts: int = 5
 
     @classmethod
     def from_env(cls) -> S3Config:
@@ -101,11 +149,46 @@ def _status(err: ClientError) -> int:
     return int(err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
 
 
+def is_unavailable(err: BaseException) -> bool:
+    """Whether a botocore error means S3 is not answering (as opposed to answering "no")."""
+    if isinstance(err, BotoConnectionError | HTTPClientError):
+        return True
+    if isinstance(err, ClientError):
+        return _status(err) >= 500 or _code(err) in _UNAVAILABLE_CODES
+    return False
+
+
 class ObjectStore:
-    """A thin, typed wrapper over an S3 client."""
+    """A thin, typed wrapper over an S3 client.
+
+    Errors come out as :class:`StoreError` subclasses: :class:`StorageUnavailable` when S3 does not answer,
+    :class:`BucketNotFound` for a missing bucket, :class:`MalformedRecord` for an object that does not parse, never
+    as a raw botocore exception.
+    """
 
     def __init__(self, client: S3Client) -> None:
         self.client = client
+
+    @property
+    def endpoint(self) -> str:
+        return str(self.client.meta.endpoint_url)
+
+    def _fail(self, err: ClientError | BotoCoreError, what: str, uri: str) -> NoReturn:
+        """Raise ``err`` as the matching :class:`StoreError` (``what`` names the request, e.g. ``get``)."""
+        if is_unavailable(err):
+            raise StorageUnavailable(self.endpoint, f"{what} {uri}: {err}") from err
+        if isinstance(err, ClientError) and _code(err) == "NoSuchBucket":
+            raise BucketNotFound(split_uri(uri)[0], uri) from err
+        raise StoreError(f"{what} {uri} failed: {err}") from err
+
+    def probe(self, bucket: str) -> None:
+        """One cheap request: raises :class:`StorageUnavailable` if S3 does not answer (any answer, even "no such
+        bucket" or "access denied", means it is back)."""
+        try:
+            self.client.head_bucket(Bucket=bucket)
+        except (ClientError, BotoCoreError) as err:
+            if is_unavailable(err):
+                raise StorageUnavailable(self.endpoint, str(err)) from err
 
     @classmethod
     def from_config(cls, config: S3Config | None = None, **credentials: str) -> ObjectStore:
@@ -116,9 +199,9 @@ class ObjectStore:
             region_name=config.region,
             config=Config(
                 s3={"addressing_style": "path"},
-                retries={"max_attempts": 5, "mode": "standard"},
-                connect_timeout=5,
-                read_timeout=60,
+                retries={"max_attempts": config.max_attempts, "mode": "standard"},
+                connect_timeout=config.connect_timeout,
+                read_timeout=config.read_timeout,
                 # Checksums on every request are supported by AWS but not by every S3-compatible server.
                 request_checksum_calculation="when_required",
                 response_checksum_validation="when_required",
@@ -139,10 +222,8 @@ class ObjectStore:
             for page in paginator.paginate(Bucket=bucket, Prefix=prefix_key(key)):
                 for obj in page.get("Contents", []):
                     yield ObjectInfo(key=obj["Key"], size=int(obj["Size"]), etag=str(obj.get("ETag", "")).strip('"'))
-        except ClientError as err:
-            if _code(err) == "NoSuchBucket":
-                raise NotFound(f"bucket {bucket!r} does not exist") from err
-            raise StoreError(f"listing {uri} failed: {err}") from err
+        except (ClientError, BotoCoreError) as err:
+            self._fail(err, "listing", uri)
 
     def prefix_digest(self, uri: str, suffix: str | None = None) -> tuple[str, int]:
         """Digest over (relative key, size, ETag) of the objects under ``uri`` (optionally only ``*suffix``).
@@ -162,10 +243,10 @@ class ObjectStore:
         bucket, key = split_uri(uri)
         try:
             resp = self.client.head_object(Bucket=bucket, Key=key)
-        except ClientError as err:
-            if _status(err) == 404 or _code(err) in ("404", "NoSuchKey", "NotFound"):
+        except (ClientError, BotoCoreError) as err:
+            if isinstance(err, ClientError) and (_status(err) == 404 or _code(err) in ("404", "NoSuchKey", "NotFound")):
                 return None
-            raise StoreError(f"head {uri} failed: {err}") from err
+            self._fail(err, "head", uri)
         return ObjectInfo(key=key, size=int(resp["ContentLength"]), etag=str(resp.get("ETag", "")).strip('"'))
 
     def exists(self, uri: str) -> bool:
@@ -176,15 +257,17 @@ class ObjectStore:
         bucket, key = split_uri(uri)
         try:
             resp = self.client.get_object(Bucket=bucket, Key=key)
-        except ClientError as err:
-            if _status(err) == 404 or _code(err) in ("NoSuchKey", "404"):
+            body = resp["Body"].read()
+        except (ClientError, BotoCoreError) as err:
+            if isinstance(err, ClientError) and (_status(err) == 404 or _code(err) in ("NoSuchKey", "404")):
                 raise NotFound(uri) from err
-            raise StoreError(f"get {uri} failed: {err}") from err
-        return resp["Body"].read(), str(resp.get("ETag", "")).strip('"')
+            self._fail(err, "get", uri)
+        return body, str(resp.get("ETag", "")).strip('"')
 
     def get_json(self, uri: str) -> Any:
+        """The decoded JSON object at ``uri``; :class:`MalformedRecord` if it is not JSON."""
         body, _ = self.get_bytes(uri)
-        return json.loads(body)
+        return _decode(uri, body)
 
     def get_json_or_none(self, uri: str) -> Any | None:
         try:
@@ -197,7 +280,19 @@ class ObjectStore:
             body, etag = self.get_bytes(uri)
         except NotFound:
             return None
-        return json.loads(body), etag
+        return _decode(uri, body), etag
+
+    def get_record(self, uri: str, model: type[ModelT]) -> ModelT | None:
+        """The record at ``uri`` parsed as ``model`` (None if absent); :class:`MalformedRecord` names the key and
+        the parse error when it is not valid JSON or not a valid ``model``."""
+        found = self.get_record_with_etag(uri, model)
+        return found[0] if found is not None else None
+
+    def get_record_with_etag(self, uri: str, model: type[ModelT]) -> tuple[ModelT, str] | None:
+        found = self.get_json_with_etag(uri)
+        if found is None:
+            return None
+        return parse_record(uri, found[0], model), found[1]
 
     # -- writing -------------------------------------------------------------------------------------------------
     def put_bytes(
@@ -218,10 +313,12 @@ class ObjectStore:
             kwargs["IfMatch"] = if_match
         try:
             resp = self.client.put_object(**kwargs)
-        except ClientError as err:
-            if _status(err) in (409, 412) or _code(err) in ("PreconditionFailed", "ConditionalRequestConflict"):
+        except (ClientError, BotoCoreError) as err:
+            if isinstance(err, ClientError) and (
+                _status(err) in (409, 412) or _code(err) in ("PreconditionFailed", "ConditionalRequestConflict")
+            ):
                 raise PreconditionFailed(f"conditional put of {uri} lost") from err
-            raise StoreError(f"put {uri} failed: {err}") from err
+            self._fail(err, "put", uri)
         return str(resp.get("ETag", "")).strip('"')
 
     def put_json(self, uri: str, value: Any, **kwargs: Any) -> str:
@@ -235,8 +332,8 @@ class ObjectStore:
         bucket, key = split_uri(uri)
         try:
             self.client.upload_file(str(path), bucket, key)
-        except ClientError as err:
-            raise StoreError(f"upload of {path} to {uri} failed: {err}") from err
+        except (ClientError, BotoCoreError) as err:
+            self._fail(err, f"upload of {path} to", uri)
 
     def upload_dir(self, directory: Path, uri: str) -> dict[str, tuple[int, str]]:
         """Upload every file under ``directory``; returns relative path -> (size, sha256)."""
@@ -284,14 +381,14 @@ class ObjectStore:
             kwargs["IfMatch"] = obj.etag
         try:
             resp = self.client.get_object(**kwargs)
-        except ClientError as err:
-            if have and _status(err) in (412, 416):
+            with part.open("ab" if have else "wb") as fh:
+                for chunk in resp["Body"].iter_chunks(chunk_size=8 << 20):
+                    fh.write(chunk)
+        except (ClientError, BotoCoreError) as err:
+            if have and isinstance(err, ClientError) and _status(err) in (412, 416):
                 part.unlink()
                 return self._download_resumable(bucket, obj, part)
-            raise StoreError(f"download of s3://{bucket}/{obj.key} failed: {err}") from err
-        with part.open("ab" if have else "wb") as fh:
-            for chunk in resp["Body"].iter_chunks(chunk_size=8 << 20):
-                fh.write(chunk)
+            self._fail(err, "download of", f"s3://{bucket}/{obj.key}")
 
     def delete_prefix(self, uri: str) -> int:
         """Delete every object under the folder ``uri``; returns how many."""
@@ -299,12 +396,20 @@ class ObjectStore:
         keys = [o.key for o in self.iter_objects(uri)]
         for start in range(0, len(keys), 1000):
             batch = keys[start : start + 1000]
-            self.client.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True})
+            try:
+                self.client.delete_objects(
+                    Bucket=bucket, Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True}
+                )
+            except (ClientError, BotoCoreError) as err:
+                self._fail(err, "delete under", uri)
         return len(keys)
 
     def delete(self, uri: str) -> None:
         bucket, key = split_uri(uri)
-        self.client.delete_object(Bucket=bucket, Key=key)
+        try:
+            self.client.delete_object(Bucket=bucket, Key=key)
+        except (ClientError, BotoCoreError) as err:
+            self._fail(err, "delete", uri)
 
     def ensure_bucket(self, bucket: str) -> None:
         try:
@@ -317,6 +422,21 @@ class ObjectStore:
         return str(
             self.client.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=expires)
         )
+
+
+def _decode(uri: str, body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise MalformedRecord(uri, f"not JSON: {err}") from err
+
+
+def parse_record(uri: str, raw: Any, model: type[ModelT]) -> ModelT:
+    """``raw`` (decoded JSON read from ``uri``) as ``model``, or :class:`MalformedRecord` naming what is wrong."""
+    try:
+        return model.model_validate(raw)
+    except ValidationError as err:
+        raise MalformedRecord(uri, f"not a valid {model.__name__}: {describe_validation_error(err)}") from err
 
 
 def file_sha256(path: Path) -> str:
