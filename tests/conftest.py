@@ -51,14 +51,25 @@ def _gpu_skip_reason() -> str | None:
 
 
 @pytest.fixture(scope="session")
-def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Endpoints]:
-    """The real local control plane with the CRDs installed. Environment variables point clients at it."""
+def local_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
+    """The real local control plane of this test session (started by ``control_plane``). Fault-injection tests stop
+    and restart its components (``stop_component("seaweedfs")``, then ``start()``: same ports, same data)."""
     state = os.environ.get("LANGMERGE_TEST_STATE")
     state_dir = Path(state) if state else tmp_path_factory.mktemp("controlplane")
     cp = ControlPlane(state_dir)
+    try:
+        yield cp
+    finally:
+        if not state:
+            cp.stop()
+
+
+@pytest.fixture(scope="session")
+def control_plane(local_cluster: ControlPlane) -> Iterator[Endpoints]:
+    """The real local control plane with the CRDs installed. Environment variables point clients at it."""
     t0 = time.monotonic()
-    endpoints = cp.start()
-    print(f"\nlocal control plane ready in {time.monotonic() - t0:.1f}s ({state_dir})")
+    endpoints = local_cluster.start()
+    print(f"\nlocal control plane ready in {time.monotonic() - t0:.1f}s ({local_cluster.dir})")
     saved = {k: os.environ.get(k) for k in endpoints.env()}
     os.environ.update(endpoints.env())
     from langmerge.kube import install_crds, load_client
@@ -72,8 +83,6 @@ def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Endpoint
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-        if not state:
-            cp.stop()
 
 
 @pytest.fixture(scope="session")
@@ -87,11 +96,15 @@ def s3(control_plane: Endpoints) -> ObjectStore:
 
 
 @pytest.fixture
-def bucket(s3: ObjectStore) -> str:
-    """A fresh, empty bucket for one test."""
+def bucket(s3: ObjectStore) -> Iterator[str]:
+    """A fresh, empty bucket for one test, deleted afterwards (SeaweedFS gives each bucket its own volumes, and a
+    server has only so many: a long session would run out)."""
     name = f"t-{uuid.uuid4().hex[:12]}"
     s3.client.create_bucket(Bucket=name)
-    return name
+    yield name
+    with contextlib.suppress(Exception):  # best effort: a test may have stopped S3 and failed
+        s3.delete_prefix(f"s3://{name}")
+        s3.client.delete_bucket(Bucket=name)
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from langmerge.dev import tools
 
@@ -82,9 +82,13 @@ def _free_port(avoid: set[int], *, with_grpc: bool = False) -> int:
 
 
 def _port_free(port: int) -> bool:
+    """Whether a server could listen on ``port`` now. Sockets a stopped server left behind (TIME_WAIT, FIN_WAIT) do
+    not count: servers bind with SO_REUSEADDR, and so does this check; only another listener makes it False."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
+            s.listen(1)
         except OSError:
             return False
     return True
@@ -197,17 +201,34 @@ class ControlPlane:
         self._write_env_file()
         return self.endpoints()
 
-    def _allocate_ports(self, state: _State, running: dict[str, bool]) -> None:
+    #: Which component listens on each port.
+    _PORT_OWNERS: ClassVar[dict[str, str]] = {"etcd": "etcd", "etcd_peer": "etcd", "apiserver": "kube-apiserver"}
+
+    def _allocate_ports(self, state: _State, running: dict[str, bool], wait: float = 10.0) -> None:
+        """Ports are chosen once and kept in the state folder: a restarted component (after ``stop``, a crash or
+        :meth:`stop_component`) comes back on the same ports, so running clients (the operator, Jobs) keep working.
+        A recorded port held by another process is an error, never a silent move."""
         wanted = ["etcd", "etcd_peer", "apiserver"]
         if self.s3:
             wanted += ["s3", "s3_master", "s3_volume", "s3_filer", "s3_admin"]
-        used: set[int] = set()
+        used = {p for name in wanted if (p := state.ports.get(name))} | {
+            p + 10000 for name in wanted if name.startswith("s3") and (p := state.ports.get(name))
+        }
         for name in wanted:
-            port = state.ports.get(name)
-            owner = {"etcd": "etcd", "etcd_peer": "etcd", "apiserver": "kube-apiserver"}.get(name, "seaweedfs")
             grpc = name.startswith("s3")
-            if port and (running.get(owner) or (_port_free(port) and (not grpc or _port_free(port + 10000)))):
-                used.update({port, port + 10000})
+            port = state.ports.get(name)
+            if port:
+                owner = self._PORT_OWNERS.get(name, "seaweedfs")
+                if running.get(owner):
+                    continue
+                deadline = time.monotonic() + wait
+                while not (_port_free(port) and (not grpc or _port_free(port + 10000))):
+                    if time.monotonic() > deadline:
+                        raise ControlPlaneError(
+                            f"port {port} of {owner} ({name}, recorded in {self.state_file}) is held by another "
+                            "process; stop that process, or `langmerge down` and remove the state folder"
+                        )
+                    time.sleep(0.2)
                 continue
             port = _free_port(used, with_grpc=grpc)
             state.ports[name] = port
@@ -456,11 +477,17 @@ class ControlPlane:
     # -- stop ----------------------------------------------------------------------------------------------------
     def stop(self, timeout: float = 15.0) -> None:
         """Stop every component by its recorded PID (SIGTERM to its process group, then SIGKILL). Data stays."""
-        state = self._load()
         for name in reversed(COMPONENTS):
-            pid = state.pids.pop(name, None)
-            if pid is None or not _pid_alive(pid):
-                continue
+            self.stop_component(name, timeout)
+
+    def stop_component(self, name: str, timeout: float = 15.0) -> None:
+        """Stop one component (e.g. ``seaweedfs`` or ``kube-apiserver``), keeping its data and ports: :meth:`start`
+        brings it back where it was (fault-injection tests stop S3 or the API server this way)."""
+        if name not in COMPONENTS:
+            raise ValueError(f"unknown component {name!r}; one of {', '.join(COMPONENTS)}")
+        state = self._load()
+        pid = state.pids.pop(name, None)
+        if pid is not None and _pid_alive(pid):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pid, signal.SIGTERM)
             deadline = time.monotonic() + timeout
