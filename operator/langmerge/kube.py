@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import itertools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,11 +98,47 @@ class ObjectKey:
         return f"{self.namespace}/{self.name}"
 
 
-class Kube:
-    """What the operator does with the API beyond kopf's watches."""
+#: The name the operator's writes carry in ``metadata.managedFields`` (and the prefix of its User-Agent).
+FIELD_MANAGER = "langmerge-operator"
 
-    def __init__(self, api: ApiClient) -> None:
+
+def operator_client(kubeconfig: str | None = None) -> ApiClient:
+    """The operator's ApiClient, like :func:`load_client`, identified as ``langmerge-operator`` to the API server and
+    with one retry per request (not urllib3's three: each try may take the whole request timeout)."""
+    from importlib import metadata
+
+    cfg = client.Configuration()
+    if kubeconfig:
+        config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
+    else:
+        try:
+            config.load_incluster_config(client_configuration=cfg)
+        except config.ConfigException:
+            config.load_kube_config(client_configuration=cfg)
+    cfg.retries = 1
+    api = ApiClient(cfg)
+    try:
+        version = metadata.version("langmerge")
+    except metadata.PackageNotFoundError:
+        version = "dev"
+    api.user_agent = f"{FIELD_MANAGER}/{version}"
+    return api
+
+
+class Kube:
+    """What the operator does with the API beyond kopf's watches.
+
+    Every request carries a timeout (``timeout`` seconds for the whole request), so a hung API server delays one
+    reconcile pass, never the operator; every write names :data:`FIELD_MANAGER`.
+    """
+
+    def __init__(
+        self, api: ApiClient, timeout: float = 30.0, on_request: Callable[[str, str], None] | None = None
+    ) -> None:
         self.api = api
+        self.timeout = timeout
+        #: Called with (verb, resource) before each request (the operator counts them in a Prometheus metric).
+        self.on_request = on_request or (lambda verb, resource: None)
         self.custom = client.CustomObjectsApi(api)
         self.batch = client.BatchV1Api(api)
         self.core = client.CoreV1Api(api)
@@ -114,9 +151,10 @@ class Kube:
         return self._get(MERGED_PLURAL, key)
 
     def _get(self, plural: str, key: ObjectKey) -> dict[str, Any] | None:
+        self.on_request("get", plural)
         try:
             obj: dict[str, Any] = self.custom.get_namespaced_custom_object(
-                GROUP, VERSION, key.namespace, plural, key.name
+                GROUP, VERSION, key.namespace, plural, key.name, _request_timeout=self.timeout
             )
         except ApiException as err:
             if err.status == 404:
@@ -125,7 +163,8 @@ class Kube:
         return obj
 
     def list_experts(self, namespace: str, label_selector: str | None = None) -> list[dict[str, Any]]:
-        kwargs: dict[str, Any] = {}
+        self.on_request("list", EXPERT_PLURAL)
+        kwargs: dict[str, Any] = {"_request_timeout": self.timeout}
         if label_selector:
             kwargs["label_selector"] = label_selector
         resp = self.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, EXPERT_PLURAL, **kwargs)
@@ -133,10 +172,13 @@ class Kube:
         return items
 
     def list_all(self, plural: str, namespace: str | None = None) -> list[dict[str, Any]]:
+        self.on_request("list", plural)
         if namespace:
-            resp = self.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, plural)
+            resp = self.custom.list_namespaced_custom_object(
+                GROUP, VERSION, namespace, plural, _request_timeout=self.timeout
+            )
         else:
-            resp = self.custom.list_cluster_custom_object(GROUP, VERSION, plural)
+            resp = self.custom.list_cluster_custom_object(GROUP, VERSION, plural, _request_timeout=self.timeout)
         items: list[dict[str, Any]] = resp.get("items", [])
         return items
 
@@ -145,9 +187,17 @@ class Kube:
 
     def patch_status(self, plural: str, key: ObjectKey, status: dict[str, Any]) -> dict[str, Any] | None:
         """Merge-patch the status subresource. Returns the object, or None if it is gone."""
+        self.on_request("patch", f"{plural}/status")
         try:
             obj: dict[str, Any] = self.custom.patch_namespaced_custom_object_status(
-                GROUP, VERSION, key.namespace, plural, key.name, {"status": status}
+                GROUP,
+                VERSION,
+                key.namespace,
+                plural,
+                key.name,
+                {"status": status},
+                field_manager=FIELD_MANAGER,
+                _request_timeout=self.timeout,
             )
         except ApiException as err:
             if err.status == 404:
@@ -157,14 +207,33 @@ class Kube:
 
     # -- Jobs --------------------------------------------------------------------------------------------------------
     def list_jobs(self, label_selector: str, namespace: str | None = None) -> list[Any]:
-        if namespace:
-            return list(self.batch.list_namespaced_job(namespace, label_selector=label_selector).items)
-        return list(self.batch.list_job_for_all_namespaces(label_selector=label_selector).items)
+        return self.list_jobs_versioned(label_selector, namespace)[0]
+
+    def list_jobs_versioned(self, label_selector: str, namespace: str | None = None) -> tuple[list[Any], str]:
+        """The Jobs matching ``label_selector`` and the list's resourceVersion (one paginated LIST)."""
+        items: list[Any] = []
+        token: str | None = None
+        while True:
+            self.on_request("list", "jobs")
+            kwargs: dict[str, Any] = {"label_selector": label_selector, "limit": 500, "_request_timeout": self.timeout}
+            if token:
+                kwargs["_continue"] = token
+            if namespace:
+                resp = self.batch.list_namespaced_job(namespace, **kwargs)
+            else:
+                resp = self.batch.list_job_for_all_namespaces(**kwargs)
+            items.extend(resp.items)
+            token = resp.metadata._continue
+            if not token:
+                return items, str(resp.metadata.resource_version or "")
 
     def create_job(self, namespace: str, manifest: dict[str, Any]) -> bool:
         """Create a Job; False if it already exists (409). :class:`Rejected` for 400/403/422 (e.g. a quota)."""
+        self.on_request("create", "jobs")
         try:
-            self.batch.create_namespaced_job(namespace, manifest)
+            self.batch.create_namespaced_job(
+                namespace, manifest, field_manager=FIELD_MANAGER, _request_timeout=self.timeout
+            )
         except ApiException as err:
             if err.status == 409:
                 return False
@@ -175,8 +244,11 @@ class Kube:
 
     def delete_job(self, namespace: str, name: str) -> bool:
         """Delete a Job and its pods (background propagation); False if it was gone."""
+        self.on_request("delete", "jobs")
         try:
-            self.batch.delete_namespaced_job(name, namespace, propagation_policy="Background")
+            self.batch.delete_namespaced_job(
+                name, namespace, propagation_policy="Background", _request_timeout=self.timeout
+            )
         except ApiException as err:
             if err.status == 404:
                 return False
@@ -188,9 +260,14 @@ class Kube:
         """Whether the Secret exists, read as PartialObjectMetadata: its data never leaves the API server.
 
         :class:`Forbidden` if RBAC does not allow it (the chart grants ``get`` on this one name only)."""
+        self.on_request("get", "secrets")
         try:
             resp = self.core.read_namespaced_secret(
-                name, namespace, _preload_content=False, _headers={"Accept": PARTIAL_METADATA}
+                name,
+                namespace,
+                _preload_content=False,
+                _headers={"Accept": PARTIAL_METADATA},
+                _request_timeout=self.timeout,
             )
         except ApiException as err:
             if err.status == 404:
@@ -233,5 +310,8 @@ def post_event(kube: Kube, involved: dict[str, Any], type_: str, reason: str, me
         "lastTimestamp": now,
         "count": 1,
     }
+    kube.on_request("create", "events")
     with contextlib.suppress(ApiException):
-        kube.core.create_namespaced_event(involved["namespace"], body)
+        kube.core.create_namespaced_event(
+            involved["namespace"], body, field_manager=FIELD_MANAGER, _request_timeout=kube.timeout
+        )
