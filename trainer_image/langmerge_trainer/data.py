@@ -112,7 +112,10 @@ def parse_row(row: Any) -> tuple[str, str]:
         return _parse_messages(row["messages"])
     if not has_pair:
         raise ValueError('expected "prompt" and "completion" (or "messages")')
-    prompt, completion = row.get("prompt"), row.get("completion")
+    for name in ("prompt", "completion"):
+        if name not in row:
+            raise ValueError(f'"{name}" is missing')
+    prompt, completion = row["prompt"], row["completion"]
     if not isinstance(prompt, str):
         raise ValueError(f'"prompt" must be a string, got {_describe(prompt)}')
     if not isinstance(completion, str):
@@ -129,7 +132,10 @@ def _parse_messages(messages: Any) -> tuple[str, str]:
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
             raise ValueError(f"messages[{i}] must be an object with role and content")
-        role, content = message.get("role"), message.get("content")
+        for name in ("role", "content"):
+            if name not in message:
+                raise ValueError(f"messages[{i}].{name} is missing")
+        role, content = message["role"], message["content"]
         if role not in ROLES:
             raise ValueError(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {_describe(role)}")
         if not isinstance(content, str):
