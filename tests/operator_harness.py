@@ -42,8 +42,13 @@ def now() -> str:
 
 
 def wait_for(
-    predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.1, what: str = "condition"
+    predicate: Callable[[], Any],
+    timeout: float = 30.0,
+    interval: float = 0.1,
+    what: str | Callable[[], str] = "condition",
 ) -> Any:
+    """Poll ``predicate`` until it returns something true. ``what`` names the wait in the failure message (a
+    callable is evaluated only then, e.g. to show the state that was waited on)."""
     deadline = time.monotonic() + timeout
     last: Any = None
     while time.monotonic() < deadline:
@@ -51,7 +56,8 @@ def wait_for(
         if last:
             return last
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last value: {last!r})")
+    described = what() if callable(what) else what
+    raise AssertionError(f"timed out after {timeout}s waiting for {described} (last value: {last!r})")
 
 
 @contextlib.contextmanager
@@ -96,6 +102,8 @@ def run_operator(
         "LANGMERGE_PROGRESS_SECONDS": "0.5",
         "LANGMERGE_TRAINER_IMAGE": "langmerge/trainer:test",
     }
+    if not clusterwide:
+        values["LANGMERGE_NAMESPACES"] = namespace  # what `langmerge run --namespace` sets
     values.update({f"LANGMERGE_{k.upper()}": str(v) for k, v in settings.items()})
     if kubeconfig:
         values["KUBECONFIG"] = kubeconfig

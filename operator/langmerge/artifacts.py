@@ -324,3 +324,19 @@ class PublishedRevision(Record):
     reason: Annotated[str, Field(default="merged")] = "merged"
     #: For a rollback: the revision whose merge output is published again.
     rollback_of: int | None = None
+    #: The revision ``current.json`` named when this one was published (0: none). Following it from
+    #: ``current.json`` gives the published history; a claimed number no ``current.json`` ever named (a writer
+    #: that crashed between claiming and publishing) is not on that chain.
+    previous: int | None = None
+    #: Each language's expert alone (the merge manifest's figures), so the quality-gate view needs no manifest read.
+    expert_metrics: dict[str, Metrics] = Field(default_factory=dict)
+    #: What the merge Job consumed, and its name (for the status history).
+    cost: Cost | None = None
+    job: str | None = None
+
+    def previous_revision(self) -> int | None:
+        """:attr:`previous` (None for the first revision), or for records written before it existed, the number
+        below."""
+        if self.previous is not None:
+            return self.previous or None
+        return self.revision - 1 if self.revision > 1 else None

@@ -71,6 +71,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     settings = Settings.from_env()
     namespaces = list(args.namespace or settings.namespaces)
+    # The controller lists Jobs where kopf watches: the same namespaces.
+    os.environ["LANGMERGE_NAMESPACES"] = ",".join(namespaces)
     kopf.configure(verbose=args.verbose)
     kopf.run(
         standalone=True,

@@ -39,11 +39,7 @@ class Claim:
 
 
 def read_owner(store: ObjectStore, prefix: str) -> tuple[OwnerRecord, str] | None:
-    found = store.get_json_with_etag(artifacts.owner_uri(prefix))
-    if found is None:
-        return None
-    raw, etag = found
-    return OwnerRecord.model_validate(raw), etag
+    return store.get_record_with_etag(artifacts.owner_uri(prefix), OwnerRecord)
 
 
 def claim_prefix(

@@ -97,6 +97,12 @@ class Settings:
     metrics_port: int = 9090
     #: Threads for blocking Kubernetes and S3 calls.
     workers: int = 16
+    #: Seconds any one Kubernetes or S3 request may take (S3: per read; connecting gets at most 5 s).
+    request_timeout_seconds: float = 30.0
+    #: While S3 does not answer, seconds between probes; objects waiting for it run as soon as one succeeds.
+    storage_probe_seconds: float = 2.0
+    #: Seconds between full listings of the operator's Jobs (the watch keeps the index current in between).
+    job_relist_seconds: float = 300.0
     #: Trainer log level passed to Jobs.
     trainer_log_level: str = "INFO"
     #: Extra environment for Jobs (``K=V,K2=V2``), e.g. HF_HUB_OFFLINE=1.
@@ -104,7 +110,15 @@ class Settings:
 
     @property
     def s3(self) -> S3Config:
-        return S3Config(endpoint_url=self.s3_endpoint or None, region=self.s3_region)
+        """The operator's S3 client: bounded timeouts and few tries per request, since a failed pass is retried
+        anyway (and an outage is probed, see ``storage_probe_seconds``)."""
+        return S3Config(
+            endpoint_url=self.s3_endpoint or None,
+            region=self.s3_region,
+            connect_timeout=min(5.0, self.request_timeout_seconds),
+            read_timeout=self.request_timeout_seconds,
+            max_attempts=2,
+        )
 
     @property
     def policy(self) -> UriPolicy:
@@ -141,8 +155,15 @@ class Settings:
         for name in ("max_training_jobs", "max_merge_jobs", "history_limit", "workers"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"LANGMERGE_{name.upper()} must be >= 1")
-        if self.resync_seconds <= 0 or self.progress_seconds <= 0:
-            raise SettingsError("LANGMERGE_RESYNC_SECONDS and LANGMERGE_PROGRESS_SECONDS must be > 0")
+        for name in (
+            "resync_seconds",
+            "progress_seconds",
+            "request_timeout_seconds",
+            "storage_probe_seconds",
+            "job_relist_seconds",
+        ):
+            if getattr(self, name) <= 0:
+                raise SettingsError(f"LANGMERGE_{name.upper()} must be > 0")
         for name in ("max_training_jobs_per_namespace", "max_merge_jobs_per_namespace"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"LANGMERGE_{name.upper()} must be >= 0 (0: no per-namespace cap)")

@@ -68,6 +68,9 @@ EDGE: dict[str, Any] = {
         "historyLimit": 50,
         "workers": 4,
         "deleteArtifactsWithExpert": True,
+        "requestTimeoutSeconds": 12.5,
+        "storageProbeSeconds": 1,
+        "jobRelistSeconds": 600,
     },
     "tenancy": {
         "uriPolicy": "enforce",
@@ -272,6 +275,11 @@ def test_edge_render(edge: list[dict[str, Any]]) -> None:
     assert policy.check("team-b", "f", "s3://ml-team-a/langmerge/x", write=False) is not None
     assert policy.check("team-b", "f", "s3://shared/base-models/llama", write=False) is None
     assert policy.check("team-b", "f", "s3://shared/base-models/llama", write=True) is not None
+    assert (settings.request_timeout_seconds, settings.storage_probe_seconds, settings.job_relist_seconds) == (
+        12.5,
+        1.0,
+        600.0,
+    )
 
     monitor = one(edge, "ServiceMonitor")
     service = one(edge, "Service")

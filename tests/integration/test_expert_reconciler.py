@@ -127,8 +127,11 @@ def test_expert_trains_once_and_becomes_ready(kube: Any, s3: ObjectStore, seeded
         assert condition(obj, "Ready")["observedGeneration"] == obj["metadata"]["generation"]
         assert [h["result"] for h in status["history"]] == ["Succeeded"]
         assert status["history"][0]["tokens"] == 5000 and status["history"][0]["gpuSeconds"] == 0.0
-        reasons = {e.reason for e in events(kube, namespace, "es")}
-        assert {"TrainingStarted", "AdapterReady"} <= reasons
+        # Events are posted right after the status write that a reader may see first.
+        wait_for(
+            lambda: {"TrainingStarted", "AdapterReady"} <= {e.reason for e in events(kube, namespace, "es")},
+            what="TrainingStarted and AdapterReady Events",
+        )
         assert len(jobs(kube, namespace)) == 1
         # Prometheus metrics: the Job launched and the reconcile latency histogram.
         assert _metric(port, 'langmerge_jobs_launched_total{component="training"}') >= launched + 1

@@ -27,9 +27,9 @@ def failure_records(store: ObjectStore, prefix: str) -> dict[int, FailureRecord]
             attempt = int(name.removeprefix("attempt-").removesuffix(".json"))
         except ValueError:
             continue
-        raw = store.get_json_or_none(f"s3://{bucket}/{obj.key}")
-        if raw is not None:
-            records[attempt] = FailureRecord.model_validate(raw)
+        record = store.get_record(f"s3://{bucket}/{obj.key}", FailureRecord)
+        if record is not None:
+            records[attempt] = record
     return records
 
 

@@ -41,21 +41,18 @@ from langmerge.controller.reconcile import (
 from langmerge.controller.runtime import EXPERT, Key, Runtime, object_key
 from langmerge.controller.status import (
     DATA_CHANGED,
-    DEGRADED,
     READY,
     TRAINING,
     bounded,
+    is_true,
     truncate,
 )
 from langmerge.fingerprint import training_fingerprint
 from langmerge.ownership import live_owner
-from langmerge.store import StoreError
+from langmerge.store import MalformedRecord
 from langmerge.tasks import TrainTask
 
 log = logging.getLogger(__name__)
-
-#: Wait after an S3 error before trying again.
-STORAGE_RETRY_SECONDS = 15.0
 
 
 def parse_expert_spec(raw: dict[str, Any]) -> LanguageExpertSpec:
@@ -86,6 +83,8 @@ class ExpertReconciler(ReconcilePass[LanguageExpertStatus]):
     kind = EXPERT_KIND
     plural = EXPERT_PLURAL
     status_model = LanguageExpertStatus
+    #: Nothing but the poll can have changed S3 for the desired fingerprint (see :meth:`_run`).
+    quiet: bool = False
 
     # -- the pass ------------------------------------------------------------------------------------------------
     def run(self) -> float | None:
@@ -97,7 +96,7 @@ class ExpertReconciler(ReconcilePass[LanguageExpertStatus]):
                 self.event("Warning", "InvalidSpec", message)
             self.set_phase(ExpertPhase.FAILED, message)
             self.condition(READY, False, "InvalidSpec", message)
-            self.condition(DEGRADED, True, "InvalidSpec", message)
+            self.degrade("InvalidSpec", message)
             return self.commit(None)
         self.spec = spec
         self.image = spec.image or self.settings.trainer_image
@@ -106,19 +105,53 @@ class ExpertReconciler(ReconcilePass[LanguageExpertStatus]):
         if refusal is not None:
             self.refuse(refusal, phase=ExpertPhase.FAILED, condition_type=TRAINING)
             return self.commit(None)
-        try:
+        return self.guarded(
+            self._run_owned,
+            failed_phase=ExpertPhase.FAILED,
+            user_error_retry=float(spec.schedule.poll_interval_seconds),
+        )
+
+    def _run_owned(self) -> float | None:
+        """The pass, once this expert owns its artifact prefix (checked at most once per poll interval)."""
+        memo = self.rt.memo(self.key)
+        uid = self.body["metadata"].get("uid")
+        poll = float(self.spec.schedule.poll_interval_seconds)
+        if (
+            memo.claimed is None
+            or memo.claimed[:2] != (self.prefix_root, uid)
+            or self.rt.monotonic() - memo.claimed[2] >= poll
+        ):
             claim = self.claim(self.prefix_root, "the expert's artifact prefix")
             if not claim.owned:
+                memo.claimed = None
                 self.refuse(
                     Refusal("ArtifactsOwnedByAnother", claim.message), phase=ExpertPhase.FAILED, condition_type=TRAINING
                 )
                 return self.commit(self.settings.resync_seconds)
-            return self._run()
-        except StoreError as err:
-            message = f"S3 unavailable: {err}"
-            self.condition(DEGRADED, True, "StorageUnavailable", message)
-            self.status.message = truncate(message)
-            return self.commit(STORAGE_RETRY_SECONDS)
+            memo.claimed = (self.prefix_root, uid, self.rt.monotonic())
+        return self._run()
+
+    def written_view(self) -> tuple[Any, ...]:
+        adapter = self.status.adapter
+        return (
+            self.status.phase,
+            self.status.observed_generation,
+            self.status.trained_fingerprint,
+            self.status.desired_fingerprint,
+            adapter.digest if adapter else None,
+        )
+
+    def _base_digest(self, spec_changed: bool, poll: float) -> tuple[str, int]:
+        """The base model's digest, listed at most once per poll interval for every expert on that base model."""
+        spec = self.spec
+        base_id = f"{spec.base_model.uri}@{spec.base_model.revision or ''}"
+        mono = self.rt.monotonic()
+        known = self.rt.base_digests.get(base_id)
+        if known is None or spec_changed or mono - known[2] >= poll or known[1] == 0:
+            digest, count = self.rt.store.prefix_digest(spec.base_model.uri)
+            known = (digest, count, mono)
+            self.rt.base_digests[base_id] = known
+        return known[0], known[1]
 
     def admit(self, spec: LanguageExpertSpec) -> Refusal | None:
         """The URIs this namespace may read, the image and the resources, before any S3 request or Job."""
@@ -147,21 +180,9 @@ class ExpertReconciler(ReconcilePass[LanguageExpertStatus]):
         mono = self.rt.monotonic()
 
         # Base model identity (digest of its objects), re-listed at the poll interval or on a spec change.
-        base_id = f"{spec.base_model.uri}@{spec.base_model.revision or ''}"
-        if (
-            memo.base_digest is None
-            or memo.base_digest[0] != base_id
-            or spec_changed
-            or mono - memo.base_polled >= poll
-        ):
-            digest, count = store.prefix_digest(spec.base_model.uri)
-            if count == 0:
-                return self._blocked(
-                    "BaseModelMissing", f"no objects under the base model URI {spec.base_model.uri}", poll
-                )
-            memo.base_digest = (base_id, digest)
-            memo.base_polled = mono
-        base_digest = memo.base_digest[1]
+        base_digest, base_count = self._base_digest(spec_changed, poll)
+        if base_count == 0:
+            return self._blocked("BaseModelMissing", f"no objects under the base model URI {spec.base_model.uri}", poll)
 
         # The data: one paginated listing of the prefix, digested over (key, size, ETag) of *.jsonl objects.
         due = spec_changed or self.status.data_digest is None or mono - memo.last_poll >= poll
@@ -218,7 +239,9 @@ class ExpertReconciler(ReconcilePass[LanguageExpertStatus]):
                 "Settling",
                 f"data changed at {self.status.data_changed_at}; retraining starts after {spec.schedule.settle_seconds}s without further changes",
             )
-        elif self.status.adapter is not None and data_for_training == trained_data:
+        elif self.status.adapter is None:
+            self.condition(DATA_CHANGED, False, "NoAdapter", "no adapter has been trained yet")
+        elif data_for_training == trained_data:
             self.condition(DATA_CHANGED, False, "UpToDate", "the adapter was trained on the current data")
         else:
             self.condition(DATA_CHANGED, True, "Retraining", "the data differs from the adapter's training data")
@@ -229,12 +252,16 @@ class ExpertReconciler(ReconcilePass[LanguageExpertStatus]):
         )
         self.status.desired_fingerprint = fingerprint
         prefix = artifacts.expert_prefix(self.settings.artifacts_uri, self.namespace, self.name, fingerprint)
-        jobs = self.owned_jobs(COMPONENT_TRAINING, LABEL_EXPERT)
+        jobs = self.owned_jobs(COMPONENT_TRAINING)
         requeue = [next_poll] + ([settle_wait] if settle_wait is not None else [])
+        # With no Job of this fingerprint, its failure records cannot change, and its manifest only by someone else's
+        # hand: a queued expert (woken by a slot event, or polling its data) lists neither again and reads the
+        # manifest once per poll interval.
+        self.quiet = not spec_changed and not any(j.fingerprint == fingerprint for j in jobs)
 
-        manifest_raw = store.get_json_or_none(artifacts.join(prefix, artifacts.MANIFEST))
-        if manifest_raw is not None:
-            self._ready(AdapterManifest.model_validate(manifest_raw), jobs, data_for_training)
+        manifest = self._manifest(prefix, fingerprint, poll)
+        if manifest is not None:
+            self._ready(manifest, jobs, data_for_training)
             self._cancel_outdated(jobs, fingerprint, only_if_restart=True)
             return self.commit(min(requeue))
 
@@ -252,7 +279,30 @@ class ExpertReconciler(ReconcilePass[LanguageExpertStatus]):
             image=self.image,
             keep_checkpoints=self.settings.keep_checkpoints,
         )
-        return self.commit(min([*requeue, self._converge(task, jobs, prefix)]))
+        converge = self._converge(task, jobs, prefix)
+        return self.commit(min([*requeue, *([converge] if converge is not None else [])]))
+
+    def _manifest(self, prefix: str, fingerprint: str, poll: float) -> AdapterManifest | None:
+        """The committed manifest of ``fingerprint``; a look that found none is trusted for one poll interval while
+        no Job trains that fingerprint."""
+        memo = self.rt.memo(self.key)
+        mono = self.rt.monotonic()
+        if self.quiet and memo.manifest_absent is not None:
+            fp, when = memo.manifest_absent
+            if fp == fingerprint and mono - when < poll:
+                return None
+        manifest = self.rt.store.get_record(artifacts.join(prefix, artifacts.MANIFEST), AdapterManifest)
+        memo.manifest_absent = None if manifest is not None else (fingerprint, mono)
+        return manifest
+
+    def _failure_records(self, prefix: str) -> dict[int, FailureRecord]:
+        """Failure records change only when a Job of this fingerprint ends: without one, the last listing stands."""
+        memo = self.rt.memo(self.key)
+        if self.quiet and memo.failures is not None and memo.failures[0] == prefix:
+            return dict(memo.failures[1])
+        records = failure_records(self.rt.store, prefix)
+        memo.failures = (prefix, dict(records), self.rt.monotonic())
+        return records
 
     def _committed_for(self, data_combined: str, base_digest: str) -> bool:
         """Whether the adapter of this spec on the data with digest ``data_combined`` is committed in S3."""
@@ -271,7 +321,7 @@ class ExpertReconciler(ReconcilePass[LanguageExpertStatus]):
         """Inputs missing in S3: report, keep any existing adapter, look again at the next poll."""
         if self.old.message != message:
             self.event("Warning", reason, message)
-        self.condition(DEGRADED, True, reason, message)
+        self.degrade(reason, message)
         self.condition(READY, self.status.adapter is not None and self.old.phase == ExpertPhase.READY, reason, message)
         if self.status.adapter is None:
             self.set_phase(ExpertPhase.PENDING, message)
@@ -340,7 +390,6 @@ class ExpertReconciler(ReconcilePass[LanguageExpertStatus]):
         self.set_phase(ExpertPhase.READY)
         self.condition(READY, True, "AdapterReady", f"adapter {manifest.adapter_digest} at {manifest.adapter_uri}")
         self.condition(TRAINING, False, "Idle")
-        self.condition(DEGRADED, False, "AsExpected")
 
     def _cancel_outdated(self, jobs: list[JobState], fingerprint: str, *, only_if_restart: bool) -> list[JobState]:
         """Running Jobs for other fingerprints: cancelled under onChange=restart; returned otherwise."""
@@ -359,14 +408,14 @@ class ExpertReconciler(ReconcilePass[LanguageExpertStatus]):
         return outdated
 
     # -- desired adapter missing ---------------------------------------------------------------------------------
-    def _converge(self, task: TrainTask, jobs: list[JobState], prefix: str) -> float:
+    def _converge(self, task: TrainTask, jobs: list[JobState], prefix: str) -> float | None:
         spec = self.spec
         mine = sorted((j for j in jobs if j.fingerprint == task.fingerprint), key=lambda j: j.attempt)
         current = mine[-1] if mine else None
         if current is not None and current.active:
             return self._training(current, prefix)
 
-        records = failure_records(self.rt.store, prefix)
+        records = self._failure_records(prefix)
         if current is not None:
             records = record_job_end(self.rt.store, prefix, current, records, self.now_s)
             ended = records[current.attempt]
@@ -406,26 +455,27 @@ class ExpertReconciler(ReconcilePass[LanguageExpertStatus]):
         return 0.1
 
     def _training(self, job: JobState, prefix: str) -> float:
-
-        raw = self.rt.store.get_json_or_none(artifacts.join(prefix, artifacts.PROGRESS))
-        if raw is not None:
-            progress = ProgressRecord.model_validate(raw)
-            if progress.fingerprint == job.fingerprint:
-                self.status.progress = Progress(
-                    step=progress.step,
-                    total_steps=progress.total_steps,
-                    loss=round(progress.loss, 4) if progress.loss is not None else None,
-                    tokens_per_second=round(progress.tokens_per_second, 1) if progress.tokens_per_second else None,
-                    eta_seconds=round(progress.eta_seconds, 1) if progress.eta_seconds is not None else None,
-                    updated_at=progress.updated_at,
-                )
+        try:
+            progress = self.rt.store.get_record(artifacts.join(prefix, artifacts.PROGRESS), ProgressRecord)
+        except MalformedRecord as err:
+            # The Job goes on; only its progress cannot be shown.
+            progress = None
+            self.degrade("MalformedRecord", f"{err}; progress is not shown until the Job writes a valid record")
+        if progress is not None and progress.fingerprint == job.fingerprint:
+            self.status.progress = Progress(
+                step=progress.step,
+                total_steps=progress.total_steps,
+                loss=round(progress.loss, 4) if progress.loss is not None else None,
+                tokens_per_second=round(progress.tokens_per_second, 1) if progress.tokens_per_second else None,
+                eta_seconds=round(progress.eta_seconds, 1) if progress.eta_seconds is not None else None,
+                updated_at=progress.updated_at,
+            )
         self.status.active_job = job.name
         self.status.attempts = job.attempt - 1
         where = f"Job {job.name} (attempt {job.attempt})"
         self.set_phase(ExpertPhase.TRAINING, f"{where} is training fingerprint {job.fingerprint}")
         self.condition(TRAINING, True, "JobRunning", where)
         self.condition(READY, False, "Training", f"training fingerprint {job.fingerprint}")
-        self.condition(DEGRADED, False, "AsExpected")
         return self.settings.progress_seconds
 
     def _failed(self, record: FailureRecord, attempts: int) -> float:
@@ -444,10 +494,18 @@ class ExpertReconciler(ReconcilePass[LanguageExpertStatus]):
         self.set_phase(ExpertPhase.FAILED, message)
         self.condition(TRAINING, False, "Failed", message)
         self.condition(READY, False, "TrainingFailed", message)
-        self.condition(DEGRADED, True, "TrainingFailed", message)
+        if is_true(self.status.conditions, DATA_CHANGED) and self.status.adapter is not None:
+            self.condition(
+                DATA_CHANGED,
+                True,
+                "TrainingFailed",
+                "the data differs from the adapter's training data and training on it failed; "
+                f"adapter {self.status.adapter.digest} stays",
+            )
+        self.degrade("TrainingFailed", message)
         return float(self.spec.schedule.poll_interval_seconds)
 
-    def _start(self, task: TrainTask, jobs: list[JobState]) -> float:
+    def _start(self, task: TrainTask, jobs: list[JobState]) -> float | None:
         spec = self.spec
         if spec.suspend:
             self.status.active_job = None
@@ -472,13 +530,9 @@ class ExpertReconciler(ReconcilePass[LanguageExpertStatus]):
         owner = Owner(EXPERT_KIND, self.namespace, self.name, self.body["metadata"]["uid"])
         manifest = build_training_job(owner, task, self.settings)
         created = self.launch_job(
-            manifest,
-            component=COMPONENT_TRAINING,
-            limit=self.settings.max_training_jobs,
-            waiting_phase=ExpertPhase.PENDING,
-            condition_type=TRAINING,
+            manifest, component=COMPONENT_TRAINING, waiting_phase=ExpertPhase.PENDING, condition_type=TRAINING
         )
-        if isinstance(created, float):
+        if created is None or isinstance(created, float):
             return created
         name = manifest["metadata"]["name"]
         if created:
@@ -495,7 +549,6 @@ class ExpertReconciler(ReconcilePass[LanguageExpertStatus]):
         )
         self.condition(TRAINING, True, "JobCreated", f"Job {name}")
         self.condition(READY, False, "Training", f"training fingerprint {task.fingerprint}")
-        self.condition(DEGRADED, False, "AsExpected")
         return self.settings.progress_seconds
 
 
@@ -514,8 +567,7 @@ def cleanup_deleted_expert(rt: Runtime, key: Key) -> None:
     namespace, name = key[1], key[2]
     if deleted := delete_jobs_of(rt, namespace, LABEL_EXPERT, name):
         log.info("deleted %d Job(s) of deleted expert %s/%s", deleted, namespace, name)
-    rt.memos.pop(key, None)
-    rt.waiting_for_capacity.discard(key)
+    rt.forget(key)
     if rt.settings.delete_artifacts_with_expert:
         root = artifacts.expert_root(rt.settings.artifacts_uri, namespace, name)
         owner = live_owner(rt.store, root, lambda record: object_exists(rt, record))

@@ -40,6 +40,9 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.watching.connect_timeout = 30
+    # kopf's own requests (its patches and listings) get a timeout too: a hung API server must not hang the operator.
+    settings.networking.request_timeout = 60
+    settings.networking.connect_timeout = 10
     _controller = Controller.from_environment()
     if _controller.settings.metrics_port:
         from prometheus_client import start_http_server

@@ -2,16 +2,19 @@
 
 kopf delivers watch events (see :mod:`.main`); this module turns them into queue keys and runs the reconcilers on a
 thread pool (they do blocking Kubernetes and S3 calls). Only the elected leader processes keys, so several replicas
-never act at once.
+never act at once. kopf calls the event methods from its executor threads: every structure they touch is
+thread-safe (the queue, the Job index, the slots) or behind :attr:`Controller._lock`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import logging
 import os
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -19,31 +22,45 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import urllib3
 from kubernetes.client.exceptions import ApiException
 
 from langmerge.constants import (
     COMPONENT_MERGE,
     COMPONENT_TRAINING,
     EXPERT_PLURAL,
-    LABEL_COMPONENT,
-    LABEL_EXPERT,
-    LABEL_MERGED,
+    LABEL_MANAGED_BY,
+    MANAGED_BY,
     MERGED_PLURAL,
 )
 from langmerge.controller import metrics
 from langmerge.controller.experts import reconcile_expert
-from langmerge.controller.jobs import job_state
 from langmerge.controller.merged import reconcile_merged
-from langmerge.controller.runtime import EXPERT, MERGED, Key, Runtime, expert_key, merged_key, thread_safe_enqueue
+from langmerge.controller.runtime import EXPERT, MERGED, Key, Runtime, expert_key, merged_key
 from langmerge.controller.workqueue import WorkQueue
-from langmerge.kube import Kube, load_client
+from langmerge.kube import Kube, operator_client
 from langmerge.settings import Settings
-from langmerge.store import ObjectStore
+from langmerge.store import ObjectStore, StorageUnavailable, split_uri
 
 log = logging.getLogger("langmerge.controller")
 
 Reconciler = Callable[[Runtime, Key], float | None]
 RECONCILERS: dict[str, Reconciler] = {EXPERT: reconcile_expert, MERGED: reconcile_merged}
+COMPONENTS: dict[str, str] = {EXPERT: COMPONENT_TRAINING, MERGED: COMPONENT_MERGE}
+
+#: Longest wait before retrying an object whose pass failed because the API server (or S3) did not answer.
+OUTAGE_RETRY_CAP_SECONDS = 10.0
+
+
+def outage(err: BaseException) -> str | None:
+    """A short description if ``err`` means a server did not answer (an outage that heals by itself), else None."""
+    if isinstance(err, StorageUnavailable):
+        return str(err)
+    if isinstance(err, ApiException) and (err.status in (0, 429) or (err.status or 0) >= 500):
+        return f"the Kubernetes API answered {err.status} {err.reason}"
+    if isinstance(err, urllib3.exceptions.HTTPError | ConnectionError | TimeoutError):
+        return f"the Kubernetes API did not answer: {type(err).__name__}"
+    return None
 
 
 @dataclass
@@ -62,11 +79,12 @@ class LeaderElection:
         from kubernetes import client
 
         api = client.CoordinationV1Api(self.kube.api)
+        timeout = self.kube.timeout
         now = datetime.now(UTC)
         stamp = now.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         spec = {"holderIdentity": self.identity, "leaseDurationSeconds": self.lease_seconds, "renewTime": stamp}
         try:
-            lease = api.read_namespaced_lease(self.name, self.namespace)
+            lease = api.read_namespaced_lease(self.name, self.namespace, _request_timeout=timeout)
         except ApiException as err:
             if err.status != 404:
                 raise
@@ -75,7 +93,7 @@ class LeaderElection:
                 "spec": {**spec, "acquireTime": stamp},
             }
             try:
-                api.create_namespaced_lease(self.namespace, body)
+                api.create_namespaced_lease(self.namespace, body, _request_timeout=timeout)
             except ApiException as err2:
                 if err2.status == 409:
                     return False
@@ -95,7 +113,7 @@ class LeaderElection:
             "spec": {**spec, "acquireTime": stamp if holder != self.identity else lease.spec.acquire_time},
         }
         try:
-            api.replace_namespaced_lease(self.name, self.namespace, body)
+            api.replace_namespaced_lease(self.name, self.namespace, body, _request_timeout=timeout)
         except ApiException as err:
             if err.status == 409:
                 return False  # someone else renewed or took it in between
@@ -132,41 +150,108 @@ class Controller:
         self.queue: WorkQueue[Key] = WorkQueue()
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="reconcile")
         self.rt = Runtime(settings=settings, kube=kube, store=store)
+        self.rt.enqueue = self.queue.add_after  # thread-safe; a delay <= 0 queues at once
         self.leader = LeaderElection(kube, os.environ.get("LANGMERGE_LEADER_ELECTION_NAMESPACE") or None)
         self.tasks: list[asyncio.Task[None]] = []
+        self._lock = threading.Lock()
         self._seen: dict[Key, tuple[Any, ...]] = {}
+        self._index_ready = asyncio.Event()
+        self._outage: str | None = None
 
     @classmethod
     def from_environment(cls) -> Controller:
         settings = Settings.from_env()
-        kube = Kube(load_client(os.environ.get("KUBECONFIG") or None))
+        kube = Kube(
+            operator_client(os.environ.get("KUBECONFIG") or None),
+            timeout=settings.request_timeout_seconds,
+            on_request=lambda verb, resource: metrics.KUBE_REQUESTS.labels(verb, resource).inc(),
+        )
         store = ObjectStore.from_config(settings.s3)
+
+        def count_s3(model: Any, **_: Any) -> None:
+            metrics.S3_REQUESTS.labels(model.name).inc()
+
+        store.client.meta.events.register("before-call.s3", count_s3)
         return cls(settings, kube, store)
 
     # -- lifecycle -------------------------------------------------------------------------------------------------
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        self.rt.enqueue = thread_safe_enqueue(loop, self.queue.add, self.queue.add_after)
         workers = max(1, min(self.settings.workers, 8))
         self.tasks = [asyncio.create_task(self._worker(i)) for i in range(workers)]
         self.tasks.append(asyncio.create_task(self.leader.run(self._resync_all)))
+        self.tasks.append(asyncio.create_task(self._relist_jobs_forever()))
+        self.tasks.append(asyncio.create_task(self._probe_storage_forever()))
 
     async def stop(self) -> None:
+        """Stop taking keys and let the passes in flight finish (each request has a timeout), so nothing this
+        operator does happens after it stopped."""
         self.queue.close()
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        await asyncio.get_running_loop().run_in_executor(
+            None, functools.partial(self.pool.shutdown, wait=True, cancel_futures=True)
+        )
 
     def _resync_all(self) -> None:
         """Became leader: look at every object once (events seen while following may be stale)."""
-        for key in list(self._seen):
+        with self._lock:
+            keys = list(self._seen)
+        for key in keys:
             self.queue.add(key)
 
+    # -- the Job index ---------------------------------------------------------------------------------------------
+    def relist_jobs(self) -> None:
+        """One LIST of our Jobs per watched namespace (or cluster-wide) into the index: at start-up, before any
+        pass runs, then every ``job_relist_seconds`` as a safety net for events a broken watch lost."""
+        selector = f"{LABEL_MANAGED_BY}={MANAGED_BY}"
+        for namespace in self.settings.namespaces or (None,):
+            items, version = self.rt.kube.list_jobs_versioned(selector, namespace)
+            self.rt.jobs.replace(items, version, namespace=namespace)
+
+    async def _relist_jobs_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                await loop.run_in_executor(self.pool, self.relist_jobs)
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:
+                log.warning("listing Jobs failed (%s); retrying", outage(err) or err)
+                await asyncio.sleep(min(OUTAGE_RETRY_CAP_SECONDS, self.settings.job_relist_seconds))
+                continue
+            self._index_ready.set()
+            for kind in COMPONENTS:
+                self.rt.wake_waiting(COMPONENTS[kind])
+            await asyncio.sleep(self.settings.job_relist_seconds)
+
+    # -- S3 outages ------------------------------------------------------------------------------------------------
+    async def _probe_storage_forever(self) -> None:
+        """While objects wait for S3, ask it every ``storage_probe_seconds``; once it answers, run them all."""
+        loop = asyncio.get_running_loop()
+        bucket = split_uri(self.settings.artifacts_uri)[0]
+        while True:
+            await asyncio.sleep(self.settings.storage_probe_seconds)
+            if not self.rt.storage_waiters():
+                continue
+            try:
+                await loop.run_in_executor(self.pool, self.rt.store.probe, bucket)
+            except StorageUnavailable:
+                continue
+            except Exception as err:  # a probe must never end the loop
+                log.warning("probing S3 failed: %s", err)
+                continue
+            waiters = self.rt.storage_waiters(take=True)
+            log.info("S3 at %s answers again; running %d waiting object(s)", self.rt.store.endpoint, len(waiters))
+            for key in waiters:
+                self.queue.add(key)
+
+    # -- workers ---------------------------------------------------------------------------------------------------
     async def _worker(self, index: int) -> None:
         loop = asyncio.get_running_loop()
         while True:
             await self.leader.leading.wait()
+            await self._index_ready.wait()
             key = await self.queue.get()
             metrics.QUEUE_DEPTH.set(len(self.queue))
             started = time.monotonic()
@@ -177,17 +262,41 @@ class Controller:
                 requeue = await loop.run_in_executor(self.pool, RECONCILERS[key[0]], self.rt, key)
             except asyncio.CancelledError:
                 raise
-            except Exception:
+            except Exception as err:
                 metrics.RECONCILE_ERRORS.labels(key[0]).inc()
-                delay = self.queue.add_rate_limited(key)
-                log.exception("reconcile of %s %s/%s failed; retrying in %.0fs", key[0], key[1], key[2], delay)
+                self._failed(key, err)
             else:
                 self.queue.forget(key)
+                if self._outage is not None:
+                    log.info("the outage is over (%s)", self._outage)
+                    self._outage = None
                 if requeue is not None:
                     self.queue.add_after(key, requeue)
             finally:
                 metrics.RECONCILE_SECONDS.labels(key[0]).observe(time.monotonic() - started)
                 self.queue.done(key)
+                # A slot this object was woken for and did not take goes to the next in line.
+                self.rt.slots.pass_done(key)
+                component = COMPONENTS[key[0]]
+                self.rt.wake_waiting(component)
+                metrics.SLOT_WAITERS.labels(component).set(self.rt.slots.count_waiting(component))
+
+    def _failed(self, key: Key, err: Exception) -> None:
+        """A pass raised. An outage (API server or S3 not answering) is one log line and a retry within
+        ``OUTAGE_RETRY_CAP_SECONDS``; anything else is a bug worth a traceback and backs off exponentially."""
+        what = outage(err)
+        if what is None:
+            delay = self.queue.add_rate_limited(key)
+            log.exception("reconcile of %s %s/%s failed; retrying in %.0fs", key[0], key[1], key[2], delay)
+            return
+        if isinstance(err, StorageUnavailable):
+            self.rt.wait_for_storage(key)
+        delay = self.queue.add_rate_limited(key, cap=OUTAGE_RETRY_CAP_SECONDS)
+        if self._outage is None:
+            log.warning("%s; objects are retried within %.0fs", what, OUTAGE_RETRY_CAP_SECONDS)
+            self._outage = what
+        else:
+            log.debug("reconcile of %s %s/%s: %s; retrying in %.0fs", key[0], key[1], key[2], what, delay)
 
     # -- events ----------------------------------------------------------------------------------------------------
     def on_expert_event(self, event_type: str, body: dict[str, Any]) -> None:
@@ -206,17 +315,33 @@ class Controller:
             status.get("desiredFingerprint"),
             tuple(sorted((meta.get("labels") or {}).items())),
         )
-        previous = self._seen.get(key)
         if event_type == "DELETED":
-            self._seen.pop(key, None)
+            with self._lock:
+                self._seen.pop(key, None)
             self.queue.add(key)
             self._wake_merged(namespace)
             return
-        self._seen[key] = (*spec_view, *output_view)
-        if previous is None or previous[:2] != spec_view:
+        with self._lock:
+            previous = self._seen.get(key)
+            self._seen[key] = (*spec_view, *output_view)
+        if previous is None or previous[:2] != spec_view or self._status_drifted(key, status):
             self.queue.add(key)
         if previous is None or previous[2:] != output_view:
             self._wake_merged(namespace)
+
+    def _status_drifted(self, key: Key, status: dict[str, Any]) -> bool:
+        """Whether the status differs from what this process last wrote (someone removed or edited it): then the
+        object runs at once instead of at its next poll."""
+        memo = self.rt.memos.get(key)
+        if memo is None or memo.written is None:
+            return False
+        adapter = status.get("adapter") or {}
+        seen: tuple[Any, ...] = (status.get("phase"), status.get("observedGeneration"))
+        if key[0] == EXPERT:
+            seen += (status.get("trainedFingerprint"), status.get("desiredFingerprint"), adapter.get("digest"))
+        else:
+            seen += (status.get("revision"), status.get("fingerprint"))
+        return seen != memo.written
 
     def on_merged_event(self, event_type: str, body: dict[str, Any]) -> None:
         meta = body.get("metadata", {})
@@ -226,31 +351,29 @@ class Controller:
         key = merged_key(namespace, name)
         view = (meta.get("generation"), meta.get("deletionTimestamp"))
         if event_type == "DELETED":
-            self._seen.pop(key, None)
+            with self._lock:
+                self._seen.pop(key, None)
             self.queue.add(key)
             return
-        if self._seen.get(key) != view:
+        with self._lock:
+            changed = self._seen.get(key) != view
             self._seen[key] = view
+        if changed or self._status_drifted(key, body.get("status") or {}):
             self.queue.add(key)
 
     def on_job_event(self, event_type: str, body: dict[str, Any]) -> None:
-        meta = body.get("metadata", {})
-        labels = meta.get("labels") or {}
-        namespace = meta.get("namespace")
-        if not namespace:
+        entry = self.rt.jobs.apply(event_type, body)
+        if entry is None:
             return
-        state = job_state(body)
-        component = labels.get(LABEL_COMPONENT)
-        if component == COMPONENT_TRAINING and labels.get(LABEL_EXPERT):
-            owner = self._owner_name(meta, labels[LABEL_EXPERT])
-            self.queue.add(expert_key(namespace, owner))
-            if not state.active or event_type == "DELETED":
-                self.rt.wake_waiting(EXPERT)
-        elif component == COMPONENT_MERGE and labels.get(LABEL_MERGED):
-            owner = self._owner_name(meta, labels[LABEL_MERGED])
-            self.queue.add(merged_key(namespace, owner))
-            if not state.active or event_type == "DELETED":
-                self.rt.wake_waiting(MERGED)
+        ended = not entry.state.active or event_type == "DELETED"
+        if entry.component == COMPONENT_TRAINING:
+            owner = self._owner_name(body.get("metadata", {}), entry.owner)
+            self.queue.add(expert_key(entry.namespace, owner))
+        elif entry.component == COMPONENT_MERGE:
+            owner = self._owner_name(body.get("metadata", {}), entry.owner)
+            self.queue.add(merged_key(entry.namespace, owner))
+        if ended:
+            self.rt.wake_waiting(entry.component)
 
     @staticmethod
     def _owner_name(meta: dict[str, Any], fallback: str) -> str:
@@ -260,9 +383,10 @@ class Controller:
         return fallback
 
     def _wake_merged(self, namespace: str) -> None:
-        for key in list(self._seen):
-            if key[0] == MERGED and key[1] == namespace:
-                self.queue.add(key)
+        with self._lock:
+            keys = [k for k in self._seen if k[0] == MERGED and k[1] == namespace]
+        for key in keys:
+            self.queue.add(key)
 
 
 __all__ = ["EXPERT_PLURAL", "MERGED_PLURAL", "Controller", "LeaderElection"]

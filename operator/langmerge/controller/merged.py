@@ -35,8 +35,10 @@ from langmerge.controller.jobs import JobState, Owner, build_merge_job
 from langmerge.controller.publish import (
     Current,
     PublishConflict,
+    Published,
     garbage_collect,
     publish,
+    published_chain,
     quality_gate,
     read_current,
     read_revision,
@@ -44,21 +46,16 @@ from langmerge.controller.publish import (
 from langmerge.controller.reconcile import ReconcilePass, delete_jobs_of, fmt_time, format_validation_error
 from langmerge.controller.runtime import MERGED, Key, Runtime, object_key
 from langmerge.controller.status import (
-    DEGRADED,
     EXPERTS_READY,
     MERGING,
     QUALITY_GATE,
     READY,
-    bounded,
     truncate,
 )
 from langmerge.fingerprint import merge_fingerprint
-from langmerge.store import StoreError
 from langmerge.tasks import MergeTask, MergeTaskInput
 
 log = logging.getLogger(__name__)
-
-STORAGE_RETRY_SECONDS = 15.0
 
 
 @dataclass(frozen=True)
@@ -108,7 +105,7 @@ class MergedReconciler(ReconcilePass[MergedModelStatus]):
             self.event("Warning", reason, message)
         self.set_phase(MergedPhase.FAILED, message)
         self.condition(READY, False, reason, message)
-        self.condition(DEGRADED, True, reason, message)
+        self.degrade(reason, message)
         self.condition(MERGING, False, reason)
 
     def fail(self, reason: str, message: str, requeue: float | None = None) -> float | None:
@@ -127,22 +124,31 @@ class MergedReconciler(ReconcilePass[MergedModelStatus]):
         if refusal is not None:
             self.refuse(refusal, phase=MergedPhase.FAILED, condition_type=MERGING)
             return self.commit(None)
+        return self.guarded(
+            self._run_publishing, failed_phase=MergedPhase.FAILED, user_error_retry=self.settings.resync_seconds
+        )
+
+    def written_view(self) -> tuple[Any, ...]:
+        return (self.status.phase, self.status.observed_generation, self.status.revision, self.status.fingerprint)
+
+    def _run_publishing(self) -> float | None:
+        # Nothing is read, written, pinned or deleted under the output prefix before it is ours.
+        claim = self.claim(self.output, "spec.output.uri", legacy_owner=self._legacy_owner)
+        if not claim.owned:
+            self.refuse(
+                Refusal("OutputOwnedByAnother", claim.message), phase=MergedPhase.FAILED, condition_type=MERGING
+            )
+            return self.commit(self.settings.resync_seconds)
         try:
-            # Nothing is read, written, pinned or deleted under the output prefix before it is ours.
-            claim = self.claim(self.output, "spec.output.uri", legacy_owner=self._legacy_owner)
-            if not claim.owned:
-                self.refuse(
-                    Refusal("OutputOwnedByAnother", claim.message), phase=MergedPhase.FAILED, condition_type=MERGING
-                )
-                return self.commit(self.settings.resync_seconds)
             return self._run()
-        except StoreError as err:
-            message = f"S3 unavailable: {err}"
-            self.condition(DEGRADED, True, "StorageUnavailable", message)
-            self.status.message = truncate(message)
-            return self.commit(STORAGE_RETRY_SECONDS)
         except PublishConflict as err:
-            log.info("%s/%s: %s; retrying", self.namespace, self.name, err)
+            # Another writer moved current.json between our read and our compare-and-swap: the next pass re-reads.
+            message = f"publishing raced with another writer ({err}); re-reading {artifacts.current_uri(self.output)}"
+            log.info("%s/%s: %s", self.namespace, self.name, message)
+            if self.old.message != truncate(message):
+                self.event("Warning", "PublishConflict", message)
+            self.status.message = truncate(message)
+            self.condition(MERGING, False, "PublishConflict", message)
             return self.commit(1.0)
 
     def admit(self) -> Refusal | None:
@@ -165,10 +171,9 @@ class MergedReconciler(ReconcilePass[MergedModelStatus]):
         current = read_current(self.rt.store, self.output).record
         if current is None:
             return None
-        raw = self.rt.store.get_json_or_none(current.manifest_uri)
-        if raw is None:
+        manifest = self.rt.store.get_record(current.manifest_uri, MergeManifest)
+        if manifest is None:
             return None
-        manifest = MergeManifest.model_validate(raw)
         return manifest.namespace, manifest.name
 
     def _suspended(self, message: str) -> float | None:
@@ -182,7 +187,7 @@ class MergedReconciler(ReconcilePass[MergedModelStatus]):
         spec = self.spec
         store = self.rt.store
         current = read_current(store, self.output)
-        self._show_current(current)
+        self._observe(current)
         resync = self.settings.resync_seconds
 
         experts = self._select()
@@ -225,11 +230,28 @@ class MergedReconciler(ReconcilePass[MergedModelStatus]):
         if missing and (spec.require_all_experts or not ready):
             self.condition(EXPERTS_READY, False, "ExpertsNotReady", f"waiting for: {', '.join(missing)}")
             return self._waiting("ExpertsNotReady", f"waiting for experts to be Ready: {', '.join(missing)}", resync)
+        served = {e.spec.language for e in experts if e.spec is not None}
+        unknown = sorted(set(spec.parameters.weights) - served)
+        if unknown:
+            return self.fail(
+                "WeightsWithoutExpert",
+                f"parameters.weights names language(s) {', '.join(unknown)} that no selected LanguageExpert serves "
+                f"(they serve: {', '.join(sorted(served)) or 'none'})",
+            )
+        # Weights of selected experts that are not Ready (requireAllExperts: false) do not apply to this merge.
+        present = {e.spec.language for e in ready if e.spec is not None}
+        ignored = sorted(set(spec.parameters.weights) - present)
+        merge_spec = spec
+        if ignored:
+            weights = {k: v for k, v in spec.parameters.weights.items() if k in present}
+            merge_spec = spec.model_copy(update={"parameters": spec.parameters.model_copy(update={"weights": weights})})
         self.condition(
             EXPERTS_READY,
             True,
             "AllReady" if not missing else "PartiallyReady",
-            f"{len(ready)} expert(s) ready" + (f"; merging without: {', '.join(missing)}" if missing else ""),
+            f"{len(ready)} expert(s) ready"
+            + (f"; merging without: {', '.join(missing)}" if missing else "")
+            + (f"; weights of {', '.join(ignored)} ignored (no Ready expert)" if ignored else ""),
         )
 
         inputs = self._inputs(ready)
@@ -244,7 +266,7 @@ class MergedReconciler(ReconcilePass[MergedModelStatus]):
         if count == 0:
             return self.fail("BaseModelMissing", f"no objects under the base model URI {spec.base_model.uri}", resync)
         fingerprint = merge_fingerprint(
-            spec,
+            merge_spec,
             inputs=[(i.language, i.adapter_digest, i.weight) for i in inputs],
             base_model_digest=base_digest,
             image=self.image,
@@ -267,11 +289,11 @@ class MergedReconciler(ReconcilePass[MergedModelStatus]):
 
         prefix = artifacts.merge_prefix(self.output, fingerprint)
         manifest_uri = artifacts.join(prefix, artifacts.MANIFEST)
-        raw = store.get_json_or_none(manifest_uri)
-        jobs = self.jobs = self.owned_jobs(COMPONENT_MERGE, LABEL_MERGED)
-        if raw is not None:
+        manifest = store.get_record(manifest_uri, MergeManifest)
+        jobs = self.jobs = self.owned_jobs(COMPONENT_MERGE)
+        if manifest is not None:
             self._cancel_outdated(jobs, fingerprint, force=False)
-            return self._gate_and_publish(MergeManifest.model_validate(raw), manifest_uri, current, fingerprint)
+            return self._gate_and_publish(manifest, manifest_uri, current, fingerprint)
 
         if settle_until > self.now:
             wait = (settle_until - self.now).total_seconds()
@@ -287,7 +309,7 @@ class MergedReconciler(ReconcilePass[MergedModelStatus]):
             namespace=self.namespace,
             name=self.name,
             method=spec.method,
-            parameters=spec.effective_parameters(),
+            parameters=merge_spec.effective_parameters(),
             base_model=BaseModelIdentity(
                 uri=spec.base_model.uri, revision=spec.base_model.revision, digest=base_digest
             ),
@@ -334,8 +356,84 @@ class MergedReconciler(ReconcilePass[MergedModelStatus]):
             )
         return sorted(inputs, key=lambda i: i.language)
 
+    def _observe(self, current: Current) -> None:
+        """S3 is the record: status (revision, inputs, metrics, history), the ``Published`` Events and garbage
+        collection follow ``current.json`` and the revision records, whoever moved it and whatever the last pass
+        managed to write (a crash between publishing and writing status loses nothing)."""
+        record = current.record
+        if record is None:
+            return
+        self._show_current(current)
+        memo = self.rt.memo(self.key)
+        lagging = (self.old.revision, self.old.fingerprint) != (record.revision, record.fingerprint) or not any(
+            h.revision == record.revision for h in self.old.history
+        )
+        if not lagging and memo.observed_revision == record.revision:
+            return
+        keep = self.spec.publish.keep_revisions
+        chain = published_chain(self.rt.store, self.output, record, max(self.settings.history_limit, keep, 2) + 1)
+        if lagging:
+            # Records written before they carried cost and Job keep what the status said about them.
+            shown = {h.revision: h for h in self.old.history}
+            self.status.history = [
+                shown[r.revision] if r.cost is None and r.revision in shown else self._history_entry(r, before)
+                for r, before in zip(chain, [None, *chain[:-1]], strict=True)
+            ][-self.settings.history_limit :]
+            self.status.metrics = self._figures(record)
+            seen = self.old.revision if self.old.revision is not None else record.revision - 1
+            for r in chain:
+                if r.revision > seen:
+                    metrics.PUBLISHED.labels(r.reason).inc()
+                    self.event("Normal", "Published", self._published_message(r, chain))
+        if self.spec.suspend:
+            return  # spec.suspend: nothing is garbage-collected (the next pass after it is lifted does it)
+        deleted = garbage_collect(
+            self.rt.store,
+            self.output,
+            chain,
+            keep,
+            protect={record.fingerprint}
+            | ({self.status.desired_fingerprint} if self.status.desired_fingerprint else set()),
+        )
+        if deleted:
+            self.event("Normal", "GarbageCollected", f"deleted merge outputs {', '.join(deleted)} (keepRevisions)")
+        memo.observed_revision = record.revision
+
+    def _history_entry(self, record: PublishedRevision, before: PublishedRevision | None) -> PublishRecord:
+        cost = record.cost
+        return PublishRecord(
+            revision=record.revision,
+            fingerprint=record.fingerprint,
+            uri=record.model_uri,
+            published_at=record.published_at,
+            reason=record.reason,
+            changed_inputs=_changed_inputs(record, before) if record.reason == "merged" else [],
+            wall_seconds=round(cost.wall_seconds, 3) if cost else None,
+            gpu_seconds=round(cost.gpu_seconds, 3) if cost else None,
+            cpu_seconds=round(cost.cpu_seconds, 3) if cost else None,
+            job=record.job,
+        )
+
+    def _published_message(self, record: PublishedRevision, chain: list[PublishedRevision]) -> str:
+        before = next((r for r in chain if r.revision == record.previous_revision()), None)
+        changed = _changed_inputs(record, before) if record.reason == "merged" else []
+        what = f"rollback to revision {record.rollback_of}" if record.reason == "rollback" else "merged"
+        return f"revision {record.revision} ({what}, fingerprint {record.fingerprint}) at {record.model_uri}" + (
+            f"; changed inputs: {', '.join(changed)}" if changed else ""
+        )
+
+    def _figures(self, record: PublishedRevision) -> dict[str, LanguageMetrics]:
+        """Per-language figures of the published revision (the merge manifest's, for records that lack them)."""
+        expert_metrics = record.expert_metrics
+        merged_metrics = record.metrics
+        if not expert_metrics:
+            manifest = self.rt.store.get_record(record.manifest_uri, MergeManifest)
+            if manifest is not None:
+                expert_metrics, merged_metrics = manifest.expert_metrics, manifest.evaluation
+        return quality_gate(self.spec.evaluation, merged_metrics, expert_metrics)[1]
+
     def _show_current(self, current: Current) -> None:
-        """status.revision/uri/inputs/metrics mirror current.json (S3 is the record)."""
+        """status.revision/uri/inputs mirror current.json (S3 is the record)."""
         record = current.record
         if record is None:
             return
@@ -363,7 +461,6 @@ class MergedReconciler(ReconcilePass[MergedModelStatus]):
             reason,
             message + (f"; revision {self.status.revision} stays published" if ready else ""),
         )
-        self.condition(DEGRADED, False, "AsExpected")
         return self.commit(requeue)
 
     def _ready_current(self, record: PublishedRevision) -> None:
@@ -371,7 +468,6 @@ class MergedReconciler(ReconcilePass[MergedModelStatus]):
         message = f"revision {record.revision} ({record.fingerprint}) published at {record.model_uri}"
         self.condition(READY, True, "Published", message)
         self.condition(MERGING, False, "Idle")
-        self.condition(DEGRADED, False, "AsExpected")
         self.condition(QUALITY_GATE, True, "Passed", f"revision {record.revision} passed the quality gate when merged")
 
     # -- converging ----------------------------------------------------------------------------------------------
@@ -384,7 +480,7 @@ class MergedReconciler(ReconcilePass[MergedModelStatus]):
             return []
         return outdated
 
-    def _converge(self, task: MergeTask, jobs: list[JobState], prefix: str) -> float:
+    def _converge(self, task: MergeTask, jobs: list[JobState], prefix: str) -> float | None:
         spec = self.spec
         mine = sorted((j for j in jobs if j.fingerprint == task.fingerprint), key=lambda j: j.attempt)
         current = mine[-1] if mine else None
@@ -438,13 +534,9 @@ class MergedReconciler(ReconcilePass[MergedModelStatus]):
         owner = Owner(MERGED_KIND, self.namespace, self.name, self.body["metadata"]["uid"])
         manifest = build_merge_job(owner, task, spec.resources, self.settings)
         created = self.launch_job(
-            manifest,
-            component=COMPONENT_MERGE,
-            limit=self.settings.max_merge_jobs,
-            waiting_phase=MergedPhase.WAITING,
-            condition_type=MERGING,
+            manifest, component=COMPONENT_MERGE, waiting_phase=MergedPhase.WAITING, condition_type=MERGING
         )
-        if isinstance(created, float):
+        if created is None or isinstance(created, float):
             return created
         name = manifest["metadata"]["name"]
         if created:
@@ -458,7 +550,6 @@ class MergedReconciler(ReconcilePass[MergedModelStatus]):
         self.status.active_job = name
         self.set_phase(MergedPhase.MERGING, f"Job {name} merging fingerprint {task.fingerprint}")
         self.condition(MERGING, True, "JobCreated", f"Job {name}")
-        self.condition(DEGRADED, False, "AsExpected")
         return self.settings.progress_seconds
 
     def _gate_and_publish(
@@ -466,7 +557,7 @@ class MergedReconciler(ReconcilePass[MergedModelStatus]):
     ) -> float | None:
         spec = self.spec
         self.status.active_job = None
-        passed, figures, failures = quality_gate(spec.evaluation, manifest.evaluation, manifest.expert_metrics)
+        passed, _, failures = quality_gate(spec.evaluation, manifest.evaluation, manifest.expert_metrics)
         if not passed:
             message = "not published: " + "; ".join(failures)
             if self.old.phase != MergedPhase.BLOCKED or self.old.message != truncate(message):
@@ -481,54 +572,32 @@ class MergedReconciler(ReconcilePass[MergedModelStatus]):
         self.condition(QUALITY_GATE, True, "Passed", "every language within evaluation.maxRegression")
         if spec.suspend:
             return self._suspended(f"merge {fingerprint} passed the quality gate and is not published")
-        record = publish(self.rt.store, self.output, manifest, manifest_uri, current, reason="merged")
-        self._after_publish(record, manifest, current, figures)
-        return self.commit(self.settings.resync_seconds)
-
-    def _after_publish(
-        self, record: PublishedRevision, manifest: MergeManifest, previous: Current, figures: dict[str, LanguageMetrics]
-    ) -> None:
-        metrics.PUBLISHED.labels(record.reason).inc()
-        before = {i.language: i.adapter_digest for i in (previous.record.inputs if previous.record else [])}
-        changed = sorted(i.expert for i in record.inputs if before.get(i.language) != i.adapter_digest)
-        jobs = sorted((j for j in self.jobs if j.fingerprint == manifest.fingerprint), key=lambda j: j.attempt)
-        job = jobs[-1] if jobs and record.reason == "merged" else None
-        self.status.history = bounded(
-            self.status.history,
-            PublishRecord(
-                revision=record.revision,
-                fingerprint=record.fingerprint,
-                uri=record.model_uri,
-                published_at=record.published_at,
-                reason=record.reason,
-                changed_inputs=changed if record.reason == "merged" else [],
-                wall_seconds=round(manifest.cost.wall_seconds, 3),
-                gpu_seconds=round(manifest.cost.gpu_seconds, 3),
-                cpu_seconds=round(manifest.cost.cpu_seconds, 3),
-                job=job.name if job else None,
-            ),
-            self.settings.history_limit,
-        )
-        self.status.metrics = figures
-        self._show_current(Current(record, None))
-        self._ready_current(record)
-        self.status.attempts = 0
-        what = f"rollback to revision {record.rollback_of}" if record.reason == "rollback" else "merged"
-        self.event(
-            "Normal",
-            "Published",
-            f"revision {record.revision} ({what}, fingerprint {record.fingerprint}) at {record.model_uri}"
-            + (f"; changed inputs: {', '.join(changed)}" if changed and record.reason == "merged" else ""),
-        )
-        deleted = garbage_collect(
+        ours = sorted((j for j in self.jobs if j.fingerprint == manifest.fingerprint), key=lambda j: j.attempt)
+        published = publish(
             self.rt.store,
             self.output,
-            self.spec.publish.keep_revisions,
-            protect={record.fingerprint}
-            | ({self.status.desired_fingerprint} if self.status.desired_fingerprint else set()),
+            manifest,
+            manifest_uri,
+            current,
+            reason="merged",
+            job=ours[-1].name if ours else None,
         )
-        if deleted:
-            self.event("Normal", "GarbageCollected", f"deleted merge outputs {', '.join(deleted)} (keepRevisions)")
+        self._after_publish(published)
+        return self.commit(self.settings.resync_seconds)
+
+    def _after_publish(self, published: Published) -> None:
+        record = published.record
+        if published.skipped:
+            numbers = ", ".join(str(n) for n in published.skipped)
+            self.event(
+                "Warning",
+                "StaleRevisionClaim",
+                f"revision number(s) {numbers} of {self.output} were claimed by a writer that never published them "
+                f"(left as they are); published revision {record.revision} instead",
+            )
+        self._observe(Current(record, None))
+        self._ready_current(record)
+        self.status.attempts = 0
 
     def _pinned(self, revision: int, current: Current) -> float | None:
         """Rollback: publish an existing revision's merge output again, as a new revision, without merging."""
@@ -546,8 +615,8 @@ class MergedReconciler(ReconcilePass[MergedModelStatus]):
                 READY, True, "Pinned", f"revision {revision} is pinned; remove spec.pinRevision to resume merging"
             )
             return self.commit(self.settings.resync_seconds)
-        raw = self.rt.store.get_json_or_none(target.manifest_uri)
-        if raw is None:
+        manifest = self.rt.store.get_record(target.manifest_uri, MergeManifest)
+        if manifest is None:
             return self.fail(
                 "RevisionGarbageCollected",
                 f"spec.pinRevision {revision}: its merge output {target.manifest_uri} no longer exists "
@@ -555,12 +624,10 @@ class MergedReconciler(ReconcilePass[MergedModelStatus]):
             )
         if self.spec.suspend:
             return self._suspended(f"revision {revision} is pinned and not published again (no rollback)")
-        manifest = MergeManifest.model_validate(raw)
         new = publish(
             self.rt.store, self.output, manifest, target.manifest_uri, current, reason="rollback", rollback_of=revision
         )
-        _, figures, _ = quality_gate(self.spec.evaluation, manifest.evaluation, manifest.expert_metrics)
-        self._after_publish(new, manifest, current, figures)
+        self._after_publish(new)
         self.condition(
             READY, True, "Pinned", f"revision {revision} is pinned; remove spec.pinRevision to resume merging"
         )
@@ -579,5 +646,12 @@ def reconcile_merged(rt: Runtime, key: Key) -> float | None:
 def cleanup_deleted_merged(rt: Runtime, key: Key) -> None:
     """The MergedModel is gone: stop its merge Jobs. Its published models stay in S3 (they are data)."""
     delete_jobs_of(rt, key[1], LABEL_MERGED, key[2])
-    rt.memos.pop(key, None)
-    rt.waiting_for_capacity.discard(key)
+    rt.forget(key)
+
+
+def _changed_inputs(record: PublishedRevision, before: PublishedRevision | None) -> list[str]:
+    """Experts whose adapter differs from the revision before (every expert for the first revision)."""
+    previous = {i.language: i.adapter_digest for i in (before.inputs if before else [])}
+    if before is None and record.previous_revision() is not None:
+        return []  # the revision before is beyond what was read: unknown
+    return sorted(i.expert for i in record.inputs if previous.get(i.language) != i.adapter_digest)

@@ -24,3 +24,12 @@ TRAINING_GPU_SECONDS = Counter("langmerge_training_gpu_seconds_total", "GPU-seco
 PUBLISHED = Counter("langmerge_revisions_published_total", "Merged-model revisions published.", ["reason"])
 QUALITY_GATE_BLOCKS = Counter("langmerge_quality_gate_blocks_total", "Merges held back by the quality gate.")
 QUEUE_DEPTH = Gauge("langmerge_workqueue_depth", "Keys waiting in the reconcile queue.")
+KUBE_REQUESTS = Counter(
+    "langmerge_kube_requests_total",
+    "Kubernetes API requests of the reconcilers (kopf's watches not included).",
+    ["verb", "resource"],
+)
+S3_REQUESTS = Counter(
+    "langmerge_s3_requests_total", "S3 requests by operation (ListObjectsV2, GetObject, ...).", ["operation"]
+)
+SLOT_WAITERS = Gauge("langmerge_slot_waiters", "Objects waiting for a Job slot.", ["component"])

@@ -1,18 +1,23 @@
 """Publishing merged revisions: ``current.json`` moved by compare-and-swap, revision records, garbage collection.
 
 Two operators (or a restarted one) can never publish out of order: a revision number is claimed with a conditional
-put of ``revisions/<n>.json`` and ``current.json`` moves only with ``IfMatch`` on the ETag that was read.
+put of ``revisions/<n>.json`` and ``current.json`` moves only with ``IfMatch`` on the ETag that was read. A claim
+that never became current (its writer crashed in between) is never overwritten: the next publish skips its number.
+Each record names the revision it followed, so the published history is the chain from ``current.json`` back.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from langmerge import artifacts
 from langmerge.api.expert import Metrics
 from langmerge.api.merged import Evaluation, GateMetric, LanguageMetrics
 from langmerge.artifacts import MergeManifest, PublishedRevision
-from langmerge.store import NotFound, ObjectStore, PreconditionFailed, split_uri
+from langmerge.store import MalformedRecord, ObjectStore, PreconditionFailed, split_uri
+
+#: Claimed-but-unpublished revision numbers skipped in one publish before giving up (each costs one read).
+MAX_SKIPPED_CLAIMS = 20
 
 
 class PublishConflict(Exception):
@@ -25,17 +30,26 @@ class Current:
     etag: str | None
 
 
+@dataclass(frozen=True)
+class Published:
+    record: PublishedRevision
+    #: Revision numbers claimed by writers that never published them, skipped by this publish.
+    skipped: list[int] = field(default_factory=list)
+
+
 def read_current(store: ObjectStore, output_uri: str) -> Current:
-    found = store.get_json_with_etag(artifacts.current_uri(output_uri))
+    found = store.get_record_with_etag(artifacts.current_uri(output_uri), PublishedRevision)
     if found is None:
         return Current(None, None)
-    raw, etag = found
-    return Current(PublishedRevision.model_validate(raw), etag)
+    return Current(found[0], found[1])
 
 
 def read_revision(store: ObjectStore, output_uri: str, revision: int) -> PublishedRevision | None:
-    raw = store.get_json_or_none(artifacts.revision_uri(output_uri, revision))
-    return PublishedRevision.model_validate(raw) if raw is not None else None
+    return store.get_record(artifacts.revision_uri(output_uri, revision), PublishedRevision)
+
+
+def _same_claim(a: PublishedRevision, b: PublishedRevision) -> bool:
+    return (a.fingerprint, a.reason, a.rollback_of, a.previous) == (b.fingerprint, b.reason, b.rollback_of, b.previous)
 
 
 def publish(
@@ -47,11 +61,18 @@ def publish(
     *,
     reason: str,
     rollback_of: int | None = None,
-) -> PublishedRevision:
-    """Publish ``manifest`` as revision ``expected + 1``. Raises :class:`PublishConflict` if another writer won."""
-    revision = (expected.record.revision if expected.record else 0) + 1
+    job: str | None = None,
+) -> Published:
+    """Publish ``manifest`` as the revision after ``expected``. Raises :class:`PublishConflict` if another writer
+    moved ``current.json`` meanwhile.
+
+    The number is claimed with ``IfNoneMatch``. A number claimed already for the same publish (this writer, in a pass
+    that crashed before moving ``current.json``) is reused; one claimed for anything else is skipped, never
+    overwritten: a live rival and this writer then race on ``current.json``'s ETag, and exactly one wins.
+    """
+    previous = expected.record.revision if expected.record else 0
     record = PublishedRevision(
-        revision=revision,
+        revision=previous + 1,
         fingerprint=manifest.fingerprint,
         model_uri=manifest.model_uri,
         manifest_uri=manifest_uri,
@@ -60,16 +81,30 @@ def publish(
         metrics=manifest.evaluation,
         reason=reason,
         rollback_of=rollback_of,
+        previous=previous,
+        expert_metrics=manifest.expert_metrics,
+        cost=manifest.cost,
+        job=job,
     )
-    rev_uri = artifacts.revision_uri(output_uri, revision)
-    try:
-        store.put_json(rev_uri, record, if_none_match=True)
-    except PreconditionFailed:
-        # Claimed before: by us in a pass that crashed before moving current.json (same content), or by a rival.
-        existing = read_revision(store, output_uri, revision)
-        if existing is None or existing.fingerprint != record.fingerprint or existing.reason != reason:
-            raise PublishConflict(f"revision {revision} of {output_uri} was claimed by another writer") from None
-        record = existing
+    skipped: list[int] = []
+    while True:
+        try:
+            store.put_json(artifacts.revision_uri(output_uri, record.revision), record, if_none_match=True)
+            break
+        except PreconditionFailed:
+            try:
+                existing = read_revision(store, output_uri, record.revision)
+            except MalformedRecord:
+                existing = None
+            if existing is not None and _same_claim(existing, record):
+                record = existing
+                break
+            skipped.append(record.revision)
+            if len(skipped) >= MAX_SKIPPED_CLAIMS:
+                raise PublishConflict(
+                    f"revisions {skipped[0]}..{skipped[-1]} of {output_uri} are all claimed by other writers"
+                ) from None
+            record = record.model_copy(update={"revision": record.revision + 1})
     try:
         if expected.etag is None:
             store.put_json(artifacts.current_uri(output_uri), record, if_none_match=True)
@@ -77,19 +112,25 @@ def publish(
             store.put_json(artifacts.current_uri(output_uri), record, if_match=expected.etag)
     except PreconditionFailed:
         raise PublishConflict(f"{artifacts.current_uri(output_uri)} changed while publishing") from None
-    return record
+    return Published(record, skipped)
 
 
-def list_revisions(store: ObjectStore, output_uri: str) -> list[PublishedRevision]:
-    bucket, _ = split_uri(output_uri)
-    out = []
-    for obj in store.iter_objects(artifacts.join(output_uri, "revisions")):
-        if obj.key.endswith(".json"):
-            try:
-                out.append(PublishedRevision.model_validate(store.get_json(f"s3://{bucket}/{obj.key}")))
-            except NotFound:
-                continue
-    return sorted(out, key=lambda r: r.revision)
+def published_chain(
+    store: ObjectStore, output_uri: str, head: PublishedRevision, limit: int
+) -> list[PublishedRevision]:
+    """The published revisions from ``head`` (normally ``current.json``) back, at most ``limit``, oldest first."""
+    chain = [head]
+    seen = {head.revision}
+    while len(chain) < limit:
+        previous = chain[-1].previous_revision()
+        if previous is None or previous in seen:
+            break
+        record = read_revision(store, output_uri, previous)
+        if record is None:
+            break
+        chain.append(record)
+        seen.add(previous)
+    return chain[::-1]
 
 
 def merge_fingerprints_in_store(store: ObjectStore, output_uri: str) -> dict[str, bool]:
@@ -104,15 +145,14 @@ def merge_fingerprints_in_store(store: ObjectStore, output_uri: str) -> dict[str
     return found
 
 
-def garbage_collect(store: ObjectStore, output_uri: str, keep: int, protect: set[str]) -> list[str]:
-    """Delete committed merge outputs that none of the newest ``keep`` revisions use. Never deletes the current or
-    the previous revision's output, anything in ``protect`` (e.g. the merge being converged to), or uncommitted
-    prefixes (a merge may be writing there). Returns the deleted fingerprints."""
-    revisions = list_revisions(store, output_uri)
-    keep_fps = {r.fingerprint for r in revisions[-keep:]} | {r.fingerprint for r in revisions[-2:]} | protect
-    current = read_current(store, output_uri).record
-    if current is not None:
-        keep_fps.add(current.fingerprint)
+def garbage_collect(
+    store: ObjectStore, output_uri: str, chain: list[PublishedRevision], keep: int, protect: set[str]
+) -> list[str]:
+    """Delete committed merge outputs that none of the newest ``keep`` published revisions (``chain``, oldest first,
+    ending at the current one) use. Never deletes the current or the previous revision's output, anything in
+    ``protect`` (e.g. the merge being converged to), or uncommitted prefixes (a merge may be writing there).
+    Returns the deleted fingerprints."""
+    keep_fps = {r.fingerprint for r in chain[-keep:]} | {r.fingerprint for r in chain[-2:]} | protect
     deleted = []
     for fp, committed in sorted(merge_fingerprints_in_store(store, output_uri).items()):
         if fp in keep_fps or not committed:

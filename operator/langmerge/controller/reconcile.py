@@ -9,15 +9,18 @@ from typing import Any, ClassVar, Generic, Protocol, TypeVar
 from pydantic import ValidationError
 
 from langmerge.admission import Refusal
-from langmerge.api.common import Condition
+from langmerge.api.common import Condition, ConditionStatus
 from langmerge.artifacts import OwnerRecord
-from langmerge.constants import API_VERSION, COMPONENT_TRAINING, MERGED_KIND
-from langmerge.controller.jobs import JobState, job_state, label_value, selector
+from langmerge.constants import API_VERSION, COMPONENT_MERGE, COMPONENT_TRAINING, LABEL_EXPERT, MERGED_KIND
+from langmerge.controller.jobs import JobState, label_value
 from langmerge.controller.runtime import Key, Runtime, object_key
-from langmerge.controller.status import DEGRADED, READY, merge_patch_body, set_condition, truncate
+from langmerge.controller.status import DEGRADED, READY, get_condition, merge_patch_body, set_condition, truncate
 from langmerge.kube import Forbidden, ObjectKey, Rejected
 from langmerge.ownership import Claim, claim_prefix
+from langmerge.store import BucketNotFound, MalformedRecord, StorageUnavailable, StoreError
 
+#: Wait after an S3 error that is neither an outage nor a user error (e.g. access denied) before trying again.
+STORAGE_RETRY_SECONDS = 15.0
 #: Look again this soon after a missing S3 Secret (Secrets are not watched: the operator may not list them).
 SECRET_RETRY_SECONDS = 30.0
 
@@ -46,19 +49,8 @@ def format_validation_error(err: ValidationError) -> str:
     parts = []
     for e in err.errors():
         loc = "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in e["loc"])
-        parts.append(f"spec{loc}: {e['msg']}")
+        parts.append(f"spec{loc}: {'missing' if e['type'] == 'missing' else e['msg']}")
     return "; ".join(parts)
-
-
-def count_active_jobs(rt: Runtime, component: str, namespace: str | None = None) -> int:
-    """Running Jobs of ``component`` (training or merge) in ``namespace``, else in all the watched namespaces."""
-    namespaces = (namespace,) if namespace else (rt.settings.namespaces or (None,))
-    return sum(
-        1
-        for ns in namespaces
-        for job in rt.kube.list_jobs(selector(**{"langmerge.dev/component": component}), ns)
-        if job_state(job).active
-    )
 
 
 def delete_jobs_of(rt: Runtime, namespace: str, owner_label: str, name: str) -> int:
@@ -66,12 +58,10 @@ def delete_jobs_of(rt: Runtime, namespace: str, owner_label: str, name: str) -> 
 
     The owner label holds a shortened name, so a Job counts as the owner's only when its controller reference names
     it in full: another object whose name shares the first 63 characters keeps its Jobs."""
+    component = COMPONENT_TRAINING if owner_label == LABEL_EXPERT else COMPONENT_MERGE
     deleted = 0
-    for job in rt.kube.list_jobs(selector(**{owner_label: label_value(name)}), namespace):
-        refs = job.metadata.owner_references or []
-        if refs and not any(r.name == name for r in refs if r.controller):
-            continue
-        if rt.kube.delete_job(namespace, job.metadata.name):
+    for job in rt.jobs.owned(namespace, component, label_value(name), name=name):
+        if rt.kube.delete_job(namespace, job.name):
             deleted += 1
     return deleted
 
@@ -92,7 +82,11 @@ def object_exists(rt: Runtime, record: OwnerRecord, prefix: str | None = None) -
 
 class ReconcilePass(Generic[StatusT]):
     """One pass: ``old`` is the status as read, ``status`` the one being built; :meth:`commit` writes the difference
-    (nothing when nothing changed, so a pass never triggers itself) and posts the Events gathered on the way."""
+    (nothing when nothing changed, so a pass never triggers itself) and posts the Events gathered on the way.
+
+    The ``Degraded`` condition is rebuilt by every pass: False unless this pass called :meth:`degrade`, so a problem
+    that went away (S3 back, a record fixed) clears without anyone remembering to clear it.
+    """
 
     kind: ClassVar[str]
     plural: ClassVar[str]
@@ -115,11 +109,21 @@ class ReconcilePass(Generic[StatusT]):
         self.status: StatusT = self.old.model_copy(deep=True)
         self.settings = rt.settings
         self.events: list[tuple[str, str, str]] = []
+        self.degraded: tuple[str, str] | None = None
+        self.wants_slot = False
 
     def condition(self, type_: str, value: bool, reason: str, message: str = "") -> None:
         self.status.conditions = set_condition(
             self.status.conditions, type_, value, reason, truncate(message), generation=self.generation, now=self.now_s
         )
+
+    def degrade(self, reason: str, message: str) -> None:
+        """Something is wrong that the user (or time) must fix: ``Degraded=True`` with ``reason``."""
+        self.degraded = (reason, message)
+
+    def was_degraded(self, reason: str) -> bool:
+        cond = get_condition(self.old.conditions, DEGRADED)
+        return cond is not None and cond.status == ConditionStatus.TRUE and cond.reason == reason
 
     def event(self, type_: str, reason: str, message: str) -> None:
         self.events.append((type_, reason, message))
@@ -137,7 +141,7 @@ class ReconcilePass(Generic[StatusT]):
         self.set_phase(phase, refusal.message)
         self.condition(condition_type, False, refusal.reason, refusal.message)
         self.condition(READY, False, refusal.reason, refusal.message)
-        self.condition(DEGRADED, True, refusal.reason, refusal.message)
+        self.degrade(refusal.reason, refusal.message)
 
     def owner_record(self) -> OwnerRecord:
         meta = self.body["metadata"]
@@ -187,23 +191,86 @@ class ReconcilePass(Generic[StatusT]):
             f"{self.settings.s3_secret_secret_access_key_key}); create it, then the Job starts",
         )
 
+    def written_view(self) -> tuple[Any, ...]:
+        """The status fields whose change by someone else (a lost or edited status) makes the object run again."""
+        return (self.status.phase, self.status.observed_generation)
+
     def commit(self, requeue: float | None) -> float | None:
         """Write the status if it changed, post the events, return the requeue delay."""
         self.status.observed_generation = self.generation
+        reason, message = self.degraded or ("AsExpected", "")
+        self.condition(DEGRADED, self.degraded is not None, reason, message)
         new = self.status.model_dump(mode="json", by_alias=True)
         if new != self.old.model_dump(mode="json", by_alias=True):
             self.rt.kube.patch_status(self.plural, object_key(self.key), merge_patch_body(new))
+        self.rt.memo(self.key).written = self.written_view()
+        if not self.wants_slot:
+            self.rt.slots.forget(self.key)
         for type_, reason, message in self.events:
             self.rt.event({**self.body, "kind": self.kind}, type_, reason, message)
         return requeue
 
+    # -- S3 problems -----------------------------------------------------------------------------------------------
+    def guarded(self, run: Callable[[], float | None], *, failed_phase: Any, user_error_retry: float) -> float | None:
+        """Run the pass; S3 problems become status instead of tracebacks.
+
+        - S3 unavailable: ``Degraded=True StorageUnavailable`` naming the endpoint, an Event once; the object runs
+          again as soon as a probe gets an answer from S3 (and at the resync interval in any case).
+        - A missing bucket or a malformed record: a user error, phase ``failed_phase`` naming the bucket or the key
+          and the parse error, an Event once; looked at again after ``user_error_retry`` seconds.
+        - Any other S3 error (e.g. access denied): ``Degraded=True StorageError`` with S3's message.
+        In every case the status keeps what the last complete pass found (a partial pass is not written).
+        """
+        try:
+            return run()
+        except StorageUnavailable as err:
+            self.status = self.old.model_copy(deep=True)
+            message = (
+                f"S3 at {err.endpoint} is unavailable: {err.detail}; the operator carries on as soon as it answers"
+            )
+            if not self.was_degraded("StorageUnavailable"):
+                self.event("Warning", "StorageUnavailable", message)
+            self.status.message = truncate(message)
+            self.degrade("StorageUnavailable", message)
+            self.wants_slot = self.key in self.rt.slots.waiting()
+            self.rt.wait_for_storage(self.key)
+            return self.commit(self.settings.resync_seconds)
+        except (BucketNotFound, MalformedRecord) as err:
+            self.status = self.old.model_copy(deep=True)
+            if isinstance(err, BucketNotFound):
+                reason = "BucketNotFound"
+                message = f"{err}: create the bucket or fix the URI"
+            else:
+                reason = "MalformedRecord"
+                message = f"{err}; fix or delete the object"
+            if not self.was_degraded(reason) or self.old.message != truncate(message):
+                self.event("Warning", reason, message)
+            self.status.active_job = None
+            self.set_phase(failed_phase, message)
+            self.condition(READY, False, reason, message)
+            self.degrade(reason, message)
+            return self.commit(user_error_retry)
+        except StoreError as err:
+            self.status = self.old.model_copy(deep=True)
+            message = f"S3 error: {err}"
+            if not self.was_degraded("StorageError"):
+                self.event("Warning", "StorageError", message)
+            self.status.message = truncate(message)
+            self.degrade("StorageError", message)
+            return self.commit(STORAGE_RETRY_SECONDS)
+
+    # -- Jobs ------------------------------------------------------------------------------------------------------
     def launch_job(
-        self, manifest: dict[str, Any], *, component: str, limit: int, waiting_phase: Any, condition_type: str
-    ) -> bool | float:
+        self, manifest: dict[str, Any], *, component: str, waiting_phase: Any, condition_type: str
+    ) -> bool | float | None:
         """Create a Job under the operator-wide cap of running ``component`` Jobs.
 
-        Returns whether it was created (False: it already existed), or the seconds to wait when the cap is reached
-        (the object queues) or the API server refused the Job (status and an Event say why).
+        Returns whether it was created (False: it already existed), or the seconds until the next look when the
+        object has to wait: for a slot (it queues and is woken when a Job of ``component`` ends; None then, since
+        no timer is needed) or because the API server refused the Job (status and an Event say why).
+
+        Order: checks that may refuse the Job (admission) run before a slot is taken; the slot is reserved in memory
+        (no lock held across a request); the reservation is given back if the create fails.
         """
         refusal = self.job_admission(component)
         if refusal is not None:
@@ -214,53 +281,47 @@ class ReconcilePass(Generic[StatusT]):
             if component == COMPONENT_TRAINING
             else self.settings.max_merge_jobs_per_namespace
         )
-        with self.rt.capacity_lock:
-            running = count_active_jobs(self.rt, component)
-            in_namespace = count_active_jobs(self.rt, component, self.namespace) if namespace_limit else 0
-            if running >= limit or (namespace_limit and in_namespace >= namespace_limit):
-                self.rt.waiting_for_capacity.add(self.key)
-                if running >= limit:
-                    reason = "QueueFull"
-                    message = (
-                        f"waiting for a {component} slot: {running} of {limit} {component} Jobs are running "
-                        f"(operator setting max_{component}_jobs)"
-                    )
-                else:
-                    reason = "NamespaceQueueFull"
-                    message = (
-                        f"waiting for a {component} slot: {in_namespace} of the {namespace_limit} {component} Jobs "
-                        f"namespace {self.namespace} may run at once are running "
-                        f"(operator setting max_{component}_jobs_per_namespace)"
-                    )
-                self.status.active_job = None
-                self.set_phase(waiting_phase, message)
-                self.condition(condition_type, False, reason, message)
-                self.condition(READY, False, "Queued", message)
-                return 30.0
-            try:
-                created = self.rt.kube.create_job(self.namespace, manifest)
-            except Rejected as err:
-                message = f"the API server refused the {component} Job {manifest['metadata']['name']}: {err}"
-                if self.old.message != truncate(message):
-                    self.event("Warning", "JobRejected", message)
-                self.status.active_job = None
-                self.set_phase(waiting_phase, message)
-                self.condition(condition_type, False, "JobRejected", message)
-                self.condition(DEGRADED, True, "JobRejected", message)
-                return 60.0
-        self.rt.waiting_for_capacity.discard(self.key)
+        self.wants_slot = True
+        namespace, name = self.namespace, manifest["metadata"]["name"]
+        grant = self.rt.slots.acquire(self.key, component, (namespace, name), namespace_limit=namespace_limit)
+        if not grant.granted:
+            if grant.reason == "NamespaceQueueFull":
+                message = (
+                    f"waiting for a {component} slot: {grant.running} of the {grant.limit} {component} Jobs "
+                    f"namespace {self.namespace} may run at once are running "
+                    f"(operator setting max_{component}_jobs_per_namespace)"
+                )
+            else:
+                message = (
+                    f"waiting for a {component} slot: {grant.running} of {grant.limit} {component} Jobs are running "
+                    f"(operator setting max_{component}_jobs)"
+                )
+            self.status.active_job = None
+            self.set_phase(waiting_phase, message)
+            self.condition(condition_type, False, grant.reason, message)
+            self.condition(READY, False, "Queued", message)
+            return None
+        self.wants_slot = False
+        try:
+            created = self.rt.kube.create_job(namespace, manifest)
+        except Rejected as err:
+            self.rt.slots.release((namespace, name))
+            message = f"the API server refused the {component} Job {name}: {err}"
+            if self.old.message != truncate(message):
+                self.event("Warning", "JobRejected", message)
+            self.status.active_job = None
+            self.set_phase(waiting_phase, message)
+            self.condition(condition_type, False, "JobRejected", message)
+            self.degrade("JobRejected", message)
+            return 60.0
+        except BaseException:
+            self.rt.slots.release((namespace, name))
+            raise
         return created
 
-    def owned_jobs(self, component: str, owner_label: str) -> list[JobState]:
-        """This object's Jobs of ``component``; Jobs of a deleted object of the same name (another UID) are skipped,
-        the garbage collector removes them."""
-        uid = self.body["metadata"].get("uid")
-        out = []
-        for job in self.rt.kube.list_jobs(
-            selector(**{"langmerge.dev/component": component, owner_label: label_value(self.name)}), self.namespace
-        ):
-            refs = job.metadata.owner_references or []
-            if uid and refs and not any(r.uid == uid for r in refs):
-                continue
-            out.append(job_state(job))
-        return out
+    def owned_jobs(self, component: str) -> list[JobState]:
+        """This object's Jobs of ``component`` (from the watch's index); Jobs of a deleted object of the same name
+        (another UID) are skipped, the garbage collector removes them."""
+        return self.rt.jobs.owned(
+            self.namespace, component, label_value(self.name), self.body["metadata"].get("uid"), name=self.name
+        )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 from collections.abc import Callable
@@ -10,7 +9,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from langmerge.constants import API_VERSION, EXPERT_KIND, MERGED_KIND
+from langmerge.constants import API_VERSION, COMPONENT_MERGE, COMPONENT_TRAINING, EXPERT_KIND, MERGED_KIND
+from langmerge.controller.jobindex import JobIndex, Slots
 from langmerge.kube import Kube, ObjectKey, post_event
 from langmerge.settings import Settings
 from langmerge.store import ObjectStore
@@ -39,8 +39,18 @@ class Memo:
     """In-memory, per-object facts that need not survive a restart (a restart simply re-reads them)."""
 
     last_poll: float = 0.0
-    base_digest: tuple[str, str] | None = None  # (uri@revision, digest)
-    base_polled: float = 0.0
+    #: What the last pass wrote to status (phase, fingerprints, ...), to notice a status edited or lost by others.
+    written: tuple[Any, ...] | None = None
+    #: Committed records are immutable: a manifest read once is not read again (fingerprint -> record).
+    manifests: dict[str, Any] = field(default_factory=dict)
+    #: (fingerprint, monotonic time) of the last look for a manifest that was not there.
+    manifest_absent: tuple[str, float] | None = None
+    #: (prefix, failure records, monotonic time): failure records change only when one of our Jobs ends.
+    failures: tuple[str, dict[int, Any], float] | None = None
+    #: The published revision whose after-effects (history, Event, garbage collection) this process has done.
+    observed_revision: int | None = None
+    #: (artifact prefix, object uid, monotonic time) of the last claim of the prefix that found it ours.
+    claimed: tuple[str, str | None, float] | None = None
 
 
 @dataclass
@@ -52,10 +62,21 @@ class Runtime:
     enqueue: Callable[[Key, float], None] = lambda key, delay: None
     clock: Callable[[], datetime] = lambda: datetime.now(UTC)
     memos: dict[Key, Memo] = field(default_factory=dict)
-    #: Serialises "count running Jobs, then create one" so the concurrency cap holds.
-    capacity_lock: threading.Lock = field(default_factory=threading.Lock)
-    #: Objects waiting for a free Job slot; woken when a Job finishes.
-    waiting_for_capacity: set[Key] = field(default_factory=set)
+    #: Our Jobs as the watch reports them (no LIST per pass).
+    jobs: JobIndex = field(default_factory=JobIndex)
+    #: Operator-wide Job slots per component and the objects waiting for one.
+    slots: Slots = field(init=False)
+    #: Base-model digests shared by every object on the same base model: uri@revision -> (digest, objects, time).
+    base_digests: dict[str, tuple[str, int, float]] = field(default_factory=dict)
+    _storage_lock: threading.Lock = field(default_factory=threading.Lock)
+    #: Objects whose last pass found S3 unavailable: woken as soon as a probe gets an answer again.
+    _storage_waiters: set[Key] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.slots = Slots(
+            self.jobs,
+            {COMPONENT_TRAINING: self.settings.max_training_jobs, COMPONENT_MERGE: self.settings.max_merge_jobs},
+        )
 
     def now(self) -> datetime:
         return self.clock()
@@ -65,6 +86,27 @@ class Runtime:
 
     def monotonic(self) -> float:
         return time.monotonic()
+
+    # -- S3 outages ----------------------------------------------------------------------------------------------
+    def wait_for_storage(self, key: Key) -> None:
+        """``key`` could not reach S3: run it again as soon as S3 answers (see :meth:`storage_waiters`)."""
+        with self._storage_lock:
+            self._storage_waiters.add(key)
+
+    def storage_waiters(self, *, take: bool = False) -> set[Key]:
+        """The objects waiting for S3 to come back (``take``: and stop tracking them)."""
+        with self._storage_lock:
+            keys = set(self._storage_waiters)
+            if take:
+                self._storage_waiters.clear()
+            return keys
+
+    def forget(self, key: Key) -> None:
+        """The object is gone: drop what this process remembers about it."""
+        self.memos.pop(key, None)
+        self.slots.forget(key)
+        with self._storage_lock:
+            self._storage_waiters.discard(key)
 
     def event(self, body: dict[str, Any], type_: str, reason: str, message: str) -> None:
         meta = body.get("metadata", {})
@@ -85,25 +127,10 @@ class Runtime:
             component="langmerge-operator",
         )
 
-    def wake_waiting(self, kind: str) -> None:
-        """A Job slot freed up: wake the objects of ``kind`` that wait for one."""
-        for key in [k for k in self.waiting_for_capacity if k[0] == kind]:
-            self.waiting_for_capacity.discard(key)
+    def wake_waiting(self, component: str) -> None:
+        """Job slots of ``component`` may be free: run the longest-waiting objects, one per free slot."""
+        for key in self.slots.wake(component):
             self.enqueue(key, 0.0)
-
-
-def thread_safe_enqueue(
-    loop: asyncio.AbstractEventLoop, add: Callable[[Key], None], add_after: Callable[[Key, float], None]
-) -> Callable[[Key, float], None]:
-    """An ``enqueue`` that may be called from worker threads."""
-
-    def enqueue(key: Key, delay: float) -> None:
-        if delay <= 0:
-            loop.call_soon_threadsafe(add, key)
-        else:
-            loop.call_soon_threadsafe(add_after, key, delay)
-
-    return enqueue
 
 
 __all__ = ["EXPERT", "MERGED", "MERGED_KIND", "Key", "Memo", "Runtime", "expert_key", "merged_key", "object_key"]

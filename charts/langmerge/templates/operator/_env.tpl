@@ -86,6 +86,12 @@ The operator's environment: one LANGMERGE_<FIELD> per field of langmerge.setting
   value: {{ $v.reconcile.workers | int64 | quote }}
 - name: LANGMERGE_DELETE_ARTIFACTS_WITH_EXPERT
   value: {{ $v.reconcile.deleteArtifactsWithExpert | quote }}
+- name: LANGMERGE_REQUEST_TIMEOUT_SECONDS
+  value: {{ $v.reconcile.requestTimeoutSeconds | quote }}
+- name: LANGMERGE_STORAGE_PROBE_SECONDS
+  value: {{ $v.reconcile.storageProbeSeconds | quote }}
+- name: LANGMERGE_JOB_RELIST_SECONDS
+  value: {{ $v.reconcile.jobRelistSeconds | quote }}
 - name: LANGMERGE_METRICS_PORT
   value: {{ ternary $v.metrics.port 0 $v.metrics.enabled | int64 | quote }}
 {{- if $v.leaderElection.enabled }}
