@@ -9,13 +9,15 @@ import threading
 import time
 from collections.abc import Iterator
 
-from langmerge.dev.controlplane import ControlPlane
+from langmerge.dev.controlplane import ControlPlane, Endpoints
+from langmerge.store import ObjectStore, S3Config
 
 
 @contextlib.contextmanager
 def stopped(cluster: ControlPlane, component: str) -> Iterator[None]:
     """``component`` (``seaweedfs`` or ``kube-apiserver``) is down inside the block; after it, it answers again on
-    its old port (``start()`` waits until it is ready), even if the block failed."""
+    its old port, even if the block failed. ``start()`` waits until it answers; for S3 this also waits until it
+    takes writes again (right after a restart SeaweedFS lists before its volume server has re-registered)."""
     before = cluster.endpoints()
     cluster.stop_component(component)
     try:
@@ -23,6 +25,27 @@ def stopped(cluster: ControlPlane, component: str) -> Iterator[None]:
     finally:
         after = cluster.start()
         assert (after.s3_endpoint, after.apiserver_url) == (before.s3_endpoint, before.apiserver_url)
+        if component == "seaweedfs":
+            _wait_writable(after)
+
+
+def _wait_writable(endpoints: Endpoints, timeout: float = 60.0) -> None:
+    store = ObjectStore.from_config(
+        S3Config(endpoint_url=endpoints.s3_endpoint, read_timeout=5, max_attempts=1),
+        aws_access_key_id=endpoints.s3_access_key,
+        aws_secret_access_key=endpoints.s3_secret_key,
+    )
+    bucket = "fault-injection-probe"
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            store.ensure_bucket(bucket)
+            store.put_bytes(f"s3://{bucket}/probe", b"1")
+            return
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 class BlackHole:

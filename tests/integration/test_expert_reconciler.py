@@ -375,7 +375,10 @@ def test_suspend_and_on_change_restart(kube: Any, s3: ObjectStore, seeded: str, 
             lambda: first not in [j.metadata.name for j in jobs(kube, namespace) if not j.metadata.deletion_timestamp],
             what="old Job cancelled",
         )
-        assert "TrainingCancelled" in {e.reason for e in events(kube, namespace, "es")}
+        # The Event follows the pass's status write, right after the delete.
+        wait_for(
+            lambda: "TrainingCancelled" in {e.reason for e in events(kube, namespace, "es")}, what="TrainingCancelled"
+        )
         assert len(sim.started) >= 1
 
 

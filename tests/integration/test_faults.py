@@ -100,6 +100,13 @@ def _reasons(kube: Any, namespace: str, name: str) -> list[str]:
     return [e.reason for e in events(kube, namespace, name)]
 
 
+def _posted(kube: Any, namespace: str, name: str, reason: str) -> list[str]:
+    """The Events of ``reason`` about ``name``, once there is one (they follow the status write a test saw)."""
+    return wait_for(
+        lambda: [r for r in _reasons(kube, namespace, name) if r == reason], timeout=10, what=f"a {reason} Event"
+    )
+
+
 # -- item 1: an S3 outage ----------------------------------------------------------------------------------------------
 def test_s3_outage_shows_degraded_and_heals_within_seconds(
     kube: Any, s3: ObjectStore, seeded: str, namespace: str, local_cluster: ControlPlane, control_plane: Endpoints
@@ -115,7 +122,7 @@ def test_s3_outage_shows_degraded_and_heals_within_seconds(
 
     with (
         run_operator(namespace, f"s3://{bucket}/artifacts", resync_seconds=60, storage_probe_seconds=1) as runner,
-        SimulatedJobs(kube, s3, namespace, behaviour=behaviour),
+        SimulatedJobs(kube, s3, namespace, behaviour=behaviour) as sim,
     ):
         apply_expert(kube, namespace, "dialog-es", _expert(bucket, "es"), labels={"task": "dialog"})
         apply_merged(kube, namespace, "mm", _merged(bucket))
@@ -149,12 +156,16 @@ def test_s3_outage_shows_degraded_and_heals_within_seconds(
         wait_for(
             lambda: _published(kube, namespace, "mm", 1),
             timeout=15,
-            what=lambda: f"revision 1 after the outage: {json.dumps(status_of(get_merged(kube, namespace, 'mm')))}",
+            what=lambda: (
+                f"revision 1 after the outage: {json.dumps(status_of(get_merged(kube, namespace, 'mm')))}; "
+                f"Jobs: {[(j.metadata.name, j.status.conditions) for j in jobs(kube, namespace)]}; "
+                f"simulation errors: {sim.errors}"
+            ),
         )
         published = elapsed(back)
         wait_for(lambda: _phase(get_expert(kube, namespace, "solo-it")) == "Ready", timeout=15, what="Ready")
-        assert _reasons(kube, namespace, "solo-it").count("StorageUnavailable") == 1
-        assert "StorageUnavailable" in _reasons(kube, namespace, "mm")
+        assert len(_posted(kube, namespace, "solo-it", "StorageUnavailable")) == 1
+        assert _posted(kube, namespace, "mm", "StorageUnavailable")
     print(f"\nafter S3 returned: both healed in {healed:.1f}s, the merge was published in {published:.1f}s")
     assert healed < 10 and published < 10
     assert "Traceback" not in runner.output
@@ -316,7 +327,7 @@ def test_malformed_records_are_named_in_status(kube: Any, s3: ObjectStore, seede
     bad_revision = f"s3://{bucket}/merged/bad-revision"
     s3.put_bytes(artifacts.revision_uri(bad_revision, 1), garbage)
     with (
-        run_operator(namespace, f"s3://{bucket}/artifacts") as runner,
+        run_operator(namespace, f"s3://{bucket}/artifacts", max_training_jobs_per_namespace=3) as runner,
         SimulatedJobs(kube, s3, namespace, behaviour=behaviour),
     ):
         for lang in ("es", "it", "pt"):
@@ -330,7 +341,10 @@ def test_malformed_records_are_named_in_status(kube: Any, s3: ObjectStore, seede
         )
         prefixes = {}
         for lang in ("es", "it", "pt"):
-            job = wait_for(lambda lang=lang: jobs(kube, namespace, f"langmerge.dev/expert={lang}"))[0]
+            job = wait_for(
+                lambda lang=lang: jobs(kube, namespace, f"langmerge.dev/expert={lang}"),
+                what=lambda lang=lang: f"a Job of {lang}: {json.dumps(status_of(get_expert(kube, namespace, lang)))}",
+            )[0]
             prefixes[lang] = job.metadata.annotations["langmerge.dev/artifact-uri"]
         planted = {
             "es": artifacts.join(prefixes["es"], artifacts.PROGRESS),
@@ -362,7 +376,7 @@ def test_malformed_records_are_named_in_status(kube: Any, s3: ObjectStore, seede
             )
             assert uri in cond["message"], cond["message"]
             seen[name] = cond["message"]
-            assert "MalformedRecord" in _reasons(kube, namespace, name)
+            assert _posted(kube, namespace, name, "MalformedRecord")
         assert "not JSON" in seen["it"] and "revision: " in seen["current"]
         assert "not a valid FailureRecord" in seen["pt"] and "error_class: missing" in seen["pt"]
         wait_for(lambda: _phase(get_expert(kube, namespace, "es")) == "Ready", what="es Ready")
@@ -374,17 +388,18 @@ def test_malformed_records_are_named_in_status(kube: Any, s3: ObjectStore, seede
 # -- item 7: a missing bucket ----------------------------------------------------------------------------------------------
 def test_missing_bucket_is_a_user_error_not_an_outage(kube: Any, s3: ObjectStore, seeded: str, namespace: str) -> None:
     bucket = seeded
-    with run_operator(namespace, f"s3://{bucket}/artifacts"):
+    grants = json.dumps({"*": {"readWrite": [f"s3://{bucket}/", "s3://no-such-bucket-lm/"]}})
+    with run_operator(namespace, f"s3://{bucket}/artifacts", uri_grants=grants):
         apply_expert(kube, namespace, "es", _expert(bucket, "es", dataset={"uri": "s3://no-such-bucket-lm/data/es"}))
         obj = wait_for(
             lambda: (o := get_expert(kube, namespace, "es")) and _degraded(o, "BucketNotFound") and o,
-            what="BucketNotFound",
+            what=lambda: f"BucketNotFound: {json.dumps(status_of(get_expert(kube, namespace, 'es')))}",
         )
         assert _phase(obj) == "Failed"
         assert "S3 bucket 'no-such-bucket-lm' does not exist" in status_of(obj)["message"]
         assert "s3://no-such-bucket-lm/data/es" in status_of(obj)["message"]
         assert condition(obj, "Ready")["reason"] == "BucketNotFound"
-        assert "BucketNotFound" in _reasons(kube, namespace, "es")
+        assert _posted(kube, namespace, "es", "BucketNotFound")
         # Created later, the bucket is found at the next look (here the spec change), with no restart.
         s3.client.create_bucket(Bucket="no-such-bucket-lm")
         try:
@@ -420,12 +435,18 @@ def test_partial_merge_ignores_weights_of_absent_experts(
         obj = wait_for(lambda: _published(kube, namespace, "mm", 1), timeout=40, what="partial revision 1")
         assert sorted(i["language"] for i in status_of(obj)["inputs"]) == ["es", "it"]
         assert "weights of pt ignored" in condition(obj, "ExpertsReady")["message"]
-        job = jobs(kube, namespace, "langmerge.dev/component=merge")[0]
+        fingerprint = status_of(obj)["fingerprint"]
+        job = jobs(kube, namespace, f"langmerge.dev/component=merge,langmerge.dev/fingerprint={fingerprint}")[0]
         task = json.loads(job.spec.template.spec.containers[0].args[2])
         assert task["parameters"]["weights"] == {"es": 1.0, "it": 0.5}
 
         # A weight for a language no selected expert serves is a spec error, before any Job runs.
-        apply_merged(kube, namespace, "typo", {**spec, "parameters": {"density": 1.0, "weights": {"fr": 1.0}}})
+        typo = {
+            **spec,
+            "parameters": {"density": 1.0, "weights": {"fr": 1.0}},
+            "output": {"uri": f"s3://{bucket}/typo"},
+        }
+        apply_merged(kube, namespace, "typo", typo)
         obj = wait_for(
             lambda: _phase(get_merged(kube, namespace, "typo")) == "Failed" and get_merged(kube, namespace, "typo")
         )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from langmerge.controller.jobindex import RESERVATION_SECONDS, JobIndex, Slots
+from langmerge.controller.jobindex import RESERVATION_SECONDS, Grant, JobIndex, Slots
 
 TRAINING, MERGE = "training", "merge"
 
@@ -57,15 +57,15 @@ def test_slots_cap_fifo_and_reservations() -> None:
     now = [0.0]
     index = JobIndex()
     slots = Slots(index, {TRAINING: 2, MERGE: 1}, clock=lambda: now[0])
-    assert slots.acquire("a", TRAINING, ("ns", "a-1")) == (True, 1)
-    assert slots.acquire("b", TRAINING, ("ns", "b-1")) == (True, 2)
+    assert slots.acquire("a", TRAINING, ("ns", "a-1")) == Grant(True, running=1, limit=2)
+    assert slots.acquire("b", TRAINING, ("ns", "b-1")) == Grant(True, running=2, limit=2)
     # Reserved, not yet in the index: they count.
     now[0] = 1
-    assert slots.acquire("c", TRAINING, ("ns", "c-1")) == (False, 2)
+    assert slots.acquire("c", TRAINING, ("ns", "c-1")) == Grant(False, "QueueFull", 2, 2)
     now[0] = 2
-    assert slots.acquire("d", TRAINING, ("ns", "d-1")) == (False, 2)
-    assert slots.acquire("m", MERGE, ("ns", "m-1"))[0], "components have their own slots"
-    assert slots.acquire("a", TRAINING, ("ns", "a-1"))[0], "a reserved Job needs no second slot"
+    assert slots.acquire("d", TRAINING, ("ns", "d-1")) == Grant(False, "QueueFull", 2, 2)
+    assert slots.acquire("m", MERGE, ("ns", "m-1")).granted, "components have their own slots"
+    assert slots.acquire("a", TRAINING, ("ns", "a-1")).granted, "a reserved Job needs no second slot"
     assert slots.waiting(TRAINING) == ["c", "d"]
     # The watch shows a's Job, then its end: one slot frees, the longest-waiting object is woken (only it).
     index.apply("ADDED", job("a-1", rv=1))
@@ -75,8 +75,8 @@ def test_slots_cap_fifo_and_reservations() -> None:
     assert slots.wake(TRAINING) == [], "the free slot is promised to c"
     # A newcomer does not jump the line while c is owed the slot.
     now[0] = 3
-    assert slots.acquire("e", TRAINING, ("ns", "e-1")) == (False, 1)
-    assert slots.acquire("c", TRAINING, ("ns", "c-1")) == (True, 2)
+    assert slots.acquire("e", TRAINING, ("ns", "e-1")) == Grant(False, "QueueFull", 1, 2)
+    assert slots.acquire("c", TRAINING, ("ns", "c-1")) == Grant(True, running=2, limit=2)
     # An object woken that no longer needs a slot hands the wake on.
     index.apply("MODIFIED", job("b-1", rv=3, done=True, owner="b"))
     assert slots.wake(TRAINING) == ["d"]
@@ -89,11 +89,11 @@ def test_slots_cap_fifo_and_reservations() -> None:
 def test_reservation_given_back_and_expired() -> None:
     now = [0.0]
     slots = Slots(JobIndex(), {TRAINING: 1}, clock=lambda: now[0])
-    assert slots.acquire("a", TRAINING, ("ns", "a-1"))[0]
-    assert not slots.acquire("b", TRAINING, ("ns", "b-1"))[0]
+    assert slots.acquire("a", TRAINING, ("ns", "a-1")).granted
+    assert not slots.acquire("b", TRAINING, ("ns", "b-1")).granted
     slots.release(("ns", "a-1"))  # the create failed
     assert slots.running(TRAINING) == 0
-    assert slots.acquire("b", TRAINING, ("ns", "b-1"))[0]
+    assert slots.acquire("b", TRAINING, ("ns", "b-1")).granted
     now[0] = RESERVATION_SECONDS + 1  # the watch never showed it
     assert slots.running(TRAINING) == 0
 
@@ -104,8 +104,7 @@ def test_slots_from_many_threads_never_exceed_the_cap() -> None:
     lock = threading.Lock()
 
     def take(i: int) -> None:
-        ok, _ = slots.acquire(f"k{i}", TRAINING, ("ns", f"j{i}"))
-        if ok:
+        if slots.acquire(f"k{i}", TRAINING, ("ns", f"j{i}")).granted:
             with lock:
                 granted.append(f"k{i}")
 
@@ -116,3 +115,20 @@ def test_slots_from_many_threads_never_exceed_the_cap() -> None:
         t.join()
     assert len(granted) == 3 and slots.running(TRAINING) == 3
     assert len(slots.waiting(TRAINING)) == 47
+
+
+def test_namespace_cap_holds_without_blocking_other_namespaces() -> None:
+    """Two per namespace, four in all: a third Job in namespace a waits (NamespaceQueueFull) and does not keep
+    namespace b from the free operator-wide slots; when one of a's Jobs ends, a's waiter is woken."""
+    index = JobIndex()
+    slots = Slots(index, {TRAINING: 4})
+    for i in range(2):
+        assert slots.acquire(f"a{i}", TRAINING, ("a", f"a{i}-job"), namespace_limit=2).granted
+    assert slots.acquire("a2", TRAINING, ("a", "a2-job"), namespace_limit=2) == Grant(False, "NamespaceQueueFull", 2, 2)
+    assert slots.acquire("b0", TRAINING, ("b", "b0-job"), namespace_limit=2).granted
+    assert slots.wake(TRAINING) == [], "a free operator-wide slot is no use to a2"
+    body = job("a0-job", owner="a0", done=True)
+    body["metadata"]["namespace"] = "a"
+    index.apply("MODIFIED", body)
+    assert slots.wake(TRAINING) == ["a2"]
+    assert slots.acquire("a2", TRAINING, ("a", "a2-job"), namespace_limit=2).granted

@@ -236,11 +236,6 @@ class Slots:
                 return Grant(True, running=len(running), limit=limit)
             known = self._waiting.get(key) or self._woken.get(key)
             mine = _Waiter(component, known.since if known else self.clock(), job_id[0], namespace_limit)
-            if self._capped(mine, running):
-                self._woken.pop(key, None)
-                self._waiting[key] = mine
-                in_namespace = sum(1 for ns, _ in running if ns == mine.namespace)
-                return Grant(False, "NamespaceQueueFull", in_namespace, namespace_limit)
             ahead = sum(
                 1
                 for other, w in (*self._waiting.items(), *self._woken.items())
@@ -250,6 +245,11 @@ class Slots:
                 self._woken.pop(key, None)
                 self._waiting[key] = mine
                 return Grant(False, "QueueFull", len(running), limit)
+            if self._capped(mine, running):
+                self._woken.pop(key, None)
+                self._waiting[key] = mine
+                in_namespace = sum(1 for ns, _ in running if ns == mine.namespace)
+                return Grant(False, "NamespaceQueueFull", in_namespace, namespace_limit)
             self._waiting.pop(key, None)
             self._woken.pop(key, None)
             self._reserved[job_id] = (component, self.clock())

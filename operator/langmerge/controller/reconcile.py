@@ -196,18 +196,21 @@ class ReconcilePass(Generic[StatusT]):
         return (self.status.phase, self.status.observed_generation)
 
     def commit(self, requeue: float | None) -> float | None:
-        """Write the status if it changed, post the events, return the requeue delay."""
+        """Post the events, write the status if it changed, return the requeue delay.
+
+        Events first: whoever sees the new status (a user, a tool, a test) also finds the Events that explain it.
+        """
         self.status.observed_generation = self.generation
         reason, message = self.degraded or ("AsExpected", "")
         self.condition(DEGRADED, self.degraded is not None, reason, message)
+        for type_, event_reason, event_message in self.events:
+            self.rt.event({**self.body, "kind": self.kind}, type_, event_reason, event_message)
         new = self.status.model_dump(mode="json", by_alias=True)
         if new != self.old.model_dump(mode="json", by_alias=True):
             self.rt.kube.patch_status(self.plural, object_key(self.key), merge_patch_body(new))
         self.rt.memo(self.key).written = self.written_view()
         if not self.wants_slot:
             self.rt.slots.forget(self.key)
-        for type_, reason, message in self.events:
-            self.rt.event({**self.body, "kind": self.kind}, type_, reason, message)
         return requeue
 
     # -- S3 problems -----------------------------------------------------------------------------------------------
