@@ -547,6 +547,7 @@ def test_queued_experts_wait_for_a_slot_without_listing(
             count("langmerge_kube_requests_total", verb="list", resource="jobs"),
             count("langmerge_s3_requests_total", operation="ListObjectsV2"),
         )
+        assert all(n > 0 for n in before), f"the operator counts its requests: {before}"
         assert after == before, f"Job LISTs and S3 LISTs while queued: {before} -> {after}"
         first = sim.started[0]
         release.set()
