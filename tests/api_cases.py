@@ -51,6 +51,9 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
     ("eval-fraction-too-big", expert(dataset={"uri": "s3://data/x", "evalFraction": 0.9}), "spec.dataset.evalFraction"),
     ("learning-rate-zero", expert(training={"learningRate": 0}), "spec.training.learningRate"),
     ("bad-batching", expert(training={"batching": "random"}), "spec.training.batching"),
+    ("unknown-task-type", expert(taskType="token-classification"), "spec.taskType"),
+    ("one-label", expert(taskType="sequence-classification", labels=["only"]), "spec.labels"),
+    ("bad-gate-metric", merged(evaluation={"metric": "f1"}), "spec.evaluation.metric"),
     ("bad-memory-quantity", expert(resources={"memory": "lots"}), "spec.resources.memory"),
     ("unknown-method", merged(method="average"), "spec.method"),
     ("negative-weight", merged(parameters={"weights": {"de": -1.0}}), "spec.parameters.weights.de"),
@@ -68,4 +71,16 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
 INVALID_OPERATOR_ONLY: list[tuple[str, dict[str, Any], str]] = [
     ("density-for-linear", merged(method="linear", parameters={"density": 0.5}), "do not apply to method 'linear'"),
     ("weight-key-not-a-language", merged(parameters={"weights": {"German": 1.0}}), "weights"),
+    ("classifier-without-labels", expert(taskType="sequence-classification"), "needs labels"),
+    ("labels-on-a-causal-lm", expert(labels=["a", "b"]), "labels apply only to taskType sequence-classification"),
+    (
+        "repeated-labels",
+        expert(taskType="sequence-classification", labels=["pos", "neg", "pos"]),
+        "repeated: pos",
+    ),
+    (
+        "packed-classifier",
+        expert(taskType="sequence-classification", labels=["a", "b"], training={"batching": "packed"}),
+        "causal-lm only",
+    ),
 ]

@@ -185,6 +185,9 @@ class AdapterManifest(Record):
     name: str
     language: str
     task: str
+    #: causal-lm or sequence-classification; a classifier's adapter carries its head (PEFT modules_to_save).
+    task_type: str = "causal-lm"
+    labels: list[str] | None = None
     base_model: BaseModelIdentity
     data_digest: str
     eval_data_digest: str | None = None

@@ -47,29 +47,32 @@ def training_fingerprint(
     eval_data_digest: str | None,
     image: str,
 ) -> str:
-    """hash(base model identity, data digests, dataset reading options, LoRA + training settings, trainer image)."""
+    """hash(base model identity, data digests, dataset reading options, LoRA + training settings, trainer image; the
+    task type and label set for a sequence classifier)."""
     training = spec.training.model_dump(
         mode="json", exclude={"gradient_checkpointing", "checkpoint_every_steps", "progress_every_steps"}
     )
-    return digest(
-        {
-            "v": FINGERPRINT_VERSION,
-            "base": {"uri": spec.base_model.uri, "revision": spec.base_model.revision, "digest": base_model_digest},
-            "data": {
-                "uri": spec.dataset.uri,
-                "digest": data_digest,
-                "format": spec.dataset.format,
-                "evalFraction": None if spec.dataset.eval_uri else spec.dataset.eval_fraction,
-                "evalUri": spec.dataset.eval_uri,
-                "evalDigest": eval_data_digest,
-                "revision": spec.dataset.revision,
-                "skipInvalidLines": spec.dataset.skip_invalid_lines,
-            },
-            "lora": spec.lora.model_dump(mode="json"),
-            "training": training,
-            "image": image,
-        }
-    )
+    value: dict[str, Any] = {
+        "v": FINGERPRINT_VERSION,
+        "base": {"uri": spec.base_model.uri, "revision": spec.base_model.revision, "digest": base_model_digest},
+        "data": {
+            "uri": spec.dataset.uri,
+            "digest": data_digest,
+            "format": spec.dataset.format,
+            "evalFraction": None if spec.dataset.eval_uri else spec.dataset.eval_fraction,
+            "evalUri": spec.dataset.eval_uri,
+            "evalDigest": eval_data_digest,
+            "revision": spec.dataset.revision,
+            "skipInvalidLines": spec.dataset.skip_invalid_lines,
+        },
+        "lora": spec.lora.model_dump(mode="json"),
+        "training": training,
+        "image": image,
+    }
+    if spec.is_classifier:  # causal-lm fingerprints stay what they were before task types existed
+        value["taskType"] = spec.task_type
+        value["labels"] = list(spec.labels or [])
+    return digest(value)
 
 
 def merge_fingerprint(

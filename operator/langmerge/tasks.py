@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from langmerge.api.expert import Dataset, LanguageExpertSpec, Metrics
+from langmerge.api.expert import Dataset, LanguageExpertSpec, Metrics, TaskType
 from langmerge.api.merged import Evaluation, Output
 from langmerge.artifacts import BaseModelIdentity
 
@@ -53,6 +53,9 @@ class MergeTaskInput(Task):
     expert_metrics: Metrics | None = None
     #: The expert's training.maxSeqLength: evaluation truncates the same way training did.
     max_seq_length: int = 1024
+    #: The expert's taskType and, for a sequence classifier, its label set (evaluation and head merging use them).
+    task_type: TaskType = TaskType.CAUSAL_LM
+    labels: list[str] | None = None
 
 
 class MergeTask(Task):

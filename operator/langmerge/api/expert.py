@@ -5,7 +5,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Annotated
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from langmerge.api.common import (
     IMAGE_PATTERN,
@@ -31,6 +31,20 @@ class DatasetFormat(StrEnum):
     JSONL = "jsonl"
 
 
+class TaskType(StrEnum):
+    """The kind of model an expert trains."""
+
+    #: A causal language model: data lines are prompt/completion pairs or chats; loss on completion tokens.
+    CAUSAL_LM = "causal-lm"
+    #: A sequence classifier (encoder or decoder base through AutoModelForSequenceClassification): data lines are
+    #: ``{"text": ..., "label": ...}`` with the label one of ``spec.labels``.
+    SEQUENCE_CLASSIFICATION = "sequence-classification"
+
+
+#: A class label of a sequence-classification expert.
+LABEL_PATTERN = r"^[^\s](.*[^\s])?$"
+
+
 class Dataset(ApiModel):
     """Where the language's training data lives."""
 
@@ -38,7 +52,8 @@ class Dataset(ApiModel):
         str,
         Field(
             description="S3 prefix of the training data: every *.jsonl object under it is read. Each line is "
-            '{"prompt": ..., "completion": ...} or {"messages": [{"role": ..., "content": ...}, ...]}.',
+            '{"prompt": ..., "completion": ...} or {"messages": [{"role": ..., "content": ...}, ...]} (causal-lm), '
+            'or {"text": ..., "label": ...} (sequence-classification).',
             pattern=S3_URI_PATTERN,
             max_length=1024,
         ),
@@ -190,6 +205,24 @@ class LanguageExpertSpec(ApiModel):
         str,
         Field(description="Task this expert is trained for, e.g. summarization.", pattern=TASK_PATTERN, max_length=63),
     ]
+    task_type: Annotated[
+        TaskType,
+        Field(
+            default=TaskType.CAUSAL_LM,
+            description="causal-lm (default): a generative model trained on completion tokens; "
+            "sequence-classification: a classifier over `labels` (the classifier head is part of the expert).",
+        ),
+    ] = TaskType.CAUSAL_LM
+    labels: Annotated[
+        list[Annotated[str, Field(min_length=1, max_length=128, pattern=LABEL_PATTERN)]] | None,
+        Field(
+            default=None,
+            min_length=2,
+            max_length=1000,
+            description="sequence-classification: the label set, in order (label i is class i). Every data line's "
+            "label must be one of them; experts merged together must have the same list.",
+        ),
+    ] = None
     base_model: Annotated[BaseModelRef, Field(description="The base model the adapter is trained on.")]
     dataset: Annotated[Dataset, Field(description="The language's training data.")]
     lora: Annotated[Lora, Field(default_factory=Lora, description="LoRA shape.")]
@@ -211,6 +244,24 @@ class LanguageExpertSpec(ApiModel):
     ] = OnChange.WAIT
     suspend: Annotated[bool, Field(default=False, description="Start no new training Jobs while true.")] = False
 
+    @model_validator(mode="after")
+    def _labels_fit_task_type(self) -> LanguageExpertSpec:
+        if self.task_type == TaskType.SEQUENCE_CLASSIFICATION:
+            if not self.labels:
+                raise ValueError("taskType sequence-classification needs labels: the list of class labels")
+            duplicates = sorted({label for label in self.labels if self.labels.count(label) > 1})
+            if duplicates:
+                raise ValueError(f"labels must be unique; repeated: {', '.join(duplicates)}")
+            if self.training.batching == Batching.PACKED:
+                raise ValueError("training.batching packed applies to causal-lm only; use length-grouped or shuffled")
+        elif self.labels is not None:
+            raise ValueError(f"labels apply only to taskType sequence-classification (this expert is {self.task_type})")
+        return self
+
+    @property
+    def is_classifier(self) -> bool:
+        return self.task_type == TaskType.SEQUENCE_CLASSIFICATION
+
 
 class ExpertPhase(StrEnum):
     PENDING = "Pending"
@@ -224,15 +275,27 @@ class ExpertPhase(StrEnum):
 class Metrics(StatusModel):
     """Evaluation figures on a language's held-out split."""
 
-    eval_loss: Annotated[float | None, Field(default=None, description="Mean cross-entropy on completion tokens.")] = (
-        None
-    )
+    eval_loss: Annotated[
+        float | None,
+        Field(default=None, description="Mean cross-entropy on completion tokens (classification: on the labels)."),
+    ] = None
     perplexity: Annotated[float | None, Field(default=None, description="exp(evalLoss).")] = None
     token_accuracy: Annotated[
         float | None, Field(default=None, description="Share of completion tokens predicted exactly (teacher forcing).")
     ] = None
     exact_match: Annotated[
         float | None, Field(default=None, description="Share of examples whose whole completion is predicted exactly.")
+    ] = None
+    accuracy: Annotated[
+        float | None, Field(default=None, description="sequence-classification: share of examples classified right.")
+    ] = None
+    macro_f1: Annotated[
+        float | None,
+        Field(
+            default=None,
+            description="sequence-classification: F1 averaged over the labels (a label never predicted nor present "
+            "is left out).",
+        ),
     ] = None
     examples: Annotated[int | None, Field(default=None, description="Number of evaluation examples.")] = None
 

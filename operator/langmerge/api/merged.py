@@ -150,6 +150,13 @@ class Output(ApiModel):
 class GateMetric(StrEnum):
     EVAL_LOSS = "evalLoss"
     TOKEN_ACCURACY = "tokenAccuracy"
+    #: sequence-classification experts.
+    ACCURACY = "accuracy"
+    MACRO_F1 = "macroF1"
+
+
+#: Gate metrics whose regression is measured in absolute points (a difference of shares), not relative.
+ABSOLUTE_GATE_METRICS = frozenset({GateMetric.ACCURACY, GateMetric.MACRO_F1})
 
 
 class Evaluation(ApiModel):
@@ -158,7 +165,11 @@ class Evaluation(ApiModel):
     enabled: Annotated[bool, Field(default=True, description="Evaluate per language and gate publishing.")] = True
     metric: Annotated[
         GateMetric,
-        Field(default=GateMetric.EVAL_LOSS, description="Figure compared between the merged model and each expert."),
+        Field(
+            default=GateMetric.EVAL_LOSS,
+            description="Figure compared between the merged model and each expert: evalLoss or tokenAccuracy "
+            "(causal-lm), accuracy or macroF1 (sequence-classification; evalLoss works for both).",
+        ),
     ] = GateMetric.EVAL_LOSS
     max_regression: Annotated[
         float,
@@ -166,8 +177,9 @@ class Evaluation(ApiModel):
             default=0.1,
             ge=0,
             le=100,
-            description="Largest allowed relative regression of the merged model against each expert alone, e.g. 0.1 = "
-            "eval loss at most 10% higher (or token accuracy at most 10% lower).",
+            description="Largest allowed regression of the merged model against each expert alone. Relative for "
+            "evalLoss and tokenAccuracy (0.1 = eval loss at most 10% higher, token accuracy at most 10% lower); in "
+            "absolute points for accuracy and macroF1 (0.02 = at most 2 points lower, e.g. 0.80 -> 0.78).",
         ),
     ] = 0.1
     max_examples: Annotated[
@@ -315,7 +327,12 @@ class LanguageMetrics(StatusModel):
     merged: Annotated[Metrics | None, Field(default=None, description="The merged model.")] = None
     expert: Annotated[Metrics | None, Field(default=None, description="The language's expert alone.")] = None
     regression: Annotated[
-        float | None, Field(default=None, description="Relative regression of the gate metric (positive = worse).")
+        float | None,
+        Field(
+            default=None,
+            description="Regression of the gate metric (positive = worse): relative for evalLoss and tokenAccuracy, "
+            "absolute points for accuracy and macroF1.",
+        ),
     ] = None
 
 

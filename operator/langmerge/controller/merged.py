@@ -211,6 +211,10 @@ class MergedReconciler(ReconcilePass[MergedModelStatus]):
                     f"MergedModel merges onto {spec.base_model.identity()}; fix one of them or deselect the expert",
                 )
 
+        mismatch = _task_type_mismatch(experts)
+        if mismatch is not None:
+            return self.fail("TaskTypeMismatch", mismatch)
+
         if spec.pin_revision is not None:
             return self._pinned(spec.pin_revision, current)
 
@@ -352,6 +356,8 @@ class MergedReconciler(ReconcilePass[MergedModelStatus]):
                     dataset=e.spec.dataset,
                     expert_metrics=e.status.adapter.metrics,
                     max_seq_length=e.spec.training.max_seq_length,
+                    task_type=e.spec.task_type,
+                    labels=e.spec.labels,
                 )
             )
         return sorted(inputs, key=lambda i: i.language)
@@ -632,6 +638,32 @@ class MergedReconciler(ReconcilePass[MergedModelStatus]):
             READY, True, "Pinned", f"revision {revision} is pinned; remove spec.pinRevision to resume merging"
         )
         return self.commit(self.settings.resync_seconds)
+
+
+def _task_type_mismatch(experts: list[SelectedExpert]) -> str | None:
+    """Why the selected experts cannot be merged into one model (different task types or label sets), or None.
+
+    A classifier's head is merged like its adapter, class by class, so every expert must have the same labels in the
+    same order."""
+    seen: tuple[str, str, list[str] | None] | None = None
+    for expert in experts:
+        if expert.spec is None:
+            continue
+        kind = (expert.name, str(expert.spec.task_type), expert.spec.labels)
+        if seen is None:
+            seen = kind
+            continue
+        if kind[1] != seen[1]:
+            return (
+                f"LanguageExpert {expert.name} trains a {kind[1]} model but {seen[0]} a {seen[1]} model: "
+                "one MergedModel merges experts of one task type"
+            )
+        if kind[2] != seen[2]:
+            return (
+                f"LanguageExpert {expert.name} has labels {kind[2]} but {seen[0]} has {seen[2]}: experts merged "
+                "into one classifier need the same label list in the same order"
+            )
+    return None
 
 
 def reconcile_merged(rt: Runtime, key: Key) -> float | None:

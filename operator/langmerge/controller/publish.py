@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from langmerge import artifacts
 from langmerge.api.expert import Metrics
-from langmerge.api.merged import Evaluation, GateMetric, LanguageMetrics
+from langmerge.api.merged import ABSOLUTE_GATE_METRICS, Evaluation, GateMetric, LanguageMetrics
 from langmerge.artifacts import MergeManifest, PublishedRevision
 from langmerge.store import MalformedRecord, ObjectStore, PreconditionFailed, split_uri
 
@@ -164,10 +164,39 @@ def garbage_collect(
     return deleted
 
 
+_GATE_FIELDS = {
+    GateMetric.EVAL_LOSS: "eval_loss",
+    GateMetric.TOKEN_ACCURACY: "token_accuracy",
+    GateMetric.ACCURACY: "accuracy",
+    GateMetric.MACRO_F1: "macro_f1",
+}
+
+
 def _figure(metrics: Metrics | None, metric: GateMetric) -> float | None:
     if metrics is None:
         return None
-    return metrics.eval_loss if metric == GateMetric.EVAL_LOSS else metrics.token_accuracy
+    value = getattr(metrics, _GATE_FIELDS[metric])
+    return None if value is None else float(value)
+
+
+#: Float rounding tolerated at the gate's limit (0.80 - 0.78 is 0.020000000000000018, and 2 points are allowed).
+_ROUNDING = 1e-9
+
+
+def gate_regression(metric: GateMetric, merged: float, expert: float) -> float | None:
+    """How much worse the merged figure is (positive = worse): relative for evalLoss and tokenAccuracy, absolute
+    points (a difference of shares) for accuracy and macroF1. None when a relative regression has no scale."""
+    if metric in ABSOLUTE_GATE_METRICS:
+        return expert - merged
+    if expert == 0:
+        return None
+    return (merged - expert) / abs(expert) if metric == GateMetric.EVAL_LOSS else (expert - merged) / abs(expert)
+
+
+def _describe_regression(metric: GateMetric, regression: float, allowed: float) -> str:
+    if metric in ABSOLUTE_GATE_METRICS:
+        return f"{regression * 100:+.1f} points worse; at most {allowed * 100:.1f} points allowed"
+    return f"{regression * 100:+.1f}% worse; at most {allowed * 100:.1f}% allowed"
 
 
 def quality_gate(
@@ -175,8 +204,9 @@ def quality_gate(
 ) -> tuple[bool, dict[str, LanguageMetrics], list[str]]:
     """Compare the merged model with each expert alone, per language.
 
-    Regression is relative: for eval loss ``(merged - expert) / expert``; for token accuracy
-    ``(expert - merged) / expert``. Positive means worse. Returns (passed, per-language figures, failure messages).
+    Regression (:func:`gate_regression`) is relative for eval loss ``(merged - expert) / expert`` and token accuracy
+    ``(expert - merged) / expert``, and in absolute points for accuracy and macro-F1 ``expert - merged``. Positive
+    means worse. Returns (passed, per-language figures, failure messages).
     """
     metric = GateMetric(evaluation.metric)
     figures: dict[str, LanguageMetrics] = {}
@@ -184,9 +214,7 @@ def quality_gate(
     for language in sorted(set(merged) | set(experts)):
         m, e = merged.get(language), experts.get(language)
         mv, ev = _figure(m, metric), _figure(e, metric)
-        regression = None
-        if mv is not None and ev is not None and ev != 0:
-            regression = (mv - ev) / abs(ev) if metric == GateMetric.EVAL_LOSS else (ev - mv) / abs(ev)
+        regression = gate_regression(metric, mv, ev) if mv is not None and ev is not None else None
         figures[language] = LanguageMetrics(
             merged=m, expert=e, regression=round(regression, 6) if regression is not None else None
         )
@@ -194,9 +222,9 @@ def quality_gate(
             continue
         if mv is None:
             failures.append(f"{language}: the merged model has no {metric.value} figure")
-        elif regression is not None and regression > evaluation.max_regression:
+        elif regression is not None and regression > evaluation.max_regression + _ROUNDING:
             failures.append(
                 f"{language}: {metric.value} {mv:.4f} vs expert {ev:.4f} "
-                f"({regression * 100:+.1f}% worse; at most {evaluation.max_regression * 100:.1f}% allowed)"
+                f"({_describe_regression(metric, regression, evaluation.max_regression)})"
             )
     return not failures, figures, failures
