@@ -1,9 +1,11 @@
 """Reading a language's training data from S3: JSONL parsing, validation, and the stable train/eval split.
 
 Every ``*.jsonl`` object under the dataset prefix is read through :class:`langmerge.store.ObjectStore`, in key order.
-Each line is one example, either ``{"prompt": ..., "completion": ...}`` or a chat row
+For a causal LM each line is one example, either ``{"prompt": ..., "completion": ...}`` or a chat row
 ``{"messages": [{"role": ..., "content": ...}, ...]}`` whose last turn is the assistant's: the turns before it are
 rendered into the prompt with a small fixed template (:func:`render_chat_prompt`) and the last turn is the completion.
+For a sequence classifier (``labels`` given) each line is ``{"text": ..., "label": ...}`` with the label one of the
+expert's labels; the :class:`Example` then holds the text in ``prompt`` and the label in ``completion``.
 
 The eval split is chosen per example by a sha256 of the example's content alone (:func:`eval_score`), so it does not
 depend on file names, line order or the other examples: appending data never moves an old example between the splits.
@@ -54,12 +56,23 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class Example:
-    """One prompt -> completion pair. ``source`` and ``line`` say where it came from (not part of its identity)."""
+    """One prompt -> completion pair (a classifier's example: text -> label). ``source`` and ``line`` say where it
+    came from (not part of its identity)."""
 
     prompt: str
     completion: str
     source: str = field(default="", compare=False)
     line: int = field(default=0, compare=False)
+
+    @property
+    def text(self) -> str:
+        """A classification example's text."""
+        return self.prompt
+
+    @property
+    def label(self) -> str:
+        """A classification example's label."""
+        return self.completion
 
     @property
     def content_hash(self) -> str:
@@ -125,6 +138,22 @@ def parse_row(row: Any) -> tuple[str, str]:
     return prompt, completion
 
 
+def parse_labelled_row(row: Any, labels: Sequence[str]) -> tuple[str, str]:
+    """Validate one decoded classification row ``{"text": ..., "label": ...}``; returns (text, label)."""
+    if not isinstance(row, dict):
+        raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+    if "text" not in row or "label" not in row:
+        raise ValueError('expected "text" and "label" (this expert is a sequence classifier)')
+    text, label = row["text"], row["label"]
+    if not isinstance(text, str):
+        raise ValueError(f'"text" must be a string, got {_describe(text)}')
+    if not text.strip():
+        raise ValueError('"text" is empty')
+    if not isinstance(label, str) or label not in labels:
+        raise ValueError(f"label {_describe(label)} is not one of the expert's labels: {', '.join(labels)}")
+    return text, label
+
+
 def _parse_messages(messages: Any) -> tuple[str, str]:
     if not isinstance(messages, list) or not messages:
         raise ValueError('"messages" must be a non-empty list')
@@ -149,12 +178,14 @@ def _parse_messages(messages: Any) -> tuple[str, str]:
     return render_chat_prompt(turns[:-1]), answer
 
 
-def parse_jsonl(body: bytes, *, source: str, skip_invalid: bool = False) -> tuple[list[Example], int]:
+def parse_jsonl(
+    body: bytes, *, source: str, skip_invalid: bool = False, labels: Sequence[str] | None = None
+) -> tuple[list[Example], int]:
     """Parse one JSONL object. Blank lines are ignored. Returns the examples and the count of lines skipped.
 
     Lines are split on newline bytes only (a JSON string may hold U+2028 and friends). A bad line raises
     :class:`DataError` naming ``source``, the 1-based line number and the reason, unless ``skip_invalid`` (then it is
-    logged and counted).
+    logged and counted). With ``labels`` the lines are classification rows (:func:`parse_labelled_row`).
     """
     examples: list[Example] = []
     skipped = 0
@@ -173,7 +204,7 @@ def parse_jsonl(body: bytes, *, source: str, skip_invalid: bool = False) -> tupl
                 row = json.loads(text)
             except json.JSONDecodeError as err:
                 raise ValueError(f"invalid JSON: {err.msg} at column {err.colno}") from None
-            prompt, completion = parse_row(row)
+            prompt, completion = parse_row(row) if labels is None else parse_labelled_row(row, labels)
         except ValueError as err:
             message = f"{source}, line {number}: {err}"
             if not skip_invalid:
@@ -194,11 +225,17 @@ def jsonl_uris(store: ObjectStore, uri: str) -> list[str]:
 
 
 def read_examples(
-    store: ObjectStore, uri: str, *, skip_invalid: bool = False, read: list[tuple[str, int, str]] | None = None
+    store: ObjectStore,
+    uri: str,
+    *,
+    skip_invalid: bool = False,
+    read: list[tuple[str, int, str]] | None = None,
+    labels: Sequence[str] | None = None,
 ) -> tuple[list[Example], int, list[str]]:
     """Every example under the prefix ``uri``: (examples in key and line order, lines skipped, files read).
 
-    ``read`` collects (key relative to ``uri``, size, ETag) of each object as its read returned it.
+    ``read`` collects (key relative to ``uri``, size, ETag) of each object as its read returned it. With ``labels``
+    the lines are classification rows.
     """
     files = jsonl_uris(store, uri)
     base = len(prefix_key(split_uri(uri)[1]))
@@ -208,7 +245,7 @@ def read_examples(
         body, etag = store.get_bytes(file_uri)
         if read is not None:
             read.append((split_uri(file_uri)[1][base:], len(body), etag))
-        rows, bad = parse_jsonl(body, source=file_uri, skip_invalid=skip_invalid)
+        rows, bad = parse_jsonl(body, source=file_uri, skip_invalid=skip_invalid, labels=labels)
         examples.extend(rows)
         skipped += bad
     return examples, skipped, files
@@ -240,10 +277,13 @@ def examples_digest(examples: Iterable[Example]) -> str:
     return h.hexdigest()[:16]
 
 
-def load_dataset(store: ObjectStore, dataset: Dataset) -> LoadedData:
-    """Read and split a language's data. Raises :class:`DataError` for bad lines, no data or an empty split."""
+def load_dataset(store: ObjectStore, dataset: Dataset, *, labels: Sequence[str] | None = None) -> LoadedData:
+    """Read and split a language's data (classification rows when ``labels`` is given). Raises :class:`DataError`
+    for bad lines, no data or an empty split."""
     read: list[tuple[str, int, str]] = []
-    examples, skipped, files = read_examples(store, dataset.uri, skip_invalid=dataset.skip_invalid_lines, read=read)
+    examples, skipped, files = read_examples(
+        store, dataset.uri, skip_invalid=dataset.skip_invalid_lines, read=read, labels=labels
+    )
     eval_read: list[tuple[str, int, str]] = []
     if not files:
         raise DataError(f"no *{SUFFIX} objects under {dataset.uri}")
@@ -252,7 +292,7 @@ def load_dataset(store: ObjectStore, dataset: Dataset) -> LoadedData:
     if dataset.eval_uri:
         train = examples
         held_out, eval_skipped, eval_files = read_examples(
-            store, dataset.eval_uri, skip_invalid=dataset.skip_invalid_lines, read=eval_read
+            store, dataset.eval_uri, skip_invalid=dataset.skip_invalid_lines, read=eval_read, labels=labels
         )
         skipped += eval_skipped
         files += eval_files
@@ -284,7 +324,9 @@ def load_dataset(store: ObjectStore, dataset: Dataset) -> LoadedData:
     )
 
 
-def load_eval_split(store: ObjectStore, dataset: Dataset, *, max_examples: int | None = None) -> list[Example]:
+def load_eval_split(
+    store: ObjectStore, dataset: Dataset, *, max_examples: int | None = None, labels: Sequence[str] | None = None
+) -> list[Example]:
     """Only the held-out examples of a language (what the merge Job evaluates on), at most ``max_examples``.
 
     With ``eval_uri`` it reads only that prefix; otherwise the hash split of ``uri``. The first ``max_examples`` are
@@ -292,10 +334,14 @@ def load_eval_split(store: ObjectStore, dataset: Dataset, *, max_examples: int |
     the ones already chosen out unless they score higher.
     """
     if dataset.eval_uri:
-        held_out, _skipped, _files = read_examples(store, dataset.eval_uri, skip_invalid=dataset.skip_invalid_lines)
+        held_out, _skipped, _files = read_examples(
+            store, dataset.eval_uri, skip_invalid=dataset.skip_invalid_lines, labels=labels
+        )
         source = dataset.eval_uri
     else:
-        examples, _skipped, _files = read_examples(store, dataset.uri, skip_invalid=dataset.skip_invalid_lines)
+        examples, _skipped, _files = read_examples(
+            store, dataset.uri, skip_invalid=dataset.skip_invalid_lines, labels=labels
+        )
         _train, held_out = split_examples(examples, dataset.eval_fraction)
         source = dataset.uri
     if not held_out:

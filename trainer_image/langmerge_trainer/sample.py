@@ -142,6 +142,45 @@ def build_tiny_llama(
     return out_dir
 
 
+def build_tiny_bert(
+    out_dir: Path,
+    texts: Iterable[str],
+    *,
+    hidden_size: int = 32,
+    num_hidden_layers: int = 2,
+    num_attention_heads: int = 4,
+    vocab_size: int = 1024,
+    seed: int = 0,
+) -> Path:
+    """Build and ``save_pretrained`` a tiny BERT encoder (a bare ``BertModel``, as encoders are usually published)
+    with a BPE tokenizer that wraps each text in ``<s> ... </s>``: a base for sequence-classification tests."""
+    import torch
+    from tokenizers import processors
+    from transformers import BertConfig, BertModel
+
+    tokenizer = build_tokenizer(texts, vocab_size=vocab_size)
+    bos, eos = tokenizer.bos_token, tokenizer.eos_token
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A {eos}",
+        special_tokens=[(bos, tokenizer.bos_token_id), (eos, tokenizer.eos_token_id)],
+    )
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        intermediate_size=hidden_size * 2,
+        max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = BertModel(config)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
 def sample_texts(languages: Iterable[str]) -> list[str]:
     """All prompts and completions of the given languages (tokenizer training text)."""
     texts: list[str] = []

@@ -59,7 +59,7 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from langmerge.api.expert import Batching, Lora, Metrics, Training
+from langmerge.api.expert import Batching, LanguageExpertSpec, Lora, Metrics, Training
 from langmerge.artifacts import (
     DATA_CHANGED,
     MANIFEST,
@@ -237,6 +237,31 @@ def pack_batch(rows: Sequence[Sequence[Encoded]], pad_token_id: int) -> Batch:
 
 
 # -- the loop -------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Objective:
+    """What the loop optimises: how a micro-batch's rows of items become tensors, the summed loss of a batch and how
+    many targets it has (the loss of a step is the sum over its micro-batches divided by the targets)."""
+
+    collate: Callable[[list[list[Any]]], Batch]
+    loss_sum: Callable[[nn.Module, Batch], tuple[torch.Tensor, int]]
+    targets: Callable[[Batch], int]
+
+
+def causal_lm_objective(batching: str, pad_token_id: int) -> Objective:
+    """Completion tokens of a causal LM: padded (or packed) rows, loss on completion tokens only."""
+
+    def collate(rows: list[list[Any]]) -> Batch:
+        if batching == Batching.PACKED:
+            return pack_batch(rows, pad_token_id)
+        return pad_batch([row[0] for row in rows], pad_token_id)
+
+    return Objective(
+        collate=collate,
+        loss_sum=completion_loss_sum,
+        targets=lambda batch: int((batch.labels[:, 1:] != IGNORE).sum()),
+    )
+
+
 @dataclass
 class StepResult:
     loss: float
@@ -261,17 +286,19 @@ class TrainingLoop:
     def __init__(
         self,
         model: nn.Module,
-        items: Sequence[Encoded],
+        items: Sequence[Any],
         training: Training,
         *,
         pad_token_id: int,
         device: torch.device,
+        objective: Objective | None = None,
     ) -> None:
         self.model = model
         self.items = list(items)
         self.training = training
         self.pad_token_id = pad_token_id
         self.device = device
+        self.objective = objective or causal_lm_objective(str(training.batching), pad_token_id)
         self.plan = plan_training([len(item) for item in self.items], training)
         self.steps: list[tuple[int, int, Step]] = [
             (epoch, index, step) for epoch, steps in enumerate(self.plan) for index, step in enumerate(steps)
@@ -292,27 +319,20 @@ class TrainingLoop:
 
     def micro_batches(self, step: Step) -> list[Batch]:
         parts = max(1, math.ceil(len(step) / self.training.gradient_accumulation_steps))
-        out = []
-        for rows in _chunks(step, parts):
-            encoded = [[self.items[i] for i in row] for row in rows]
-            if self.training.batching == Batching.PACKED:
-                out.append(pack_batch(encoded, self.pad_token_id))
-            else:
-                out.append(pad_batch([row[0] for row in encoded], self.pad_token_id))
-        return out
+        return [self.objective.collate([[self.items[i] for i in row] for row in rows]) for rows in _chunks(step, parts)]
 
     def train_step(self) -> StepResult:
         """One optimiser step: the token-level mean loss over all its micro-batches."""
         _epoch, _index, step = self.steps[self.step]
         self.model.train()
         batches = self.micro_batches(step)
-        targets = sum(int((b.labels[:, 1:] != IGNORE).sum()) for b in batches)
+        targets = sum(self.objective.targets(b) for b in batches)
         loss_total = torch.zeros((), device=self.device)
         tokens = 0
         for batch in batches:
             batch = batch.to(self.device)
             with autocast_context(self.device):
-                loss_sum, _count = completion_loss_sum(self.model, batch)
+                loss_sum, _count = self.objective.loss_sum(self.model, batch)
             (loss_sum / max(1, targets)).backward()
             loss_total += loss_sum.detach().float()  # stays on the device: one sync per step, below
             tokens += batch.tokens
@@ -417,16 +437,22 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def lora_config(lora: Lora) -> Any:
+def lora_config(lora: Lora, *, classifier_heads: Sequence[str] = (), exclude: Sequence[str] = ()) -> Any:
+    """The LoRA config of an expert: a causal LM, or (``classifier_heads`` given) a sequence classifier whose head
+    modules train fully (``modules_to_save``) and whose ``exclude`` modules (pooler, head) get no adapter."""
     from peft import LoraConfig, TaskType
 
+    extra: dict[str, Any] = {}
+    if classifier_heads:
+        extra = {"modules_to_save": list(classifier_heads), "exclude_modules": list(exclude) or None}
     return LoraConfig(
         r=lora.rank,
         lora_alpha=lora.alpha,  # type: ignore[arg-type]  # peft annotates int; a float alpha works (alpha / r)
         lora_dropout=lora.dropout,
         target_modules=list(lora.target_modules),
         bias="none",
-        task_type=TaskType.CAUSAL_LM,
+        task_type=TaskType.SEQ_CLS if classifier_heads else TaskType.CAUSAL_LM,
+        **extra,
     )
 
 
@@ -441,17 +467,97 @@ def enable_activation_checkpointing(model: Any) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def attach_lora(model: Any, lora: Lora, *, gradient_checkpointing: bool = False) -> Any:
-    """Wrap a causal LM with a fresh LoRA adapter (initialised from the current torch seed)."""
+def attach_lora(model: Any, lora: Lora, *, gradient_checkpointing: bool = False, classifier: bool = False) -> Any:
+    """Wrap a causal LM (or, with ``classifier``, a sequence classifier: its head trains fully) with a fresh LoRA
+    adapter (initialised from the current torch seed)."""
     from peft import get_peft_model
+
+    from langmerge_trainer.classify import excluded_from_lora, head_modules
 
     if gradient_checkpointing:
         enable_activation_checkpointing(model)
+    heads = head_modules(model) if classifier else []
+    if classifier and not heads:
+        raise SpecError(f"the sequence-classification model {type(model).__name__} has no classifier head module")
+    config = lora_config(lora, classifier_heads=heads, exclude=excluded_from_lora(model) if classifier else ())
     try:
         with peft_compat():
-            return get_peft_model(model, lora_config(lora))
+            return get_peft_model(model, config)
     except ValueError as err:
         raise SpecError(f"LoRA targetModules {list(lora.target_modules)} do not fit the base model: {err}") from err
+
+
+@dataclass
+class Prepared:
+    """A model with a fresh adapter, its encoded data and how to train and evaluate it (both task types)."""
+
+    model: Any
+    tokenizer: Any
+    train_items: list[Any]
+    eval_examples: list[Any]
+    eval_items: list[Any]
+    pad_token_id: int
+    objective: Objective
+    eval_batch_size: int
+    classifier: bool
+
+    def evaluate(self, model: nn.Module) -> Metrics:
+        """Metrics of ``model`` on the held-out items (causal LM: completion tokens; classifier: labels)."""
+        if self.classifier:
+            from langmerge_trainer.classify import evaluate_labelled_items
+
+            return evaluate_labelled_items(
+                model, self.eval_items, pad_token_id=self.pad_token_id, batch_size=self.eval_batch_size
+            )
+        return evaluate_encoded(model, self.eval_items, pad_token_id=self.pad_token_id, batch_size=self.eval_batch_size)
+
+
+def prepare_training(
+    spec: LanguageExpertSpec, base_dir: Path, data: LoadedData, device: torch.device, *, seed: int | None = None
+) -> Prepared:
+    """Seed, load the base (a causal LM or, for a classifier, the base with a label head), attach a fresh LoRA
+    adapter and encode the data: everything a training run needs before its loop. ``seed`` overrides the spec's."""
+    training = spec.training
+    seed_everything(training.seed if seed is None else seed)
+    tokenizer = load_tokenizer(base_dir)
+    pad = pad_id(tokenizer)
+    eval_examples = limit_examples(data.eval, EVAL_MAX_EXAMPLES)
+    eval_batch = max(1, math.ceil(training.batch_size / training.gradient_accumulation_steps))
+    if spec.is_classifier:
+        from langmerge_trainer.classify import classification_loss_sum, encode_labelled, load_classifier, pad_labelled
+
+        labels = list(spec.labels or [])
+        model = load_classifier(base_dir, labels, device, pad_token_id=pad)
+        model = attach_lora(model, spec.lora, gradient_checkpointing=training.gradient_checkpointing, classifier=True)
+        objective = Objective(
+            collate=lambda rows: pad_labelled([row[0] for row in rows], pad),
+            loss_sum=classification_loss_sum,
+            targets=lambda batch: int(batch.labels.numel()),
+        )
+        return Prepared(
+            model=model,
+            tokenizer=tokenizer,
+            train_items=encode_labelled(tokenizer, data.train, labels, training.max_seq_length),
+            eval_examples=eval_examples,
+            eval_items=encode_labelled(tokenizer, eval_examples, labels, training.max_seq_length),
+            pad_token_id=pad,
+            objective=objective,
+            eval_batch_size=eval_batch,
+            classifier=True,
+        )
+    model = load_causal_lm(base_dir, device, default_dtype(device))
+    model = attach_lora(model, spec.lora, gradient_checkpointing=training.gradient_checkpointing)
+    return Prepared(
+        model=model,
+        tokenizer=tokenizer,
+        train_items=encode_examples(tokenizer, data.train, training.max_seq_length),
+        eval_examples=eval_examples,
+        eval_items=encode_examples(tokenizer, eval_examples, training.max_seq_length),
+        pad_token_id=pad,
+        objective=causal_lm_objective(str(training.batching), pad),
+        eval_batch_size=eval_batch,
+        classifier=False,
+    )
 
 
 @contextmanager
@@ -588,7 +694,7 @@ class _Run:
         if spec.resources.gpus > 1:
             log.warning("resources.gpus=%d: this trainer uses one device", spec.resources.gpus)
         self.progress("preparing")
-        data = load_dataset(self.store, spec.dataset)
+        data = load_dataset(self.store, spec.dataset, labels=spec.labels if spec.is_classifier else None)
         if self.follow_data(data) and (existing := self.committed()) is not None:
             log.info("the adapter of the data read is committed already (%s)", existing.adapter_uri)
             self.clean_up(existing)
@@ -596,26 +702,27 @@ class _Run:
             return existing
         base_dir = ensure_model(self.store, spec.base_model.uri, task.base_model.digest)
         training = spec.training
-        seed_everything(training.seed)
-        tokenizer = load_tokenizer(base_dir)
-        model = load_causal_lm(base_dir, self.device, default_dtype(self.device))
-        model = attach_lora(model, spec.lora, gradient_checkpointing=training.gradient_checkpointing)
-        pad = pad_id(tokenizer)
-        train_items = encode_examples(tokenizer, data.train, training.max_seq_length)
-        eval_examples = limit_examples(data.eval, EVAL_MAX_EXAMPLES)
-        eval_items = encode_examples(tokenizer, eval_examples, training.max_seq_length)
-        eval_batch = max(1, math.ceil(training.batch_size / training.gradient_accumulation_steps))
+        prepared = prepare_training(spec, base_dir, data, self.device)
+        model = prepared.model
+        eval_examples = prepared.eval_examples
         with model.disable_adapter():
-            base_metrics = evaluate_encoded(model, eval_items, pad_token_id=pad, batch_size=eval_batch)
+            base_metrics = prepared.evaluate(model)
         log.info("base model on the eval split: %s", _fmt(base_metrics))
 
-        loop = TrainingLoop(model, train_items, training, pad_token_id=pad, device=self.device)
+        loop = TrainingLoop(
+            model,
+            prepared.train_items,
+            training,
+            pad_token_id=prepared.pad_token_id,
+            device=self.device,
+            objective=prepared.objective,
+        )
         with tempfile.TemporaryDirectory(prefix="langmerge-train-") as tmp:
             work = Path(tmp)
             resumed_from = self.resume(loop, work)
             self.train(loop, work)
             self.progress("evaluating", step=loop.step, total_steps=loop.total_steps)
-            metrics = evaluate_encoded(model, eval_items, pad_token_id=pad, batch_size=eval_batch)
+            metrics = prepared.evaluate(model)
             log.info("adapter on the eval split: %s", _fmt(metrics))
             self.progress("committing", step=loop.step, total_steps=loop.total_steps)
             out = work / "adapter"
@@ -751,6 +858,8 @@ class _Run:
             name=task.name,
             language=spec.language,
             task=spec.task,
+            task_type=str(spec.task_type),
+            labels=list(spec.labels) if spec.labels else None,
             base_model=task.base_model,
             data_digest=self.data_digests[0],
             eval_data_digest=self.data_digests[1],

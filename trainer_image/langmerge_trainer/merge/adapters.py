@@ -5,8 +5,10 @@ Each module's update is ``Delta = scale * B @ A`` with ``scale = alpha / r`` (``
 matches the end of the module name at a dot boundary). Factors are returned in the orientation of the base weight:
 for embeddings and ``fan_in_fan_out`` layers PEFT's update is ``(B A)^T``, so the factors are swapped and transposed.
 
-Only plain LoRA can be merged as updates; DoRA magnitudes, LoRA biases, ``modules_to_save`` copies, trainable tokens,
-``target_parameters`` and base-mutating initialisations (PiSSA, OLoRA, CorDA) are refused with a message.
+Only plain LoRA can be merged as updates; DoRA magnitudes, LoRA biases, trainable tokens, ``target_parameters`` and
+base-mutating initialisations (PiSSA, OLoRA, CorDA) are refused with a message. ``modules_to_save`` copies are read as
+*heads* (:attr:`LoraAdapter.heads`): a sequence classifier's head trains fully and is merged by weighted averaging
+(see :mod:`langmerge_trainer.classify`); only modules named as classifier heads are accepted.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 
 import torch
 
+from langmerge_trainer.classify import HEAD_MODULES
 from langmerge_trainer.merge.methods import LoraUpdate
 from langmerge_trainer.merge.safetensors_io import SafetensorsReader
 
@@ -79,6 +82,9 @@ class LoraAdapter:
         self.config: dict[str, Any] = json.loads(config_path.read_text())
         _check_config(self.config, path)
         self.reader = SafetensorsReader(weights_path)
+        #: Fully trained head tensors (``modules_to_save``): tensor name in the model (e.g. ``classifier.weight``)
+        #: -> key in the adapter file.
+        self.heads: dict[str, str] = {}
         self.modules = self._scan()
         if not self.modules:
             raise AdapterError(f"{path}: the adapter holds no LoRA weights")
@@ -99,8 +105,13 @@ class LoraAdapter:
     def _scan(self) -> dict[str, LoraModule]:
         parts: dict[str, dict[str, str]] = {}
         kinds: dict[str, str] = {}
+        heads = tuple(self.config.get("modules_to_save") or ())
         for key in self.reader.tensors:
             match = _LINEAR_KEY.match(key) or _EMBEDDING_KEY.match(key)
+            head = _head_tensor(key, heads)
+            if head is not None:
+                self.heads[head] = key
+                continue
             if not match:
                 raise AdapterError(
                     f"{self.path}: tensor {key!r} is not a plain LoRA A/B weight; DoRA magnitudes, LoRA biases, "
@@ -172,19 +183,34 @@ def _check_config(cfg: dict[str, Any], path: Path) -> None:
     refused = {
         "use_dora": "DoRA",
         "lora_bias": "LoRA biases",
-        "modules_to_save": "modules_to_save",
         "trainable_token_indices": "trainable tokens",
         "target_parameters": "target_parameters",
     }
     for key, what in refused.items():
         if cfg.get(key):
             raise AdapterError(f"{path}: adapters with {what} ({key}) cannot be merged as low-rank updates")
+    others = sorted(set(cfg.get("modules_to_save") or ()) - set(HEAD_MODULES))
+    if others:
+        raise AdapterError(
+            f"{path}: modules_to_save {others} cannot be merged: only classifier heads ({', '.join(HEAD_MODULES)}) "
+            "are merged as full copies"
+        )
     init = cfg.get("init_lora_weights")
     if isinstance(init, str) and init.lower().startswith(_BASE_MUTATING_INIT):
         raise AdapterError(
             f"{path}: init_lora_weights={init!r} changes the base weights; convert the adapter to plain LoRA first "
             "(PEFT save_pretrained(path_initial_model_for_weight_conversion=...))"
         )
+
+
+def _head_tensor(key: str, heads: tuple[str, ...]) -> str | None:
+    """The model tensor name of a ``modules_to_save`` copy in an adapter file (``base_model.model.classifier.weight``
+    -> ``classifier.weight``), or None if ``key`` is not one."""
+    if not heads or not key.startswith(PREFIX):
+        return None
+    name = key[len(PREFIX) :]
+    name = name.replace(".modules_to_save.default.", ".").replace(".modules_to_save.", ".")
+    return name if name.split(".")[0] in heads and ".lora_" not in name else None
 
 
 def load_adapter(path: Path, language: str) -> LoraAdapter:

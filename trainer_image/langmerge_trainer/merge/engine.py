@@ -80,6 +80,8 @@ class AdapterInput:
     #: Where the adapter came from (an s3:// URI), for the report.
     uri: str | None = None
     digest: str | None = None
+    #: A sequence classifier's label list: adapters with heads merge only when their lists are identical.
+    labels: tuple[str, ...] | None = None
 
 
 # -- the base checkpoint ---------------------------------------------------------------------------------------------
@@ -152,10 +154,17 @@ class ModulePlan:
     transposed: bool
     #: (adapter index, rank) of every adapter that updates the module.
     inputs: list[tuple[int, int]]
+    #: The module's name in the base checkpoint when it differs (a task model's adapter on a bare base: the
+    #: adapter's ``bert.encoder...`` is the checkpoint's ``encoder...``).
+    base_name: str | None = None
 
     @property
     def input_rank(self) -> int:
         return sum(r for _, r in self.inputs)
+
+    @property
+    def checkpoint_name(self) -> str:
+        return self.base_name or self.name
 
 
 @dataclass
@@ -270,6 +279,40 @@ def select_modules(names: Sequence[str], include: Sequence[str], exclude: Sequen
     return kept, dropped
 
 
+def check_heads(adapters: Sequence[LoraAdapter], inputs: Sequence[AdapterInput]) -> None:
+    """Classifier heads merge only between adapters with the same label list and the same head tensors."""
+    label_lists = {a.labels for a in inputs}
+    if len(label_lists) > 1:
+        shown = "; ".join(f"{a.language}: {list(a.labels) if a.labels else 'none'}" for a in inputs)
+        raise MergeError(f"the adapters classify over different label sets ({shown}); merge one label set at a time")
+    shapes = [
+        {name: adapter.reader.tensors[key].shape for name, key in sorted(adapter.heads.items())} for adapter in adapters
+    ]
+    for adapter, heads in zip(adapters[1:], shapes[1:], strict=True):
+        if heads != shapes[0]:
+            raise MergeError(
+                f"adapter {adapter.language} has classifier head {heads or 'none'}, {adapters[0].language} has "
+                f"{shapes[0] or 'none'}: heads of different label sets (or a classifier and a causal LM) cannot merge"
+            )
+
+
+def merged_heads(adapters: Sequence[LoraAdapter], weights: Sequence[float]) -> dict[str, torch.Tensor]:
+    """The classifier head of the merge: the weighted average of the adapters' heads (weights normalised), in
+    float32, whatever the merge method. Empty for adapters without heads."""
+    if not adapters or not adapters[0].heads:
+        return {}
+    total = float(sum(weights))
+    out: dict[str, torch.Tensor] = {}
+    for name in sorted(adapters[0].heads):
+        acc: torch.Tensor | None = None
+        for adapter, weight in zip(adapters, weights, strict=True):
+            value = adapter.reader.read(adapter.heads[name]).to(torch.float32) * (weight / total)
+            acc = value if acc is None else acc + value
+        assert acc is not None
+        out[name] = acc
+    return out
+
+
 def plan_merge(
     adapters: Sequence[LoraAdapter],
     inputs: Sequence[AdapterInput],
@@ -304,6 +347,7 @@ def plan_merge(
                     f"another has a {existing.kind} update of shape {existing.shape}"
                 )
             existing.inputs.append((index, info.rank))
+    check_heads(adapters, inputs)
     kept, excluded = select_modules(
         sorted(modules), parameters.get("include_modules") or [], parameters.get("exclude_modules") or []
     )
@@ -312,7 +356,13 @@ def plan_merge(
     plan_modules = [modules[name] for name in kept]
     if base is not None:
         for m in plan_modules:
-            weight_info = base.weight(m.name)
+            if base.weight(m.name) is None:
+                # An adapter trained on a task model (e.g. BertForSequenceClassification: "bert.encoder...") merged
+                # onto a bare base checkpoint (BertModel: "encoder..."): the name without its first component.
+                rest = m.name.partition(".")[2]
+                if rest and base.weight(rest) is not None:
+                    m.base_name = rest
+            weight_info = base.weight(m.checkpoint_name)
             if weight_info is None:
                 raise MergeError(f"module {m.name}: the base model has no tensor {m.name}.weight")
             if weight_info.shape != m.shape:
@@ -384,7 +434,7 @@ def _estimate(
             if plan.output_format == PEFT_ADAPTER:
                 work += dense * 4  # the measured residual
         if plan.output_format == FULL_WEIGHTS and base is not None:
-            info = base.weight(m.name)
+            info = base.weight(m.checkpoint_name)
             work += info.nbytes if info is not None else 0
         peak = max(peak, work)
     peak += 8 << 20  # pass-through copy buffer
@@ -549,6 +599,9 @@ def _write_adapter(
         rows, cols = m.shape
         a_shape, b_shape = ((rank, rows), (cols, rank)) if m.transposed else ((rank, cols), (rows, rank))
         entries += [(a_key, dtype, a_shape), (b_key, dtype, b_shape)]
+    heads = merged_heads(adapters, plan.weights)
+    head_dtypes = {name: adapters[0].reader.tensors[key].dtype for name, key in adapters[0].heads.items()}
+    entries += [(f"{PREFIX}{name}", head_dtypes[name], tuple(t.shape)) for name, t in heads.items()]
     errors: dict[str, float] = {}
     writer = SafetensorsWriter(out / ADAPTER_WEIGHTS, entries, {"format": "pt"})
     try:
@@ -568,6 +621,9 @@ def _write_adapter(
                     writer.write(a_key, lora_A)
                     writer.write(b_key, lora_B)
                 bar.update(1)
+        with timer.phase("write"):
+            for name, tensor in heads.items():
+                writer.write(f"{PREFIX}{name}", tensor.to(dtype=DTYPES[head_dtypes[name]]))
         files = {ADAPTER_WEIGHTS: writer.close()}
     except BaseException:
         writer.abort()
@@ -626,10 +682,22 @@ def _write_full(
     device: torch.device,
     timer: _Timer,
     progress: bool,
+    plan_inputs: Sequence[AdapterInput] = (),
 ) -> tuple[dict[str, tuple[int, str]], dict[str, float]]:
-    merged_modules = {f"{m.name}.weight": m for m in plan.modules}
+    merged_modules = {f"{m.checkpoint_name}.weight": m for m in plan.modules}
+    # Adapters of a task model on a bare base: the output takes the task model's names (every base tensor gets the
+    # prefix the adapters' module names have), so it loads as that task model.
+    prefixes = {m.name[: len(m.name) - len(m.base_name)] for m in plan.modules if m.base_name}
+    rename = next(iter(prefixes)) if len(prefixes) == 1 and all(m.base_name for m in plan.modules) else ""
+    if len(prefixes) > 1 or (prefixes and not rename):
+        raise MergeError("the adapters' module names match the base checkpoint's only partly; cannot name the output")
     shards = _shard_plan(base, int(plan.shard_size_mb * 2**20))
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    heads = merged_heads(adapters, plan.weights)
+    clash = sorted(set(heads) & set(base.by_name))
+    if clash:
+        raise MergeError(f"the base model already has classifier head tensors {clash}; merge onto a base without one")
+    head_dtype = base.tensors[0][1].dtype if base.tensors else "F32"
     files: dict[str, tuple[int, str]] = {}
     weight_map: dict[str, str] = {}
     readers: dict[str, SafetensorsReader] = {}
@@ -643,15 +711,19 @@ def _write_full(
 
     try:
         with _progress(base.total_bytes, "B", progress, "merging") as bar:
-            for name, infos in zip(names, shards, strict=True):
-                writer = SafetensorsWriter(out / name, [(i.name, i.dtype, i.shape) for i in infos], {"format": "pt"})
+            for shard_index, (name, infos) in enumerate(zip(names, shards, strict=True)):
+                last = shard_index == len(shards) - 1
+                entries = [(rename + i.name, i.dtype, i.shape) for i in infos]
+                if last:
+                    entries += [(head, head_dtype, tuple(t.shape)) for head, t in heads.items()]
+                writer = SafetensorsWriter(out / name, entries, {"format": "pt"})
                 try:
                     for info in infos:
                         shard, _ = base.by_name[info.name]
                         module = merged_modules.get(info.name)
                         if module is None:
                             with timer.phase("copy"):
-                                writer.write_chunks(info.name, reader(shard).iter_bytes(info.name))
+                                writer.write_chunks(rename + info.name, reader(shard).iter_bytes(info.name))
                         else:
                             merged = _merge_module(plan, module, adapters, device, timer)
                             with timer.phase("read"):
@@ -660,10 +732,14 @@ def _write_full(
                                 merged.add_to(weight)  # float32 arithmetic, stored back in the base dtype
                                 del merged
                             with timer.phase("write"):
-                                writer.write(info.name, weight.cpu())
+                                writer.write(rename + info.name, weight.cpu())
                                 del weight
-                        weight_map[info.name] = name
+                        weight_map[rename + info.name] = name
                         bar.update(info.nbytes)
+                    if last:
+                        for head, tensor in heads.items():
+                            writer.write(head, tensor.to(dtype=DTYPES[head_dtype]))
+                            weight_map[head] = name
                     files[name] = writer.close()
                 except BaseException:
                     writer.abort()
@@ -671,7 +747,8 @@ def _write_full(
     finally:
         for r in readers.values():
             r.close()
-    index = {"metadata": {"total_size": base.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+    total = base.total_bytes + sum(t.numel() * ITEMSIZE[head_dtype] for t in heads.values())
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (out / INDEX).write_text(json.dumps(index, indent=2) + "\n")
     files[INDEX] = file_sha256(out / INDEX)
     for path in sorted(base.directory.iterdir()):
@@ -683,6 +760,15 @@ def _write_full(
         ):
             shutil.copy2(path, out / path.name)
             files[path.name] = file_sha256(out / path.name)
+    labels = next((a.labels for a in plan_inputs if a.labels), None)
+    if heads and labels and (out / "config.json").is_file():
+        # A full classifier: AutoModelForSequenceClassification.from_pretrained(out) loads it with its labels.
+        config = json.loads((out / "config.json").read_text())
+        config["id2label"] = {str(i): label for i, label in enumerate(labels)}
+        config["label2id"] = {label: i for i, label in enumerate(labels)}
+        config["problem_type"] = "single_label_classification"
+        (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        files["config.json"] = file_sha256(out / "config.json")
     return files, {m.name: 0.0 for m in plan.modules}
 
 
@@ -737,7 +823,7 @@ def merge_adapters(
                     files, errors = _write_adapter(plan, opened, base, tmp, torch_device, timer, progress)
                 else:
                     assert base is not None
-                    files, errors = _write_full(plan, opened, base, tmp, torch_device, timer, progress)
+                    files, errors = _write_full(plan, opened, base, tmp, torch_device, timer, progress, adapters)
         finally:
             for adapter in opened:
                 adapter.close()

@@ -11,6 +11,10 @@ expert's adapter). Here the base is loaded once and the LoRA adapters are swappe
 On a GPU that supports it the model is loaded in bfloat16 straight onto the device, on CPU in float32 (the figures
 then match the trainer's own evaluation of each expert bit for bit).
 
+Sequence classifiers (``labels`` given) load through AutoModelForSequenceClassification; each adapter carries its own
+classifier head (PEFT keeps one copy per adapter name, swapped with the adapter), and the figures are accuracy,
+macro-F1 and the loss over the labels (:mod:`langmerge_trainer.classify`).
+
 Memory of the evaluation, for an N-parameter base: N x 2 bytes (bf16, GPU memory; little host memory, the weights
 are loaded onto the device as they are read) or N x 4 bytes (float32, CPU), plus the adapters in use (two at most)
 and one batch's activations (the output head runs in chunks: :mod:`langmerge_trainer.evaluate`). Before, it held two
@@ -57,14 +61,23 @@ def eval_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def load_model(folder: Path, device: torch.device) -> Any:
-    """A causal LM for evaluation: in :func:`eval_dtype`, placed on ``device`` while it is read."""
+def load_model(folder: Path, device: torch.device, labels: Sequence[str] | None = None) -> Any:
+    """A causal LM (or, with ``labels``, a sequence classifier) for evaluation: in :func:`eval_dtype`, placed on
+    ``device`` while it is read."""
     from transformers import AutoModelForCausalLM
 
+    if labels is not None:
+        from langmerge_trainer.classify import load_classifier, pad_token
+
+        model: Any = load_classifier(
+            folder, labels, device, pad_token_id=pad_token(load_tokenizer(folder)), dtype=eval_dtype(device)
+        )
+        model.eval()
+        return model
     kwargs: dict[str, Any] = {"dtype": eval_dtype(device)}
     if device.type == "cuda":
         kwargs["device_map"] = str(device)
-    model: Any = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
     if device.type != "cuda":
         model = model.to(device)
     model.eval()
@@ -97,19 +110,28 @@ def evaluate_merge(
     languages: Sequence[LanguageInput],
     device: torch.device,
     max_examples: int | None = None,
+    labels: Sequence[str] | None = None,
     on_language: Callable[[str], None] = lambda language: None,
 ) -> tuple[dict[str, Metrics], dict[str, Metrics]]:
     """Per-language metrics of the merged model and of each expert alone: ``(merged, experts)``.
 
-    ``merged_dir`` holds a PEFT adapter, or full merged weights when ``full_weights``. ``on_language`` is called
-    before each language's first evaluation (progress).
+    ``merged_dir`` holds a PEFT adapter, or full merged weights when ``full_weights``. ``labels``: the experts are
+    sequence classifiers over these labels. ``on_language`` is called before each language's first evaluation
+    (progress).
     """
     from peft import PeftModel
+
+    def evaluate(model: Any, tokenizer: Any, examples: Sequence[Example], **kwargs: Any) -> Metrics:
+        if labels is not None:
+            from langmerge_trainer.classify import evaluate_labelled
+
+            return evaluate_labelled(model, tokenizer, examples, labels, **kwargs)
+        return evaluate_examples(model, tokenizer, examples, **kwargs)
 
     tokenizers: dict[Path, Any] = {}
     merged: dict[str, Metrics] = {}
     experts: dict[str, Metrics] = {}
-    model: Any = load_model(base_dir, device)
+    model: Any = load_model(base_dir, device, labels)
     wrapped = False
     previous: str | None = None
     with peft_compat():
@@ -129,7 +151,7 @@ def evaluate_merge(
             if previous is not None:  # one expert adapter at a time (never the last adapter left: PEFT needs one)
                 model.delete_adapter(previous)
                 previous = None
-            experts[item.language] = evaluate_examples(
+            experts[item.language] = evaluate(
                 model, _tokenizer(item.adapter_dir, base_dir, tokenizers), item.examples, **kwargs
             )
             if full_weights:
@@ -137,18 +159,18 @@ def evaluate_merge(
             else:
                 model.set_adapter(MERGED)
                 model.delete_adapter(name)
-                merged[item.language] = evaluate_examples(
+                merged[item.language] = evaluate(
                     model, _tokenizer(merged_dir, base_dir, tokenizers), item.examples, **kwargs
                 )
     model = None
     _collect()
     if full_weights:
         # The experts are done and the base is gone: the merged weights are the only model in memory.
-        model = load_model(merged_dir, device)
+        model = load_model(merged_dir, device, labels)
         tokenizer = _tokenizer(merged_dir, base_dir, tokenizers)
         for item in languages:
             kwargs = {"max_seq_length": item.max_seq_length, "max_examples": max_examples}
-            merged[item.language] = evaluate_examples(model, tokenizer, item.examples, **kwargs)
+            merged[item.language] = evaluate(model, tokenizer, item.examples, **kwargs)
         model = None
         _collect()
     return merged, experts

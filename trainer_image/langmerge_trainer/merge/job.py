@@ -23,7 +23,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from langmerge import artifacts
-from langmerge.api.expert import Metrics
+from langmerge.api.expert import Metrics, TaskType
 from langmerge.artifacts import (
     Cost,
     FileEntry,
@@ -114,6 +114,7 @@ def run_merge_task(
                     weight=item.weight,
                     uri=item.adapter_uri,
                     digest=item.adapter_digest,
+                    labels=tuple(item.labels) if item.labels else None,
                 )
             )
         timings["download"] = time.monotonic() - t
@@ -143,11 +144,14 @@ def run_merge_task(
         expert_metrics: dict[str, Metrics] = {}
         if task.evaluation.enabled:
             t = time.monotonic()
+            labels = task.inputs[0].labels if task.inputs[0].task_type == TaskType.SEQUENCE_CLASSIFICATION else None
             languages = [
                 LanguageInput(
                     language=item.language,
                     adapter_dir=adapter.path,
-                    examples=load_eval_split(s3, item.dataset, max_examples=task.evaluation.max_examples),
+                    examples=load_eval_split(
+                        s3, item.dataset, max_examples=task.evaluation.max_examples, labels=labels
+                    ),
                     max_seq_length=item.max_seq_length,
                 )
                 for item, adapter in zip(task.inputs, inputs, strict=True)
@@ -160,6 +164,7 @@ def run_merge_task(
                 languages=languages,
                 device=torch_device,
                 max_examples=task.evaluation.max_examples,
+                labels=labels,
                 on_language=lambda lang: _progress(s3, task, f"evaluating {lang}", step[lang], total_steps),
             )
             for item in task.inputs:

@@ -1,0 +1,159 @@
+"""Sequence-classification experts through the operator, on the real API server + S3 with the real trainer.
+
+Two classifier LanguageExperts (a tiny encoder, topic labels) train in training Jobs, a MergedModel merges them and
+gates on accuracy (in absolute points), revision 1 is published with per-language accuracy and macro-F1; then an
+expert with a different label list is refused by the MergedModel, and an expert whose data has a label outside its
+set fails with the file and line in its status and an Event.
+"""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from langmerge import artifacts
+from langmerge.artifacts import MergeManifest, PublishedRevision
+from langmerge.dev.jobrunner import LocalJobRunner, RunnerConfig
+from langmerge.store import ObjectStore
+from langmerge_trainer.bench.workloads import topic_data
+from operator_harness import (
+    apply_expert,
+    apply_merged,
+    condition,
+    events,
+    get_expert,
+    get_merged,
+    put_jsonl,
+    run_operator,
+    status_of,
+    wait_for,
+)
+
+pytestmark = pytest.mark.integration
+
+LABELS = ["money", "science"]
+TASK = {"langmerge.dev/task": "topic"}
+
+
+def _expert(bucket: str, language: str, data: str, labels: list[str] = LABELS) -> dict[str, Any]:
+    return {
+        "language": language,
+        "task": "topic",
+        "taskType": "sequence-classification",
+        "labels": labels,
+        "baseModel": {"uri": f"s3://{bucket}/models/tiny-bert"},
+        "dataset": {"uri": f"s3://{bucket}/{data}/{language}", "evalFraction": 0.3},
+        "lora": {"rank": 4, "alpha": 8, "dropout": 0.0, "targetModules": ["query", "value", "dense"]},
+        "training": {"epochs": 2, "learningRate": 1e-2, "batchSize": 8, "maxSeqLength": 48, "seed": 1},
+        "resources": {"gpus": 0, "cpu": "1", "memory": "2Gi"},
+        "schedule": {"pollIntervalSeconds": 5, "settleSeconds": 0},
+        "retry": {"limit": 0},
+    }
+
+
+def test_classifier_experts_merge_and_gate_on_accuracy(
+    control_plane: Any, kube: Any, s3: ObjectStore, namespace: str, tmp_path: Path
+) -> None:
+    from langmerge_trainer.sample import build_tiny_bert
+
+    bucket = f"cls-{uuid.uuid4().hex[:10]}"
+    s3.ensure_bucket(bucket)
+    texts = [r["text"] for lang in ("it", "ja") for r in topic_data(lang, LABELS).train]
+    s3.upload_dir(build_tiny_bert(tmp_path / "tiny-bert", texts), f"s3://{bucket}/models/tiny-bert")
+    for lang in ("it", "ja"):
+        put_jsonl(s3, f"s3://{bucket}/data/{lang}/part-0.jsonl", topic_data(lang, LABELS).train[:60])
+    merged_uri = f"s3://{bucket}/merged/topic"
+
+    runner = LocalJobRunner(
+        kube,
+        RunnerConfig(
+            work_root=tmp_path / "jobs",
+            parallel=2,
+            namespace=namespace,
+            extra_env=(
+                ("PYTHONUNBUFFERED", "1"),
+                ("OMP_NUM_THREADS", "1"),
+                ("TOKENIZERS_PARALLELISM", "false"),
+                ("LANGMERGE_MODEL_CACHE", str(tmp_path / "models")),
+                ("HOME", str(tmp_path / "home")),
+                ("TMPDIR", str(tmp_path)),
+            ),
+        ),
+    )
+    with run_operator(namespace, f"s3://{bucket}/artifacts", max_training_jobs=2, resync_seconds=3), runner:
+        for lang in ("it", "ja"):
+            apply_expert(kube, namespace, f"topic-{lang}", _expert(bucket, lang, "data"), labels=TASK)
+        apply_merged(
+            kube,
+            namespace,
+            "topic",
+            {
+                "baseModel": {"uri": f"s3://{bucket}/models/tiny-bert"},
+                "experts": {"selector": {"matchLabels": TASK}},
+                "method": "ties",
+                "parameters": {"density": 1.0},
+                "output": {"uri": merged_uri, "format": "peft-adapter"},
+                "evaluation": {"metric": "accuracy", "maxRegression": 1.0},
+                "settleSeconds": 0,
+            },
+        )
+        wait_for(
+            lambda: status_of(get_merged(kube, namespace, "topic")).get("revision") == 1,
+            timeout=420,
+            interval=1,
+            what="revision 1 of the merged classifier",
+        )
+        for lang in ("it", "ja"):
+            status = status_of(get_expert(kube, namespace, f"topic-{lang}"))
+            assert status["phase"] == "Ready"
+            metrics = status["adapter"]["metrics"]
+            assert 0 <= metrics["accuracy"] <= 1 and 0 <= metrics["macroF1"] <= 1 and metrics["evalLoss"] > 0
+        mstatus = status_of(get_merged(kube, namespace, "topic"))
+        for lang in ("it", "ja"):
+            figures = mstatus["metrics"][lang]
+            merged, expert = figures["merged"], figures["expert"]
+            # accuracy is gated in absolute points: the regression shown is expert - merged
+            assert figures["regression"] == pytest.approx(expert["accuracy"] - merged["accuracy"], abs=1e-6)
+        gate = condition(get_merged(kube, namespace, "topic"), "QualityGate")
+        assert gate is not None and gate["status"] == "True"
+
+        # An expert with another label list under the same selector: the merge is refused, with the reason.
+        apply_expert(kube, namespace, "topic-ko", _expert(bucket, "ko", "data", ["science", "money"]), labels=TASK)
+        failed = wait_for(
+            lambda: (m := get_merged(kube, namespace, "topic")) if "same label list" in (
+                status_of(m).get("message") or ""
+            ) else None,
+            timeout=60,
+            interval=0.5,
+            what="the MergedModel refusing experts with different labels",
+        )
+        assert "topic-ko has labels ['science', 'money']" in status_of(failed)["message"]
+        wait_for(
+            lambda: any(e.reason == "TaskTypeMismatch" for e in events(kube, namespace, "topic")),
+            timeout=30,
+            what="a TaskTypeMismatch Event",
+        )
+
+        # Data with a label outside the expert's set: the training Job fails, the status names file and line.
+        put_jsonl(
+            s3,
+            f"s3://{bucket}/bad/pt/part-0.jsonl",
+            [{"text": "Quanto custa?", "label": "money"}] * 6 + [{"text": "Que filme!", "label": "movies"}],
+        )
+        apply_expert(kube, namespace, "topic-pt", _expert(bucket, "pt", "bad"), labels={"other": "x"})
+        expert = wait_for(
+            lambda: (e := get_expert(kube, namespace, "topic-pt")) if status_of(e).get("phase") == "Failed" else None,
+            timeout=180,
+            interval=1,
+            what="the expert with a bad label to fail",
+        )
+        message = status_of(expert)["message"]
+        assert "bad/pt/part-0.jsonl, line 7" in message and 'label "movies" is not one of' in message, message
+
+    current = PublishedRevision.model_validate(s3.get_json(artifacts.current_uri(merged_uri)))
+    manifest = MergeManifest.model_validate(s3.get_json(current.manifest_uri))
+    assert sorted(manifest.evaluation) == ["it", "ja"]
+    assert all(m.accuracy is not None and m.macro_f1 is not None for m in manifest.evaluation.values())
