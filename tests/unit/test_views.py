@@ -63,3 +63,46 @@ def test_tables_render() -> None:
     }
     assert "ties" in merged_table([mm]) and " 2 " in merged_table([mm])
     assert "de" in merged_history(mm)
+
+
+def test_cost_report_uses_a_measured_joint_retrain_when_recorded() -> None:
+    from langmerge.artifacts import JointBaseline
+
+    experts = [
+        _expert("de", "de", [("2026-01-01T00:00:10Z", 100.0, 10_000)]),
+        _expert("fr", "fr", [("2026-01-01T00:00:20Z", 200.0, 40_000), ("2026-01-02T00:00:00Z", 60.0, 12_000)]),
+    ]
+    baseline = JointBaseline(
+        task="t",
+        languages=["de", "fr"],
+        wall_seconds=400.0,
+        source="langmerge bench",
+        measured_at="2026-01-03T00:00:00Z",
+    )
+    report = cost_report(experts, baselines={"t": baseline})
+    assert report.full_retrain_seconds == 400.0 and report.all_measured
+    text = cost_text(report)
+    assert "85% less" in text and "measured: t joint retrain on de,fr 400.0 wall-s (langmerge bench" in text
+    assert "estimate" not in text
+    # another task's record does not apply: the figure stays an estimate, and says how it was estimated
+    other = cost_text(cost_report(experts, baselines={"other": baseline}))
+    assert "[estimate: each language's latest token count / its recorded throughput" in other
+
+
+def test_read_baselines_reads_the_records_of_the_experts_tasks() -> None:
+    from langmerge.artifacts import JointBaseline, baseline_uri
+    from langmerge.views import read_baselines
+
+    record = JointBaseline(task="t", languages=["de"], wall_seconds=5.0, source="test")
+
+    class Store:
+        def __init__(self) -> None:
+            self.asked: list[str] = []
+
+        def get_json_or_none(self, uri: str) -> Any:
+            self.asked.append(uri)
+            return record.model_dump(mode="json") if uri == baseline_uri("s3://a/art", "ns", "t") else None
+
+    store = Store()
+    found = read_baselines(store, "s3://a/art", [_expert("de", "de", []), _expert("fr", "fr", [])])
+    assert found["t"].wall_seconds == 5.0 and store.asked == ["s3://a/art/baselines/ns/t.json"]

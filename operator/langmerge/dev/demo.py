@@ -32,7 +32,7 @@ from langmerge.api.merged import MergedModelStatus
 from langmerge.constants import API_VERSION, EXPERT_PLURAL, GROUP, MERGED_PLURAL, VERSION
 from langmerge.kube import Kube, install_crds, load_client
 from langmerge.store import ObjectStore, S3Config
-from langmerge.views import cost_report, cost_text, experts_table, merged_table, table
+from langmerge.views import cost_report, cost_text, experts_table, merged_table, read_baselines, table
 
 LANGUAGES = ("es", "it", "pt")
 #: The language whose data grows in the maintenance step.
@@ -431,7 +431,8 @@ class Demo:
                     ]
                 )
         lines.append(table(["JOB", "KIND", "LANG/INPUTS", "WALL-S", "GPU-S", "CPU-S", "TOKENS"], job_rows))
-        lines += ["", cost_text(cost_report(experts, [merged] if merged else []))]
+        baselines = read_baselines(self.store, self.layout.artifacts_uri, experts)
+        lines += ["", cost_text(cost_report(experts, [merged] if merged else [], baselines))]
         lines += [
             "",
             f"published: {mstatus.uri} (revision {mstatus.revision}); pointer {artifacts.current_uri(self.layout.merged_uri)}",
