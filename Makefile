@@ -5,12 +5,12 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: up down status venv lint test test-unit test-integration controlplane crds bench clean
+.PHONY: up down status venv lint test test-unit test-integration controlplane crds bench bench-engine clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[trainer,dev]'
+	$(BIN)/python -m pip install -q -e '.[trainer,bench,dev]'
 	@touch $(STAMP)
 
 venv: $(STAMP)
@@ -52,7 +52,12 @@ test-unit: $(STAMP)
 test-integration: controlplane
 	$(BIN)/pytest -m integration
 
-bench: $(STAMP)
+## The quality and cost benchmark (experts + merging vs one jointly trained model): results/ (report, JSON, plots).
+bench: controlplane
+	$(BIN)/langmerge bench --readme README.md
+
+## The engine's speed/memory benchmarks.
+bench-engine: $(STAMP)
 	$(BIN)/python benchmarks/merge_bench.py
 	$(BIN)/python benchmarks/trainer_throughput.py
 	$(BIN)/python benchmarks/merge_eval_memory.py

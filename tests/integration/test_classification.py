@@ -122,14 +122,12 @@ def test_classifier_experts_merge_and_gate_on_accuracy(
 
         # An expert with another label list under the same selector: the merge is refused, with the reason.
         apply_expert(kube, namespace, "topic-ko", _expert(bucket, "ko", "data", ["science", "money"]), labels=TASK)
-        failed = wait_for(
-            lambda: (m := get_merged(kube, namespace, "topic")) if "same label list" in (
-                status_of(m).get("message") or ""
-            ) else None,
-            timeout=60,
-            interval=0.5,
-            what="the MergedModel refusing experts with different labels",
-        )
+
+        def refused() -> dict[str, Any] | None:
+            obj = get_merged(kube, namespace, "topic")
+            return obj if "same label list" in (status_of(obj).get("message") or "") else None
+
+        failed = wait_for(refused, timeout=60, interval=0.5, what="the MergedModel refusing experts with other labels")
         assert "topic-ko has labels ['science', 'money']" in status_of(failed)["message"]
         wait_for(
             lambda: any(e.reason == "TaskTypeMismatch" for e in events(kube, namespace, "topic")),
@@ -144,12 +142,12 @@ def test_classifier_experts_merge_and_gate_on_accuracy(
             [{"text": "Quanto custa?", "label": "money"}] * 6 + [{"text": "Que filme!", "label": "movies"}],
         )
         apply_expert(kube, namespace, "topic-pt", _expert(bucket, "pt", "bad"), labels={"other": "x"})
-        expert = wait_for(
-            lambda: (e := get_expert(kube, namespace, "topic-pt")) if status_of(e).get("phase") == "Failed" else None,
-            timeout=180,
-            interval=1,
-            what="the expert with a bad label to fail",
-        )
+
+        def failed_expert() -> dict[str, Any] | None:
+            obj = get_expert(kube, namespace, "topic-pt")
+            return obj if status_of(obj).get("phase") == "Failed" else None
+
+        expert = wait_for(failed_expert, timeout=180, interval=1, what="the expert with a bad label to fail")
         message = status_of(expert)["message"]
         assert "bad/pt/part-0.jsonl, line 7" in message and 'label "movies" is not one of' in message, message
 

@@ -7,6 +7,7 @@ Verbs::
     merge --task <json or @file>        the merge Job (langmerge_trainer.merge.job)
     merge-local ...                     merge adapters on this machine (langmerge_trainer.merge.cli)
     sample --base-uri ... --data-uri ...  build and upload the sample base model and datasets (langmerge up)
+    bench [--quick] ...                 experts + merging vs one jointly trained model: quality and cost (results/)
 
 Exit status (``langmerge.constants``; a Job's podFailurePolicy fails the Job at once on 2 and 4):
 
@@ -32,7 +33,7 @@ from langmerge.constants import EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED, EXIT_USAGE
 
 __all__ = ["EXIT_FAILED", "EXIT_OK", "EXIT_PREEMPTED", "EXIT_USAGE", "EXIT_USER_ERROR", "main"]
 
-VERBS = ("train", "evaluate", "merge", "merge-local", "sample")
+VERBS = ("train", "evaluate", "merge", "merge-local", "sample", "bench")
 USAGE = f"usage: langmerge-trainer {{{','.join(VERBS)}}} [options]  (langmerge-trainer <verb> --help)"
 
 log = logging.getLogger("langmerge_trainer")
@@ -112,6 +113,12 @@ def sample_main(argv: Sequence[str]) -> int:
     return int(seed_main(list(argv)) or 0)
 
 
+def bench_main(argv: Sequence[str]) -> int:
+    from langmerge_trainer.bench.cli import main as cli_main
+
+    return int(cli_main(list(argv)) or 0)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help"):
@@ -126,6 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "merge": merge_main,
         "merge-local": merge_local_main,
         "sample": sample_main,
+        "bench": bench_main,
     }
     handler = handlers.get(verb)
     if handler is None:

