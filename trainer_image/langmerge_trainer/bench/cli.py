@@ -53,6 +53,9 @@ QUICK = {
     "dialog": {"languages": "es,it", "new": "pt", "updated": "it"},
 }
 QUICK_METHODS = "ties(density=1.0),linear"
+#: Training examples per language in the full topic workload: sized so that the default benchmark (3 seeds, both
+#: workloads, every method) fits in an hour on a 2-core CPU machine.
+TOPIC_MAX_TRAIN = 240
 
 
 @dataclass
@@ -72,6 +75,7 @@ class Options:
     quick: bool
     output: Path
     command: str
+    via_operator: bool = False
 
 
 def _csv(text: str) -> list[str]:
@@ -101,9 +105,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-train", type=int, help="at most this many training examples per language")
     p.add_argument("--max-test", type=int, help="at most this many test examples per language")
     p.add_argument("--device", default="cpu", help="cpu or cuda (bf16 on CUDA)")
-    p.add_argument("--parallel", type=int, help="training processes at once (default: 2 on CPU, 1 on CUDA)")
+    p.add_argument("--parallel", type=int, help="training processes at once (default: 2 on CPU, 4 on CUDA)")
     p.add_argument("--threads", type=int, help="torch threads per training process (default: cores / parallel)")
     p.add_argument("--output", default="results", help="folder for bench.json, report.md and the plots")
+    p.add_argument(
+        "--via-operator",
+        action="store_true",
+        help="run the story as LanguageExperts and a MergedModel on a local control plane (the operator's ledger; "
+        "the first merge method only)",
+    )
     p.add_argument("--readme", help="also refresh the Results block of this README from the record")
     p.add_argument("--report-only", metavar="JSON", help="only re-render report, plots (and --readme) from a record")
     p.add_argument(
@@ -148,11 +158,12 @@ def options_from_args(args: argparse.Namespace, argv: Sequence[str]) -> Options:
     methods = parse_methods(args.methods or (QUICK_METHODS if args.quick else "all"))
     epochs = {"topic": args.epochs or (1 if args.quick else 3), "dialog": args.epochs or (1 if args.quick else 4)}
     max_train = {
-        "topic": args.max_train or (40 if args.quick else None),
+        "topic": args.max_train or (40 if args.quick else TOPIC_MAX_TRAIN),
         "dialog": args.max_train or (64 if args.quick else None),
     }
     cuda = args.device.startswith("cuda")
-    parallel = args.parallel or (1 if cuda else 2)
+    # On a GPU the runs are short and their start (imports, loading the base) is CPU work: four share the device.
+    parallel = args.parallel or (4 if cuda else 2)
     cores = os.cpu_count() or 1
     threads = args.threads or max(1, cores // parallel)
     return Options(
@@ -170,6 +181,7 @@ def options_from_args(args: argparse.Namespace, argv: Sequence[str]) -> Options:
         threads=threads,
         quick=args.quick,
         output=Path(args.output),
+        via_operator=args.via_operator,
         command="langmerge bench " + " ".join(shlex.quote(a) for a in argv) if argv else "langmerge bench",
     )
 
@@ -318,9 +330,14 @@ def run(opts: Options) -> dict[str, Any]:
     workloads = [build_workload(name, opts) for name in opts.workloads]
     # units: per seed and workload: every training, every merge (+2 re-merges), evaluations (~6 + methods)
     per_seed = sum(len(w.languages) + 3 + 2 * len(opts.methods) + 3 + (3 if w.new_language else 0) for w in workloads)
+    if opts.via_operator:
+        opts.methods = opts.methods[:1]
+        per_seed = sum(3 if w.new_language else 2 for w in workloads)
     progress = Progress(per_seed * len(opts.seeds))
     work = Path(tempfile.mkdtemp(prefix="langmerge-bench-"))
     cp = ControlPlane(work / "controlplane", controller_manager=False)
+    services = None
+    runner = None
     record: dict[str, Any] = {
         "schema": report.SCHEMA,
         "run": {
@@ -334,7 +351,7 @@ def run(opts: Options) -> dict[str, Any]:
             "machine": info,
             "versions": versions(),
             "seeds": opts.seeds,
-            "via_operator": False,
+            "via_operator": opts.via_operator,
         },
         "workloads": [],
     }
@@ -359,11 +376,33 @@ def run(opts: Options) -> dict[str, Any]:
             progress=progress,
         )
         _set_threads(opts)
+        if opts.via_operator:
+            from langmerge.kube import Kube, install_crds, load_client
+            from langmerge_trainer.bench.operator_mode import (
+                OperatorStory,
+                job_runner,
+                prepare_namespace,
+                start_services,
+            )
+
+            kube = Kube(load_client(endpoints.kubeconfig))
+            install_crds(kube.api)
+            prepare_namespace(kube.api, env)
+            services = start_services(work / "services", env, opts.parallel)
+            runner = job_runner(kube.api, work, env, opts.parallel)
+            runner.__enter__()
         for w in workloads:
             progress(f"{w.name}: base model", 0)
             base_dir = build_base(w, opts, work)
             wr = WorkloadRun(ctx, w, base_dir, opts.methods)
             wr.upload()
+            if opts.via_operator:
+                story = OperatorStory(
+                    ctx, wr, Evaluator(ctx, w, base_dir), kube, lambda d, w=w: progress(f"{w.name}: {d}")
+                )
+                runs = [story.run_seed(seed, opts.methods[0]) for seed in opts.seeds]
+                record["workloads"].append(workload_record(w, opts, runs))
+                continue
             tasks = {(seed, role): t for seed in opts.seeds for role, t in wr.plan(seed).items()}
             flat = {f"{seed}|{role}": t for (seed, role), t in tasks.items()}
             done = run_training(ctx, flat, lambda role, w=w: progress(f"{w.name}: trained {role.split('|')[1]}"))
@@ -375,6 +414,10 @@ def run(opts: Options) -> dict[str, Any]:
             record["workloads"].append(workload_record(w, opts, runs))
     finally:
         progress.close()
+        if runner is not None:
+            runner.__exit__(None, None, None)
+        if services is not None:
+            services.stop("operator")
         cp.stop()
         shutil.rmtree(work, ignore_errors=True)
     record["run"]["finished_at"] = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
