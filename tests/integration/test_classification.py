@@ -54,6 +54,25 @@ def _expert(bucket: str, language: str, data: str, labels: list[str] = LABELS) -
     }
 
 
+def _s3_secret(kube: Any, namespace: str) -> None:
+    """The S3 credentials Secret the Jobs read (as `langmerge up` creates it)."""
+    import os
+
+    from kubernetes import client
+
+    from langmerge.dev.demo import SECRET
+
+    client.CoreV1Api(kube).create_namespaced_secret(
+        namespace,
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": SECRET},
+            "stringData": {k: os.environ[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")},
+        },
+    )
+
+
 def test_classifier_experts_merge_and_gate_on_accuracy(
     control_plane: Any, kube: Any, s3: ObjectStore, namespace: str, tmp_path: Path
 ) -> None:
@@ -61,6 +80,7 @@ def test_classifier_experts_merge_and_gate_on_accuracy(
 
     bucket = f"cls-{uuid.uuid4().hex[:10]}"
     s3.ensure_bucket(bucket)
+    _s3_secret(kube, namespace)
     texts = [r["text"] for lang in ("it", "ja") for r in topic_data(lang, LABELS).train]
     s3.upload_dir(build_tiny_bert(tmp_path / "tiny-bert", texts), f"s3://{bucket}/models/tiny-bert")
     for lang in ("it", "ja"):

@@ -226,3 +226,30 @@ def test_merging_refuses_different_label_sets(
     with pytest.raises(MergeError, match="different label sets"):
         merge_adapters(tiny_bert, inputs, "ties", {"density": 1.0}, "peft-adapter", None, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "magnitude_prune", "cat", "knots", "task_arithmetic"])
+def test_every_method_merges_classifier_heads(
+    s3: ObjectStore, experts: list[tuple[TrainTask, AdapterManifest]], tiny_bert: Path, tmp_path: Path, method: str
+) -> None:
+    from safetensors.torch import load_file
+
+    from langmerge.methods import METHODS
+
+    inputs = [
+        AdapterInput(
+            language=t.spec.language,
+            path=_download(s3, m.adapter_uri, tmp_path / t.spec.language),
+            labels=tuple(LABELS),
+        )
+        for t, m in experts
+    ]
+    fmt = "peft-adapter" if METHODS[method].low_rank_exact else "full-weights"
+    report = merge_adapters(tiny_bert, inputs, method, {}, fmt, None, tmp_path / "out")
+    weights = {
+        name: tensor
+        for shard in (tmp_path / "out").glob("*.safetensors")
+        for name, tensor in load_file(str(shard)).items()
+    }
+    heads = [k for k in weights if k.endswith("classifier.weight")]
+    assert len(heads) == 1 and report.output_format == fmt

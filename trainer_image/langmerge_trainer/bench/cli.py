@@ -19,6 +19,7 @@ import os
 import platform
 import shlex
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -495,6 +496,8 @@ def record_baselines(record: dict[str, Any], artifacts_uri: str, namespace: str)
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # A terminated run still stops its control plane and trainer processes (the finally blocks run).
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: sys.exit(143))
     parser = build_parser()
     args = parser.parse_args(argv)
     out = Path(args.output)

@@ -352,19 +352,30 @@ def run_training(ctx: Context, tasks: dict[str, TrainTask], on_done: Callable[[s
         cmd = [sys.executable, "-m", "langmerge_trainer", "train", "--task", f"@{task_file}", "--device", ctx.device]
         log_path = ctx.logs / f"{task.name}.log"
         with log_path.open("w") as out:
-            rc = subprocess.run(cmd, env=ctx.env, stdout=out, stderr=subprocess.STDOUT, check=False).returncode
+            proc = subprocess.Popen(cmd, env=ctx.env, stdout=out, stderr=subprocess.STDOUT)
+            children.append(proc)
+            rc = proc.wait()
         if rc != 0:
             tail = "".join(log_path.read_text(errors="replace").splitlines(keepends=True)[-30:])
             raise BenchError(f"training {task.name} failed (exit {rc}); log {log_path}:\n{tail}")
         raw = ctx.store.get_json(artifacts.join(task.output_uri, artifacts.MANIFEST))
         return role, TrainRun(task.name, task.spec.language, AdapterManifest.model_validate(raw))
 
+    children: list[subprocess.Popen[bytes]] = []
     with ThreadPoolExecutor(max_workers=max(1, ctx.parallel)) as pool:
         futures = [pool.submit(one, role) for role in order]
-        for future in as_completed(futures):
-            role, run = future.result()
-            results[role] = run
-            on_done(role)
+        try:
+            for future in as_completed(futures):
+                role, run = future.result()
+                results[role] = run
+                on_done(role)
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            for proc in children:  # a failed or interrupted benchmark leaves no trainer behind
+                if proc.poll() is None:
+                    proc.terminate()
+            raise
     return results
 
 
