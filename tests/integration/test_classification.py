@@ -8,6 +8,7 @@ set fails with the file and line in its status and an Event.
 
 from __future__ import annotations
 
+import json
 import uuid
 from pathlib import Path
 from typing import Any
@@ -55,22 +56,26 @@ def _expert(bucket: str, language: str, data: str, labels: list[str] = LABELS) -
 
 
 def _s3_secret(kube: Any, namespace: str) -> None:
-    """The S3 credentials Secret the Jobs read (as `langmerge up` creates it)."""
+    """The S3 credentials Secret the Jobs read (as `langmerge up` creates it), unless the namespace has it."""
     import os
 
     from kubernetes import client
 
     from langmerge.dev.demo import SECRET
 
-    client.CoreV1Api(kube).create_namespaced_secret(
-        namespace,
-        {
-            "apiVersion": "v1",
-            "kind": "Secret",
-            "metadata": {"name": SECRET},
-            "stringData": {k: os.environ[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")},
-        },
-    )
+    try:
+        client.CoreV1Api(kube).create_namespaced_secret(
+            namespace,
+            {
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "metadata": {"name": SECRET},
+                "stringData": {k: os.environ[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")},
+            },
+        )
+    except client.ApiException as err:
+        if err.status != 409:  # the namespace fixture may have made it already
+            raise
 
 
 def test_classifier_experts_merge_and_gate_on_accuracy(
@@ -103,7 +108,18 @@ def test_classifier_experts_merge_and_gate_on_accuracy(
             ),
         ),
     )
-    with run_operator(namespace, f"s3://{bucket}/artifacts", max_training_jobs=2, resync_seconds=3), runner:
+    grants = {namespace: {"read": [f"s3://{bucket}/models/", f"s3://{bucket}/data/", f"s3://{bucket}/bad/"]}}
+    grants[namespace]["readWrite"] = [f"s3://{bucket}/merged/"]
+    with (
+        run_operator(
+            namespace,
+            f"s3://{bucket}/artifacts",
+            max_training_jobs=2,
+            resync_seconds=3,
+            uri_grants=json.dumps(grants),
+        ),
+        runner,
+    ):
         for lang in ("it", "ja"):
             apply_expert(kube, namespace, f"topic-{lang}", _expert(bucket, lang, "data"), labels=TASK)
         apply_merged(

@@ -253,3 +253,44 @@ def test_every_method_merges_classifier_heads(
     }
     heads = [k for k in weights if k.endswith("classifier.weight")]
     assert len(heads) == 1 and report.output_format == fmt
+
+
+def test_a_decoder_base_trains_a_classifier_with_a_score_head(
+    s3: ObjectStore, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """AutoModelForSequenceClassification over a causal LM (the tiny Llama): the head is ``score``, the class comes
+    from the last token before the padding."""
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    bucket = new_bucket(s3)
+    base = upload_model(s3, tiny_model_dir, f"s3://{bucket}/models/tiny-llama")
+    rows = topic_data("it", LABELS).train
+    put_jsonl(s3, f"s3://{bucket}/data/it/part-0.jsonl", rows)
+    put_jsonl(s3, f"s3://{bucket}/test/it/part-0.jsonl", rows)
+    task = classifier_task(
+        bucket,
+        base,
+        "it",
+        "dec0000000000001",
+        lora={"rank": 4, "alpha": 8, "dropout": 0.0, "targetModules": ["q_proj", "v_proj"]},
+    )
+    manifest = run_train_task(task, s3, device="cpu")
+    assert manifest.metrics.accuracy is not None and manifest.base_metrics is not None
+    assert manifest.metrics.eval_loss < (manifest.base_metrics.eval_loss or 0)
+    adapter = _download(s3, manifest.adapter_uri, tmp_path / "adapter")
+    assert any(k.endswith("score.weight") for k in load_file(str(adapter / "adapter_model.safetensors")))
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    model = AutoModelForSequenceClassification.from_pretrained(
+        str(tiny_model_dir), num_labels=len(LABELS), pad_token_id=tok.pad_token_id
+    )
+    with peft_compat():
+        model = PeftModel.from_pretrained(model, str(adapter)).eval()
+    batch = tok([r["text"] for r in rows], padding=True, truncation=True, max_length=48, return_tensors="pt")
+    with torch.no_grad():
+        predicted = model(**batch).logits.argmax(-1).tolist()
+    accuracy = sum(LABELS[p] == r["label"] for p, r in zip(predicted, rows, strict=True)) / len(rows)
+    assert accuracy == pytest.approx(manifest.metrics.accuracy)

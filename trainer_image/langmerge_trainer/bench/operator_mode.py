@@ -18,6 +18,7 @@ examples the merge Job used.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
@@ -30,6 +31,7 @@ from langmerge.api.merged import MergedModelStatus
 from langmerge.methods import METHODS
 from langmerge_trainer.bench.runner import (
     ARTIFACTS_BUCKET,
+    DATA_BUCKET,
     JOINT,
     MODELS_BUCKET,
     NAMESPACE,
@@ -324,6 +326,10 @@ def start_services(state: Path, env: dict[str, str], parallel: int) -> Any:
         "LANGMERGE_RESYNC_SECONDS": "5",
         "LANGMERGE_PROGRESS_SECONDS": "2",
         "LANGMERGE_MAX_TRAINING_JOBS": str(parallel),
+        # The operator's URI policy: the benchmark's namespace reads the base models and data, writes merged models.
+        "LANGMERGE_URI_GRANTS": json.dumps(
+            {NAMESPACE: {"read": [f"s3://{DATA_BUCKET}/"], "readWrite": [f"s3://{MODELS_BUCKET}/"]}}
+        ),
         "PYTHONUNBUFFERED": "1",
     }
     services.start("operator", [sys.executable, "-m", "langmerge.cli", "run", "--namespace", NAMESPACE], operator_env)
