@@ -106,6 +106,11 @@ def expert_history(obj: dict[str, Any]) -> str:
     )
 
 
+def changes_text(changed: Sequence[str], removed: Sequence[str], nothing: str = "-") -> str:
+    """``dialog-nl`` for changed or added inputs, ``-dialog-it`` for removed ones (a history's CHANGED column)."""
+    return ",".join([*changed, *(f"-{name}" for name in removed)]) or nothing
+
+
 def merged_history(obj: dict[str, Any]) -> str:
     status = _merged_status(obj)
     rows = [
@@ -114,7 +119,7 @@ def merged_history(obj: dict[str, Any]) -> str:
             h.published_at or "-",
             h.reason,
             h.fingerprint,
-            ",".join(h.changed_inputs) or "-",
+            changes_text(h.changed_inputs, h.removed_inputs),
             h.job or "-",
             _fmt(h.wall_seconds, 1),
             _fmt(h.cpu_seconds, 1),

@@ -12,12 +12,14 @@ from typing import Any
 import pytest
 
 from langmerge import artifacts
+from langmerge.constants import EXPERT_PLURAL, GROUP, VERSION
 from langmerge.store import ObjectStore
 from operator_harness import (
     SimulatedJobs,
     apply_expert,
     apply_merged,
     condition,
+    custom,
     events,
     get_expert,
     get_merged,
@@ -136,6 +138,18 @@ def test_merge_publish_retrain_remerge_and_gc(kube: Any, s3: ObjectStore, seeded
         assert status_of(get_merged(kube, namespace, "mm"))["fingerprint"] in kept
         assert [r["revision"] for r in status_of(get_merged(kube, namespace, "mm"))["history"]] == [1, 2, 3, 4]
         assert "GarbageCollected" in {e.reason for e in events(kube, namespace, "mm")}
+
+        # An expert deleted: one re-merge of the others and no training; the history and the Event say what went.
+        trained = len([j for j in sim.started if "-train-" in j])
+        custom(kube).delete_namespaced_custom_object(GROUP, VERSION, namespace, EXPERT_PLURAL, "dialog-it")
+        obj = wait_for(lambda: _published(kube, namespace, 5), timeout=30, what="revision 5 without dialog-it")
+        status = status_of(obj)
+        assert sorted(i["language"] for i in status["inputs"]) == ["es", "pt"]
+        assert status["history"][-1]["removedInputs"] == ["dialog-it"]
+        assert status["history"][-1].get("changedInputs", []) == []
+        assert len([j for j in sim.started if "-train-" in j]) == trained and len(_merge_jobs(kube, namespace)) == 5
+        published = [e.message for e in events(kube, namespace, "mm") if e.reason == "Published"]
+        assert any("revision 5" in m and "removed inputs: dialog-it" in m for m in published), published
 
 
 def test_two_experts_finishing_together_give_one_merge(kube: Any, s3: ObjectStore, seeded: str, namespace: str) -> None:

@@ -344,7 +344,16 @@ class PublishRecord(StatusModel):
     uri: str
     published_at: Annotated[str | None, Field(default=None)] = None
     reason: Annotated[str, Field(default="merged", description="merged, adopted or rollback.")] = "merged"
-    changed_inputs: Annotated[list[str], Field(default_factory=list, description="Experts whose adapter changed.")]
+    changed_inputs: Annotated[
+        list[str], Field(default_factory=list, description="Experts whose adapter changed, or that were added.")
+    ]
+    removed_inputs: Annotated[
+        list[str],
+        Field(
+            default_factory=list,
+            description="Experts of the previous revision that this one no longer merges (deleted or deselected).",
+        ),
+    ]
     wall_seconds: Annotated[float | None, Field(default=None, description="Wall seconds of the merge Job.")] = None
     gpu_seconds: Annotated[float | None, Field(default=None)] = None
     cpu_seconds: Annotated[float | None, Field(default=None)] = None

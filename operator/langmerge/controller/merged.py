@@ -414,6 +414,7 @@ class MergedReconciler(ReconcilePass[MergedModelStatus]):
             published_at=record.published_at,
             reason=record.reason,
             changed_inputs=_changed_inputs(record, before) if record.reason == "merged" else [],
+            removed_inputs=_removed_inputs(record, before) if record.reason == "merged" else [],
             wall_seconds=round(cost.wall_seconds, 3) if cost else None,
             gpu_seconds=round(cost.gpu_seconds, 3) if cost else None,
             cpu_seconds=round(cost.cpu_seconds, 3) if cost else None,
@@ -423,9 +424,12 @@ class MergedReconciler(ReconcilePass[MergedModelStatus]):
     def _published_message(self, record: PublishedRevision, chain: list[PublishedRevision]) -> str:
         before = next((r for r in chain if r.revision == record.previous_revision()), None)
         changed = _changed_inputs(record, before) if record.reason == "merged" else []
+        removed = _removed_inputs(record, before) if record.reason == "merged" else []
         what = f"rollback to revision {record.rollback_of}" if record.reason == "rollback" else "merged"
-        return f"revision {record.revision} ({what}, fingerprint {record.fingerprint}) at {record.model_uri}" + (
-            f"; changed inputs: {', '.join(changed)}" if changed else ""
+        return (
+            f"revision {record.revision} ({what}, fingerprint {record.fingerprint}) at {record.model_uri}"
+            + (f"; changed inputs: {', '.join(changed)}" if changed else "")
+            + (f"; removed inputs: {', '.join(removed)}" if removed else "")
         )
 
     def _figures(self, record: PublishedRevision) -> dict[str, LanguageMetrics]:
@@ -687,3 +691,10 @@ def _changed_inputs(record: PublishedRevision, before: PublishedRevision | None)
     if before is None and record.previous_revision() is not None:
         return []  # the revision before is beyond what was read: unknown
     return sorted(i.expert for i in record.inputs if previous.get(i.language) != i.adapter_digest)
+
+
+def _removed_inputs(record: PublishedRevision, before: PublishedRevision | None) -> list[str]:
+    """Experts of the revision before that this one no longer merges (deleted or deselected)."""
+    if before is None:
+        return []
+    return sorted({i.expert for i in before.inputs} - {i.expert for i in record.inputs})
