@@ -106,6 +106,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             parallel=args.parallel,
             timeout=args.timeout,
             run_operator=not args.no_operator,
+            quick=args.quick,
         )
     except DemoError as err:
         print(f"langmerge up: {err}", file=sys.stderr)
@@ -221,6 +222,89 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return subprocess.run(cmd, check=False).returncode
 
 
+def _state_env(args: argparse.Namespace) -> dict[str, str]:
+    """The environment with the local control plane's S3 endpoint and keys (``<state>/env.sh``, written by ``up``)
+    filled in where it has none: ``langmerge try`` then works after ``make up`` without sourcing anything."""
+    env = dict(os.environ)
+    path = _state_dir(args) / "env.sh"
+    if "AWS_ACCESS_KEY_ID" in env or not path.exists():
+        return env
+    for line in path.read_text(encoding="utf-8").splitlines():
+        name, sep, value = line.removeprefix("export ").partition("=")
+        if sep and name.strip():
+            env.setdefault(name.strip(), value.strip().strip("'\""))
+    return env
+
+
+def _default_namespace(args: argparse.Namespace) -> str:
+    """``--namespace``, else the kubeconfig context's namespace (as kubectl does), else ``default``."""
+    if args.namespace:
+        return str(args.namespace)
+    from kubernetes import config
+
+    kubeconfig = args.kubeconfig or os.environ.get("KUBECONFIG")
+    if not kubeconfig and (_state_dir(args) / "kubeconfig").exists():
+        kubeconfig = str(_state_dir(args) / "kubeconfig")
+    try:
+        _contexts, active = config.list_kube_config_contexts(config_file=kubeconfig)
+    except (config.ConfigException, OSError):
+        return "default"
+    return str((active or {}).get("context", {}).get("namespace") or "default")
+
+
+def cmd_try(args: argparse.Namespace) -> int:
+    """What a merged model (or an expert) answers, beside the base and each expert: loads them from S3 with the
+    trainer extra (torch, transformers, peft) in a child process; the operator package never imports torch."""
+    import subprocess
+    import tempfile
+
+    from langmerge.store import ObjectStore, S3Config
+    from langmerge.tryout import TryError, missing_trainer_modules, resolve
+
+    missing = missing_trainer_modules()
+    if missing:
+        print(
+            f"langmerge try: loading models needs the trainer extra ({', '.join(missing)} missing here): "
+            "pip install 'langmerge[trainer]' (make up's .venv has it)",
+            file=sys.stderr,
+        )
+        return 1
+    env = _state_env(args)
+    store = ObjectStore.from_config(
+        S3Config(
+            endpoint_url=env.get("LANGMERGE_S3_ENDPOINT") or env.get("AWS_ENDPOINT_URL") or None,
+            region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1",
+        ),
+        **{k.lower(): env[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY") if env.get(k)},
+    )
+    show = [m.strip() for m in args.show.split(",") if m.strip()]
+    try:
+        task = resolve(
+            _kube(args),
+            store,
+            _default_namespace(args),
+            args.name,
+            revision=args.revision,
+            languages=args.language or (),
+            inputs=args.input or (),
+            examples=args.examples,
+            max_new_tokens=args.max_new_tokens,
+            show=show,
+        )
+    except TryError as err:
+        print(f"langmerge try: {err}", file=sys.stderr)
+        return 1
+    with tempfile.TemporaryDirectory(prefix="langmerge-try-") as tmp:
+        path = Path(tmp) / "task.json"
+        path.write_text(task.to_json(), encoding="utf-8")
+        cmd = [sys.executable, "-m", "langmerge_trainer", "try", "--task", f"@{path}"]
+        if args.device:
+            cmd += ["--device", args.device]
+        env.setdefault("LANGMERGE_LOG_LEVEL", "WARNING")
+        env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        return subprocess.run(cmd, env=env, check=False).returncode
+
+
 def cmd_sample_manifests(args: argparse.Namespace) -> int:
     from langmerge.dev.demo import sample_files
 
@@ -258,6 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parallel", type=int, default=2, help="training Jobs at once")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds to wait for each stage")
     p.add_argument("--no-operator", action="store_true", help="the operator already runs in the cluster")
+    p.add_argument(
+        "--quick", action="store_true", help="a smaller sample (short pre-training, 2 epochs): the same story, for CI"
+    )
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("down", help="stop everything `up` started (state is kept)")
@@ -283,6 +370,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kubeconfig")
     p.add_argument("--namespace", "-n", default="default")
     p.set_defaults(func=cmd_history)
+
+    p = sub.add_parser(
+        "try",
+        help="what a merged model answers, beside the base and each language's expert (needs the trainer extra)",
+        description="Load the published merged model NAME (or the revision --revision N), the base model and each "
+        "language's expert from S3, and print a few held-out inputs of every language (or your --input texts) with "
+        "each model's greedy output. NAME may also be a LanguageExpert (base and expert).",
+    )
+    p.add_argument("name", help="a MergedModel or a LanguageExpert")
+    p.add_argument("--revision", type=int, help="a published revision of the MergedModel (default: the current one)")
+    p.add_argument("--language", "-l", action="append", help="only this language (repeatable)")
+    p.add_argument(
+        "--input", "-i", action="extend", nargs="+", metavar="TEXT", help="your own inputs instead of held-out ones"
+    )
+    p.add_argument("--examples", type=int, default=3, help="held-out inputs per language (default 3)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="generated tokens at most (default 32)")
+    p.add_argument("--show", default="base,expert,merged", help="models to show (default base,expert,merged)")
+    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--kubeconfig")
+    p.add_argument("--namespace", "-n", help="default: the kubeconfig context's namespace, else default")
+    p.set_defaults(func=cmd_try)
 
     p = sub.add_parser(
         "merge", help="merge adapters locally: langmerge merge CONFIG.yaml OUT [--dry-run]", add_help=False

@@ -10,7 +10,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
@@ -344,13 +344,16 @@ class ObjectStore:
             files[rel] = (path.stat().st_size, file_sha256(path))
         return files
 
-    def download_prefix(self, uri: str, directory: Path) -> list[Path]:
+    def download_prefix(
+        self, uri: str, directory: Path, *, progress: Callable[[str, int], None] | None = None
+    ) -> list[Path]:
         """Download every object under ``uri`` into ``directory``, resumably.
 
         A file already present with the object's size is kept; partial downloads land in ``*.part`` and are renamed
         when complete, so an interrupted download never leaves a truncated file under its real name. A key that
         would land outside ``directory`` (see :func:`local_path`) stops the download with :class:`UnsafeKey` before
-        anything is written.
+        anything is written. ``progress(key, size)`` says how many bytes of the object ``key`` are on disk, as
+        they land (a retry that resumes reports from where it resumes; a file kept reports its size once).
         """
         bucket, key = split_uri(uri)
         base = prefix_key(key)
@@ -361,18 +364,24 @@ class ObjectStore:
         for obj, target in targets:
             paths.append(target)
             if target.exists() and target.stat().st_size == obj.size:
+                if progress is not None:
+                    progress(obj.key, obj.size)
                 continue
             target.parent.mkdir(parents=True, exist_ok=True)
             part = target.with_name(target.name + ".part")
-            self._download_resumable(bucket, obj, part)
+            self._download_resumable(bucket, obj, part, progress)
             part.replace(target)
         return paths
 
-    def _download_resumable(self, bucket: str, obj: ObjectInfo, part: Path) -> None:
+    def _download_resumable(
+        self, bucket: str, obj: ObjectInfo, part: Path, progress: Callable[[str, int], None] | None = None
+    ) -> None:
         have = part.stat().st_size if part.exists() else 0
         if have > obj.size:
             part.unlink()
             have = 0
+        if progress is not None:
+            progress(obj.key, have)
         if have == obj.size:
             return
         kwargs: dict[str, Any] = {"Bucket": bucket, "Key": obj.key}
@@ -381,13 +390,17 @@ class ObjectStore:
             kwargs["IfMatch"] = obj.etag
         try:
             resp = self.client.get_object(**kwargs)
+            landed = have
             with part.open("ab" if have else "wb") as fh:
-                for chunk in resp["Body"].iter_chunks(chunk_size=8 << 20):
+                for chunk in resp["Body"].iter_chunks(chunk_size=1 << 20):
                     fh.write(chunk)
+                    landed += len(chunk)
+                    if progress is not None:
+                        progress(obj.key, landed)
         except (ClientError, BotoCoreError) as err:
             if have and isinstance(err, ClientError) and _status(err) in (412, 416):
                 part.unlink()
-                return self._download_resumable(bucket, obj, part)
+                return self._download_resumable(bucket, obj, part, progress)
             self._fail(err, "download of", f"s3://{bucket}/{obj.key}")
 
     def delete_prefix(self, uri: str) -> int:

@@ -73,3 +73,48 @@ class MergeTask(Task):
     evaluation: Evaluation
     image: str | None = None
     attempt: int = 1
+
+
+class TryLanguage(Task):
+    """One language of ``langmerge try``: its expert's adapter and where its held-out inputs come from."""
+
+    language: str
+    #: The LanguageExpert's name (None when the revision's expert no longer exists and was not asked for).
+    expert: str | None = None
+    #: The expert's committed adapter folder (None: no expert column for this language).
+    adapter_uri: str | None = None
+    #: The expert's data: the held-out split gives the inputs (None: only ``TryTask.inputs`` can be shown).
+    dataset: Dataset | None = None
+    max_seq_length: int = 1024
+    #: Why something is missing (shown above the language's rows), e.g. a deleted expert.
+    note: str | None = None
+    #: Held-out figures to show beside the outputs, e.g. {"expert": 2.21, "merged": 2.25} (eval loss).
+    eval_loss: dict[str, float] = Field(default_factory=dict)
+
+
+class TryTask(Task):
+    """``langmerge-trainer try``: load the published merged model (and the base, and each language's expert) from S3
+    the way a serving process would, and show their outputs side by side on a few inputs per language."""
+
+    #: "MergedModel" or "LanguageExpert": what NAME named.
+    kind: str
+    namespace: str
+    name: str
+    #: The published revision shown (MergedModel only).
+    revision: int | None = None
+    #: The merge method and output format, for the heading (MergedModel only).
+    method: str | None = None
+    #: The base model's S3 folder, and the digest the merge used (None: its listing digest now keys the cache).
+    base_uri: str
+    base_digest: str | None = None
+    #: The merged model's folder (a PEFT adapter, or full weights) and its format (MergedModel only).
+    merged_uri: str | None = None
+    merged_format: str | None = None
+    languages: list[TryLanguage] = Field(min_length=1)
+    #: The user's own inputs (``--input``); empty: each language's held-out inputs.
+    inputs: list[str] = Field(default_factory=list)
+    #: Held-out inputs per language.
+    examples: int = Field(default=3, ge=1, le=100)
+    max_new_tokens: int = Field(default=32, ge=1, le=1024)
+    #: Which models to show, in this order: base, expert, merged.
+    show: list[str] = Field(default_factory=lambda: ["base", "expert", "merged"])

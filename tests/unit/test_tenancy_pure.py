@@ -337,9 +337,10 @@ def test_invalid_regular_expressions(field: str) -> None:
 
 def test_the_sample_passes_admission_with_the_grants_up_sets() -> None:
     """`make up` runs the sample under the default policy plus the grants it sets: every URI, image and resource of
-    the sample's manifests is admitted, and the same manifests in another namespace are not."""
+    the sample's manifests is admitted (also the expert the README's walkthrough adds), and the same manifests in
+    another namespace are not."""
     from langmerge.api.expert import LanguageExpertSpec
-    from langmerge.dev.demo import DEFAULT_LAYOUT, sample_experts, sample_merged
+    from langmerge.dev.demo import ADDED_LANGUAGE, DEFAULT_LAYOUT, sample_expert, sample_experts, sample_merged
 
     settings = Settings.from_env(
         {
@@ -351,10 +352,11 @@ def test_the_sample_passes_admission_with_the_grants_up_sets() -> None:
     merged_uris = [("base", merged.base_model.uri, False), ("output", merged.output.uri, True)]
     assert check_uris(settings, "default", merged_uris) is None
     assert check_uris(settings, "elsewhere", merged_uris) is not None
-    for doc in sample_experts():
+    for doc in [*sample_experts(), sample_expert(ADDED_LANGUAGE)]:
         spec = LanguageExpertSpec.model_validate(doc["spec"])
         uris = [("base", spec.base_model.uri, False), ("data", spec.dataset.uri, False)]
         assert check_uris(settings, "default", uris) is None
+        assert check_uris(settings, "elsewhere", uris) is not None
         assert check_job_spec(settings.trainer_image, "image", spec.resources, "resources", settings) is None
 
 

@@ -8,6 +8,7 @@ Verbs::
     merge-local ...                     merge adapters on this machine (langmerge_trainer.merge.cli)
     sample --base-uri ... --data-uri ...  build and upload the sample base model and datasets (langmerge up)
     bench [--quick] ...                 experts + merging vs one jointly trained model: quality and cost (results/)
+    try --task <json or @file>          outputs of a merged model, the base and the experts (langmerge try)
 
 Exit status (``langmerge.constants``; a Job's podFailurePolicy fails the Job at once on 2 and 4):
 
@@ -33,7 +34,7 @@ from langmerge.constants import EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED, EXIT_USAGE
 
 __all__ = ["EXIT_FAILED", "EXIT_OK", "EXIT_PREEMPTED", "EXIT_USAGE", "EXIT_USER_ERROR", "main"]
 
-VERBS = ("train", "evaluate", "merge", "merge-local", "sample", "bench")
+VERBS = ("train", "evaluate", "merge", "merge-local", "sample", "bench", "try")
 USAGE = f"usage: langmerge-trainer {{{','.join(VERBS)}}} [options]  (langmerge-trainer <verb> --help)"
 
 log = logging.getLogger("langmerge_trainer")
@@ -119,6 +120,12 @@ def bench_main(argv: Sequence[str]) -> int:
     return int(cli_main(list(argv)) or 0)
 
 
+def try_main(argv: Sequence[str]) -> int:
+    from langmerge_trainer.tryout import main as tryout_main
+
+    return int(tryout_main(list(argv)))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help"):
@@ -134,6 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "merge-local": merge_local_main,
         "sample": sample_main,
         "bench": bench_main,
+        "try": try_main,
     }
     handler = handlers.get(verb)
     if handler is None:

@@ -19,7 +19,7 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -64,12 +64,14 @@ def ensure_model(
     *,
     cache_dir: Path | None = None,
     verify: bool = True,
+    progress: Callable[[str, int], None] | None = None,
 ) -> Path:
     """The local folder of the model under the s3:// prefix ``uri``, downloading it once.
 
     ``digest`` keys the cache (default: the listing digest of ``uri``, as ``ObjectStore.prefix_digest`` computes it).
     With ``verify`` and a given digest, the listing is checked against it before downloading, and a changed model
-    raises :class:`ModelDigestMismatch` instead of caching different content under the old key.
+    raises :class:`ModelDigestMismatch` instead of caching different content under the old key. ``progress``
+    follows a download (see ``ObjectStore.download_prefix``); a cached model downloads nothing.
     """
     root = cache_dir or cache_root()
     verify = verify and digest is not None
@@ -95,7 +97,7 @@ def ensure_model(
                 )
         partial = root / ".partial" / digest
         log.info("base model %s: downloading into %s", uri, partial)
-        paths = store.download_prefix(uri, partial)
+        paths = store.download_prefix(uri, partial, progress=progress)
         if not paths:
             raise FileNotFoundError(f"no objects under the base model prefix {uri}")
         files = sorted(p.relative_to(partial).as_posix() for p in paths)

@@ -141,9 +141,14 @@ class RetryingStore(ObjectStore):
     def upload_file(self, path: Path, uri: str) -> None:
         self.retry(f"upload {uri}", lambda: self.inner.upload_file(path, uri))
 
-    def _download_resumable(self, bucket: str, obj: ObjectInfo, part: Path) -> None:
-        # A retried download resumes from the bytes already in ``part``.
-        self.retry(f"download s3://{bucket}/{obj.key}", lambda: self.inner._download_resumable(bucket, obj, part))
+    def _download_resumable(
+        self, bucket: str, obj: ObjectInfo, part: Path, progress: Callable[[str, int], None] | None = None
+    ) -> None:
+        # A retried download resumes from the bytes already in ``part`` (and reports progress from there).
+        self.retry(
+            f"download s3://{bucket}/{obj.key}",
+            lambda: self.inner._download_resumable(bucket, obj, part, progress),
+        )
 
     def delete(self, uri: str) -> None:
         self.retry(f"delete {uri}", lambda: self.inner.delete(uri))

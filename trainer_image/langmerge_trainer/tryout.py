@@ -1,0 +1,302 @@
+"""``langmerge-trainer try --task <json>``: what a merged model (and the base, and each expert) answers.
+
+The operator side (``langmerge try``, :mod:`langmerge.tryout`) resolves NAME into a :class:`langmerge.tasks.TryTask`.
+Here the models are loaded from S3 the way a serving process loads them: the base model folder through
+``AutoModelForCausalLM.from_pretrained``, a published PEFT adapter on top of it through ``PeftModel.from_pretrained``
+(each expert as one more named adapter on the same base, switched per request; the base alone with the adapters
+disabled), full merged weights through ``from_pretrained`` of their own folder. Folders are cached in the model
+cache (``LANGMERGE_MODEL_CACHE``), with progress on stderr while they download.
+
+For each language it prints a few held-out inputs of the expert's data (or the ``--input`` texts) with the expected
+answer and the greedy generation of each model (base, the language's own expert, the merged model) one under the
+other. A prompt is encoded as in training: the beginning-of-sequence token, then the prompt's tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+
+from langmerge.store import ObjectStore
+from langmerge.tasks import TryLanguage, TryTask
+from langmerge_trainer.data import load_eval_split, read_json_arg
+from langmerge_trainer.evaluate import load_tokenizer, peft_compat, pick_device
+from langmerge_trainer.merge.evaluation import load_model
+from langmerge_trainer.modelcache import cache_root, ensure_model, is_complete
+
+log = logging.getLogger(__name__)
+
+MERGED = "merged"
+#: Shown for an answer with no text (the model ended it at once).
+EMPTY = "(empty answer)"
+#: Width of the row labels ("input", "expected", "base", ...).
+LABEL_WIDTH = 10
+
+
+# -- progress -----------------------------------------------------------------------------------------------------------
+def human_size(size: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GB"
+
+
+@dataclass
+class Progress:
+    """Progress lines on a stream: a self-updating line on a terminal, a line every few seconds elsewhere."""
+
+    stream: TextIO
+    interval: float = 5.0
+    tty: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+
+    def say(self, text: str) -> None:
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def fetch(self, store: ObjectStore, what: str, uri: str, digest: str | None = None) -> Path:
+        """The local folder of the S3 folder ``uri`` (through the model cache), saying what it downloads."""
+        objects = store.list_objects(uri)
+        if not objects:
+            raise FileNotFoundError(f"{what}: no objects under {uri}")
+        total = sum(o.size for o in objects)
+        if digest is None:
+            digest, _count = store.prefix_digest(uri)
+        if is_complete(cache_root() / digest):
+            self.say(f"{what}: cached ({len(objects)} files, {human_size(total)})")
+            return ensure_model(store, uri, digest, verify=False)
+        self.say(f"{what}: downloading {len(objects)} files, {human_size(total)} from {uri}")
+        start = time.monotonic()
+        landed: dict[str, int] = {}
+        shown = start
+
+        def advance(key: str, size: int) -> None:
+            nonlocal shown
+            landed[key] = size
+            done = sum(landed.values())
+            now = time.monotonic()
+            if self.tty:
+                self.stream.write(f"\r  {human_size(done)} / {human_size(total)} ({100 * done / max(total, 1):.0f}%)")
+                self.stream.flush()
+            elif now - shown >= self.interval:
+                self.say(f"  {human_size(done)} / {human_size(total)} ({100 * done / max(total, 1):.0f}%)")
+                shown = now
+
+        folder = ensure_model(store, uri, digest, progress=advance)
+        if self.tty:
+            self.stream.write("\r")
+        self.say(f"{what}: {human_size(total)} in {time.monotonic() - start:.1f}s")
+        return folder
+
+
+# -- generation ---------------------------------------------------------------------------------------------------------
+def one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def generate(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int) -> str:
+    """Greedy continuation of ``prompt`` (encoded as in training: BOS, then the prompt's tokens), as one line."""
+    ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    if tokenizer.bos_token_id is not None:
+        ids = [tokenizer.bos_token_id, *ids]
+    device = next(model.parameters()).device
+    input_ids = torch.tensor([ids], dtype=torch.long, device=device)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    return one_line(tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True))
+
+
+@dataclass
+class Case:
+    """One input of one language and what each model answered."""
+
+    language: str
+    prompt: str
+    expected: str | None
+    outputs: dict[str, str] = field(default_factory=dict)
+
+
+def cases_for(store: ObjectStore, task: TryTask, language: TryLanguage) -> list[Case]:
+    if task.inputs:
+        return [Case(language.language, text, None) for text in task.inputs]
+    if language.dataset is None:
+        return []
+    examples = load_eval_split(store, language.dataset, max_examples=task.examples)
+    return [Case(language.language, e.prompt, one_line(e.completion)) for e in examples]
+
+
+def _run_on(
+    model: Any,
+    tokenizer: Any,
+    cases: Sequence[Case],
+    key: str,
+    max_new_tokens: int,
+    say: Callable[[str], None],
+    what: str,
+) -> None:
+    say(f"generating: {what} ({len(cases)} input{'s' if len(cases) != 1 else ''})")
+    for case in cases:
+        case.outputs[key] = generate(model, tokenizer, case.prompt, max_new_tokens)
+
+
+def run_try(
+    task: TryTask,
+    store: ObjectStore,
+    *,
+    device: torch.device | None = None,
+    out: TextIO | None = None,
+    err: TextIO | None = None,
+) -> int:
+    """Load, generate, print. Returns 0."""
+    from peft import PeftModel
+
+    out = out or sys.stdout
+    progress = Progress(err or sys.stderr)
+    device = device or pick_device()
+    by_language = {lang.language: cases_for(store, task, lang) for lang in task.languages}
+    every = [c for cases in by_language.values() for c in cases]
+
+    base_dir = progress.fetch(store, "base model", task.base_uri, task.base_digest)
+    adapters: dict[str, Path] = {}
+    if "expert" in task.show:
+        for lang in task.languages:
+            if lang.adapter_uri and by_language[lang.language]:
+                adapters[lang.language] = progress.fetch(
+                    store, f"expert {lang.expert} ({lang.language})", lang.adapter_uri
+                )
+    merged_dir = None
+    if "merged" in task.show and task.merged_uri:
+        merged_dir = progress.fetch(store, f"merged model (revision {task.revision})", task.merged_uri)
+    full_weights = task.merged_format == "full-weights"
+    tokenizer = load_tokenizer(base_dir)
+
+    model: Any = load_model(base_dir, device)
+    with peft_compat():
+        if "base" in task.show:
+            _run_on(model, tokenizer, every, "base", task.max_new_tokens, progress.say, "base model")
+        wrapped = False
+        if merged_dir is not None and not full_weights:
+            model = PeftModel.from_pretrained(model, str(merged_dir), adapter_name=MERGED)
+            wrapped = True
+        previous: str | None = None
+        for lang in task.languages:
+            if lang.language not in adapters:
+                continue
+            # One expert adapter at a time on the shared base (as multi-adapter serving swaps them per request).
+            name = f"expert_{lang.language.replace('-', '_')}"
+            if wrapped:
+                model.load_adapter(str(adapters[lang.language]), adapter_name=name)
+            else:
+                model = PeftModel.from_pretrained(model, str(adapters[lang.language]), adapter_name=name)
+                wrapped = True
+            model.set_adapter(name)
+            if previous is not None:
+                model.delete_adapter(previous)
+            cases = by_language[lang.language]
+            _run_on(model, tokenizer, cases, "expert", task.max_new_tokens, progress.say, f"expert {lang.expert}")
+            previous = name
+        if merged_dir is not None and not full_weights:
+            model.set_adapter(MERGED)
+            if previous is not None:
+                model.delete_adapter(previous)
+            _run_on(
+                model, tokenizer, every, "merged", task.max_new_tokens, progress.say, f"merged revision {task.revision}"
+            )
+    model = None
+    gc.collect()
+    if merged_dir is not None and full_weights:
+        model = load_model(merged_dir, device)
+        _run_on(
+            model, tokenizer, every, "merged", task.max_new_tokens, progress.say, f"merged revision {task.revision}"
+        )
+        model = None
+        gc.collect()
+    out.write(render(task, by_language))
+    out.flush()
+    return 0
+
+
+# -- output -------------------------------------------------------------------------------------------------------------
+def heading(task: TryTask) -> list[str]:
+    if task.kind == "MergedModel":
+        first = (
+            f"MergedModel {task.namespace}/{task.name}, revision {task.revision} ({task.method}, {task.merged_format})"
+        )
+        lines = [first, f"  merged: {task.merged_uri}"]
+    else:
+        lines = [f"LanguageExpert {task.namespace}/{task.name}"]
+    lines.append(f"  base:   {task.base_uri}")
+    source = "your inputs" if task.inputs else f"{task.examples} held-out example(s) per language"
+    lines.append(f"greedy decoding, at most {task.max_new_tokens} new tokens; {source}")
+    return lines
+
+
+def render(task: TryTask, by_language: dict[str, list[Case]]) -> str:
+    lines = ["", *heading(task)]
+    labels = {
+        "base": "base",
+        "expert": "expert",
+        "merged": "merged" if task.revision is None else f"merged r{task.revision}",
+    }
+    for lang in task.languages:
+        cases = by_language.get(lang.language, [])
+        title = f"== {lang.language}"
+        if lang.expert:
+            title += f" · expert {lang.expert}"
+        if not task.inputs and lang.dataset is not None:
+            title += f" · held-out split of {lang.dataset.uri}"
+        if lang.eval_loss:
+            losses = ", ".join(f"{k} {v:.3f}" for k, v in lang.eval_loss.items())
+            title += f" · eval loss {losses}"
+        lines += ["", title]
+        if lang.note:
+            lines.append(f"   ({lang.note})")
+        for index, case in enumerate(cases, start=1):
+            rows = [("input", one_line(case.prompt))]
+            if case.expected is not None:
+                rows.append(("expected", case.expected))
+            rows += [(labels[key], case.outputs[key]) for key in task.show if key in case.outputs]
+            prefix = f"[{index}] "
+            for number, (label, text) in enumerate(rows):
+                lead = prefix if number == 0 else " " * len(prefix)
+                lines.append(f"{lead}{label.ljust(LABEL_WIDTH)} {text or EMPTY}")
+    return "\n".join(lines) + "\n"
+
+
+# -- CLI ----------------------------------------------------------------------------------------------------------------
+def main(argv: Sequence[str]) -> int:
+    from pydantic import ValidationError
+
+    parser = argparse.ArgumentParser(prog="langmerge-trainer try", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--task", required=True, help="the TryTask as JSON, or @path to a file holding it")
+    parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    args = parser.parse_args(list(argv))
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own progress lines say what loads; no bar per model
+    try:
+        task = TryTask.model_validate(read_json_arg(args.task))
+    except (ValueError, OSError, ValidationError) as err:
+        print(f"langmerge-trainer try: --task is not a valid TryTask: {err}", file=sys.stderr)
+        return 2
+    return run_try(task, ObjectStore.from_config(), device=pick_device(args.device))
