@@ -154,9 +154,13 @@ def _run_on(
     say: Callable[[str], None],
     what: str,
 ) -> None:
-    say(f"generating: {what} ({len(cases)} input{'s' if len(cases) != 1 else ''})")
+    """Each case's answer from ``model`` under ``key`` (one generation per distinct prompt: ``--input`` texts are
+    shown under every language, and the base and merged models answer them the same way each time)."""
+    prompts = list(dict.fromkeys(case.prompt for case in cases))
+    say(f"generating: {what} ({len(prompts)} input{'s' if len(prompts) != 1 else ''})")
+    answers = {prompt: generate(model, tokenizer, prompt, max_new_tokens) for prompt in prompts}
     for case in cases:
-        case.outputs[key] = generate(model, tokenizer, case.prompt, max_new_tokens)
+        case.outputs[key] = answers[case.prompt]
 
 
 def run_try(
