@@ -75,6 +75,11 @@ class MergeTask(Task):
     attempt: int = 1
 
 
+#: Figures ``langmerge try`` shows beside the answers: eval loss for causal LMs, accuracy for classifiers.
+EVAL_LOSS = "eval loss"
+ACCURACY = "accuracy"
+
+
 class TryLanguage(Task):
     """One language of ``langmerge try``: its expert's adapter and where its held-out inputs come from."""
 
@@ -88,8 +93,8 @@ class TryLanguage(Task):
     max_seq_length: int = 1024
     #: Why something is missing (shown above the language's rows), e.g. a deleted expert.
     note: str | None = None
-    #: Held-out figures to show beside the outputs, e.g. {"expert": 2.21, "merged": 2.25} (eval loss).
-    eval_loss: dict[str, float] = Field(default_factory=dict)
+    #: Held-out figures of ``TryTask.metric`` to show beside the outputs, e.g. {"expert": 2.21, "merged": 2.25}.
+    figures: dict[str, float] = Field(default_factory=dict)
 
 
 class TryTask(Task):
@@ -111,6 +116,10 @@ class TryTask(Task):
     merged_uri: str | None = None
     merged_format: str | None = None
     languages: list[TryLanguage] = Field(min_length=1)
+    #: A sequence classifier's label set (None: causal LMs, whose answers are generated text).
+    labels: list[str] | None = None
+    #: The figure in ``TryLanguage.figures``.
+    metric: str = EVAL_LOSS
     #: The user's own inputs (``--input``); empty: each language's held-out inputs.
     inputs: list[str] = Field(default_factory=list)
     #: Held-out inputs per language.

@@ -11,21 +11,24 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
 
 from langmerge import artifacts
-from langmerge.api.expert import LanguageExpertSpec, LanguageExpertStatus
+from langmerge.api.expert import Dataset, LanguageExpertSpec, LanguageExpertStatus, Metrics, TaskType
 from langmerge.api.merged import MergedModelSpec, MergedModelStatus
-from langmerge.artifacts import MergeManifest, PublishedRevision
-from langmerge.controller.publish import list_revisions, read_current, read_revision
+from langmerge.artifacts import AdapterManifest, MergeManifest, PublishedRevision
+from langmerge.controller.publish import published_chain, read_current
 from langmerge.kube import Kube, ObjectKey
 from langmerge.store import ObjectStore, StoreError
-from langmerge.tasks import TryLanguage, TryTask
+from langmerge.tasks import ACCURACY, EVAL_LOSS, TryLanguage, TryTask
 
 #: The models ``langmerge try`` can show, in display order.
 MODELS = ("base", "expert", "merged")
+#: Published revisions read back from ``current.json`` at most (for ``--revision`` and the error listing them).
+MAX_HISTORY = 1000
 #: Modules the trainer side needs (the ``trainer`` extra).
 TRAINER_MODULES = ("torch", "transformers", "peft", "langmerge_trainer")
 
@@ -101,28 +104,33 @@ def _for_merged(
     output = spec.output.uri
     try:
         record = _published(store, output, name, revision, obj)
-        manifest_raw = store.get_json_or_none(record.manifest_uri)
+        manifest = store.get_record(record.manifest_uri, MergeManifest)
+        if manifest is None:
+            raise TryError(
+                f"revision {record.revision} of {name} is recorded, but its merge output {record.model_uri} is gone "
+                f"(publish.keepRevisions: {spec.publish.keep_revisions}); {_revisions_text(store, output)}"
+            )
     except StoreError as err:
         raise TryError(f"cannot read MergedModel {name}'s revisions under {output}: {err}") from None
-    if manifest_raw is None:
-        raise TryError(
-            f"revision {record.revision} of {name} is recorded, but its merge output {record.model_uri} is gone "
-            f"(publish.keepRevisions: {spec.publish.keep_revisions}); {_revisions_text(store, output)}"
-        )
-    manifest: MergeManifest = _parse(MergeManifest, manifest_raw, f"the merge manifest {record.manifest_uri}")
     present = sorted(i.language for i in record.inputs)
     for language in languages:
         if language not in present:
             raise TryError(
                 f"revision {record.revision} of {name} has no language {language!r}; its languages: {', '.join(present)}"
             )
-    rows = []
+    rows: list[TryLanguage] = []
+    label_sets: dict[str, list[str]] = {}
     for item in sorted(record.inputs, key=lambda i: i.language):
-        if languages and item.language not in languages:
-            continue
-        rows.append(_merged_language(kube, namespace, item, manifest, record))
+        trained = _trained_as(kube, store, namespace, item)
+        if trained.labels is not None:
+            label_sets[item.expert] = trained.labels
+        if not languages or item.language in languages:
+            rows.append(_merged_language(item, manifest, record, trained))
+    labels = _one_label_set(label_sets, name, record.revision, len(record.inputs))
     return TryTask(
         kind="MergedModel",
+        labels=labels,
+        metric=ACCURACY if labels is not None else EVAL_LOSS,
         namespace=namespace,
         name=name,
         revision=record.revision,
@@ -138,69 +146,109 @@ def _for_merged(
 def _published(
     store: ObjectStore, output: str, name: str, revision: int | None, obj: dict[str, Any]
 ) -> PublishedRevision:
-    if revision is None:
-        current = read_current(store, output).record
-        if current is None:
-            status: MergedModelStatus = _parse(MergedModelStatus, obj.get("status"), f"MergedModel {name}'s status")
-            state = f"phase {status.phase}" + (f": {status.message}" if status.message else "") if status.phase else ""
-            raise TryError(f"MergedModel {name} has not published a revision yet{f' ({state})' if state else ''}")
+    current = read_current(store, output).record
+    if current is None:
+        status: MergedModelStatus = _parse(MergedModelStatus, obj.get("status"), f"MergedModel {name}'s status")
+        state = f"phase {status.phase}" + (f": {status.message}" if status.message else "") if status.phase else ""
+        raise TryError(f"MergedModel {name} has not published a revision yet{f' ({state})' if state else ''}")
+    if revision is None or revision == current.revision:
         return current
-    record = read_revision(store, output, revision)
-    if record is None:
-        raise TryError(f"MergedModel {name} has no published revision {revision}; {_revisions_text(store, output)}")
-    return record
+    for record in _history(store, output, current):
+        if record.revision == revision:
+            return record
+    raise TryError(f"MergedModel {name} has no published revision {revision}; {_revisions_text(store, output)}")
+
+
+def _history(store: ObjectStore, output: str, current: PublishedRevision) -> list[PublishedRevision]:
+    """The published revisions, oldest first: the chain from ``current.json`` back (a revision number claimed by a
+    writer that never published it is not on it)."""
+    return published_chain(store, output, current, MAX_HISTORY)
 
 
 def _revisions_text(store: ObjectStore, output: str) -> str:
-    revisions = list_revisions(store, output)
-    if not revisions:
-        return "no revision is published yet"
     current = read_current(store, output).record
+    if current is None:
+        return "no revision is published yet"
+    revisions = _history(store, output, current)
     kept = [r.revision for r in revisions if store.exists(r.manifest_uri)]
-    text = f"published revisions: {', '.join(str(r.revision) for r in revisions)}"
-    if current is not None:
-        text += f" (current {current.revision})"
+    text = f"published revisions: {', '.join(str(r.revision) for r in revisions)} (current {current.revision})"
     if len(kept) != len(revisions):
         text += f"; still in S3: {', '.join(map(str, kept)) or 'none'}"
     return text
 
 
-def _merged_language(
-    kube: Kube,
-    namespace: str,
-    item: artifacts.MergeInputRecord,
-    manifest: MergeManifest,
-    record: PublishedRevision,
-) -> TryLanguage:
-    losses = {}
-    expert_metrics = manifest.expert_metrics.get(item.language)
-    merged_metrics = record.metrics.get(item.language) or manifest.evaluation.get(item.language)
-    if expert_metrics is not None and expert_metrics.eval_loss is not None:
-        losses["expert"] = expert_metrics.eval_loss
-    if merged_metrics is not None and merged_metrics.eval_loss is not None:
-        losses["merged"] = merged_metrics.eval_loss
+@dataclass(frozen=True)
+class Trained:
+    """What an input expert is, from its adapter manifest in S3 (the record of what was trained) and its
+    LanguageExpert (where its held-out data is), when they still exist."""
+
+    labels: list[str] | None
+    dataset: Dataset | None
+    max_seq_length: int
+    note: str | None
+
+
+def adapter_manifest_uri(adapter_uri: str) -> str:
+    """The manifest committing an adapter folder: ``<prefix>/manifest.json`` for ``<prefix>/adapter`` and for
+    ``<prefix>/attempts/<n>-<run>/adapter``."""
+    prefix = adapter_uri.rstrip("/").removesuffix("/adapter")
+    head, _, _run = prefix.rpartition("/")
+    if head.endswith(f"/{artifacts.ATTEMPTS}"):
+        prefix = head.removesuffix(f"/{artifacts.ATTEMPTS}")
+    return artifacts.join(prefix, artifacts.MANIFEST)
+
+
+def _trained_as(kube: Kube, store: ObjectStore, namespace: str, item: artifacts.MergeInputRecord) -> Trained:
+    try:
+        adapter = store.get_record(adapter_manifest_uri(item.adapter_uri), AdapterManifest)
+    except StoreError:
+        adapter = None
+    labels = adapter.labels if adapter is not None and adapter.task_type == TaskType.SEQUENCE_CLASSIFICATION else None
     body = kube.get_expert(ObjectKey(namespace, item.expert))
-    note = None
-    dataset = None
-    max_seq_length = 1024
     if body is None:
         note = f"LanguageExpert {item.expert} no longer exists: its held-out data is unknown (give --input to compare)"
-    else:
-        try:
-            spec = LanguageExpertSpec.model_validate(body.get("spec") or {})
-        except ValidationError:
-            note = f"LanguageExpert {item.expert}'s spec cannot be read: its held-out data is unknown"
-        else:
-            dataset = spec.dataset
-            max_seq_length = spec.training.max_seq_length
+        return Trained(labels, None, 1024, note)
+    try:
+        spec = LanguageExpertSpec.model_validate(body.get("spec") or {})
+    except ValidationError:
+        return Trained(labels, None, 1024, f"LanguageExpert {item.expert}'s spec cannot be read: no held-out data")
+    if adapter is None and spec.is_classifier:
+        labels = spec.labels
+    return Trained(labels, spec.dataset, spec.training.max_seq_length, None)
+
+
+def _one_label_set(label_sets: dict[str, list[str]], name: str, revision: int, inputs: int) -> list[str] | None:
+    distinct = {tuple(labels) for labels in label_sets.values()}
+    if len(distinct) > 1:
+        what = "; ".join(f"{expert}: {', '.join(labels)}" for expert, labels in sorted(label_sets.items()))
+        raise TryError(f"the experts of revision {revision} of {name} classify into different labels ({what})")
+    if label_sets and len(label_sets) != inputs:
+        raise TryError(f"revision {revision} of {name} merges classifiers and other models: nothing to load it as")
+    return list(next(iter(distinct))) if distinct else None
+
+
+def _figures(metric: str, expert: Metrics | None, merged: Metrics | None) -> dict[str, float]:
+    out = {}
+    for name, metrics in (("expert", expert), ("merged", merged)):
+        value = None if metrics is None else metrics.accuracy if metric == ACCURACY else metrics.eval_loss
+        if value is not None:
+            out[name] = value
+    return out
+
+
+def _merged_language(
+    item: artifacts.MergeInputRecord, manifest: MergeManifest, record: PublishedRevision, trained: Trained
+) -> TryLanguage:
+    merged = record.metrics.get(item.language) or manifest.evaluation.get(item.language)
+    expert = record.expert_metrics.get(item.language) or manifest.expert_metrics.get(item.language)
     return TryLanguage(
         language=item.language,
         expert=item.expert,
         adapter_uri=item.adapter_uri,
-        dataset=dataset,
-        max_seq_length=max_seq_length,
-        note=note,
-        eval_loss=losses,
+        dataset=trained.dataset,
+        max_seq_length=trained.max_seq_length,
+        note=trained.note,
+        figures=_figures(ACCURACY if trained.labels is not None else EVAL_LOSS, expert, merged),
     )
 
 
@@ -215,11 +263,11 @@ def _for_expert(obj: dict[str, Any], languages: Sequence[str]) -> TryTask:
     if status.adapter is None:
         state = f" (phase {status.phase}" + (f": {status.message}" if status.message else "") + ")"
         raise TryError(f"LanguageExpert {name} has no trained adapter yet{state if status.phase else ''}")
-    losses = {}
-    if status.adapter.metrics is not None and status.adapter.metrics.eval_loss is not None:
-        losses["expert"] = status.adapter.metrics.eval_loss
+    metric = ACCURACY if spec.is_classifier else EVAL_LOSS
     return TryTask(
         kind="LanguageExpert",
+        labels=spec.labels if spec.is_classifier else None,
+        metric=metric,
         namespace=meta["namespace"],
         name=name,
         base_uri=spec.base_model.uri,
@@ -230,7 +278,7 @@ def _for_expert(obj: dict[str, Any], languages: Sequence[str]) -> TryTask:
                 adapter_uri=status.adapter.uri,
                 dataset=spec.dataset,
                 max_seq_length=spec.training.max_seq_length,
-                eval_loss=losses,
+                figures=_figures(metric, status.adapter.metrics, None),
             )
         ],
     )

@@ -12,12 +12,12 @@ import pytest
 
 from langmerge import artifacts
 from langmerge.api.expert import Metrics
-from langmerge.artifacts import BaseModelIdentity, Cost, MergeInputRecord, MergeManifest, Versions
+from langmerge.artifacts import AdapterManifest, BaseModelIdentity, Cost, MergeInputRecord, MergeManifest, Versions
 from langmerge.constants import EXPERT_PLURAL
 from langmerge.controller.publish import publish, read_current
 from langmerge.kube import Kube, ObjectKey
 from langmerge.store import ObjectStore
-from langmerge.tryout import TryError, resolve
+from langmerge.tryout import TryError, adapter_manifest_uri, resolve
 from operator_harness import apply_expert, apply_merged, custom, now
 
 pytestmark = pytest.mark.integration
@@ -39,8 +39,16 @@ def _adapter(bucket: str, lang: str, n: int) -> str:
     return f"s3://{bucket}/adapters/{lang}/{n}"
 
 
-def _publish(store: ObjectStore, bucket: str, fingerprint: str, langs: tuple[str, ...], loss: float) -> None:
-    out = f"s3://{bucket}/merged"
+def _publish(
+    store: ObjectStore,
+    bucket: str,
+    fingerprint: str,
+    langs: tuple[str, ...],
+    loss: float,
+    out: str | None = None,
+    adapters: dict[str, str] | None = None,
+) -> None:
+    out = out or f"s3://{bucket}/merged"
     prefix = artifacts.merge_prefix(out, fingerprint)
     model = artifacts.merged_model_uri(prefix)
     store.put_bytes(artifacts.join(model, "adapter_model.safetensors"), b"weights")
@@ -52,7 +60,10 @@ def _publish(store: ObjectStore, bucket: str, fingerprint: str, langs: tuple[str
         parameters={},
         inputs=[
             MergeInputRecord(
-                expert=f"dialog-{lang}", language=lang, adapter_uri=_adapter(bucket, lang, 1), adapter_digest=lang
+                expert=f"dialog-{lang}",
+                language=lang,
+                adapter_uri=(adapters or {}).get(lang) or _adapter(bucket, lang, 1),
+                adapter_digest=lang,
             )
             for lang in langs
         ],
@@ -61,8 +72,8 @@ def _publish(store: ObjectStore, bucket: str, fingerprint: str, langs: tuple[str
         model_uri=model,
         model_digest=fingerprint,
         files={},
-        evaluation={lang: Metrics(eval_loss=loss) for lang in langs},
-        expert_metrics={lang: Metrics(eval_loss=loss - 0.1) for lang in langs},
+        evaluation={lang: Metrics(eval_loss=loss, accuracy=0.75) for lang in langs},
+        expert_metrics={lang: Metrics(eval_loss=loss - 0.1, accuracy=0.8) for lang in langs},
         cost=Cost(wall_seconds=1.0),
         versions=Versions(langmerge="test"),
         started_at=now(),
@@ -107,7 +118,8 @@ def test_try_resolves_revisions_experts_and_says_what_is_wrong(
     es = task.languages[0]
     assert es.expert == "dialog-es" and es.adapter_uri == _adapter(bucket, "es", 1)
     assert es.dataset is not None and es.dataset.uri == f"s3://{bucket}/data/es" and es.max_seq_length == 64
-    assert es.eval_loss == {"expert": pytest.approx(2.15), "merged": pytest.approx(2.25)}
+    assert es.figures == {"expert": pytest.approx(2.15), "merged": pytest.approx(2.25)}
+    assert task.labels is None and task.metric == "eval loss"
     assert (task.examples, task.max_new_tokens, task.show) == (2, 8, ["base", "expert", "merged"])
 
     old = resolve(k, s3, namespace, "mm", revision=1)
@@ -150,10 +162,83 @@ def test_try_resolves_revisions_experts_and_says_what_is_wrong(
     )
     expert = resolve(k, s3, namespace, "dialog-es")
     assert (expert.kind, expert.merged_uri, expert.show) == ("LanguageExpert", None, ["base", "expert"])
-    assert expert.base_uri == f"s3://{bucket}/base" and expert.languages[0].eval_loss == {"expert": 1.5}
+    assert expert.base_uri == f"s3://{bucket}/base" and expert.languages[0].figures == {"expert": 1.5}
     with pytest.raises(TryError, match="--revision selects a published revision of a MergedModel"):
         resolve(k, s3, namespace, "dialog-es", revision=1)
     with pytest.raises(TryError, match="LanguageExpert dialog-es serves language 'es', not 'pt'"):
         resolve(k, s3, namespace, "dialog-es", languages=["pt"])
     with pytest.raises(TryError, match="has no merged model to show"):
         resolve(k, s3, namespace, "dialog-es", show=["merged"])
+
+
+LABELS = ["money", "science"]
+
+
+def _commit_adapter(store: ObjectStore, prefix: str, lang: str, labels: list[str]) -> str:
+    """An adapter committed the way the trainer commits one (files under attempts/, then manifest.json)."""
+    adapter = f"{prefix}/attempts/1-abcd/adapter"
+    store.put_bytes(f"{adapter}/adapter_config.json", b"{}")
+    manifest = AdapterManifest.model_validate(
+        {
+            "fingerprint": "fp",
+            "namespace": "ns",
+            "name": f"dialog-{lang}",
+            "language": lang,
+            "task": "topic",
+            "task_type": "sequence-classification",
+            "labels": labels,
+            "base_model": {"uri": "s3://b/base", "digest": "d"},
+            "data_digest": "d",
+            "adapter_uri": adapter,
+            "adapter_digest": lang,
+            "files": {},
+            "lora": {},
+            "training": {},
+            "metrics": {"accuracy": 0.8},
+            "examples_train": 1,
+            "examples_eval": 1,
+            "tokens_trained": 1,
+            "steps": 1,
+            "cost": {"wall_seconds": 1.0},
+            "versions": {},
+            "started_at": now(),
+            "finished_at": now(),
+        }
+    )
+    store.put_json(f"{prefix}/manifest.json", manifest, if_none_match=True)
+    assert adapter_manifest_uri(adapter) == f"{prefix}/manifest.json"
+    return adapter
+
+
+def test_try_resolves_a_classifier_from_its_adapter_records(
+    kube: Any, s3: ObjectStore, namespace: str, bucket: str
+) -> None:
+    k = Kube(kube)
+    classifier = {"taskType": "sequence-classification", "labels": LABELS}
+    for lang in LANGS:
+        spec = {**_expert_spec(bucket, lang), **classifier}
+        apply_expert(kube, namespace, f"dialog-{lang}", spec, {"langmerge.dev/task": "topic"})
+    apply_merged(
+        kube,
+        namespace,
+        "topics",
+        {
+            "baseModel": {"uri": f"s3://{bucket}/base"},
+            "experts": {"selector": {"matchLabels": {"langmerge.dev/task": "topic"}}},
+            "output": {"uri": f"s3://{bucket}/topics"},
+        },
+    )
+    adapters = {lang: _commit_adapter(s3, f"s3://{bucket}/experts/{lang}", lang, LABELS) for lang in LANGS}
+    _publish(s3, bucket, "fp1", LANGS, 0.5, out=f"s3://{bucket}/topics", adapters=adapters)
+    task = resolve(k, s3, namespace, "topics")
+    assert task.labels == LABELS and task.metric == "accuracy"
+    assert task.languages[0].figures == {"expert": pytest.approx(0.8), "merged": pytest.approx(0.75)}
+    # The labels are the record's: an expert deleted since still has them (its adapter manifest says what it is).
+    custom(kube).delete_namespaced_custom_object("langmerge.dev", "v1alpha1", namespace, EXPERT_PLURAL, "dialog-es")
+    assert resolve(k, s3, namespace, "topics").labels == LABELS
+
+    # Experts whose label sets differ cannot be shown as one classifier.
+    other = _commit_adapter(s3, f"s3://{bucket}/experts/it-other", "it", ["science", "money"])
+    _publish(s3, bucket, "fp2", LANGS, 0.5, out=f"s3://{bucket}/topics", adapters={**adapters, "it": other})
+    with pytest.raises(TryError, match="classify into different labels"):
+        resolve(k, s3, namespace, "topics")

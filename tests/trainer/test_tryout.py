@@ -87,16 +87,16 @@ def world(s3: ObjectStore, tiny_model_dir: Path, tmp_path_factory: pytest.TempPa
     return {"bucket": bucket, "adapters": adapters, "merged": merged, "tmp": tmp}
 
 
-def _task(bucket: str, **overrides: Any) -> TryTask:
+def _task(bucket: str, langs: tuple[str, ...] = LANGS, **overrides: Any) -> TryTask:
     languages = [
         TryLanguage(
             language=lang,
             expert=f"dialog-{lang}",
             adapter_uri=f"s3://{bucket}/adapters/{lang}",
             dataset=Dataset(uri=f"s3://{bucket}/data/{lang}", evalFraction=0.3),
-            eval_loss={"expert": 2.0, "merged": 2.125},
+            figures={"expert": 2.0, "merged": 2.125},
         )
-        for lang in LANGS
+        for lang in langs
     ]
     fields: dict[str, Any] = {
         "kind": "MergedModel",
@@ -187,3 +187,86 @@ def test_try_full_weights_and_own_inputs(s3: ObjectStore, tiny_model_dir: Path, 
     for case in blocks["it"]:
         assert set(case) == {"input", "merged r3"}
         assert case["merged r3"] == _reference(reference, tokenizer, case["input"], 6)
+
+
+LABELS = ["money", "science"]
+#: Languages with both topics in the corpus.
+TOPIC_LANGS = ("it", "ja")
+
+
+def _random_classifier_adapter(base_dir: Path, out: Path, seed: int) -> Path:
+    """A sequence-classification adapter as the trainer saves one: LoRA on the encoder, the head trained fully
+    (PEFT ``modules_to_save``); random weights."""
+    from peft import LoraConfig, get_peft_model
+
+    from langmerge_trainer.classify import load_classifier
+
+    model = load_classifier(base_dir, LABELS, torch.device("cpu"), pad_token_id=None)
+    torch.manual_seed(seed)
+    config = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["query", "value"], modules_to_save=["classifier"], init_lora_weights=False
+    )
+    with peft_compat():
+        peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:
+                param.normal_(0.0, 1.0)
+    peft_model.save_pretrained(out)
+    return out
+
+
+def test_try_shows_a_classifiers_labels_and_probabilities(
+    s3: ObjectStore, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    from peft import PeftModel
+
+    from langmerge_trainer.bench.workloads import topic_data
+    from langmerge_trainer.classify import load_classifier
+    from langmerge_trainer.sample import build_tiny_bert
+
+    tmp = tmp_path_factory.mktemp("try-classifier")
+    data = {lang: topic_data(lang, LABELS).train[:30] for lang in TOPIC_LANGS}
+    base_dir = build_tiny_bert(tmp / "bert", [r["text"] for rows in data.values() for r in rows])
+    bucket = new_bucket(s3)
+    s3.upload_dir(base_dir, f"s3://{bucket}/base")
+    folders = {}
+    for seed, lang in enumerate(TOPIC_LANGS, start=1):
+        put_jsonl(s3, f"s3://{bucket}/data/{lang}/part-0.jsonl", data[lang])
+        folders[lang] = _random_classifier_adapter(base_dir, tmp / f"adapter-{lang}", seed)
+        s3.upload_dir(folders[lang], f"s3://{bucket}/adapters/{lang}")
+    folders["merged"] = _random_classifier_adapter(base_dir, tmp / "merged", 7)
+    s3.upload_dir(folders["merged"], f"s3://{bucket}/merged/model")
+    task = _task(bucket, TOPIC_LANGS, labels=LABELS, metric="accuracy")
+    out = io.StringIO()
+    run_try(task, s3, device=torch.device("cpu"), out=out, err=io.StringIO())
+    report = out.getvalue()
+    print(report)
+    assert "sequence classification over money, science: predicted label (probability)" in report
+    assert "accuracy expert 2.000, merged 2.125" in report  # the figures given, under the task's metric
+
+    def predict(model: Any, text: str) -> str:
+        encoded = AutoTokenizer.from_pretrained(base_dir)(text, truncation=True, max_length=1024, return_tensors="pt")
+        with torch.no_grad():
+            probabilities = torch.softmax(model(**encoded).logits[0].float(), dim=-1)
+        return f"{LABELS[int(probabilities.argmax())]} ({float(probabilities.max()):.2f})"
+
+    from transformers import AutoTokenizer
+
+    base = load_classifier(base_dir, LABELS, torch.device("cpu"), pad_token_id=None).eval()
+    blocks = _blocks(report)
+    for lang in TOPIC_LANGS:
+        examples = load_eval_split(s3, task.languages[TOPIC_LANGS.index(lang)].dataset, max_examples=2, labels=LABELS)  # type: ignore[arg-type]
+        with peft_compat():
+            expert = PeftModel.from_pretrained(
+                load_classifier(base_dir, LABELS, torch.device("cpu"), pad_token_id=None), str(folders[lang])
+            ).eval()
+            merged = PeftModel.from_pretrained(
+                load_classifier(base_dir, LABELS, torch.device("cpu"), pad_token_id=None), str(folders["merged"])
+            ).eval()
+        for case, example in zip(blocks[lang], examples, strict=True):
+            assert case["expected"] == example.label
+            assert case["base"] == predict(base, example.text)
+            assert case["expert"] == predict(expert, example.text)
+            assert case["merged r3"] == predict(merged, example.text)
+            assert re.fullmatch(r"(money|science) \(\d\.\d\d\)", case["merged r3"])

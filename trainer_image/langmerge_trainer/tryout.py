@@ -126,6 +126,19 @@ def generate(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int) -> st
     return one_line(tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True))
 
 
+def classify(model: Any, tokenizer: Any, text: str, labels: Sequence[str], max_seq_length: int) -> str:
+    """The predicted label of ``text`` and its probability, e.g. ``science (0.83)`` (tokenised as in training)."""
+    encoded = tokenizer(text, add_special_tokens=True, truncation=True, max_length=max_seq_length, return_tensors="pt")
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        logits = model(
+            input_ids=encoded["input_ids"].to(device), attention_mask=encoded["attention_mask"].to(device)
+        ).logits.float()
+    probabilities = torch.softmax(logits[0], dim=-1)
+    best = int(probabilities.argmax())
+    return f"{labels[best]} ({float(probabilities[best]):.2f})"
+
+
 @dataclass
 class Case:
     """One input of one language and what each model answered."""
@@ -133,34 +146,42 @@ class Case:
     language: str
     prompt: str
     expected: str | None
+    #: The language's training.maxSeqLength (a classifier truncates its input to it, as in training).
+    max_seq_length: int = 1024
     outputs: dict[str, str] = field(default_factory=dict)
 
 
 def cases_for(store: ObjectStore, task: TryTask, language: TryLanguage) -> list[Case]:
+    length = language.max_seq_length
     if task.inputs:
-        return [Case(language.language, text, None) for text in task.inputs]
+        return [Case(language.language, text, None, length) for text in task.inputs]
     if language.dataset is None:
         return []
-    examples = load_eval_split(store, language.dataset, max_examples=task.examples)
-    return [Case(language.language, e.prompt, one_line(e.completion)) for e in examples]
+    examples = load_eval_split(store, language.dataset, max_examples=task.examples, labels=task.labels)
+    return [Case(language.language, e.prompt, one_line(e.completion), length) for e in examples]
 
 
-def _run_on(
-    model: Any,
-    tokenizer: Any,
-    cases: Sequence[Case],
-    key: str,
-    max_new_tokens: int,
-    say: Callable[[str], None],
-    what: str,
-) -> None:
-    """Each case's answer from ``model`` under ``key`` (one generation per distinct prompt: ``--input`` texts are
-    shown under every language, and the base and merged models answer them the same way each time)."""
-    prompts = list(dict.fromkeys(case.prompt for case in cases))
-    say(f"generating: {what} ({len(prompts)} input{'s' if len(prompts) != 1 else ''})")
-    answers = {prompt: generate(model, tokenizer, prompt, max_new_tokens) for prompt in prompts}
-    for case in cases:
-        case.outputs[key] = answers[case.prompt]
+@dataclass
+class Answers:
+    """Puts each model's answers into the cases: generated text, or a classifier's label and probability."""
+
+    task: TryTask
+    tokenizer: Any
+    say: Callable[[str], None]
+
+    def answer(self, model: Any, case: Case) -> str:
+        if self.task.labels is not None:
+            return classify(model, self.tokenizer, case.prompt, self.task.labels, case.max_seq_length)
+        return generate(model, self.tokenizer, case.prompt, self.task.max_new_tokens)
+
+    def run(self, model: Any, cases: Sequence[Case], key: str, what: str) -> None:
+        """Each case's answer from ``model`` under ``key``, once per distinct input (``--input`` texts are shown
+        under every language; the base and the merged model answer them the same way each time)."""
+        distinct = list({(case.prompt, case.max_seq_length): case for case in cases}.values())
+        self.say(f"{'classifying' if self.task.labels else 'generating'}: {what} ({len(distinct)} input(s))")
+        answers = {(c.prompt, c.max_seq_length): self.answer(model, c) for c in distinct}
+        for case in cases:
+            case.outputs[key] = answers[(case.prompt, case.max_seq_length)]
 
 
 def run_try(
@@ -171,7 +192,7 @@ def run_try(
     out: TextIO | None = None,
     err: TextIO | None = None,
 ) -> int:
-    """Load, generate, print. Returns 0."""
+    """Load, answer, print. Returns 0."""
     from peft import PeftModel
 
     out = out or sys.stdout
@@ -192,12 +213,14 @@ def run_try(
     if "merged" in task.show and task.merged_uri:
         merged_dir = progress.fetch(store, f"merged model (revision {task.revision})", task.merged_uri)
     full_weights = task.merged_format == "full-weights"
-    tokenizer = load_tokenizer(base_dir)
+    answers = Answers(task, load_tokenizer(base_dir), progress.say)
+    merged_what = f"merged revision {task.revision}"
 
-    model: Any = load_model(base_dir, device)
+    # The base, then every adapter on it: the experts one at a time, the merged adapter beside them.
+    model: Any = load_model(base_dir, device, task.labels)
     with peft_compat():
         if "base" in task.show:
-            _run_on(model, tokenizer, every, "base", task.max_new_tokens, progress.say, "base model")
+            answers.run(model, every, "base", "base model")
         wrapped = False
         if merged_dir is not None and not full_weights:
             model = PeftModel.from_pretrained(model, str(merged_dir), adapter_name=MERGED)
@@ -206,7 +229,6 @@ def run_try(
         for lang in task.languages:
             if lang.language not in adapters:
                 continue
-            # One expert adapter at a time on the shared base (as multi-adapter serving swaps them per request).
             name = f"expert_{lang.language.replace('-', '_')}"
             if wrapped:
                 model.load_adapter(str(adapters[lang.language]), adapter_name=name)
@@ -216,23 +238,19 @@ def run_try(
             model.set_adapter(name)
             if previous is not None:
                 model.delete_adapter(previous)
-            cases = by_language[lang.language]
-            _run_on(model, tokenizer, cases, "expert", task.max_new_tokens, progress.say, f"expert {lang.expert}")
+            answers.run(model, by_language[lang.language], "expert", f"expert {lang.expert}")
             previous = name
         if merged_dir is not None and not full_weights:
             model.set_adapter(MERGED)
             if previous is not None:
                 model.delete_adapter(previous)
-            _run_on(
-                model, tokenizer, every, "merged", task.max_new_tokens, progress.say, f"merged revision {task.revision}"
-            )
+            answers.run(model, every, "merged", merged_what)
     model = None
     gc.collect()
     if merged_dir is not None and full_weights:
-        model = load_model(merged_dir, device)
-        _run_on(
-            model, tokenizer, every, "merged", task.max_new_tokens, progress.say, f"merged revision {task.revision}"
-        )
+        # Full merged weights: loaded once the base is released (one model in memory at a time).
+        model = load_model(merged_dir, device, task.labels)
+        answers.run(model, every, "merged", merged_what)
         model = None
         gc.collect()
     out.write(render(task, by_language))
@@ -251,7 +269,13 @@ def heading(task: TryTask) -> list[str]:
         lines = [f"LanguageExpert {task.namespace}/{task.name}"]
     lines.append(f"  base:   {task.base_uri}")
     source = "your inputs" if task.inputs else f"{task.examples} held-out example(s) per language"
-    lines.append(f"greedy decoding, at most {task.max_new_tokens} new tokens; {source}")
+    if task.labels is not None:
+        how = f"sequence classification over {', '.join(task.labels)}: predicted label (probability)"
+        if "base" in task.show:
+            how += "; the base has the label set's untrained head"
+    else:
+        how = f"greedy decoding, at most {task.max_new_tokens} new tokens"
+    lines.append(f"{how}; {source}")
     return lines
 
 
@@ -269,9 +293,9 @@ def render(task: TryTask, by_language: dict[str, list[Case]]) -> str:
             title += f" · expert {lang.expert}"
         if not task.inputs and lang.dataset is not None:
             title += f" · held-out split of {lang.dataset.uri}"
-        if lang.eval_loss:
-            losses = ", ".join(f"{k} {v:.3f}" for k, v in lang.eval_loss.items())
-            title += f" · eval loss {losses}"
+        if lang.figures:
+            figures = ", ".join(f"{k} {v:.3f}" for k, v in lang.figures.items())
+            title += f" · {task.metric} {figures}"
         lines += ["", title]
         if lang.note:
             lines.append(f"   ({lang.note})")
@@ -298,6 +322,7 @@ def main(argv: Sequence[str]) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own progress lines say what loads; no bar per model
+    hf_logging.set_verbosity_error()  # e.g. no load report for the base's fresh classifier head (expected)
     try:
         task = TryTask.model_validate(read_json_arg(args.task))
     except (ValueError, OSError, ValidationError) as err:
