@@ -55,6 +55,21 @@ def _reference(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int) -> 
     return text or EMPTY
 
 
+def _reference_loss(model: Any, tokenizer: Any, prompt: str, completion: str) -> float:
+    """Mean cross-entropy on the completion's tokens and the end of sequence, after BOS + prompt."""
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    answer = [*tokenizer(completion, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
+    ids = [tokenizer.bos_token_id, *prompt_ids, *answer]
+    labels = [-100] * (1 + len(prompt_ids)) + answer
+    with torch.no_grad():
+        return float(model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels])).loss)
+
+
+def _split_loss(text: str) -> tuple[str, float | None]:
+    match = re.fullmatch(r"(.*)  \[loss (\d+\.\d\d)\]", text)
+    return (match[1], float(match[2])) if match else (text, None)
+
+
 def _blocks(text: str) -> dict[str, list[dict[str, str]]]:
     """language -> cases (label -> text) from the printed report."""
     blocks: dict[str, list[dict[str, str]]] = {}
@@ -148,10 +163,13 @@ def test_try_shows_what_each_model_answers(s3: ObjectStore, tiny_model_dir: Path
                 AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(world["merged"])
             )
         for case, example in zip(cases, examples, strict=True):
-            assert case["base"] == _reference(base, tokenizer, example.prompt, 6)
-            assert case["expert"] == _reference(expert, tokenizer, example.prompt, 6)
-            assert case["merged r3"] == _reference(merged.eval(), tokenizer, example.prompt, 6)
-            differs += len({case["base"], case["expert"], case["merged r3"]}) > 1
+            shown = {key: _split_loss(case[key]) for key in ("base", "expert", "merged r3")}
+            for key, model in (("base", base), ("expert", expert), ("merged r3", merged.eval())):
+                text, loss = shown[key]
+                assert text == _reference(model, tokenizer, example.prompt, 6)
+                reference = _reference_loss(model, tokenizer, example.prompt, example.completion)
+                assert loss is not None and abs(loss - reference) <= 0.006, (key, loss, reference)
+            differs += len({text for text, _loss in shown.values()}) > 1
     assert differs > 0, "the random adapters should change some answer"
 
     # A second run downloads nothing: the folders come from the model cache.
@@ -185,7 +203,7 @@ def test_try_full_weights_and_own_inputs(s3: ObjectStore, tiny_model_dir: Path, 
     reference = AutoModelForCausalLM.from_pretrained(full).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     for case in blocks["it"]:
-        assert set(case) == {"input", "merged r3"}
+        assert set(case) == {"input", "merged r3"}, "own inputs: no expected answer, no loss"
         assert case["merged r3"] == _reference(reference, tokenizer, case["input"], 6)
 
 

@@ -28,8 +28,8 @@ import torch
 
 from langmerge.store import ObjectStore
 from langmerge.tasks import TryLanguage, TryTask
-from langmerge_trainer.data import load_eval_split, read_json_arg
-from langmerge_trainer.evaluate import load_tokenizer, peft_compat, pick_device
+from langmerge_trainer.data import Example, load_eval_split, read_json_arg
+from langmerge_trainer.evaluate import evaluate_examples, load_tokenizer, peft_compat, pick_device
 from langmerge_trainer.merge.evaluation import load_model
 from langmerge_trainer.modelcache import cache_root, ensure_model, is_complete
 
@@ -146,9 +146,13 @@ class Case:
     language: str
     prompt: str
     expected: str | None
-    #: The language's training.maxSeqLength (a classifier truncates its input to it, as in training).
+    #: The language's training.maxSeqLength (inputs are truncated to it, as in training).
     max_seq_length: int = 1024
+    #: The held-out example itself (None for ``--input`` texts).
+    example: Example | None = None
     outputs: dict[str, str] = field(default_factory=dict)
+    #: Causal LMs: each model's mean cross-entropy on the expected answer's tokens (as the evaluation computes it).
+    losses: dict[str, float] = field(default_factory=dict)
 
 
 def cases_for(store: ObjectStore, task: TryTask, language: TryLanguage) -> list[Case]:
@@ -158,7 +162,7 @@ def cases_for(store: ObjectStore, task: TryTask, language: TryLanguage) -> list[
     if language.dataset is None:
         return []
     examples = load_eval_split(store, language.dataset, max_examples=task.examples, labels=task.labels)
-    return [Case(language.language, e.prompt, one_line(e.completion), length) for e in examples]
+    return [Case(language.language, e.prompt, one_line(e.completion), length, e) for e in examples]
 
 
 @dataclass
@@ -182,6 +186,10 @@ class Answers:
         answers = {(c.prompt, c.max_seq_length): self.answer(model, c) for c in distinct}
         for case in cases:
             case.outputs[key] = answers[(case.prompt, case.max_seq_length)]
+            if self.task.labels is None and case.example is not None:
+                metrics = evaluate_examples(model, self.tokenizer, [case.example], max_seq_length=case.max_seq_length)
+                if metrics.eval_loss is not None:
+                    case.losses[key] = metrics.eval_loss
 
 
 def run_try(
@@ -275,6 +283,8 @@ def heading(task: TryTask) -> list[str]:
             how += "; the base has the label set's untrained head"
     else:
         how = f"greedy decoding, at most {task.max_new_tokens} new tokens"
+        if not task.inputs:
+            how += "; [loss]: the model's mean cross-entropy on the expected answer's tokens"
     lines.append(f"{how}; {source}")
     return lines
 
@@ -303,7 +313,10 @@ def render(task: TryTask, by_language: dict[str, list[Case]]) -> str:
             rows = [("input", one_line(case.prompt))]
             if case.expected is not None:
                 rows.append(("expected", case.expected))
-            rows += [(labels[key], case.outputs[key]) for key in task.show if key in case.outputs]
+            for key in task.show:
+                if key in case.outputs:
+                    loss = f"  [loss {case.losses[key]:.2f}]" if key in case.losses else ""
+                    rows.append((labels[key], (case.outputs[key] or EMPTY) + loss))
             prefix = f"[{index}] "
             for number, (label, text) in enumerate(rows):
                 lead = prefix if number == 0 else " " * len(prefix)
