@@ -95,7 +95,10 @@ def test_dry_run_prints_the_plan_and_writes_nothing(
     out = tmp_path / "out"
     assert main([str(config), str(out), "--dry-run", "--cache", str(tmp_path / "cache")]) == 0
     printed = capsys.readouterr().out
-    assert 'dare_ties {"density": 0.4, "lambda_": 1.0, "seed": 7}' in printed
+    assert (
+        'dare_ties {"density": 0.4, "lambda_": 1.0, "normalize": true, "rescale": "inverse-density", "seed": 7}'
+        in printed
+    )
     assert "model.layers.0.self_attn.q_proj  64x64  ranks 4+8+6" in printed
     assert "full-weights" in printed and "peak working set" in printed and "fingerprint:" in printed
     assert not out.exists()

@@ -77,8 +77,14 @@ def test_method_matches_dense_reference(method: str, given: dict[str, object]) -
 
 
 def test_resolve_fills_defaults_and_rejects_unknown() -> None:
-    assert get_method("dare_ties").resolve({}) == {"density": 0.5, "lambda_": 1.0, "seed": 0}
-    assert get_method("ties").resolve({"weights": {"es": 1.0}}) == {"density": 1.0, "lambda_": 1.0}
+    assert get_method("dare_ties").resolve({}) == {
+        "density": 0.5,
+        "lambda_": 1.0,
+        "seed": 0,
+        "normalize": True,
+        "rescale": "inverse-density",
+    }
+    assert get_method("ties").resolve({"weights": {"es": 1.0}}) == {"density": 1.0, "lambda_": 1.0, "normalize": True}
     with pytest.raises(ValueError, match="do not apply"):
         get_method("linear").resolve({"density": 0.5})
     with pytest.raises(ValueError, match="density"):
@@ -193,3 +199,63 @@ def test_dense_methods_give_the_same_result_in_row_blocks(method: str, monkeypat
     blocked = impl.merge(MODULE, updates, p).dense()
     assert torch.equal(whole, blocked)
     assert torch.allclose(blocked.double(), reference(method, updates, p), atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("method", "given"),
+    [
+        ("breadcrumbs", {"density": 0.4, "gamma": 0.1}),
+        ("breadcrumbs_ties", {"density": 0.4, "gamma": 0.1, "normalize": True}),
+        ("della", {"density": 0.4, "epsilon": 0.2, "seed": 4}),
+        ("della_linear", {"density": 0.5, "epsilon": 0.1, "seed": 4, "rescale": "inverse-density"}),
+        ("dare_ties", {"density": 0.3, "seed": 4, "rescale": "l1", "normalize": False}),
+        ("sce", {"select_topk": 0.3}),
+    ],
+)
+def test_mergekit_family_methods_give_the_same_result_in_row_blocks(
+    method: str, given: dict[str, object], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Selections fitted on whole updates (top-k, outliers, L1 norms, SCE's variance) apply exactly block by block;
+    DELLA's row-wise keep probabilities are the same in any block of rows. (Values: ``test_mergekit_parity.py``.)"""
+    from langmerge_trainer.merge import methods
+
+    g = torch.Generator().manual_seed(5)
+    updates = [
+        LoraUpdate(
+            B=torch.randint(-2, 3, (23, 2), generator=g).float(),
+            A=torch.randint(-2, 3, (2, 17), generator=g).float(),
+            scale=1.0,
+            weight=w,
+            key=f"l{i}",
+        )
+        for i, w in enumerate((1.0, 0.5, 2.0))
+    ]
+    impl = get_method(method)
+    p = impl.resolve(given)
+    whole = impl.merge(MODULE, updates, p).dense()
+    monkeypatch.setattr(methods, "CPU_BLOCK_ELEMENTS", 40)
+    blocked = impl.merge(MODULE, updates, p).dense()
+    assert torch.equal(whole, blocked)
+    assert float(whole.abs().sum()) > 0
+
+
+def test_della_keeps_large_entries_more_often() -> None:
+    """DELLA's keep probability rises with the magnitude rank in the row: density - eps for the smallest entry,
+    density + eps for the largest, and on average the density."""
+    from langmerge_trainer.merge.sparsify import rank_keep_probability
+
+    block = torch.tensor([[3.0, -1.0, 0.5, 2.0, -4.0]])
+    p = rank_keep_probability(block, 0.5, 0.2)
+    assert torch.allclose(p, torch.tensor([[0.6, 0.4, 0.3, 0.5, 0.7]]))
+    assert abs(float(p.mean()) - 0.5) < 1e-6
+
+
+def test_della_epsilon_must_keep_probabilities_in_range() -> None:
+    with pytest.raises(ValueError, match=r"density \+- epsilon must lie in \(0, 1\)"):
+        get_method("della").resolve({"density": 0.9, "epsilon": 0.2})
+
+
+def test_model_stock_needs_two_updates() -> None:
+    updates = make_updates(ranks=(2,), weights=(1.0,))
+    with pytest.raises(ValueError, match="at least two updates"):
+        get_method("model_stock").merge(MODULE, updates, get_method("model_stock").resolve({}))

@@ -21,7 +21,7 @@ from langmerge.api.common import (
     StatusModel,
 )
 from langmerge.api.expert import LANGUAGE_PATTERN, Metrics, Retry
-from langmerge.methods import METHOD_NAMES, METHODS, allowed_parameters
+from langmerge.methods import METHOD_NAMES, METHODS, allowed_parameters, effective_method_parameters
 
 
 class ExpertSelection(ApiModel):
@@ -45,6 +45,17 @@ class ExpertSelection(ApiModel):
 class KnotsMerge(StrEnum):
     TIES = "ties"
     LINEAR = "linear"
+
+
+class Rescale(StrEnum):
+    """How DARE and DELLA rescale the entries they keep."""
+
+    #: Divide each kept entry by its keep probability (1/density for DARE): langmerge's DARE default.
+    INVERSE_DENSITY = "inverse-density"
+    #: Scale each tensor so that its L1 norm is what it was before dropping (mergekit's ``rescale: true``).
+    L1 = "l1"
+    #: Keep the entries as they are (mergekit's ``rescale: false``).
+    NONE = "none"
 
 
 class MergeParameters(ApiModel):
@@ -83,6 +94,53 @@ class MergeParameters(ApiModel):
     knots_merge: Annotated[
         KnotsMerge | None,
         Field(default=None, description="knots: how coordinates are merged in the shared basis (default ties)."),
+    ] = None
+    normalize: Annotated[
+        bool | None,
+        Field(
+            default=None,
+            description="ties, dare_*, breadcrumbs*, della*: divide the combined entries by the weight behind them "
+            "(a mean) instead of summing them (ties, dare_ties, della default true; the others false).",
+        ),
+    ] = None
+    rescale: Annotated[
+        Rescale | None,
+        Field(
+            default=None,
+            description="dare_*, della*: rescale kept entries by their inverse keep probability (inverse-density; "
+            "dare default), to keep each tensor's L1 norm (l1; della default, mergekit's rescale) or not (none).",
+        ),
+    ] = None
+    gamma: Annotated[
+        float | None,
+        Field(
+            default=None,
+            ge=0,
+            lt=1,
+            description="breadcrumbs*: share of the largest-magnitude entries dropped as outliers (default 0.01).",
+        ),
+    ] = None
+    epsilon: Annotated[
+        float | None,
+        Field(
+            default=None,
+            gt=0,
+            lt=0.5,
+            description="della*: keep probabilities range over density +- epsilon by magnitude rank (default 0.15).",
+        ),
+    ] = None
+    select_topk: Annotated[
+        float | None,
+        Field(
+            default=None,
+            gt=0,
+            le=1,
+            description="sce: share of entries kept, those that vary most across the updates (default 1.0).",
+        ),
+    ] = None
+    filter_wise: Annotated[
+        bool | None,
+        Field(default=None, description="model_stock: one interpolation factor per row instead of per tensor."),
     ] = None
     include_modules: Annotated[
         list[str],
@@ -277,6 +335,13 @@ class MergedModelSpec(ApiModel):
             raise ValueError(
                 f"parameters {', '.join(wire)} do not apply to method {self.method!r} (it accepts: {', '.join(ok)})"
             )
+        if self.method.startswith("della"):
+            density = self.parameters.density if self.parameters.density is not None else 0.5
+            epsilon = self.parameters.epsilon if self.parameters.epsilon is not None else 0.15
+            if not (density - epsilon > 0 and density + epsilon < 1):
+                raise ValueError(
+                    f"{self.method}: density +- epsilon must lie in (0, 1) (density {density}, epsilon {epsilon})"
+                )
         return self
 
     def effective_parameters(self) -> dict[str, Any]:
@@ -287,16 +352,9 @@ class MergedModelSpec(ApiModel):
             "include_modules": list(p.include_modules),
             "exclude_modules": list(p.exclude_modules),
         }
-        allowed = allowed_parameters(self.method)
-        if "density" in allowed:
-            default_density = 0.5 if self.method.startswith("dare") else 1.0
-            out["density"] = p.density if p.density is not None else default_density
-        if "lambda_" in allowed:
-            out["lambda_"] = p.lambda_ if p.lambda_ is not None else 1.0
-        if "seed" in allowed:
-            out["seed"] = p.seed if p.seed is not None else 0
-        if "knots_merge" in allowed:
-            out["knots_merge"] = str(p.knots_merge) if p.knots_merge is not None else KnotsMerge.TIES.value
+        given = {name: getattr(p, name) for name in METHODS[self.method].parameters}
+        given = {k: (str(v.value) if isinstance(v, StrEnum) else v) for k, v in given.items()}
+        out.update(effective_method_parameters(self.method, given))
         return out
 
 

@@ -40,12 +40,15 @@ from typing import Any, ClassVar, TypeVar, overload
 
 import torch
 
-from langmerge.methods import COMMON_PARAMETERS
+from langmerge.methods import COMMON_PARAMETERS, METHODS, RESCALE_CHOICES
 from langmerge_trainer.merge.sparsify import (
     MagnitudeSelector,
     dare_keep_mask,
     derive_seed,
     keep_count,
+    outlier_counts,
+    probability_keep_mask,
+    rank_keep_probability,
     topk_keep_mask,
 )
 
@@ -147,12 +150,38 @@ class Param:
         return value
 
 
-def _density(default: float) -> Param:
-    return Param("density", default, lambda v: 0.0 < v <= 1.0, "a number in (0, 1]")
+def _to_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise ValueError(f"{value!r} is not a boolean")
 
 
-LAMBDA = Param("lambda_", 1.0, lambda v: 0.0 < v <= 100.0, "a number in (0, 100]")
-SEED = Param("seed", 0, lambda v: 0 <= v <= 2**31 - 1, "an integer in [0, 2**31-1]", convert=int)
+def _to_str(value: Any) -> str:
+    return str(value.value if isinstance(value, StrEnum) else value)
+
+
+#: Check, requirement text and conversion of every method parameter; defaults come from the operator's catalogue.
+PARAMETER_CHECKS: dict[str, tuple[Callable[[Any], bool], str, Callable[[Any], Any]]] = {
+    "density": (lambda v: 0.0 < v <= 1.0, "a number in (0, 1]", float),
+    "lambda_": (lambda v: 0.0 < v <= 100.0, "a number in (0, 100]", float),
+    "seed": (lambda v: 0 <= v <= 2**31 - 1, "an integer in [0, 2**31-1]", int),
+    "knots_merge": (lambda v: v in ("ties", "linear"), "'ties' or 'linear'", _to_str),
+    "normalize": (lambda v: isinstance(v, bool), "true or false", _to_bool),
+    "rescale": (lambda v: v in RESCALE_CHOICES, " or ".join(RESCALE_CHOICES), _to_str),
+    "gamma": (lambda v: 0.0 <= v < 1.0, "a number in [0, 1)", float),
+    "epsilon": (lambda v: 0.0 < v < 0.5, "a number in (0, 0.5)", float),
+    "select_topk": (lambda v: 0.0 < v <= 1.0, "a number in (0, 1]", float),
+    "filter_wise": (lambda v: isinstance(v, bool), "true or false", _to_bool),
+}
+
+
+def catalogue_schema(method: str) -> dict[str, Param]:
+    """The declared parameters of a catalogued method (``langmerge.methods.METHODS``), with its defaults."""
+    out = {}
+    for name, default in METHODS[method].defaults.items():
+        check, requirement, convert = PARAMETER_CHECKS[name]
+        out[name] = Param(name, default, check, requirement, convert)
+    return out
 
 
 class MergeMethod(ABC):
@@ -179,7 +208,16 @@ class MergeMethod(ABC):
                 f"parameters {', '.join(unknown)} do not apply to method {self.name!r} "
                 f"(it accepts: {', '.join(sorted(set(self.schema) | COMMON_PARAMETERS))})"
             )
-        return {name: param.resolve(given.get(name)) for name, param in sorted(self.schema.items())}
+        resolved = {name: param.resolve(given.get(name)) for name, param in sorted(self.schema.items())}
+        if (
+            "epsilon" in resolved
+            and not 0.0 < resolved["density"] - resolved["epsilon"] < resolved["density"] + (resolved["epsilon"]) < 1.0
+        ):
+            raise ValueError(
+                f"{self.name}: density +- epsilon must lie in (0, 1) "
+                f"(density {resolved['density']}, epsilon {resolved['epsilon']})"
+            )
+        return resolved
 
     @abstractmethod
     def merge(self, module: str, updates: Sequence[LoraUpdate], params: Mapping[str, Any]) -> MergedDelta:
@@ -222,7 +260,7 @@ def combine_dense(items: Iterable[tuple[float, torch.Tensor]], *, consensus: boo
     """Combine dense (already sparsified) updates ``T_i`` with weights ``w_i >= 0``, one at a time (consumes them).
 
     Without ``consensus``: ``sum w_i T_i`` (divided by ``sum w_i`` when ``normalize``). With ``consensus`` (TIES'
-    elect + disjoint mean), four running sums replace the stack of N tensors: ``S = sum w T``, ``A = sum w |T|``,
+    elect + disjoint mean; without ``normalize`` the disjoint sum ``(S + e A) / 2``), four running sums replace the stack of N tensors: ``S = sum w T``, ``A = sum w |T|``,
     ``Z = sum w sign(T)``, ``C = sum w |sign(T)|``. The positive mass is ``(A + S) / 2``, the negative ``(S - A) / 2``,
     the weight behind each sign ``(C +- Z) / 2``; with the elected sign ``e = sign(S)`` (+1 where S = 0) the disjoint
     weighted mean is ``(S + e A) / (C + e Z)`` (0 where nothing agrees). Every operation is a plain float one.
@@ -257,6 +295,8 @@ def combine_dense(items: Iterable[tuple[float, torch.Tensor]], *, consensus: boo
         elected = torch.where(signed >= 0, 1.0, -1.0).to(signed.dtype)
         numerator = signed.addcmul_(elected, magnitude)
         del magnitude
+        if not normalize:  # the sum of the agreeing entries
+            return numerator.mul_(0.5)
         denominator = count.addcmul_(elected, sign_sum)
         del sign_sum, elected
         return numerator.div_(denominator.masked_fill_(denominator <= 0, 1.0))
@@ -271,8 +311,14 @@ def combine_dense(items: Iterable[tuple[float, torch.Tensor]], *, consensus: boo
 
 class Sparsify(StrEnum):
     NONE = "none"
+    #: Exactly the top int(density * n) magnitudes (TIES, magnitude pruning).
     MAGNITUDE = "magnitude"
+    #: Each entry kept with probability density (DARE).
     RANDOM = "random"
+    #: The int(density * n) magnitudes below the int(gamma * n) largest (Model Breadcrumbs).
+    OUTLIERS = "outliers"
+    #: Each entry kept with a probability that grows with its magnitude rank in its row (DELLA).
+    RANK_SAMPLED = "rank-sampled"
 
 
 def trim_(tensor: torch.Tensor, density: float) -> torch.Tensor:
@@ -291,12 +337,20 @@ def stack_factors(updates: Sequence[LoraUpdate], coefficients: Sequence[float]) 
     return LowRankDelta(B, A)
 
 
+#: Below this L1 norm (before or after dropping) a tensor is not rescaled to keep its norm (as mergekit).
+L1_RESCALE_EPS = 1e-7
+
+
 # -- the methods -----------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class TaskArithmetic(MergeMethod):
-    """Generalised task arithmetic: optional sparsification, optional sign consensus, optional normalisation."""
+    """Generalised task arithmetic: optional sparsification, optional sign consensus, optional normalisation.
+
+    ``normalize`` is the default of methods without a ``normalize`` parameter; the others read it from their
+    parameters (defaults in the catalogue). The declared parameters are the catalogue's (``langmerge.methods``).
+    """
 
     name: str
     summary: str
@@ -304,18 +358,12 @@ class TaskArithmetic(MergeMethod):
     consensus: bool = False
     normalize: bool = False
     scaled: bool = True
-    default_density: float = 1.0
     _schema: dict[str, Param] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        schema: dict[str, Param] = {}
-        if self.sparsify is not Sparsify.NONE:
-            schema["density"] = _density(self.default_density)
-        if self.scaled:
-            schema["lambda_"] = LAMBDA
-        if self.sparsify is Sparsify.RANDOM:
-            schema["seed"] = SEED
-        object.__setattr__(self, "_schema", schema)
+        object.__setattr__(self, "_schema", catalogue_schema(self.name))
+        if "normalize" in self._schema:  # parameters that leave it out get the catalogue's default
+            object.__setattr__(self, "normalize", bool(self._schema["normalize"].default))
 
     @property
     def schema(self) -> Mapping[str, Param]:
@@ -334,10 +382,10 @@ class TaskArithmetic(MergeMethod):
             if total <= 0:
                 raise ValueError(f"{module}: the weights sum to zero: nothing to average")
             return stack_factors(updates, [lam * u.weight / total for u in updates])
-        merged = self._merge_dense(module, updates, float(params.get("density", 1.0)), int(params.get("seed", 0)))
+        merged = self._merge_dense(module, updates, params)
         return DenseDelta(merged.mul_(lam) if lam != 1.0 else merged)
 
-    def _merge_dense(self, module: str, updates: Sequence[LoraUpdate], density: float, seed: int) -> torch.Tensor:
+    def _merge_dense(self, module: str, updates: Sequence[LoraUpdate], params: Mapping[str, Any]) -> torch.Tensor:
         """Two passes over row blocks: fit each update's selection on the whole update, then combine block by block.
 
         Holding N dense updates (or even the method's four accumulators) for a whole module is what makes TIES
@@ -346,6 +394,13 @@ class TaskArithmetic(MergeMethod):
         of an update is computed the same way in both passes (``s * B[rows] @ A``), so the selection fitted in the
         first pass applies exactly in the second.
         """
+        density = float(params.get("density", 1.0))
+        seed = int(params.get("seed", 0))
+        normalize = bool(params.get("normalize", self.normalize))
+        rescale = str(params.get("rescale", "none"))
+        epsilon = float(params.get("epsilon", 0.0))
+        sparsify = self.sparsify if density < 1.0 else Sparsify.NONE
+        random = sparsify in (Sparsify.RANDOM, Sparsify.RANK_SAMPLED)
         active = [u for u in updates if not (self.consensus and u.weight == 0)]
         if not active:
             raise ValueError(f"{module}: every adapter has weight 0")
@@ -354,31 +409,62 @@ class TaskArithmetic(MergeMethod):
         blocks = row_blocks(rows, cols, device)
         # the scale folded into B once: each block is then one matrix product
         active = [LoraUpdate(u.B.float() * u.scale, u.A.float(), 1.0, u.weight, u.key) for u in active]
-        selectors: list[MagnitudeSelector | None] = []
-        for u in active:
-            if self.sparsify is Sparsify.MAGNITUDE and density < 1.0:
+        keys = [derive_seed(seed, module, u.key) for u in active]
+
+        def random_keep(block: torch.Tensor, key: int, r0: int) -> tuple[torch.Tensor, torch.Tensor | float]:
+            """(mask, keep probability) of a block of rows of one update."""
+            if sparsify is Sparsify.RANDOM:
+                return dare_keep_mask(block.shape, density, key, device, offset=r0 * cols), density
+            probability = rank_keep_probability(block, density, epsilon)
+            return probability_keep_mask(probability, key, offset=r0 * cols), probability
+
+        selectors: list[tuple[MagnitudeSelector, MagnitudeSelector | None] | None] = []
+        factors: list[float] = []
+        for u, key in zip(active, keys, strict=True):
+            selector = None
+            factor = 1.0
+            if sparsify in (Sparsify.MAGNITUDE, Sparsify.OUTLIERS):
                 magnitude = torch.empty(rows, cols, device=device)
                 for r0, r1 in blocks:
                     magnitude[r0:r1] = dense_rows(u, r0, r1).abs_()
-                selectors.append(MagnitudeSelector(magnitude, density))
+                if sparsify is Sparsify.MAGNITUDE:
+                    selector = (MagnitudeSelector(magnitude, density), None)
+                else:
+                    outer, top = outlier_counts(rows * cols, density, float(params.get("gamma", 0.0)))
+                    selector = (MagnitudeSelector(magnitude, k=outer), MagnitudeSelector(magnitude, k=top))
                 del magnitude
-            else:
-                selectors.append(None)
-        keys = [derive_seed(seed, module, u.key) for u in active]
+            elif random and rescale == "l1":
+                before = after = 0.0
+                for r0, r1 in blocks:
+                    block = dense_rows(u, r0, r1).abs_()
+                    keep, _ = random_keep(block, key, r0)
+                    before += float(block.sum())
+                    after += float(block.masked_fill_(~keep, 0.0).sum())
+                if before >= L1_RESCALE_EPS and after >= L1_RESCALE_EPS:
+                    factor = before / after
+            selectors.append(selector)
+            factors.append(factor)
         out = torch.empty(rows, cols, device=device)
 
         def block_items(r0: int, r1: int) -> Iterator[tuple[float, torch.Tensor]]:
-            for u, selector, key in zip(active, selectors, keys, strict=True):
+            for u, selector, key, factor in zip(active, selectors, keys, factors, strict=True):
                 block = dense_rows(u, r0, r1)
                 if selector is not None:
-                    block = selector.apply_(block)
-                elif self.sparsify is Sparsify.RANDOM and density < 1.0:
-                    keep = dare_keep_mask(block.shape, density, key, device, offset=r0 * cols)
-                    block = block.masked_fill_(~keep, 0.0).div_(density)
+                    keep = selector[0].mask(block)
+                    if selector[1] is not None:
+                        keep &= ~selector[1].mask(block)
+                    block = block.masked_fill_(~keep, 0.0)
+                elif random:
+                    keep, probability = random_keep(block, key, r0)
+                    block = block.masked_fill_(~keep, 0.0)
+                    if rescale == "inverse-density":
+                        block = block.div_(probability)
+                    elif factor != 1.0:
+                        block = block.mul_(factor)
                 yield u.weight, block
 
         for r0, r1 in blocks:
-            out[r0:r1] = combine_dense(block_items(r0, r1), consensus=self.consensus, normalize=self.normalize)
+            out[r0:r1] = combine_dense(block_items(r0, r1), consensus=self.consensus, normalize=normalize)
         return out
 
 
@@ -417,9 +503,8 @@ register(
 register(
     TaskArithmetic(
         "dare_linear",
-        "DARE: seeded random drop (keep = density), rescale by 1/density, weighted sum.",
+        "DARE: seeded random drop (keep = density), rescale, weighted sum.",
         sparsify=Sparsify.RANDOM,
-        default_density=0.5,
     )
 )
 register(
@@ -428,7 +513,6 @@ register(
         "DARE drop-and-rescale, then TIES sign election and disjoint weighted mean.",
         sparsify=Sparsify.RANDOM,
         consensus=True,
-        default_density=0.5,
     )
 )
 register(
@@ -437,6 +521,32 @@ register(
     )
 )
 register(TaskArithmetic("cat", "Exact concatenation of the adapters' ranks: B A = sum(w_i * D_i).", scaled=False))
+register(
+    TaskArithmetic(
+        "breadcrumbs",
+        "Model Breadcrumbs: drop the largest (gamma) and smallest magnitudes, weighted sum.",
+        sparsify=Sparsify.OUTLIERS,
+    )
+)
+register(
+    TaskArithmetic(
+        "breadcrumbs_ties",
+        "Model Breadcrumbs sparsification, then TIES sign election.",
+        sparsify=Sparsify.OUTLIERS,
+        consensus=True,
+    )
+)
+register(
+    TaskArithmetic(
+        "della",
+        "DELLA: magnitude-rank sampled drop (density +- epsilon), rescale, TIES sign election (seeded).",
+        sparsify=Sparsify.RANK_SAMPLED,
+        consensus=True,
+    )
+)
+register(
+    TaskArithmetic("della_linear", "DELLA sparsification, then weighted sum (seeded).", sparsify=Sparsify.RANK_SAMPLED)
+)
 
 
 class KnotsMerge(StrEnum):
@@ -456,17 +566,7 @@ class Knots(MergeMethod):
 
     @property
     def schema(self) -> Mapping[str, Param]:
-        return {
-            "density": _density(1.0),
-            "lambda_": LAMBDA,
-            "knots_merge": Param(
-                "knots_merge",
-                KnotsMerge.TIES.value,
-                lambda v: v in {m.value for m in KnotsMerge},
-                "'ties' or 'linear'",
-                convert=lambda v: str(v.value if isinstance(v, StrEnum) else v),
-            ),
-        }
+        return catalogue_schema(self.name)
 
     def merge(self, module: str, updates: Sequence[LoraUpdate], params: Mapping[str, Any]) -> MergedDelta:
         if not updates:
@@ -480,7 +580,7 @@ class Knots(MergeMethod):
             for u, x in zip(updates, coordinates, strict=True)
             if not (ties and u.weight == 0)
         )
-        merged = combine_dense(items, consensus=ties, normalize=not ties)
+        merged = combine_dense(items, consensus=ties, normalize=True)  # TIES' disjoint mean, or the average
         return LowRankDelta(basis, merged.mul_(lam) if lam != 1.0 else merged)
 
 
@@ -516,6 +616,117 @@ def knots_align(
             start += width
 
     return basis, coordinates()
+
+
+@register
+class Sce(MergeMethod):
+    """SCE (Wan et al. 2024, arXiv 2408.07990): select, calculate, erase.
+
+    Per module: keep the ``select_topk`` share of entries whose values vary most across the updates (population
+    variance; ``int(select_topk * nonzero variances)`` entries), weight each update by its mean squared (kept) entry
+    normalised to sum 1, elect each entry's sign by the plain sum, and average the agreeing entries with those
+    weights. Language weights multiply the calculated ones (all 1: exactly mergekit's ``sce``); an update with
+    weight 0 takes no part. Three passes over row blocks keep the working space near two float32 copies of a module.
+    """
+
+    name = "sce"
+    summary = "SCE: select the entries that vary most, weight updates by their mean square, elect signs, average."
+    low_rank_exact = False
+
+    @property
+    def schema(self) -> Mapping[str, Param]:
+        return catalogue_schema(self.name)
+
+    def merge(self, module: str, updates: Sequence[LoraUpdate], params: Mapping[str, Any]) -> MergedDelta:
+        active = [LoraUpdate(u.B.float() * u.scale, u.A.float(), 1.0, u.weight, u.key) for u in updates if u.weight]
+        if not active:
+            raise ValueError(f"{module}: every adapter has weight 0")
+        lam = float(params.get("lambda_", 1.0))
+        topk = float(params.get("select_topk", 1.0))
+        rows, cols = active[0].shape
+        device = active[0].B.device
+        blocks = row_blocks(rows, cols, device)
+        keep: torch.Tensor | None = None
+        if topk < 1.0:
+            variance = torch.empty(rows, cols, device=device)
+            for r0, r1 in blocks:
+                variance[r0:r1] = torch.stack([dense_rows(u, r0, r1) for u in active]).var(dim=0, unbiased=False)
+            keep = topk_keep_mask(variance, int(int(torch.count_nonzero(variance)) * topk))
+            del variance
+
+        def selected(r0: int, r1: int) -> list[torch.Tensor]:
+            out = [dense_rows(u, r0, r1) for u in active]
+            if keep is not None:
+                out = [t.masked_fill_(~keep[r0:r1], 0.0) for t in out]
+            return out
+
+        squares = [0.0] * len(active)
+        for r0, r1 in blocks:
+            for i, t in enumerate(selected(r0, r1)):
+                squares[i] += float(t.double().square().sum())
+        means = [sq / (rows * cols) for sq in squares]
+        total = sum(means)
+        calculated = [m / total for m in means] if abs(total) >= 1e-6 else [1.0 / len(active)] * len(active)
+        weights = [c * u.weight for c, u in zip(calculated, active, strict=True)]
+        out = torch.empty(rows, cols, device=device)
+        for r0, r1 in blocks:
+            tensors = selected(r0, r1)
+            elected = torch.where(torch.stack(tensors).sum(0) >= 0, 1.0, -1.0)
+            numerator = torch.zeros_like(elected)
+            denominator = torch.zeros_like(elected)
+            for w, t in zip(weights, tensors, strict=True):
+                agree = (t.sign() == elected).float()
+                numerator.addcmul_(t, agree, value=w)
+                denominator.add_(agree, alpha=w)
+            out[r0:r1] = numerator.div_(denominator.clamp_(min=1e-6))
+        return DenseDelta(out.mul_(lam) if lam != 1.0 else out)
+
+
+@register
+class ModelStock(MergeMethod):
+    """Model Stock (Jang et al. 2024, arXiv 2403.19522) on the updates: ``t * mean(D_i)`` with
+    ``t = N cos / (1 + (N - 1) cos)``, ``cos`` the mean pairwise cosine of the updates over the whole tensor (per
+    row with ``filter_wise``; 0 where the denominator vanishes, as mergekit). The result is the weighted mean scaled
+    by t, exactly low rank; the cosines come from the factors (``<B_a A_a, B_b A_b> = sum((B_a^T B_b) * (A_a A_b^T))``)
+    without forming any update. Language weights weight the mean (all 1: mergekit's ``model_stock``)."""
+
+    name = "model_stock"
+    summary = "Model Stock: the mean update scaled by N cos / (1 + (N-1) cos) of the updates' mean pairwise cosine."
+    low_rank_exact = True
+
+    @property
+    def schema(self) -> Mapping[str, Param]:
+        return catalogue_schema(self.name)
+
+    def merge(self, module: str, updates: Sequence[LoraUpdate], params: Mapping[str, Any]) -> MergedDelta:
+        active = [u for u in updates if u.weight]
+        if len(active) < 2:
+            raise ValueError(f"{module}: model_stock needs at least two updates with a weight above 0")
+        filter_wise = bool(params.get("filter_wise", False))
+        factors = [(u.B.double() * u.scale, u.A.double()) for u in active]
+
+        def inner(a: int, b: int) -> torch.Tensor:
+            (Ba, Aa), (Bb, Ab) = factors[a], factors[b]
+            if filter_wise:  # row i: B_a[i] (A_a A_b^T) B_b[i]^T
+                return ((Ba @ (Aa @ Ab.T)) * Bb).sum(dim=1)
+            return ((Ba.T @ Bb) * (Aa @ Ab.T)).sum()
+
+        norms = [inner(i, i).clamp(min=0).sqrt() for i in range(len(active))]
+        cosines = [
+            (inner(a, b) / (norms[a] * norms[b]).clamp(min=1e-6)).clamp(-1.0, 1.0)
+            for a in range(len(active))
+            for b in range(a + 1, len(active))
+        ]
+        cos = torch.stack(cosines).mean(dim=0)
+        n = len(active)
+        denominator = 1 + (n - 1) * cos
+        singular = denominator.abs() < 1e-6
+        t = torch.where(singular, torch.zeros_like(cos), n * cos / torch.where(singular, 1.0, denominator))
+        total = sum(u.weight for u in active)
+        merged = stack_factors(active, [u.weight / total for u in active])
+        if filter_wise:
+            return LowRankDelta(merged.B * t.float()[:, None], merged.A)
+        return LowRankDelta(merged.B * float(t), merged.A)
 
 
 def method_names() -> tuple[str, ...]:

@@ -154,12 +154,13 @@ class MagnitudeSelector:
     """Exactly the top-k entries by magnitude of a whole matrix, applied block by block in row-major order.
 
     Fitted once on the magnitudes (:func:`kth_largest`); then each block keeps entries above the k-th value, and
-    entries equal to it while the budget of ties lasts (in flat index order, as :func:`topk_keep_mask`).
+    entries equal to it while the budget of ties lasts (in flat index order, as :func:`topk_keep_mask`). ``k`` is
+    ``int(density * numel)`` unless given directly.
     """
 
-    def __init__(self, magnitude: torch.Tensor, density: float) -> None:
+    def __init__(self, magnitude: torch.Tensor, density: float = 1.0, *, k: int | None = None) -> None:
         n = magnitude.numel()
-        self.k = keep_count(n, density)
+        self.k = keep_count(n, density) if k is None else max(0, min(int(k), n))
         self.keep_all = self.k >= n
         self.value = 0.0
         self.ties_left = 0
@@ -170,17 +171,56 @@ class MagnitudeSelector:
             self.ties_left = self.k - greater
             self.all_ties = self.ties_left == equal
 
+    def mask(self, block: torch.Tensor) -> torch.Tensor:
+        """Boolean mask of the entries of ``block`` (the next rows, in order) that are kept."""
+        if self.keep_all:
+            return torch.ones_like(block, dtype=torch.bool)
+        if self.k == 0:
+            return torch.zeros_like(block, dtype=torch.bool)
+        magnitude = block.abs()
+        if self.all_ties:
+            return magnitude >= self.value
+        equal = (magnitude == self.value).reshape(-1)
+        first = torch.cumsum(equal, dim=0, dtype=torch.int64) <= self.ties_left
+        self.ties_left -= min(int(equal.sum()), self.ties_left)
+        return ((magnitude.reshape(-1) > self.value) | (equal & first)).reshape(block.shape)
+
     def apply_(self, block: torch.Tensor) -> torch.Tensor:
         """Zero the entries of ``block`` (the next rows, in order) that are not kept; in place."""
         if self.keep_all:
             return block
-        if self.k == 0:
-            return block.zero_()
-        magnitude = block.abs()
-        if self.all_ties:
-            return block.masked_fill_(magnitude < self.value, 0.0)
-        equal = (magnitude == self.value).reshape(-1)
-        first = torch.cumsum(equal, dim=0, dtype=torch.int64) <= self.ties_left
-        self.ties_left -= min(int(equal.sum()), self.ties_left)
-        keep = (magnitude.reshape(-1) > self.value) | (equal & first)
-        return block.masked_fill_(~keep.reshape(block.shape), 0.0)
+        return block.masked_fill_(~self.mask(block), 0.0)
+
+
+def outlier_counts(numel: int, density: float, gamma: float) -> tuple[int, int]:
+    """Model Breadcrumbs' selection as two top-k counts ``(outer, top)``: keep the ``outer`` largest magnitudes but not
+    the ``top`` largest. ``int(density * n)`` entries are kept; up to ``int(gamma * n)`` of the largest are dropped as
+    outliers, fewer when the density leaves no room (then the smallest entries are all kept)."""
+    target = keep_count(numel, density)
+    n_top = int(gamma * numel)
+    n_bottom = max(0, numel - target - n_top)
+    outer = numel - n_bottom
+    return outer, outer - target
+
+
+def rank_keep_probability(block: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+    """DELLA's keep probability of each entry: ``density - epsilon`` for the smallest magnitude of its row rising
+    linearly with the magnitude rank to ``density + epsilon`` for the largest (float32, the block's shape)."""
+    rows = block.reshape(1, -1) if block.dim() < 2 else block
+    cols = rows.shape[1]
+    order = torch.argsort(rows.abs(), dim=1, stable=True)
+    ranks = torch.argsort(order, dim=1).to(torch.float32)
+    normalised = ranks / (cols - 1) if cols > 1 else torch.zeros_like(ranks)
+    return (normalised.mul_(2 * epsilon).add_(density - epsilon)).reshape(block.shape)
+
+
+def probability_keep_mask(probability: torch.Tensor, key: int, *, offset: int = 0) -> torch.Tensor:
+    """Each entry kept with its own probability, from the same hash of (``key``, flat index) as DARE's mask."""
+    numel = probability.numel()
+    flat = probability.reshape(-1)
+    out = torch.empty(numel, dtype=torch.bool, device=probability.device)
+    for start in range(0, numel, HASH_CHUNK):
+        count = min(HASH_CHUNK, numel - start)
+        hashes = hash_uniform32(key, offset + start, count, probability.device)
+        out[start : start + count] = hashes.to(torch.float64) < flat[start : start + count].to(torch.float64) * 2**32
+    return out.reshape(probability.shape)
