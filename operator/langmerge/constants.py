@@ -34,6 +34,20 @@ ANNOTATION_ARTIFACT = "langmerge.dev/artifact-uri"
 #: local Job runner (development only) reads the policy from here when the spec has none.
 ANNOTATION_POD_FAILURE_POLICY = "langmerge.dev/pod-failure-policy"
 
+#: A copy of a Job's ``spec.suspend`` ("true"/"false"). API servers before 1.21 drop the field on write; the local
+#: Job runner and the local Kueue stand-in (development only) read and write the annotation there. Where the API
+#: server keeps ``spec.suspend`` (every current one), the field rules and the annotation is only the creation value.
+ANNOTATION_SUSPEND = "langmerge.dev/suspend"
+
+#: Kubeflow Trainer's TrainJob (the ``trainjob`` training runtime).
+TRAINER_GROUP = "trainer.kubeflow.org"
+TRAINER_VERSION = "v1alpha1"
+TRAINJOB_KIND = "TrainJob"
+TRAINJOB_PLURAL = "trainjobs"
+#: The runtime kind a TrainJob refers to, and the name of the trainer container in Kubeflow Trainer's torch runtimes.
+TRAINING_RUNTIME_KIND = "ClusterTrainingRuntime"
+TRAINJOB_CONTAINER = "node"
+
 #: Prefix of kopf's own annotations on our objects (progress and diff-base storage).
 KOPF_ANNOTATION_PREFIX = "kopf.langmerge.dev"
 

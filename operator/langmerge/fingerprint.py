@@ -1,7 +1,9 @@
 """Content fingerprints: the desired state of an expert or a merge, as one short hash.
 
-Same fingerprint, same S3 prefix, no second Job. Only what changes the *result* goes in: operational settings (GPU
-count, poll interval, progress cadence, gradient checkpointing) do not, so changing them never retrains.
+Same fingerprint, same S3 prefix, no second Job. Only what changes the *result* goes in: operational settings (poll
+interval, progress cadence, gradient checkpointing, the runtime) do not, so changing them never retrains. The number
+of training processes does when it is more than one (each optimiser step then sees processes x batchSize examples),
+and so does the parallelism with it; one process (0 or 1 GPU on one node) keeps the fingerprints it always had.
 """
 
 from __future__ import annotations
@@ -50,8 +52,13 @@ def training_fingerprint(
     """hash(base model identity, data digests, dataset reading options, LoRA + training settings, trainer image; the
     task type and label set for a sequence classifier)."""
     training = spec.training.model_dump(
-        mode="json", exclude={"gradient_checkpointing", "checkpoint_every_steps", "progress_every_steps"}
+        mode="json",
+        exclude={"gradient_checkpointing", "checkpoint_every_steps", "progress_every_steps", "parallelism"},
     )
+    processes = spec.resources.processes()
+    if processes > 1:
+        training["processes"] = processes
+        training["parallelism"] = str(spec.training.parallelism)
     value: dict[str, Any] = {
         "v": FINGERPRINT_VERSION,
         "base": {"uri": spec.base_model.uri, "revision": spec.base_model.revision, "digest": base_model_digest},

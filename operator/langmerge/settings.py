@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -22,6 +23,11 @@ from langmerge.tenancy import (
 
 class SettingsError(ValueError):
     pass
+
+
+#: Training runtimes (``spec.runtime`` of a LanguageExpert, ``LANGMERGE_TRAINING_RUNTIME``).
+RUNTIMES = ("job", "trainjob")
+_DNS_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
 
 
 @dataclass(frozen=True)
@@ -81,8 +87,16 @@ class Settings:
     job_ttl_seconds: int = 7 * 86400
     #: Keep a training run's resumable checkpoints in S3 after its adapter is committed (default: delete them then).
     keep_checkpoints: bool = False
-    #: Kueue LocalQueue name set as the Jobs' queue-name label (empty: no Kueue).
+    #: Kueue LocalQueue of the Jobs and TrainJobs (empty: no Kueue). With a queue they are created suspended with the
+    #: ``kueue.x-k8s.io/queue-name`` label; Kueue admits (unsuspends) them. One waiting for admission shows as
+    #: "Queued (Kueue)" and does not count toward ``max_training_jobs``/``max_merge_jobs``.
     kueue_queue: str = ""
+    #: What runs an expert's training unless its ``spec.runtime`` says: ``job`` (a batch/v1 Job; ``resources.gpus`` > 1
+    #: runs one process per GPU in its pod) or ``trainjob`` (a Kubeflow Trainer TrainJob, one pod per node).
+    training_runtime: str = "job"
+    #: The ClusterTrainingRuntime a TrainJob's ``runtimeRef`` names (a torch runtime: it injects torchrun's
+    #: ``PET_*`` variables).
+    trainjob_runtime: str = "torch-distributed"
     #: ServiceAccount of the Jobs' pods (empty: the namespace's default).
     job_service_account: str = ""
     #: Seconds between reconciles of an idle custom resource (a safety net; changes are event-driven).
@@ -179,6 +193,12 @@ class Settings:
             parse_image(self.trainer_image)
         except ImageError as err:
             raise SettingsError(f"LANGMERGE_TRAINER_IMAGE: {err}") from err
+        if self.training_runtime not in RUNTIMES:
+            raise SettingsError(
+                f"LANGMERGE_TRAINING_RUNTIME must be one of {', '.join(RUNTIMES)}, got {self.training_runtime!r}"
+            )
+        if not _DNS_NAME.fullmatch(self.trainjob_runtime):
+            raise SettingsError(f"LANGMERGE_TRAINJOB_RUNTIME must be an object name, got {self.trainjob_runtime!r}")
         if self.uri_policy not in (ENFORCE, OFF):
             raise SettingsError(f"LANGMERGE_URI_POLICY must be {ENFORCE} or {OFF}, got {self.uri_policy!r}")
         if self.namespace_prefix:

@@ -218,7 +218,9 @@ def test_training_fingerprint_changes_with_what_changes_the_result(change: dict[
 @pytest.mark.parametrize(
     "change",
     [
-        {"resources": {"gpus": 8}},
+        {"resources": {"gpus": 0}},
+        {"training": {"parallelism": "fsdp"}},
+        {"runtime": "trainjob"},
         {"schedule": {"pollIntervalSeconds": 30}},
         {"training": {"gradientCheckpointing": True}},
         {"training": {"progressEverySteps": 1}},

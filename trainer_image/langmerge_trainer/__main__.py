@@ -3,6 +3,9 @@
 Verbs::
 
     train --task <json or @file>        train and commit one expert's adapter (a langmerge.tasks.TrainTask)
+    distributed [torchrun options] train --task ...
+                                        the same with several processes (DDP/FSDP2): torchrun's launcher (its
+                                        options and PET_* variables), keeping the exit statuses below
     evaluate --base-model ... --dataset ... --output ...   metrics of a model on a language's eval split
     merge --task <json or @file>        the merge Job (langmerge_trainer.merge.job)
     merge-local ...                     merge adapters on this machine (langmerge_trainer.merge.cli)
@@ -34,18 +37,20 @@ from langmerge.constants import EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED, EXIT_USAGE
 
 __all__ = ["EXIT_FAILED", "EXIT_OK", "EXIT_PREEMPTED", "EXIT_USAGE", "EXIT_USER_ERROR", "main"]
 
-VERBS = ("train", "evaluate", "merge", "merge-local", "sample", "bench", "try")
+VERBS = ("train", "distributed", "evaluate", "merge", "merge-local", "sample", "bench", "try")
 USAGE = f"usage: langmerge-trainer {{{','.join(VERBS)}}} [options]  (langmerge-trainer <verb> --help)"
 
 log = logging.getLogger("langmerge_trainer")
 
 
 def setup_logging() -> None:
-    """Timestamped lines on stderr; the level from ``LANGMERGE_LOG_LEVEL`` (default INFO)."""
+    """Timestamped lines on stderr; the level from ``LANGMERGE_LOG_LEVEL`` (default INFO). A training process of
+    several (torchrun's ``RANK``/``WORLD_SIZE``) says its rank on each line."""
     level = os.environ.get("LANGMERGE_LOG_LEVEL", "INFO").upper()
+    rank = f"[rank{os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 else ""
     logging.basicConfig(
         level=getattr(logging, level, logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s {rank}%(levelname)s %(name)s: %(message)s",
         datefmt="%Y-%m-%dT%H:%M:%S%z",
         stream=sys.stderr,
     )
@@ -84,6 +89,12 @@ def train_main(argv: Sequence[str]) -> int:
         return EXIT_FAILED if is_retryable(err) else EXIT_USER_ERROR
     log.info("adapter %s at %s", manifest.adapter_digest, manifest.adapter_uri)
     return EXIT_OK
+
+
+def distributed_main(argv: Sequence[str]) -> int:
+    from langmerge_trainer.distributed import launch_main
+
+    return launch_main(argv)
 
 
 def evaluate_main(argv: Sequence[str]) -> int:
@@ -136,6 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging()
     handlers = {
         "train": train_main,
+        "distributed": distributed_main,
         "evaluate": evaluate_main,
         "merge": merge_main,
         "merge-local": merge_local_main,

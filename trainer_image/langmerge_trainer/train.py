@@ -84,6 +84,20 @@ from langmerge.fingerprint import training_fingerprint
 from langmerge.store import ObjectStore, PreconditionFailed, file_sha256, files_digest
 from langmerge.tasks import TrainTask
 from langmerge_trainer.data import DataError, LoadedData, limit_examples, load_dataset
+from langmerge_trainer.distributed import (
+    SINGLE,
+    PeerFailed,
+    World,
+    full_tensor,
+    gathered_root,
+    init_world,
+    is_sharded,
+    load_full,
+    micro_batch_count,
+    split_rows,
+    unwrap,
+    wrap_model,
+)
 from langmerge_trainer.evaluate import (
     IGNORE,
     Batch,
@@ -98,7 +112,6 @@ from langmerge_trainer.evaluate import (
     pad_batch,
     pad_id,
     peft_compat,
-    pick_device,
 )
 from langmerge_trainer.failures import failure_record, report_failure
 from langmerge_trainer.modelcache import ModelDigestMismatch, ensure_model
@@ -143,6 +156,8 @@ NON_RETRYABLE: tuple[type[BaseException], ...] = (DataError, SpecError, ModelDig
 
 def is_retryable(err: BaseException) -> bool:
     """Whether another attempt at the same task may succeed where this one failed with ``err``."""
+    if isinstance(err, PeerFailed):
+        return err.retryable
     return not isinstance(err, NON_RETRYABLE)
 
 
@@ -194,14 +209,15 @@ def plan_epoch(
     raise SpecError(f"unknown batching {batching!r}")
 
 
-def plan_training(lengths: Sequence[int], training: Training) -> list[list[Step]]:
-    """Every epoch's steps."""
+def plan_training(lengths: Sequence[int], training: Training, processes: int = 1) -> list[list[Step]]:
+    """Every epoch's steps. With several processes a step holds ``batch_size`` rows per process (the processes share
+    each step's rows), so the plan is the plan of one process with ``processes`` x ``batch_size``."""
     return [
         plan_epoch(
             lengths,
             epoch=epoch,
             seed=training.seed,
-            batch_size=training.batch_size,
+            batch_size=training.batch_size * processes,
             batching=str(training.batching),
             max_seq_length=training.max_seq_length,
         )
@@ -292,14 +308,18 @@ class TrainingLoop:
         pad_token_id: int,
         device: torch.device,
         objective: Objective | None = None,
+        world: World = SINGLE,
     ) -> None:
+        """``model`` is what the loop runs: the model itself, or (several processes) its DDP or FSDP2 wrapping
+        (:func:`langmerge_trainer.distributed.wrap_model`)."""
         self.model = model
         self.items = list(items)
         self.training = training
         self.pad_token_id = pad_token_id
         self.device = device
         self.objective = objective or causal_lm_objective(str(training.batching), pad_token_id)
-        self.plan = plan_training([len(item) for item in self.items], training)
+        self.world = world
+        self.plan = plan_training([len(item) for item in self.items], training, world.size)
         self.steps: list[tuple[int, int, Step]] = [
             (epoch, index, step) for epoch, steps in enumerate(self.plan) for index, step in enumerate(steps)
         ]
@@ -317,12 +337,17 @@ class TrainingLoop:
         self.step = 0
         self.tokens_trained = 0
 
+    def collate(self, rows: Sequence[Sequence[int]]) -> Batch:
+        return self.objective.collate([[self.items[i] for i in row] for row in rows])
+
     def micro_batches(self, step: Step) -> list[Batch]:
         parts = max(1, math.ceil(len(step) / self.training.gradient_accumulation_steps))
-        return [self.objective.collate([[self.items[i] for i in row] for row in rows]) for rows in _chunks(step, parts)]
+        return [self.collate(rows) for rows in _chunks(step, parts)]
 
     def train_step(self) -> StepResult:
         """One optimiser step: the token-level mean loss over all its micro-batches."""
+        if self.world.distributed:
+            return self._train_step_distributed()
         _epoch, _index, step = self.steps[self.step]
         self.model.train()
         batches = self.micro_batches(step)
@@ -344,6 +369,39 @@ class TrainingLoop:
         self.tokens_trained += tokens
         return StepResult(loss=float(loss_total) / max(1, targets), tokens=tokens, completion_tokens=targets)
 
+    def _train_step_distributed(self) -> StepResult:
+        """One optimiser step of one of several processes: this rank's rows of the global step (every n-th), in as
+        many micro-batches as every other rank runs (a rank with no rows left runs a real row with weight 0: FSDP's
+        and DDP's collectives need every rank's forward and backward). The loss is the token-level mean over the
+        global step: each rank scales its sum by processes / global targets, and DDP (or FSDP) averages gradients."""
+        world = self.world
+        _epoch, _index, step = self.steps[self.step]
+        self.model.train()
+        count = micro_batch_count(len(step), world, self.training.gradient_accumulation_steps)
+        parts = split_rows(step, world, count)
+        batches = [(self.collate(rows), True) if rows else (self.collate([step[0]]), False) for rows in parts]
+        local_targets = sum(self.objective.targets(b) for b, live in batches if live)
+        targets = int(world.all_sum([local_targets])[0])
+        scale = world.size / max(1, targets)
+        loss_total = torch.zeros((), device=self.device)
+        tokens = 0
+        for batch, live in batches:
+            batch = batch.to(self.device)
+            with autocast_context(self.device):
+                loss_sum = self.model(batch)  # the objective inside DDP or FSDP2 (distributed.LossModule)
+            (loss_sum * (scale if live else 0.0)).backward()
+            if live:
+                loss_total += loss_sum.detach().float()
+                tokens += batch.tokens
+        torch.nn.utils.clip_grad_norm_(self.params, MAX_GRAD_NORM)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        loss, all_tokens = world.all_sum([float(loss_total), tokens])
+        self.tokens_trained += int(all_tokens)
+        return StepResult(loss=loss / max(1, targets), tokens=int(all_tokens), completion_tokens=targets)
+
     @property
     def done(self) -> bool:
         return self.step >= self.total_steps
@@ -362,20 +420,40 @@ class TrainingLoop:
 
     # -- checkpoints --------------------------------------------------------------------------------------------------
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().cpu().contiguous() for n, p in self.model.named_parameters() if p.requires_grad}
+        """The trainable weights by name (of the model inside any DDP wrapping). With FSDP2 a collective: every rank
+        calls it and gets the full values."""
+        model = unwrap(self.model)
+        return {n: full_tensor(p.detach()).cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+    def _optimizer_state(self) -> dict[str, Any]:
+        if not self.world.distributed:
+            return self.optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(  # a collective; rank 0 gets the full state
+            self.model, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
 
     def save(self, folder: Path, extra: dict[str, Any]) -> None:
-        """Write everything a resumed loop needs into ``folder``."""
+        """Write everything a resumed loop needs into ``folder``. With several processes every rank calls it (the
+        weights and optimiser state are gathered) and rank 0 writes; each rank's random state is kept."""
         from safetensors.torch import save_file
 
-        folder.mkdir(parents=True, exist_ok=True)
-        save_file(self.trainable_state(), str(folder / "adapter.safetensors"))
-        torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
-        torch.save(self.scheduler.state_dict(), folder / "scheduler.pt")
+        weights = self.trainable_state()
+        optimizer = self._optimizer_state()
         rng: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
+        rngs = self.world.gather(rng)
+        if not self.world.is_main:
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file(weights, str(folder / "adapter.safetensors"))
+        torch.save(optimizer, folder / "optimizer.pt")
+        torch.save(self.scheduler.state_dict(), folder / "scheduler.pt")
         torch.save(rng, folder / "rng.pt")
+        for rank, state in enumerate(rngs[1:], start=1):
+            torch.save(state, folder / f"rng-{rank}.pt")
         state = {
             "version": CHECKPOINT_VERSION,
             "step": self.step,
@@ -391,15 +469,23 @@ class TrainingLoop:
 
         state: dict[str, Any] = json.loads((folder / "state.json").read_text())
         weights = load_file(str(folder / "adapter.safetensors"))
-        named = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        named = {n: p for n, p in unwrap(self.model).named_parameters() if p.requires_grad}
         if set(weights) != set(named):
             raise ValueError("checkpoint weights do not match the adapter's parameters")
-        with torch.no_grad():
-            for name, tensor in weights.items():
-                named[name].copy_(tensor.to(named[name].device))
-        self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location=self.device, weights_only=True))
+        for name, tensor in weights.items():
+            load_full(named[name], tensor)
+        optimizer = torch.load(folder / "optimizer.pt", map_location=self.device, weights_only=True)
+        if self.world.distributed:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(
+                self.model, self.optimizer, optimizer, options=StateDictOptions(full_state_dict=True)
+            )
+        else:
+            self.optimizer.load_state_dict(optimizer)
         self.scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
-        rng = torch.load(folder / "rng.pt", weights_only=True)
+        own = folder / (f"rng-{self.world.rank}.pt" if self.world.rank else "rng.pt")
+        rng = torch.load(own if own.is_file() else folder / "rng.pt", weights_only=True)
         torch.set_rng_state(rng["torch"])
         random.setstate(rng["python"])
         if "cuda" in rng and torch.cuda.is_available():
@@ -597,11 +683,20 @@ class _Clock:
 class _Run:
     """One attempt at a training task."""
 
-    def __init__(self, task: TrainTask, store: RetryingStore, device: torch.device, stop_after: int | None) -> None:
+    def __init__(
+        self,
+        task: TrainTask,
+        store: RetryingStore,
+        device: torch.device,
+        stop_after: int | None,
+        world: World = SINGLE,
+    ) -> None:
         self.task = task
         self.store = store
         self.device = device
         self.stop_after = stop_after
+        #: The training processes: rank 0 alone writes to S3; every decision is taken together.
+        self.world = world
         #: What this run trains and commits: the task's fingerprint, or that of the data it read (follow_data).
         self.fingerprint = task.fingerprint
         self.prefix = task.output_uri
@@ -617,8 +712,8 @@ class _Run:
 
     # -- S3 records
     def progress(self, stage: str, **fields: Any) -> None:
-        """Best effort, without retries: progress never holds up or fails training."""
-        if time.monotonic() < self._progress_paused_until:
+        """Best effort, without retries: progress never holds up or fails training. Rank 0 writes it."""
+        if not self.world.is_main or time.monotonic() < self._progress_paused_until:
             return
         record = ProgressRecord(fingerprint=self.task.fingerprint, stage=stage, attempt=self.task.attempt, **fields)
         try:  # where the operator looks: the task's prefix
@@ -631,6 +726,7 @@ class _Run:
         return join(checkpoints_uri(self.prefix), LATEST)
 
     def save_checkpoint(self, loop: TrainingLoop, work: Path) -> None:
+        """Every rank takes part (the state is gathered); rank 0 uploads it and moves ``latest.json``."""
         folder = work / f"step-{loop.step}"
         loop.save(
             folder,
@@ -641,6 +737,8 @@ class _Run:
                 "started_at": self.started_at,
             },
         )
+        if not self.world.is_main:
+            return
         uri = join(checkpoints_uri(self.prefix), f"step-{loop.step}")
         self.store.upload_dir(folder, uri)
         previous = self.store.get_json_or_none(self.latest_uri())
@@ -658,11 +756,28 @@ class _Run:
             log.error("checkpoint at step %d not saved, training goes on: %s", loop.step, err)
 
     def resume(self, loop: TrainingLoop, work: Path) -> int | None:
+        """Resume from the latest checkpoint if it fits this task's data order. Rank 0 decides; every rank then
+        loads the same checkpoint (each downloads it: the ranks may run on different nodes)."""
+        folder = work / "resume"
+        choice = self.world.on_main(lambda: self._checkpoint_to_resume(loop, folder), what="reading the checkpoint")
+        if choice is None:
+            return None
+        uri, state = choice
+        if not self.world.is_main:
+            self.store.download_prefix(uri, folder)
+        loop.load(folder)
+        self.clock.wall_before = float(state.get("wall_seconds", 0.0))
+        self.clock.cpu_before = float(state.get("cpu_seconds", 0.0))
+        self.started_at = str(state.get("started_at", self.started_at))
+        log.info("resumed from step %d of %d (%s)", loop.step, loop.total_steps, uri)
+        return loop.step
+
+    def _checkpoint_to_resume(self, loop: TrainingLoop, folder: Path) -> tuple[str, dict[str, Any]] | None:
+        """The latest checkpoint (downloaded into ``folder``) and its state, if it fits this task's data order."""
         raw = self.store.get_json_or_none(self.latest_uri())
         if not raw:
             return None
         pointer = CheckpointPointer.model_validate(raw)
-        folder = work / "resume"
         self.store.download_prefix(pointer.uri, folder)
         state = json.loads((folder / "state.json").read_text()) if (folder / "state.json").is_file() else {}
         step = state.get("step")
@@ -676,26 +791,28 @@ class _Run:
         if not valid:
             log.warning("checkpoint %s does not match this task's data order; starting from scratch", pointer.uri)
             return None
-        loop.load(folder)
-        self.clock.wall_before = float(state.get("wall_seconds", 0.0))
-        self.clock.cpu_before = float(state.get("cpu_seconds", 0.0))
-        self.started_at = str(state.get("started_at", self.started_at))
-        log.info("resumed from step %d of %d (%s)", loop.step, loop.total_steps, pointer.uri)
-        return loop.step
+        return pointer.uri, state
 
     # -- the attempt
     def run(self) -> AdapterManifest:
         task, spec = self.task, self.task.spec
-        existing = self.committed()
+        world = self.world
+        existing = world.on_main(self.committed, what="reading the manifest")
         if existing is not None:
             log.info("%s is committed already: nothing to do", join(self.prefix, MANIFEST))
             self.clean_up(existing)
             return existing
-        if spec.resources.gpus > 1:
-            log.warning("resources.gpus=%d: this trainer uses one device", spec.resources.gpus)
+        if spec.resources.processes() != world.size:
+            log.warning(
+                "the spec asks for %d training process(es) (nodes x GPUs), %d run",
+                spec.resources.processes(),
+                world.size,
+            )
         self.progress("preparing")
-        data = load_dataset(self.store, spec.dataset, labels=spec.labels if spec.is_classifier else None)
-        if self.follow_data(data) and (existing := self.committed()) is not None:
+        # Rank 0 reads the data and hands it to every rank: all train on exactly what was read.
+        labels = spec.labels if spec.is_classifier else None
+        data = world.on_main(lambda: load_dataset(self.store, spec.dataset, labels=labels), what="reading the data")
+        if self.follow_data(data) and (existing := world.on_main(self.committed, what="reading the manifest")):
             log.info("the adapter of the data read is committed already (%s)", existing.adapter_uri)
             self.clean_up(existing)
             self.note_data_changed()
@@ -705,24 +822,36 @@ class _Run:
         prepared = prepare_training(spec, base_dir, data, self.device)
         model = prepared.model
         eval_examples = prepared.eval_examples
+        running = wrap_model(model, str(training.parallelism), world, self.device, prepared.objective.loss_sum)
+        sharded = is_sharded(running)
+
+        def evaluate() -> Metrics:
+            # A sharded model evaluates on every rank (each block gathers its weights: a collective); otherwise
+            # rank 0 evaluates alone.
+            if sharded:
+                with gathered_root(running):
+                    return prepared.evaluate(model)
+            return world.on_main(lambda: prepared.evaluate(model), what="evaluation")
+
         with model.disable_adapter():
-            base_metrics = prepared.evaluate(model)
+            base_metrics = evaluate()
         log.info("base model on the eval split: %s", _fmt(base_metrics))
 
         loop = TrainingLoop(
-            model,
+            running,
             prepared.train_items,
             training,
             pad_token_id=prepared.pad_token_id,
             device=self.device,
             objective=prepared.objective,
+            world=world,
         )
         with tempfile.TemporaryDirectory(prefix="langmerge-train-") as tmp:
             work = Path(tmp)
             resumed_from = self.resume(loop, work)
             self.train(loop, work)
             self.progress("evaluating", step=loop.step, total_steps=loop.total_steps)
-            metrics = prepared.evaluate(model)
+            metrics = evaluate()
             log.info("adapter on the eval split: %s", _fmt(metrics))
             self.progress("committing", step=loop.step, total_steps=loop.total_steps)
             out = work / "adapter"
@@ -730,14 +859,17 @@ class _Run:
             # depend on where the base was cached. We never resize the vocabulary: no embedding layers to save
             # (and peft would otherwise look the URI up on a model hub).
             model.peft_config["default"].base_model_name_or_path = spec.base_model.uri
-            model.save_pretrained(str(out), save_embedding_layers=False)
-            manifest = self.commit(
-                out,
-                metrics=metrics,
-                base_metrics=base_metrics,
-                data_counts=(len(data.train), len(eval_examples), data.skipped_lines),
-                loop=loop,
-                resumed_from=resumed_from,
+            full = loop.trainable_state() if sharded else None  # a collective: every rank gathers
+            manifest = world.on_main(
+                lambda: self.commit(
+                    save_adapter(model, out, full),
+                    metrics=metrics,
+                    base_metrics=base_metrics,
+                    data_counts=(len(data.train), len(eval_examples), data.skipped_lines),
+                    loop=loop,
+                    resumed_from=resumed_from,
+                ),
+                what="committing the adapter",
             )
         self.note_data_changed()
         self.progress("done", step=loop.step, total_steps=loop.total_steps)
@@ -770,7 +902,7 @@ class _Run:
 
     def note_data_changed(self) -> None:
         """Tell the operator (a record for this attempt of the task's fingerprint) to list the data again."""
-        if self.data_changed is None:
+        if self.data_changed is None or not self.world.is_main:
             return
         task = self.task
         record = FailureRecord(
@@ -796,6 +928,7 @@ class _Run:
         steps_at_start = loop.step
         tokens_since = 0
         losses: list[float] = []
+        world = self.world
         with _sigterm_flag() as sigterm:
             while not loop.done:
                 result = loop.train_step()
@@ -819,6 +952,10 @@ class _Run:
                     log.info("step %d/%d loss %.4f %.0f tokens/s", loop.step, loop.total_steps, loss, tps)
                     t_report, tokens_since, losses = now, 0, []
                 stop = self.stop_after is not None and loop.step == self.stop_after and not loop.done
+                if world.distributed:  # every rank stops after the same step, when any rank got SIGTERM
+                    terminated = world.any(sigterm.is_set())
+                    if terminated:
+                        sigterm.set()
                 if stop or (sigterm.is_set() and not loop.done):  # a finished run commits instead
                     self.save_checkpoint(loop, work)
                     raise Preempted(loop.step, "SIGTERM" if sigterm.is_set() else f"{ENV_STOP_AFTER}={self.stop_after}")
@@ -850,7 +987,7 @@ class _Run:
             self.store.upload_file(path, join(target, name))
             files[name] = (path.stat().st_size, file_sha256(path))
         examples_train, examples_eval, skipped = data_counts
-        gpus = 1 if self.device.type == "cuda" else 0
+        gpus = self.world.size if self.device.type == "cuda" else 0  # every process holds one GPU
         wall = self.clock.wall()
         manifest = AdapterManifest(
             fingerprint=self.fingerprint,
@@ -907,7 +1044,9 @@ class _Run:
 
     def clean_up(self, committed: AdapterManifest) -> None:
         """After the commit: delete the uploads of runs that did not commit and, unless the task keeps them, the
-        checkpoints. Best effort: leftovers cost storage, not correctness (readers follow the manifest)."""
+        checkpoints. Best effort: leftovers cost storage, not correctness (readers follow the manifest). Rank 0."""
+        if not self.world.is_main:
+            return
         try:
             delete_stale_runs(self.store, self.prefix, committed.adapter_uri)
             if not self.task.keep_checkpoints:
@@ -916,6 +1055,30 @@ class _Run:
                     log.info("deleted %d checkpoint object(s) under %s", deleted, checkpoints_uri(self.prefix))
         except Exception as err:
             log.warning("clean-up after the commit failed (leftovers stay in S3): %s", err)
+
+
+def save_adapter(model: Any, folder: Path, full: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write the PEFT adapter folder of ``model``: ``save_pretrained``, or, for FSDP2 shards, the gathered ``full``
+    weights (from :meth:`TrainingLoop.trainable_state`) in the same files and names."""
+    if full is None:
+        model.save_pretrained(str(folder), save_embedding_layers=False)
+    else:
+        from peft.utils import get_peft_model_state_dict
+        from safetensors.torch import save_file
+
+        folder.mkdir(parents=True, exist_ok=True)
+        weights = get_peft_model_state_dict(model, state_dict=full, save_embedding_layers=False)
+        tensors = {k: v.contiguous() for k, v in weights.items()}
+        save_file(tensors, str(folder / "adapter_model.safetensors"), {"format": "pt"})
+        model.peft_config["default"].save_pretrained(str(folder))
+    # peft keeps target_modules as a set: its order in the file follows the process's string hashing. Sorted, the
+    # same adapter has the same bytes (and digest) whichever process wrote it.
+    config_path = folder / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
+    return folder
 
 
 def _combined(digests: tuple[str, str | None]) -> str:
@@ -952,20 +1115,33 @@ def run_train_task(
 ) -> AdapterManifest:
     """Train, evaluate and commit the adapter of ``task``; return its manifest (the existing one if committed).
 
+    Under the launcher (``langmerge-trainer distributed``, torchrun's variables set) each process is one rank of a
+    DDP or FSDP2 run (:mod:`langmerge_trainer.distributed`); ``device`` then overrides the rank's device.
+
     ``store`` is used through :func:`langmerge_trainer.s3retry.retrying`. ``stop_after_steps`` (default:
     ``LANGMERGE_TRAINER_STOP_AFTER_STEPS``) checkpoints after that many steps and raises :class:`Preempted`. Any
     other exception is recorded at ``failures/attempt-<n>.json`` (and in the termination message) and re-raised.
     """
-    dev = device if isinstance(device, torch.device) else pick_device(device)
+    if isinstance(device, torch.device):
+        world, dev = SINGLE, device
+    else:
+        world, dev = init_world(device)
     stop = stop_after_steps if stop_after_steps is not None else stop_after_from_env()
     s3 = retrying(store)
     try:
-        return _Run(task, s3, dev, stop).run()
+        return _Run(task, s3, dev, stop, world).run()
     except Preempted:
         raise
+    except PeerFailed:
+        raise  # rank 0 failed and records it
     except Exception as err:
-        record_failure(task, s3, err)
+        if world.is_main:
+            record_failure(task, s3, err)
+        else:
+            log.error("rank %d failed; rank 0 records the attempt's failure", world.rank)
         raise
+    finally:
+        world.close()
 
 
 def record_failure(task: TrainTask, store: ObjectStore, err: BaseException) -> FailureRecord:

@@ -112,6 +112,21 @@ class Lora(ApiModel):
     ]
 
 
+class Parallelism(StrEnum):
+    """How several training processes (``resources.gpus`` > 1, or several nodes) share the work."""
+
+    DDP = "ddp"
+    FSDP = "fsdp"
+
+
+class Runtime(StrEnum):
+    """What runs an expert's training: a ``batch/v1`` Job (one pod), or a Kubeflow Trainer ``TrainJob`` (one pod
+    per node, joined by torchrun's rendezvous)."""
+
+    JOB = "job"
+    TRAINJOB = "trainjob"
+
+
 class Batching(StrEnum):
     LENGTH_GROUPED = "length-grouped"
     PACKED = "packed"
@@ -123,9 +138,25 @@ class Training(ApiModel):
 
     epochs: Annotated[int, Field(default=2, ge=1, le=100, description="Passes over the training split.")] = 2
     learning_rate: Annotated[float, Field(default=2e-4, gt=0, le=1, description="Peak learning rate (AdamW).")] = 2e-4
-    batch_size: Annotated[int, Field(default=8, ge=1, le=4096, description="Examples per optimiser step per GPU.")] = 8
+    batch_size: Annotated[
+        int,
+        Field(
+            default=8,
+            ge=1,
+            le=4096,
+            description="Examples per optimiser step per training process (one process per GPU). With N processes "
+            "an optimiser step sees N x batchSize examples (the effective batch, shown in status.training).",
+        ),
+    ] = 8
     gradient_accumulation_steps: Annotated[
-        int, Field(default=1, ge=1, le=1024, description="Micro-batches accumulated per optimiser step.")
+        int,
+        Field(
+            default=1,
+            ge=1,
+            le=1024,
+            description="Micro-batches each process splits its batchSize examples into (accumulated per optimiser "
+            "step): saves memory without changing the result.",
+        ),
     ] = 1
     max_seq_length: Annotated[
         int, Field(default=1024, ge=8, le=131072, description="Longer examples are truncated to this many tokens.")
@@ -148,6 +179,15 @@ class Training(ApiModel):
     gradient_checkpointing: Annotated[
         bool, Field(default=False, description="Trade compute for memory (does not change the result).")
     ] = False
+    parallelism: Annotated[
+        Parallelism,
+        Field(
+            default=Parallelism.DDP,
+            description="With several training processes: ddp (data-parallel, every process holds the whole base "
+            "model) or fsdp (fully sharded: the base model's blocks are split across the processes, for bases that "
+            "do not fit one device). One process ignores it.",
+        ),
+    ] = Parallelism.DDP
     checkpoint_every_steps: Annotated[
         int,
         Field(
@@ -159,6 +199,29 @@ class Training(ApiModel):
     progress_every_steps: Annotated[
         int, Field(default=10, ge=1, description="Write the progress object to S3 every this many steps.")
     ] = 10
+
+
+class TrainingResources(Resources):
+    """What each pod of the training asks the scheduler for; ``gpus`` > 1 runs one training process per GPU."""
+
+    nodes: Annotated[
+        int,
+        Field(
+            default=1,
+            ge=1,
+            le=64,
+            description="Pods (nodes) the training runs on, each with these resources; > 1 needs runtime trainjob "
+            "(Kubeflow Trainer). Processes = nodes x max(1, gpus).",
+        ),
+    ] = 1
+
+    def processes_per_node(self) -> int:
+        """Training processes in one pod: one per GPU, one on CPU."""
+        return max(1, self.gpus)
+
+    def processes(self) -> int:
+        """Training processes in all: nodes x processes per node."""
+        return self.nodes * self.processes_per_node()
 
 
 class Schedule(ApiModel):
@@ -227,7 +290,18 @@ class LanguageExpertSpec(ApiModel):
     dataset: Annotated[Dataset, Field(description="The language's training data.")]
     lora: Annotated[Lora, Field(default_factory=Lora, description="LoRA shape.")]
     training: Annotated[Training, Field(default_factory=Training, description="Optimisation settings.")]
-    resources: Annotated[Resources, Field(default_factory=Resources, description="Resources of the training Job.")]
+    resources: Annotated[
+        TrainingResources,
+        Field(default_factory=TrainingResources, description="Resources of the training Job (per node)."),
+    ]
+    runtime: Annotated[
+        Runtime | None,
+        Field(
+            default=None,
+            description="What runs the training: job (a batch/v1 Job) or trainjob (a Kubeflow Trainer TrainJob, "
+            "needed for resources.nodes > 1). Default: the operator's setting.",
+        ),
+    ] = None
     image: Annotated[
         str | None,
         Field(default=None, description="Trainer image; defaults to the operator's setting.", pattern=IMAGE_PATTERN),
@@ -300,6 +374,41 @@ class Metrics(StatusModel):
     examples: Annotated[int | None, Field(default=None, description="Number of evaluation examples.")] = None
 
 
+class TrainingShape(StatusModel):
+    """How the training runs: processes, nodes and the batch one optimiser step sees."""
+
+    runtime: Annotated[str, Field(description="job or trainjob.")]
+    nodes: Annotated[int, Field(description="Pods the training runs on.")]
+    processes: Annotated[int, Field(description="Training processes in all (nodes x processes per node).")]
+    parallelism: Annotated[str | None, Field(default=None, description="ddp or fsdp (several processes).")] = None
+    per_device_batch_size: Annotated[
+        int, Field(description="Examples per micro-batch per process (batchSize / gradientAccumulationSteps).")
+    ]
+    gradient_accumulation_steps: Annotated[int, Field(description="Micro-batches per optimiser step per process.")]
+    effective_batch_size: Annotated[
+        int,
+        Field(
+            description="Examples per optimiser step, over all processes: batchSize x processes (= per-device batch "
+            "x processes x accumulation when batchSize divides evenly)."
+        ),
+    ]
+
+    @classmethod
+    def of(cls, spec: LanguageExpertSpec, runtime: str) -> TrainingShape:
+        """The shape of ``spec``'s training under ``runtime``."""
+        resources, training = spec.resources, spec.training
+        processes = resources.processes()
+        return cls(
+            runtime=runtime,
+            nodes=resources.nodes,
+            processes=processes,
+            parallelism=str(training.parallelism) if processes > 1 else None,
+            per_device_batch_size=max(1, -(-training.batch_size // training.gradient_accumulation_steps)),
+            gradient_accumulation_steps=training.gradient_accumulation_steps,
+            effective_batch_size=training.batch_size * processes,
+        )
+
+
 class AdapterRef(StatusModel):
     """A trained adapter committed to S3."""
 
@@ -360,6 +469,10 @@ class LanguageExpertStatus(StatusModel):
     adapter: Annotated[AdapterRef | None, Field(default=None, description="The latest committed adapter.")] = None
     active_job: Annotated[str | None, Field(default=None, description="Name of the running training Job.")] = None
     progress: Annotated[Progress | None, Field(default=None, description="Progress of the running Job.")] = None
+    training: Annotated[
+        TrainingShape | None,
+        Field(default=None, description="How the current training runs (processes, nodes, effective batch)."),
+    ] = None
     attempts: Annotated[int, Field(default=0, description="Failed attempts for the desired fingerprint.")] = 0
     next_retry_at: Annotated[str | None, Field(default=None, description="When the next retry may start.")] = None
     message: Annotated[str | None, Field(default=None, description="Last error or waiting reason.")] = None

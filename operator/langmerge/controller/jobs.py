@@ -20,6 +20,7 @@ from langmerge.constants import (
     ANNOTATION_ATTEMPT,
     ANNOTATION_DATA_DIGEST,
     ANNOTATION_POD_FAILURE_POLICY,
+    ANNOTATION_SUSPEND,
     API_VERSION,
     COMPONENT_MERGE,
     COMPONENT_TRAINING,
@@ -138,7 +139,7 @@ def _env(settings: Settings) -> list[dict[str, Any]]:
     return env
 
 
-def pod_failure_policy() -> dict[str, Any]:
+def pod_failure_policy(container: str = TRAINER_CONTAINER) -> dict[str, Any]:
     """Fail the Job at once when the trainer reports an error no retry can fix (bad data, bad spec: a second pod
     would only fail again, after another GPU allocation and model download); do not count pods that were disrupted
     (preemption, node drain, eviction) against ``backoffLimit``: the next pod resumes from the last checkpoint."""
@@ -147,7 +148,7 @@ def pod_failure_policy() -> dict[str, Any]:
             {
                 "action": "FailJob",
                 "onExitCodes": {
-                    "containerName": TRAINER_CONTAINER,
+                    "containerName": container,
                     "operator": "In",
                     "values": list(EXIT_NOT_RETRYABLE),
                 },
@@ -155,6 +156,55 @@ def pod_failure_policy() -> dict[str, Any]:
             {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
         ]
     }
+
+
+def pod_security_context() -> dict[str, Any]:
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": TRAINER_UID,
+        "runAsGroup": TRAINER_UID,
+        "fsGroup": TRAINER_UID,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def container_security_context() -> dict[str, Any]:
+    return {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}}
+
+
+def pod_volumes() -> list[dict[str, Any]]:
+    """Scratch space of a trainer pod: the model cache, /tmp and shared memory (torch's workers and NCCL use it)."""
+    return [
+        {"name": "cache", "emptyDir": {}},
+        {"name": "tmp", "emptyDir": {}},
+        {"name": "shm", "emptyDir": {"medium": "Memory"}},
+    ]
+
+
+def volume_mounts() -> list[dict[str, Any]]:
+    return [
+        {"name": "cache", "mountPath": CACHE_DIR},
+        {"name": "tmp", "mountPath": "/tmp"},
+        {"name": "shm", "mountPath": "/dev/shm"},
+    ]
+
+
+def kueue_labels(labels: dict[str, str], settings: Settings) -> dict[str, str]:
+    """``labels`` plus Kueue's queue-name label when a queue is configured."""
+    return {**labels, LABEL_KUEUE_QUEUE: settings.kueue_queue} if settings.kueue_queue else labels
+
+
+def train_args(task: TrainTask, *, layout_from_env: bool = False) -> list[str]:
+    """The trainer's arguments for one pod of ``task``: one process, or the launcher (torchrun) with one process
+    per GPU. With ``layout_from_env`` (a TrainJob) the launcher reads nodes, processes per node, node rank and the
+    rendezvous address from the ``PET_*`` variables Kubeflow Trainer injects, as torchrun does."""
+    if layout_from_env:
+        return ["distributed", "train", "--task", task.to_json()]
+    per_node = task.spec.resources.processes_per_node()
+    if per_node > 1:
+        launcher = ["--standalone", "--nnodes=1", f"--nproc-per-node={per_node}"]
+        return ["distributed", *launcher, "train", "--task", task.to_json()]
+    return ["train", "--task", task.to_json()]
 
 
 def _job(
@@ -168,17 +218,11 @@ def _job(
     args: list[str],
     settings: Settings,
 ) -> dict[str, Any]:
-    if settings.kueue_queue:
-        labels = {**labels, LABEL_KUEUE_QUEUE: settings.kueue_queue}
+    pod_labels = labels  # the queue-name label goes on the Job only: Kueue manages the Job, not its pods
+    labels = kueue_labels(labels, settings)
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": TRAINER_UID,
-            "runAsGroup": TRAINER_UID,
-            "fsGroup": TRAINER_UID,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": pod_security_context(),
         "containers": [
             {
                 "name": TRAINER_CONTAINER,
@@ -190,23 +234,11 @@ def _job(
                 "resources": _resources(resources, settings),
                 "terminationMessagePath": TERMINATION_MESSAGE_PATH,
                 "terminationMessagePolicy": "FallbackToLogsOnError",
-                "securityContext": {
-                    "allowPrivilegeEscalation": False,
-                    "readOnlyRootFilesystem": True,
-                    "capabilities": {"drop": ["ALL"]},
-                },
-                "volumeMounts": [
-                    {"name": "cache", "mountPath": CACHE_DIR},
-                    {"name": "tmp", "mountPath": "/tmp"},
-                    {"name": "shm", "mountPath": "/dev/shm"},
-                ],
+                "securityContext": container_security_context(),
+                "volumeMounts": volume_mounts(),
             }
         ],
-        "volumes": [
-            {"name": "cache", "emptyDir": {}},
-            {"name": "tmp", "emptyDir": {}},
-            {"name": "shm", "emptyDir": {"medium": "Memory"}},
-        ],
+        "volumes": pod_volumes(),
     }
     if resources.node_selector:
         pod_spec["nodeSelector"] = dict(resources.node_selector)
@@ -218,6 +250,19 @@ def _job(
         pod_spec["serviceAccountName"] = settings.job_service_account
     policy = pod_failure_policy()
     annotations = {**annotations, ANNOTATION_POD_FAILURE_POLICY: json.dumps(policy, separators=(",", ":"))}
+    spec: dict[str, Any] = {
+        "backoffLimit": settings.job_backoff_limit,
+        "podFailurePolicy": policy,
+        "activeDeadlineSeconds": resources.active_deadline_seconds,
+        "ttlSecondsAfterFinished": settings.job_ttl_seconds,
+        "completions": 1,
+        "parallelism": 1,
+        "template": {"metadata": {"labels": pod_labels}, "spec": pod_spec},
+    }
+    if settings.kueue_queue:
+        # Kueue admits the Job by unsuspending it (and may suspend it again to preempt it).
+        spec["suspend"] = True
+        annotations = {**annotations, ANNOTATION_SUSPEND: "true"}
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -228,15 +273,7 @@ def _job(
             "annotations": annotations,
             "ownerReferences": [owner.reference()],
         },
-        "spec": {
-            "backoffLimit": settings.job_backoff_limit,
-            "podFailurePolicy": policy,
-            "activeDeadlineSeconds": resources.active_deadline_seconds,
-            "ttlSecondsAfterFinished": settings.job_ttl_seconds,
-            "completions": 1,
-            "parallelism": 1,
-            "template": {"metadata": {"labels": labels}, "spec": pod_spec},
-        },
+        "spec": spec,
     }
 
 
@@ -263,7 +300,7 @@ def build_training_job(owner: Owner, task: TrainTask, settings: Settings) -> dic
         },
         resources=spec.resources,
         image=task.image or settings.trainer_image,
-        args=["train", "--task", task.to_json()],
+        args=train_args(task),
         settings=settings,
     )
 
@@ -289,6 +326,14 @@ def build_merge_job(owner: Owner, task: MergeTask, resources: Resources, setting
     )
 
 
+def is_suspended(job: Any, annotations: dict[str, str]) -> bool:
+    """``spec.suspend`` of a Job; where the API server dropped the field (before 1.21), its annotation copy."""
+    suspend = _get(job, "spec", "suspend")
+    if suspend is not None:
+        return bool(suspend)
+    return annotations.get(ANNOTATION_SUSPEND) == "true"
+
+
 @dataclass(frozen=True)
 class JobState:
     """What the operator needs to know about one of its Jobs."""
@@ -304,10 +349,19 @@ class JobState:
     created: str | None
     started: str | None
     finished: str | None
+    #: Suspended (``spec.suspend``): waiting for Kueue's admission, or preempted by it.
+    suspended: bool = False
+    #: ``Job`` or ``TrainJob``.
+    kind: str = "Job"
 
     @property
     def finished_ok(self) -> bool:
         return self.succeeded
+
+    @property
+    def running(self) -> bool:
+        """Active and admitted: what counts toward the operator's caps (a suspended Job waits in Kueue)."""
+        return self.active and not self.suspended
 
     def wall_seconds(self) -> float | None:
         start, end = parse_time(self.started), parse_time(self.finished)
@@ -361,6 +415,7 @@ def job_state(job: Any) -> JobState:
     annotations = _get(job, "metadata", "annotations") or {}
     deleting = _get(job, "metadata", "deletionTimestamp") is not None
     return JobState(
+        suspended=is_suspended(job, annotations),
         name=str(_get(job, "metadata", "name")),
         fingerprint=str(labels.get(LABEL_FINGERPRINT, "")),
         attempt=int(annotations.get(ANNOTATION_ATTEMPT, "1") or 1),

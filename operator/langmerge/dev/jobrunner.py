@@ -70,12 +70,24 @@ import urllib3
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from langmerge.constants import ANNOTATION_POD_FAILURE_POLICY, TRAINER_COMMAND
+from langmerge.constants import (
+    ANNOTATION_POD_FAILURE_POLICY,
+    ANNOTATION_SUSPEND,
+    TRAINER_COMMAND,
+    TRAINER_GROUP,
+    TRAINER_VERSION,
+    TRAINJOB_KIND,
+    TRAINJOB_PLURAL,
+)
 
 log = logging.getLogger("langmerge.jobrunner")
 
 Mode = Literal["trainer", "host"]
 T = TypeVar("T")
+
+#: The kinds the runner runs.
+JOB = "Job"
+TRAINJOB = TRAINJOB_KIND
 
 #: Default pattern of trainer images, matched against the image's repository (no tag, no digest).
 DEFAULT_TRAINER_PATTERN = "*langmerge*trainer*"
@@ -172,6 +184,8 @@ class RunnerConfig:
     retry_delay_max_seconds: float = 60.0
     #: How often a running process is checked for exit, deadline and cancellation (seconds).
     poll_seconds: float = 0.1
+    #: Also run Kubeflow Trainer TrainJobs (``trainer.kubeflow.org/v1alpha1``) when the API server serves them.
+    trainjobs: bool = True
 
     def __post_init__(self) -> None:
         if self.parallel < 1:
@@ -581,13 +595,21 @@ def job_finished(job: Mapping[str, Any]) -> str | None:
     return None
 
 
+def is_suspended(job: Mapping[str, Any]) -> bool:
+    """``spec.suspend``; where the API server dropped it (before 1.21), the ``langmerge.dev/suspend`` annotation."""
+    spec = job.get("spec") or {}
+    if "suspend" in spec:
+        return bool(spec.get("suspend"))
+    return ((job.get("metadata") or {}).get("annotations") or {}).get(ANNOTATION_SUSPEND) == "true"
+
+
 def wants_to_run(job: Mapping[str, Any]) -> bool:
     """Unfinished, not being deleted, not suspended and not paused (``parallelism: 0``)."""
     spec = job.get("spec") or {}
     return (
         job_finished(job) is None
         and not (job.get("metadata") or {}).get("deletionTimestamp")
-        and not spec.get("suspend")
+        and not is_suspended(job)
         and spec.get("parallelism") != 0
     )
 
@@ -632,6 +654,22 @@ def status_started(status: Mapping[str, Any], now: str) -> dict[str, Any]:
     if not status.get("startTime"):
         patch["startTime"] = now
     return patch
+
+
+def status_suspended(status: Mapping[str, Any], now: str) -> dict[str, Any]:
+    """Status patch of a Job suspended while it ran (Kueue preempted it): no pod runs, nothing failed."""
+    cond = {**condition("Suspended", "JobSuspended", "Job suspended", now)}
+    return {"active": None, "conditions": _with_condition(status.get("conditions"), cond)}
+
+
+def status_resumed(status: Mapping[str, Any], now: str) -> dict[str, Any]:
+    """Status patch of a suspended Job that runs again (its ``startTime`` restarts, as on a cluster)."""
+    cond = {**condition("Suspended", "JobResumed", "Job resumed", now), "status": "False"}
+    return {"active": 1, "startTime": now, "conditions": _with_condition(status.get("conditions"), cond)}
+
+
+def was_suspended(status: Mapping[str, Any]) -> bool:
+    return any(c.get("type") == "Suspended" and c.get("status") == "True" for c in status.get("conditions") or [])
 
 
 def status_retrying(failed: int) -> dict[str, Any]:
@@ -787,6 +825,7 @@ def _exit_description(code: int) -> str:
 class _Queued:
     job: dict[str, Any]
     key: tuple[str, int]
+    kind: str = "Job"
 
 
 class LocalJobRunner:
@@ -796,6 +835,7 @@ class LocalJobRunner:
         self.config = config
         self._batch = client.BatchV1Api(api_client)
         self._core = client.CoreV1Api(api_client)
+        self._custom = client.CustomObjectsApi(api_client)
         self._cond = threading.Condition()
         self._pending: dict[str, _Queued] = {}
         self._running: dict[str, _Worker] = {}
@@ -804,7 +844,7 @@ class LocalJobRunner:
         self._stopping = threading.Event()
         self._stop_requested = False  # a plain flag: set from signal handlers, where taking a lock could deadlock
         self._threads: list[threading.Thread] = []
-        self._watch_response: Any = None
+        self._watch_responses: dict[str, Any] = {}
         self._lock_file: IO[str] | None = None
         self._started = False
         #: Set after the first successful list (the runner knows the cluster's Jobs).
@@ -826,7 +866,13 @@ class LocalJobRunner:
             raise RunnerError(f"another local Job runner uses {self.config.work_root}") from None
         self._lock_file = lock
         self._kill_leftovers()
-        for target, name in ((self._watch_loop, "jobrunner-watch"), (self._dispatch_loop, "jobrunner-dispatch")):
+        targets: list[tuple[Callable[[], None], str]] = [
+            (self._watch_loop, "jobrunner-watch"),
+            (self._dispatch_loop, "jobrunner-dispatch"),
+        ]
+        if self.config.trainjobs:
+            targets.append((functools.partial(self._watch_loop, TRAINJOB), "jobrunner-watch-trainjobs"))
+        for target, name in targets:
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
@@ -846,8 +892,7 @@ class LocalJobRunner:
             for worker in workers:
                 worker.cancel("runner stopped")
             self._cond.notify_all()
-        resp = self._watch_response
-        if resp is not None:
+        for resp in list(self._watch_responses.values()):
             with contextlib.suppress(Exception):
                 resp.shutdown()
         limit = time.monotonic() + (timeout if timeout is not None else self.config.kill_grace_seconds + 10.0)
@@ -904,7 +949,13 @@ class LocalJobRunner:
             return [f"{q.job['metadata'].get('namespace')}/{q.job['metadata'].get('name')}" for q in queued]
 
     # -- watching ----------------------------------------------------------------------------------------------------
-    def _list_fn(self) -> Callable[..., Any]:
+    def _list_fn(self, kind: str = JOB) -> Callable[..., Any]:
+        if kind == TRAINJOB:
+            group = (TRAINER_GROUP, TRAINER_VERSION)
+            if self.config.namespace:
+                ns = self.config.namespace
+                return lambda **kw: self._custom.list_namespaced_custom_object(*group, ns, TRAINJOB_PLURAL, **kw)
+            return lambda **kw: self._custom.list_cluster_custom_object(*group, TRAINJOB_PLURAL, **kw)
         if self.config.namespace:
             return lambda **kw: self._batch.list_namespaced_job(self.config.namespace, **kw)
         return lambda **kw: self._batch.list_job_for_all_namespaces(**kw)
@@ -912,17 +963,19 @@ class LocalJobRunner:
     def _selector(self) -> dict[str, Any]:
         return {"label_selector": self.config.label_selector} if self.config.label_selector else {}
 
-    def _watch_loop(self) -> None:
+    def _watch_loop(self, kind: str = JOB) -> None:
         rv: str | None = None
         listed_at = 0.0
         delay = 0.5
+        absent_logged = False
         while not self._stopping.is_set():
             try:
                 if rv is None or time.monotonic() - listed_at >= self.config.resync_seconds:
-                    rv = self._relist()
+                    rv = self._relist(kind)
                     listed_at = time.monotonic()
-                    self.synced.set()
-                rv = self._watch(rv, listed_at + self.config.resync_seconds)
+                    if kind == JOB:
+                        self.synced.set()
+                rv = self._watch(rv, listed_at + self.config.resync_seconds, kind)
                 delay = 0.5
             except ApiException as err:
                 if self._stopping.is_set():
@@ -931,20 +984,27 @@ class LocalJobRunner:
                     log.info("watch expired (410 Gone); re-listing")
                     rv = None
                     continue
-                log.warning("Job watch failed (%s %s); retrying in %.1fs", err.status, err.reason, delay)
+                if err.status == 404 and kind == TRAINJOB:  # no TrainJob CRD: look again now and then
+                    if not absent_logged:
+                        log.info("no TrainJob CRD on this API server: only Jobs run (checked every %.0fs)", delay)
+                        absent_logged = True
+                    rv = None
+                    self._stopping.wait(min(self.config.resync_seconds, 5.0))
+                    continue
+                log.warning("%s watch failed (%s %s); retrying in %.1fs", kind, err.status, err.reason, delay)
                 rv = None
                 self._stopping.wait(delay)
                 delay = min(delay * 2, 10.0)
             except Exception as err:  # the API server may be down or restarting: keep trying
                 if self._stopping.is_set():
                     break
-                log.warning("Job watch failed (%s: %s); retrying in %.1fs", type(err).__name__, err, delay)
+                log.warning("%s watch failed (%s: %s); retrying in %.1fs", kind, type(err).__name__, err, delay)
                 rv = None
                 self._stopping.wait(delay)
                 delay = min(delay * 2, 10.0)
 
-    def _relist(self) -> str:
-        resp = self._list_fn()(
+    def _relist(self, kind: str = JOB) -> str:
+        resp = self._list_fn(kind)(
             **self._selector(),
             _preload_content=False,
             _request_timeout=self.config.request_timeout_seconds,
@@ -953,20 +1013,21 @@ class LocalJobRunner:
         items: list[dict[str, Any]] = listing.get("items") or []
         seen = set()
         for job in items:
+            job.setdefault("kind", kind)
             seen.add((job.get("metadata") or {}).get("uid"))
             self._observe(job)
         with self._cond:
-            for uid in [u for u in self._pending if u not in seen]:
+            for uid in [u for u in self._pending if u not in seen and self._pending[u].kind == kind]:
                 del self._pending[uid]
             for uid, worker in self._running.items():
-                if uid not in seen:
+                if uid not in seen and worker.kind == kind:
                     worker.cancel("deleted")
         return str((listing.get("metadata") or {}).get("resourceVersion") or "")
 
-    def _watch(self, rv: str, until: float) -> str | None:
+    def _watch(self, rv: str, until: float, kind: str = JOB) -> str | None:
         """Follow events from ``rv`` until ``until`` (monotonic); the last resourceVersion, or None to re-list."""
         server_timeout = max(1, min(self.config.watch_timeout_seconds, int(until - time.monotonic()) + 1))
-        resp = self._list_fn()(
+        resp = self._list_fn(kind)(
             **self._selector(),
             watch=True,
             resource_version=rv,
@@ -975,7 +1036,7 @@ class LocalJobRunner:
             _preload_content=False,
             _request_timeout=(self.config.request_timeout_seconds, server_timeout + 10.0),
         )
-        self._watch_response = resp
+        self._watch_responses[kind] = resp
         try:
             if self._stopping.is_set():
                 return rv
@@ -983,22 +1044,23 @@ class LocalJobRunner:
                 if self._stopping.is_set():
                     break
                 event = json.loads(line)
-                kind = event.get("type")
+                etype = event.get("type")
                 obj = event.get("object") or {}
-                if kind == "ERROR":
+                if etype == "ERROR":
                     if obj.get("code") == 410:
                         log.info("watch expired (%s); re-listing", obj.get("message"))
                         return None
                     raise RunnerError(f"watch error: {obj.get('message') or obj}")
                 new_rv = (obj.get("metadata") or {}).get("resourceVersion")
-                if kind in ("ADDED", "MODIFIED"):
+                if etype in ("ADDED", "MODIFIED"):
+                    obj.setdefault("kind", kind)
                     self._observe(obj)
-                elif kind == "DELETED":
+                elif etype == "DELETED":
                     self._forget(obj)
                 if new_rv:
                     rv = str(new_rv)
         finally:
-            self._watch_response = None
+            self._watch_responses.pop(kind, None)
             with contextlib.suppress(Exception):  # a stream cut short must not go back to the pool half-read
                 resp.close()
                 resp.release_conn()
@@ -1028,7 +1090,8 @@ class LocalJobRunner:
             if queued is not None:
                 queued.job = job
                 return
-            self._pending[uid] = _Queued(job, (str(meta.get("creationTimestamp") or ""), next(self._seq)))
+            kind = TRAINJOB if job.get("kind") == TRAINJOB else JOB
+            self._pending[uid] = _Queued(job, (str(meta.get("creationTimestamp") or ""), next(self._seq)), kind)
             self._cond.notify_all()
 
     def _forget(self, job: Mapping[str, Any]) -> None:
@@ -1049,7 +1112,7 @@ class LocalJobRunner:
                 while not self._stopping.is_set() and len(self._running) < self.config.parallel and self._pending:
                     uid = min(self._pending, key=lambda u: self._pending[u].key)
                     queued = self._pending.pop(uid)
-                    worker = _Worker(self, queued.job)
+                    worker = _TrainJobWorker(self, queued.job) if queued.kind == TRAINJOB else _Worker(self, queued.job)
                     self._running[uid] = worker
                     worker.thread.start()
                 self._cond.wait(1.0)
@@ -1091,6 +1154,7 @@ class _Worker:
         self.namespace: str = meta.get("namespace") or "default"
         self.name: str = meta["name"]
         self.job = job
+        self.kind = JOB
         self._cancel = threading.Event()
         self.cancel_reason = ""
         self._disrupted = threading.Event()
@@ -1162,6 +1226,8 @@ class _Worker:
             return True
 
         started_at = time.time()
+        if was_suspended(self._status):  # Kueue admitted it again after a preemption
+            self._patch(status_resumed(self._status, rfc3339(started_at)))
         if self._status.get("startTime"):
             started_at = parse_rfc3339(self._status["startTime"])
         if self._status.get("active") != 1 or not self._status.get("startTime"):
@@ -1194,6 +1260,10 @@ class _Worker:
             if outcome == "deadline":
                 self._fail(REASON_DEADLINE, MESSAGE_DEADLINE, failed=failed + 1)
                 return True
+            if outcome == "suspended":
+                log.info("Job %s/%s: suspended while attempt %d ran; it runs again once resumed", *self._id(attempt))
+                self._patch(status_suspended(self._status, rfc3339()))
+                return False
             if outcome == 0:
                 log.info("Job %s/%s: attempt %d succeeded", self.namespace, self.name, attempt)
                 self._patch(status_complete(self._status, rfc3339()))
@@ -1244,8 +1314,11 @@ class _Worker:
             return attempt
         raise AssertionError("unreachable")
 
+    def _id(self, attempt: int) -> tuple[str, str, int]:
+        return self.namespace, self.name, attempt
+
     def _run_attempt(self, argv: list[str], env: dict[str, str], attempt: int, started_at: float) -> int | str:
-        """Run one process; its exit code (negative: killed by that signal), or ``"deadline"``."""
+        """Run one process; its exit code (negative: killed by that signal), ``"deadline"`` or ``"suspended"``."""
         workdir = self.config.attempt_dir(self.namespace, self.name, attempt)
         log_path = self.config.attempt_log(self.namespace, self.name, attempt)
         log.info("Job %s/%s: attempt %d runs %s (log %s)", self.namespace, self.name, attempt, argv, log_path)
@@ -1285,6 +1358,9 @@ class _Worker:
                     log.info("Job %s/%s: deadline exceeded, killing attempt %d", self.namespace, self.name, attempt)
                     self._terminate(proc)
                     return "deadline"
+                if is_suspended(self.job):  # SIGTERM (the process may checkpoint), SIGKILL after the grace period
+                    self._terminate(proc)
+                    return "suspended"
                 self._cancel.wait(self.config.poll_seconds)
         finally:
             pid_file.unlink(missing_ok=True)
@@ -1367,6 +1443,306 @@ class _Worker:
     def _fail(self, reason: str, message: str, *, failed: int | None = None) -> None:
         log.info("Job %s/%s failed: %s: %s", self.namespace, self.name, reason, message)
         self._patch(status_failed(self._status, reason, message, rfc3339(), failed=failed))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# TrainJobs: what Kubeflow Trainer's torch runtime would do, one local process per node
+# ---------------------------------------------------------------------------------------------------------------------
+#: Condition reasons of a TrainJob run locally.
+REASON_TRAINJOB_COMPLETE = "JobsCompleted"
+MESSAGE_TRAINJOB_COMPLETE = "TrainJob completed"
+MESSAGE_TRAINJOB_SUSPENDED = "TrainJob is suspended"
+MESSAGE_TRAINJOB_RESUMED = "TrainJob is resumed"
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (the rendezvous port of one attempt)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def trainjob_layout(trainjob: Mapping[str, Any]) -> tuple[int, int]:
+    """(numNodes, numProcPerNode) of a TrainJob's trainer (1 and 1 when unset; ``auto`` is 1 on this CPU host)."""
+    trainer = (trainjob.get("spec") or {}).get("trainer") or {}
+    nodes = int(trainer.get("numNodes") or 1)
+    per_node = trainer.get("numProcPerNode")
+    procs = int(per_node) if isinstance(per_node, int) or (isinstance(per_node, str) and per_node.isdigit()) else 1
+    return nodes, procs
+
+
+def trainjob_container(trainjob: Mapping[str, Any]) -> dict[str, Any]:
+    """The trainer container of a TrainJob as the torch runtime builds it: the trainer's image, command, args and
+    env, plus the env of the runtime patches' ``node`` container."""
+    spec = trainjob.get("spec") or {}
+    trainer = spec.get("trainer") or {}
+    env = list(trainer.get("env") or [])
+    for patch in spec.get("runtimePatches") or []:
+        template = ((patch.get("trainingRuntimeSpec") or {}).get("template") or {}).get("spec") or {}
+        for job in template.get("replicatedJobs") or []:
+            pod = (((job.get("template") or {}).get("spec") or {}).get("template") or {}).get("spec") or {}
+            for container in pod.get("containers") or []:
+                if container.get("name") == TRAINJOB_NODE:
+                    env += list(container.get("env") or [])
+    return {
+        "name": TRAINJOB_NODE,
+        "image": trainer.get("image") or "",
+        "command": list(trainer.get("command") or []),
+        "args": list(trainer.get("args") or []),
+        "env": env,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+
+
+def torch_env(*, nodes: int, per_node: int, node_rank: int, port: int) -> dict[str, str]:
+    """What Kubeflow Trainer's torch plugin injects into the node containers (torchrun reads ``PET_*``)."""
+    return {
+        "PET_NNODES": str(nodes),
+        "PET_NPROC_PER_NODE": str(per_node),
+        "PET_NODE_RANK": str(node_rank),
+        "PET_MASTER_ADDR": "127.0.0.1",
+        "PET_MASTER_PORT": str(port),
+    }
+
+
+def trainjob_condition(
+    status: Mapping[str, Any], kind: str, value: str, reason: str, message: str, now: str
+) -> list[Any]:
+    cond = {"type": kind, "status": value, "reason": reason, "message": message, "lastTransitionTime": now}
+    return [dict(c) for c in status.get("conditions") or [] if c.get("type") != kind] + [cond]
+
+
+#: The torch runtime's trainer container (and replicated job) name.
+TRAINJOB_NODE = "node"
+
+
+class _TrainJobWorker(_Worker):
+    """Runs one TrainJob: ``numNodes`` local processes (each the trainer's launcher with ``numProcPerNode`` workers)
+    joined by torchrun's rendezvous on 127.0.0.1, with the variables Kubeflow Trainer injects. A node that fails
+    stops the others; the TrainJob then fails (a JobSet without restarts), except that a disrupted attempt (the
+    ``Ignore`` rule of the podFailurePolicy in its annotation) runs again. Suspension (Kueue) stops the nodes with
+    SIGTERM (they checkpoint) and records a ``Suspended`` condition; unsuspended, the TrainJob runs again."""
+
+    def __init__(self, runner: LocalJobRunner, job: dict[str, Any]) -> None:
+        super().__init__(runner, job)
+        self.kind = TRAINJOB
+
+    # -- API
+    def _read(self) -> dict[str, Any] | None:
+        try:
+            resp = self.runner._custom.get_namespaced_custom_object(
+                TRAINER_GROUP,
+                TRAINER_VERSION,
+                self.namespace,
+                TRAINJOB_PLURAL,
+                self.name,
+                _preload_content=False,
+                _request_timeout=self.config.request_timeout_seconds,
+            )
+        except ApiException as err:
+            if err.status == 404:
+                return None
+            raise
+        job: dict[str, Any] = json.loads(resp.data)
+        return job
+
+    def _patch(self, status: dict[str, Any]) -> None:
+        def call() -> dict[str, Any]:
+            try:
+                resp = self.runner._custom.patch_namespaced_custom_object_status(
+                    TRAINER_GROUP,
+                    TRAINER_VERSION,
+                    self.namespace,
+                    TRAINJOB_PLURAL,
+                    self.name,
+                    {"metadata": {"uid": self.uid}, "status": status},
+                    _content_type="application/merge-patch+json",
+                    _preload_content=False,
+                    _request_timeout=self.config.request_timeout_seconds,
+                )
+            except ApiException as err:
+                if err.status == 404 or (err.status == 422 and "metadata.uid" in str(err.body)):
+                    raise _Gone from err
+                raise
+            obj: dict[str, Any] = json.loads(resp.data)
+            return obj
+
+        self.job = self._call(call)
+
+    def _condition(self, kind: str, value: str, reason: str, message: str) -> None:
+        self._patch({"conditions": trainjob_condition(self._status, kind, value, reason, message, rfc3339())})
+
+    def _fail(self, reason: str, message: str, *, failed: int | None = None) -> None:
+        log.info("TrainJob %s/%s failed: %s: %s", self.namespace, self.name, reason, message)
+        self._condition("Failed", "True", reason, message)
+
+    # -- main
+    def _run(self) -> bool:
+        job = self._call(self._read)
+        if job is None or job["metadata"].get("uid") != self.uid:
+            raise _Gone
+        self.job = job
+        if job_finished(job) is not None:
+            return True
+        if not wants_to_run(job):
+            return False
+        container = trainjob_container(job)
+        try:
+            _, argv = plan_command(container, self.config)
+        except NotRunnable as err:
+            self._fail(err.reason, err.message)
+            return True
+        if was_suspended(self._status):
+            self._condition("Suspended", "False", "Resumed", MESSAGE_TRAINJOB_RESUMED)
+        nodes, per_node = trainjob_layout(job)
+        started_at = time.time()
+        attempt = 0
+        while True:
+            if self._deadline_passed(started_at):
+                self._fail(REASON_DEADLINE, MESSAGE_DEADLINE)
+                return True
+            attempt = self._claim_attempt(attempt + 1)
+            port = free_port()
+            objects = _ApiObjects(self.runner._core, self.config.request_timeout_seconds)
+            envs: list[dict[str, str]] = []
+            for rank in range(nodes):
+                pod = PodIdentity(
+                    name=f"{self.name}-{TRAINJOB_NODE}-0-{rank}",
+                    namespace=self.namespace,
+                    uid=str(uuid.uuid5(uuid.NAMESPACE_URL, f"langmerge-jobrunner:{self.uid}/{attempt}/{rank}")),
+                    labels=dict((job.get("metadata") or {}).get("labels") or {}),
+                    annotations={"batch.kubernetes.io/job-completion-index": str(rank)},
+                )
+                try:
+                    resolved = self._call(functools.partial(resolve_env, container, pod, objects))
+                except ContainerConfigError as err:
+                    self._fail(REASON_CONFIG, err.message)
+                    return True
+                workdir = self.config.attempt_dir(self.namespace, self.name, attempt) / f"{TRAINJOB_NODE}-{rank}"
+                (workdir / "tmp").mkdir(parents=True, exist_ok=True)
+                env = child_environment(
+                    {**resolved, **torch_env(nodes=nodes, per_node=per_node, node_rank=rank, port=port)},
+                    home=workdir,
+                    tmpdir=workdir / "tmp",
+                    hostname=pod.name,
+                    config=self.config,
+                )
+                (workdir / "termination-log").touch()
+                env[TERMINATION_MESSAGE_ENV] = str(workdir / "termination-log")
+                envs.append(env)
+            command = [expand(arg, envs[0]) for arg in argv]
+            outcome = self._run_nodes(command, envs, attempt, started_at)
+            disruption = self._take_disruption()
+            if outcome == "deadline":
+                self._fail(REASON_DEADLINE, MESSAGE_DEADLINE)
+                return True
+            if outcome == "suspended":
+                log.info("TrainJob %s/%s: suspended while attempt %d ran", *self._id(attempt))
+                self._condition("Suspended", "True", "Suspended", MESSAGE_TRAINJOB_SUSPENDED)
+                return False
+            assert isinstance(outcome, list)
+            if all(code == 0 for code in outcome):
+                log.info("TrainJob %s/%s: attempt %d succeeded on %d node(s)", *self._id(attempt), nodes)
+                self._condition("Complete", "True", REASON_TRAINJOB_COMPLETE, MESSAGE_TRAINJOB_COMPLETE)
+                return True
+            rank, code = next((r, c) for r, c in enumerate(outcome) if c != 0)
+            workdir = self.config.attempt_dir(self.namespace, self.name, attempt) / f"{TRAINJOB_NODE}-{rank}"
+            last_words = termination_message(
+                workdir / "termination-log",
+                self.config.attempt_log(self.namespace, f"{self.name}-{TRAINJOB_NODE}-{rank}", attempt),
+                fallback_to_logs=True,
+            )
+            conditions = [{"type": "DisruptionTarget", "status": "True", "reason": disruption}] if disruption else []
+            pod_name = f"{self.namespace}/{self.name}-{TRAINJOB_NODE}-0-{rank}"
+            matched = match_pod_failure_policy(
+                pod_failure_policy(job),
+                pod=pod_name,
+                container=TRAINJOB_NODE,
+                exit_code=container_exit_code(code),
+                conditions=conditions,
+            )
+            if matched is not None and matched[0] == "Ignore":
+                log.info("TrainJob %s/%s: runs again (not counted): %s", self.namespace, self.name, matched[1])
+                self._sleep(self.config.retry_delay_seconds, started_at)
+                continue
+            if matched is not None and matched[0] == "FailJob":
+                self._fail(REASON_POD_FAILURE_POLICY, _with_last_words(matched[1], last_words))
+                return True
+            message = f"node {rank} {_exit_description(code)} (attempt {attempt})"
+            self._fail(REASON_BACKOFF_LIMIT, _with_last_words(message, last_words))
+            return True
+
+    def _run_nodes(
+        self, argv: list[str], envs: list[dict[str, str]], attempt: int, started_at: float
+    ) -> list[int] | str:
+        """Run one process per node; their exit codes (the others are stopped once one fails), ``"deadline"`` or
+        ``"suspended"``."""
+        procs: list[subprocess.Popen[bytes]] = []
+        pid_files: list[Path] = []
+        try:
+            for rank, env in enumerate(envs):
+                node = f"{self.name}-{TRAINJOB_NODE}-{rank}"
+                log_path = self.config.attempt_log(self.namespace, node, attempt)
+                workdir = self.config.attempt_dir(self.namespace, self.name, attempt) / f"{TRAINJOB_NODE}-{rank}"
+                log.info(
+                    "TrainJob %s/%s: attempt %d node %d runs %s (log %s)", *self._id(attempt), rank, argv, log_path
+                )
+                with log_path.open("ab") as out:
+                    proc = subprocess.Popen(
+                        argv,
+                        cwd=workdir,
+                        env=env,
+                        stdin=subprocess.DEVNULL,
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                        close_fds=True,
+                    )
+                procs.append(proc)
+                pid_file = self.runner._pids_dir / f"{self.namespace}_{node}_{attempt}.json"
+                pid_file.parent.mkdir(parents=True, exist_ok=True)
+                pid_file.write_text(json.dumps({"pid": proc.pid, "start": _proc_start_ticks(proc.pid)}))
+                pid_files.append(pid_file)
+            while True:
+                done = [_exited(p) for p in procs]
+                if all(done) or any(d and p.poll() not in (None, 0) for d, p in zip(done, procs, strict=True)):
+                    self._stop_all(procs)
+                    return [p.wait() for p in procs]
+                if self._cancel.is_set():
+                    self._stop_all(procs)
+                    raise _Cancelled
+                if self._disrupted.is_set():
+                    log.info("TrainJob %s/%s: disrupting attempt %d (%s)", *self._id(attempt), self._disruption)
+                    self._stop_all(procs)
+                    return [p.wait() for p in procs]
+                if self._deadline_passed(started_at):
+                    self._stop_all(procs)
+                    return "deadline"
+                if is_suspended(self.job):
+                    self._stop_all(procs)
+                    return "suspended"
+                self._cancel.wait(self.config.poll_seconds)
+        except OSError as err:
+            log.error("TrainJob %s/%s: cannot start %r: %s", self.namespace, self.name, argv[0], err)
+            self._stop_all(procs)
+            return [127]
+        finally:
+            for path in pid_files:
+                path.unlink(missing_ok=True)
+
+    def _stop_all(self, procs: Sequence[subprocess.Popen[bytes]]) -> None:
+        """SIGTERM to every node's process group, SIGKILL after the grace period, then reap."""
+        for proc in procs:
+            if not _exited(proc):
+                _killpg(proc.pid, signal.SIGTERM)
+        limit = time.monotonic() + self.config.kill_grace_seconds
+        while not all(_exited(p) for p in procs) and time.monotonic() < limit:
+            time.sleep(0.02)
+        for proc in procs:
+            _killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
