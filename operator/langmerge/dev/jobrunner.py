@@ -1528,6 +1528,7 @@ class _TrainJobWorker(_Worker):
     def __init__(self, runner: LocalJobRunner, job: dict[str, Any]) -> None:
         super().__init__(runner, job)
         self.kind = TRAINJOB
+        self._culprit: int | None = None
 
     # -- API
     def _read(self) -> dict[str, Any] | None:
@@ -1633,6 +1634,7 @@ class _TrainJobWorker(_Worker):
                 env[TERMINATION_MESSAGE_ENV] = str(workdir / "termination-log")
                 envs.append(env)
             command = [expand(arg, envs[0]) for arg in argv]
+            self._culprit = None
             outcome = self._run_nodes(command, envs, attempt, started_at)
             disruption = self._take_disruption()
             if outcome == "deadline":
@@ -1647,7 +1649,9 @@ class _TrainJobWorker(_Worker):
                 log.info("TrainJob %s/%s: attempt %d succeeded on %d node(s)", *self._id(attempt), nodes)
                 self._condition("Complete", "True", REASON_TRAINJOB_COMPLETE, MESSAGE_TRAINJOB_COMPLETE)
                 return True
-            rank, code = next((r, c) for r, c in enumerate(outcome) if c != 0)
+            culprit = self._culprit if self._culprit is not None and outcome[self._culprit] != 0 else None
+            rank = culprit if culprit is not None else next(r for r, c in enumerate(outcome) if c != 0)
+            code = outcome[rank]
             workdir = self.config.attempt_dir(self.namespace, self.name, attempt) / f"{TRAINJOB_NODE}-{rank}"
             last_words = termination_message(
                 workdir / "termination-log",
@@ -1707,7 +1711,9 @@ class _TrainJobWorker(_Worker):
                 pid_files.append(pid_file)
             while True:
                 done = [_exited(p) for p in procs]
-                if all(done) or any(d and p.poll() not in (None, 0) for d, p in zip(done, procs, strict=True)):
+                failed = [rank for rank, (d, p) in enumerate(zip(done, procs, strict=True)) if d and p.poll() != 0]
+                if all(done) or failed:
+                    self._culprit = failed[0] if failed else None  # the node whose failure stopped the others
                     self._stop_all(procs)
                     return [p.wait() for p in procs]
                 if self._cancel.is_set():

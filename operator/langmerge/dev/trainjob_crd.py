@@ -6,8 +6,8 @@ listed, watched and given a status there (the local Job runner runs them), this 
 (the same ``TrainerV1alpha1TrainJobSpec`` / ``TrainerV1alpha1TrainJobStatus`` the operator's builder is typed
 with), turned into a structural schema by :func:`langmerge.api.crdgen.openapi_schema`. The package's
 ``Quantity`` (a string-or-number ``oneOf``) becomes ``x-kubernetes-int-or-string``, as in Kubernetes' own schemas.
-Kubeflow's published CRD adds CEL rules (ignored by the 1.20 API server anyway) and defaults; unknown fields are
-pruned the same way.
+Kubeflow's published CRD adds CEL rules (ignored by the 1.20 API server anyway) and defaults (left out here: the
+builder sets what it means); unknown fields are pruned the same way.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def trainjob_crd() -> dict[str, Any]:
 
     from langmerge.api.crdgen import openapi_schema
 
-    spec = _fix_quantities(openapi_schema(TrainerV1alpha1TrainJobSpec))
+    spec = _fix_quantities(openapi_schema(TrainerV1alpha1TrainJobSpec, keep_defaults=False))
     status = _fix_quantities(openapi_schema(TrainerV1alpha1TrainJobStatus, keep_defaults=False))
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
