@@ -7,10 +7,11 @@ own, Secrets by name, and Events. Unit tests replace this class; integration tes
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +19,16 @@ from kubernetes import client, config
 from kubernetes.client import ApiClient
 from kubernetes.client.exceptions import ApiException
 
-from langmerge.constants import EXPERT_PLURAL, GROUP, MERGED_PLURAL, VERSION
+from langmerge.constants import (
+    EXPERT_PLURAL,
+    GROUP,
+    MERGED_PLURAL,
+    TRAINER_GROUP,
+    TRAINER_VERSION,
+    TRAINJOB_KIND,
+    TRAINJOB_PLURAL,
+    VERSION,
+)
 
 
 class Conflict(Exception):
@@ -27,6 +37,10 @@ class Conflict(Exception):
 
 class Rejected(Exception):
     """The API server refused an object (forbidden, invalid, quota): a problem a retry alone will not fix."""
+
+
+class Expired(Exception):
+    """A watch's resourceVersion is too old (410 Gone): list again."""
 
 
 class Forbidden(Exception):
@@ -254,6 +268,112 @@ class Kube:
                 return False
             raise
         return True
+
+    # -- TrainJobs (Kubeflow Trainer) ----------------------------------------------------------------------------
+    def list_trainjobs_versioned(self, label_selector: str, namespace: str | None = None) -> tuple[list[Any], str]:
+        """The TrainJobs matching ``label_selector`` (dicts) and the list's resourceVersion (one paginated LIST)."""
+        items: list[Any] = []
+        token: str | None = None
+        group = (TRAINER_GROUP, TRAINER_VERSION)
+        while True:
+            self.on_request("list", TRAINJOB_PLURAL)
+            kwargs: dict[str, Any] = {"label_selector": label_selector, "limit": 500, "_request_timeout": self.timeout}
+            if token:
+                kwargs["_continue"] = token
+            if namespace:
+                resp = self.custom.list_namespaced_custom_object(*group, namespace, TRAINJOB_PLURAL, **kwargs)
+            else:
+                resp = self.custom.list_cluster_custom_object(*group, TRAINJOB_PLURAL, **kwargs)
+            for item in resp.get("items") or []:
+                item.setdefault("kind", TRAINJOB_KIND)
+                items.append(item)
+            meta = resp.get("metadata") or {}
+            token = meta.get("continue")
+            if not token:
+                return items, str(meta.get("resourceVersion") or "")
+
+    def watch_trainjobs(
+        self, label_selector: str, namespace: str | None, resource_version: str, timeout_seconds: int
+    ) -> Iterator[tuple[str, dict[str, Any]]]:
+        """(event type, TrainJob) from ``resource_version`` on, for at most ``timeout_seconds`` (the server ends the
+        watch then). :class:`Expired` when the version is too old (relist)."""
+        from kubernetes import watch
+
+        group = (TRAINER_GROUP, TRAINER_VERSION)
+        if namespace:
+            fn: Any = functools.partial(self.custom.list_namespaced_custom_object, *group, namespace, TRAINJOB_PLURAL)
+        else:
+            fn = functools.partial(self.custom.list_cluster_custom_object, *group, TRAINJOB_PLURAL)
+        self.on_request("watch", TRAINJOB_PLURAL)
+        stream = watch.Watch().stream(
+            fn,
+            label_selector=label_selector,
+            resource_version=resource_version,
+            timeout_seconds=timeout_seconds,
+            allow_watch_bookmarks=True,
+            _request_timeout=(self.timeout, timeout_seconds + self.timeout),
+        )
+        for event in stream:
+            kind, obj = event.get("type"), event.get("object") or {}
+            if kind == "ERROR":
+                if obj.get("code") == 410:
+                    raise Expired(str(obj.get("message") or "410 Gone"))
+                raise ApiException(status=obj.get("code"), reason=str(obj.get("message")))
+            if kind in ("ADDED", "MODIFIED", "DELETED") and isinstance(obj, dict):
+                obj.setdefault("kind", TRAINJOB_KIND)
+                yield str(kind), obj
+
+    def create_trainjob(self, namespace: str, manifest: dict[str, Any]) -> bool:
+        """Create a TrainJob; False if it exists (409). :class:`Rejected` for 400/403/404/422 (404: no TrainJob CRD)."""
+        self.on_request("create", TRAINJOB_PLURAL)
+        try:
+            self.custom.create_namespaced_custom_object(
+                TRAINER_GROUP,
+                TRAINER_VERSION,
+                namespace,
+                TRAINJOB_PLURAL,
+                manifest,
+                field_manager=FIELD_MANAGER,
+                _request_timeout=self.timeout,
+            )
+        except ApiException as err:
+            if err.status == 409:
+                return False
+            if err.status in (400, 403, 404, 422):
+                raise Rejected(f"{err.status} {api_message(err)}") from err
+            raise
+        return True
+
+    def delete_trainjob(self, namespace: str, name: str) -> bool:
+        """Delete a TrainJob (its JobSet and pods follow); False if it was gone."""
+        self.on_request("delete", TRAINJOB_PLURAL)
+        try:
+            self.custom.delete_namespaced_custom_object(
+                TRAINER_GROUP,
+                TRAINER_VERSION,
+                namespace,
+                TRAINJOB_PLURAL,
+                name,
+                propagation_policy="Background",
+                _request_timeout=self.timeout,
+            )
+        except ApiException as err:
+            if err.status == 404:
+                return False
+            raise
+        return True
+
+    def create_workload(self, namespace: str, manifest: dict[str, Any]) -> bool:
+        """Create a Job or a TrainJob, by the manifest's kind."""
+        if manifest.get("kind") == TRAINJOB_KIND:
+            return self.create_trainjob(namespace, manifest)
+        return self.create_job(namespace, manifest)
+
+    def delete_workload(self, kind: str, namespace: str, name: str) -> bool:
+        """Delete a Job or a TrainJob."""
+        if kind == TRAINJOB_KIND:
+            return self.delete_trainjob(namespace, name)
+        return self.delete_job(namespace, name)
 
     # -- Secrets and Events --------------------------------------------------------------------------------------
     def secret_exists(self, namespace: str, name: str) -> bool:

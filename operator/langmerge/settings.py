@@ -91,8 +91,12 @@ class Settings:
     #: ``kueue.x-k8s.io/queue-name`` label; Kueue admits (unsuspends) them. One waiting for admission shows as
     #: "Queued (Kueue)" and does not count toward ``max_training_jobs``/``max_merge_jobs``.
     kueue_queue: str = ""
+    #: Kubeflow Trainer is installed: the operator may create, watch and delete ``trainer.kubeflow.org`` TrainJobs
+    #: (the chart's ``trainJob.enabled`` grants the RBAC). Off: a spec asking for ``runtime: trainjob`` is refused.
+    trainjobs: bool = False
     #: What runs an expert's training unless its ``spec.runtime`` says: ``job`` (a batch/v1 Job; ``resources.gpus`` > 1
-    #: runs one process per GPU in its pod) or ``trainjob`` (a Kubeflow Trainer TrainJob, one pod per node).
+    #: runs one process per GPU in its pod) or ``trainjob`` (a Kubeflow Trainer TrainJob, one pod per node; needs
+    #: ``trainjobs``).
     training_runtime: str = "job"
     #: The ClusterTrainingRuntime a TrainJob's ``runtimeRef`` names (a torch runtime: it injects torchrun's
     #: ``PET_*`` variables).
@@ -197,6 +201,8 @@ class Settings:
             raise SettingsError(
                 f"LANGMERGE_TRAINING_RUNTIME must be one of {', '.join(RUNTIMES)}, got {self.training_runtime!r}"
             )
+        if self.training_runtime == "trainjob" and not self.trainjobs:
+            raise SettingsError("LANGMERGE_TRAINING_RUNTIME=trainjob needs LANGMERGE_TRAINJOBS=true (Kubeflow Trainer)")
         if not _DNS_NAME.fullmatch(self.trainjob_runtime):
             raise SettingsError(f"LANGMERGE_TRAINJOB_RUNTIME must be an object name, got {self.trainjob_runtime!r}")
         if self.uri_policy not in (ENFORCE, OFF):

@@ -35,6 +35,14 @@ OPERATOR_RULES: list[dict[str, Any]] = [
 ]
 
 
+#: With trainJob.enabled only: Kubeflow Trainer TrainJobs, as Jobs (no get).
+TRAINJOB_RULE: dict[str, Any] = {
+    "apiGroups": ["trainer.kubeflow.org"],
+    "resources": ["trainjobs"],
+    "verbs": ["list", "watch", "create", "delete"],
+}
+
+
 def secret_rule(name: str = "langmerge-s3") -> dict[str, Any]:
     """s3.credentials.checkExists (default on): get on the S3 Secret's name only, to check it exists before a Job."""
     return {"apiGroups": [""], "resources": ["secrets"], "resourceNames": [name], "verbs": ["get"]}

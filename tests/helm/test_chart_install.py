@@ -15,6 +15,8 @@ import contextlib
 import json
 import re
 import socket
+import threading
+import time
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
@@ -28,6 +30,7 @@ from chart_helpers import (
     DEFAULT_OPERATOR_RULES,
     LEASE_RULES,
     NAMESPACE_OBSERVATION_RULE,
+    TRAINJOB_RULE,
     argocd_health,
     helm,
     sa_kubeconfig,
@@ -356,6 +359,116 @@ def test_namespaced_install_and_reconcile_as_the_service_account(
             "list LanguageExperts in a namespace it does not watch",
         )
         expect_forbidden(lambda: client.CoreV1Api(as_operator).list_namespaced_secret(team_a), "list Secrets")
+        # trainJob.enabled is off by default: no permission on TrainJobs at all.
+        expect_forbidden(
+            lambda: custom.list_namespaced_custom_object("trainer.kubeflow.org", "v1alpha1", team_a, "trainjobs"),
+            "list TrainJobs without trainJob.enabled",
+        )
+
+
+class SimulatedTrainJobs(threading.Thread):
+    """Kubeflow Trainer + the trainer for TrainJobs (as admin): each new TrainJob of the namespace commits its
+    adapter (what rank 0 writes) and gets the Complete condition."""
+
+    def __init__(self, kube: Any, store: ObjectStore, namespace: str) -> None:
+        super().__init__(daemon=True)
+        self.api = client.CustomObjectsApi(kube)
+        self.store = store
+        self.namespace = namespace
+        self.stop = threading.Event()
+        self.done: list[str] = []
+
+    def run(self) -> None:
+        from langmerge.tasks import TrainTask
+        from operator_harness import now, write_fake_adapter
+
+        group = ("trainer.kubeflow.org", "v1alpha1")
+        while not self.stop.is_set():
+            with contextlib.suppress(ApiException):
+                for item in self.api.list_namespaced_custom_object(*group, self.namespace, "trainjobs")["items"]:
+                    name = item["metadata"]["name"]
+                    if name in self.done:
+                        continue
+                    write_fake_adapter(self.store, TrainTask.model_validate_json(item["spec"]["trainer"]["args"][-1]))
+                    self.done.append(name)
+                    cond = {
+                        "type": "Complete",
+                        "status": "True",
+                        "reason": "JobsCompleted",
+                        "message": "TrainJob completed",
+                        "lastTransitionTime": now(),
+                    }
+                    self.api.patch_namespaced_custom_object_status(
+                        *group, self.namespace, "trainjobs", name, {"status": {"conditions": [cond]}}
+                    )
+            time.sleep(0.1)
+
+
+def test_trainjob_permissions_only_when_enabled(
+    control_plane: Endpoints,
+    kube: Any,
+    s3: ObjectStore,
+    seeded: str,
+    namespace: str,
+    make_namespace: Callable[[], str],
+    tmp_path: Path,
+) -> None:
+    """trainJob.enabled adds exactly list/watch/create/delete on TrainJobs, and that is enough to train an expert as
+    a TrainJob as the chart's ServiceAccount (and not enough to read or change one otherwise)."""
+    from langmerge.dev.trainjob_crd import trainjob_crd
+    from langmerge.kube import install_crds
+
+    install_crds(kube, [trainjob_crd()])
+    bucket = seeded
+    release_ns, team = namespace, make_namespace()
+    values = {
+        "artifactsUri": f"s3://{bucket}/artifacts",
+        "s3": {"endpoint": control_plane.s3_endpoint},
+        "watch": {"namespaces": [team]},
+        "trainJob": {"enabled": True},
+        "jobs": {"trainingRuntime": "trainjob"},
+    }
+    with installed(control_plane.kubeconfig, release_ns, values) as fullname:
+        rules = rules_of(client.RbacAuthorizationV1Api(kube).read_namespaced_role(fullname, team))
+        assert rules == [*DEFAULT_OPERATOR_RULES[:3], TRAINJOB_RULE, *DEFAULT_OPERATOR_RULES[3:]]
+        token = service_account_token(kube, release_ns, fullname)
+        kubeconfig = sa_kubeconfig(control_plane.kubeconfig, token, tmp_path / "operator.kubeconfig")
+        as_operator = load_client(kubeconfig)
+        trainjobs = SimulatedTrainJobs(kube, s3, team)
+        trainjobs.start()
+        try:
+            with run_operator(
+                team,
+                f"s3://{bucket}/artifacts",
+                kubeconfig=kubeconfig,
+                leader_election_namespace=release_ns,
+                trainjobs=True,
+                training_runtime="trainjob",
+            ) as runner:
+                spec = {**_expert(bucket, "es"), "resources": {"gpus": 0, "nodes": 2}}
+                apply_expert(kube, team, "dialog-es", spec, labels={"task": "dialog"})
+                ready = wait_for(lambda: _ready_expert(kube, team, "dialog-es"), timeout=40, what="Ready")
+        finally:
+            trainjobs.stop.set()
+            trainjobs.join(5)
+        assert not PERMISSION_PROBLEMS.search(runner.output), runner.output
+        assert trainjobs.done == [status_of(ready)["history"][-1]["job"]] and jobs(kube, team) == []
+        assert status_of(ready)["training"]["nodes"] == 2
+
+        custom = client.CustomObjectsApi(as_operator)
+        group = ("trainer.kubeflow.org", "v1alpha1")
+        expect_forbidden(
+            lambda: custom.get_namespaced_custom_object(*group, team, "trainjobs", trainjobs.done[0]),
+            "get a TrainJob by name",
+        )
+        expect_forbidden(
+            lambda: custom.patch_namespaced_custom_object(*group, team, "trainjobs", trainjobs.done[0], {"spec": {}}),
+            "patch a TrainJob",
+        )
+        expect_forbidden(
+            lambda: custom.list_namespaced_custom_object(*group, release_ns, "trainjobs"),
+            "list TrainJobs in a namespace it does not watch",
+        )
 
 
 def test_documented_crd_upgrade_applies(control_plane: Endpoints) -> None:

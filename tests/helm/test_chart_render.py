@@ -19,6 +19,7 @@ from chart_helpers import (
     NAMESPACE_OBSERVATION_RULE,
     OPERATOR_RULES,
     ROOT,
+    TRAINJOB_RULE,
     HelmError,
     by_kind,
     container_env,
@@ -58,10 +59,12 @@ EDGE: dict[str, Any] = {
         "ttlSecondsAfterFinished": 1000000,
         "keepCheckpoints": True,
         "kueueQueue": "gpu-queue",
+        "trainingRuntime": "trainjob",
         "serviceAccountName": "trainer",
         "logLevel": "DEBUG",
         "env": {"NCCL_DEBUG": "WARN", "HF_HUB_OFFLINE": "1"},
     },
+    "trainJob": {"enabled": True, "runtime": "langmerge-torch"},
     "reconcile": {
         "resyncSeconds": 30.5,
         "progressSeconds": 5,
@@ -221,7 +224,17 @@ def test_edge_render(edge: list[dict[str, Any]]) -> None:
     assert one(edge, "ClusterRole")["rules"] == [CRD_OBSERVATION_RULE, NAMESPACE_OBSERVATION_RULE]
     for ns in ("team-a", "team-b"):
         (role,) = [r for r in by_kind(edge, "Role") if r["metadata"]["namespace"] == ns]
-        assert role["rules"] == [*OPERATOR_RULES[:2], FINALIZERS_RULE, *OPERATOR_RULES[2:], secret_rule("s3-creds")]
+        assert (
+            role["rules"]
+            == [
+                *OPERATOR_RULES[:2],
+                FINALIZERS_RULE,
+                *OPERATOR_RULES[2:3],
+                TRAINJOB_RULE,  # trainJob.enabled
+                *OPERATOR_RULES[3:],
+                secret_rule("s3-creds"),
+            ]
+        )
         (binding,) = [b for b in by_kind(edge, "RoleBinding") if b["metadata"]["namespace"] == ns]
         assert binding["roleRef"]["name"] == role["metadata"]["name"]
         assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "lm-langmerge", "namespace": "ml-ops"}]
@@ -253,6 +266,11 @@ def test_edge_render(edge: list[dict[str, Any]]) -> None:
     assert (settings.max_training_jobs, settings.max_merge_jobs, settings.job_backoff_limit) == (8, 1, 3)
     assert settings.job_ttl_seconds == 1000000, "large integers are rendered as integers, not 1e+06"
     assert settings.keep_checkpoints is True
+    assert (settings.trainjobs, settings.training_runtime, settings.trainjob_runtime) == (
+        True,
+        "trainjob",
+        "langmerge-torch",
+    )
     assert (settings.kueue_queue, settings.job_service_account, settings.trainer_log_level) == (
         "gpu-queue",
         "trainer",
@@ -341,6 +359,9 @@ def test_strictest_namespaced_install_has_nothing_cluster_scoped() -> None:
         (["--set", "tenancy.namespacePrefix=s3://b/shared/"], "namespacePrefix"),
         (["--set", "jobs.maxMemory=lots"], "maxMemory"),
         (["--set", "jobs.maxTrainingJobsPerNamespace=-1"], "maxTrainingJobsPerNamespace"),
+        (["--set", "jobs.trainingRuntime=slurm"], "trainingRuntime"),
+        (["--set", "jobs.trainingRuntime=trainjob"], "enabled"),  # a TrainJob runtime needs trainJob.enabled
+        (["--set", "trainJob.runtime=Torch Distributed"], "runtime"),
     ],
 )
 def test_values_are_checked(args: list[str], message: str) -> None:

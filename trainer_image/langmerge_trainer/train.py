@@ -59,7 +59,7 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from langmerge.api.expert import Batching, LanguageExpertSpec, Lora, Metrics, Training
+from langmerge.api.expert import Batching, LanguageExpertSpec, Lora, Metrics, Training, TrainingResources
 from langmerge.artifacts import (
     DATA_CHANGED,
     MANIFEST,
@@ -512,6 +512,12 @@ def library_versions() -> Versions:
         peft=peft.__version__,
         cuda=torch.version.cuda,
     )
+
+
+def allocated_gpus(resources: TrainingResources, device: torch.device) -> int:
+    """GPUs the run held: ``resources.gpus`` per node x ``resources.nodes`` on a GPU (what the cluster allocated
+    and bills, whether or not every one was busy), none on CPU. Cost: GPU-seconds = GPUs x nodes x wall."""
+    return resources.gpus * resources.nodes if device.type == "cuda" else 0
 
 
 def device_name(device: torch.device) -> str:
@@ -987,7 +993,7 @@ class _Run:
             self.store.upload_file(path, join(target, name))
             files[name] = (path.stat().st_size, file_sha256(path))
         examples_train, examples_eval, skipped = data_counts
-        gpus = self.world.size if self.device.type == "cuda" else 0  # every process holds one GPU
+        gpus = allocated_gpus(spec.resources, self.device)
         wall = self.clock.wall()
         manifest = AdapterManifest(
             fingerprint=self.fingerprint,

@@ -339,6 +339,8 @@ class LanguageExpertSpec(ApiModel):
 
 class ExpertPhase(StrEnum):
     PENDING = "Pending"
+    #: The training Job waits for Kueue's admission (or was preempted by it).
+    QUEUED = "Queued"
     TRAINING = "Training"
     READY = "Ready"
     FAILED = "Failed"
@@ -474,6 +476,14 @@ class LanguageExpertStatus(StatusModel):
         Field(default=None, description="How the current training runs (processes, nodes, effective batch)."),
     ] = None
     attempts: Annotated[int, Field(default=0, description="Failed attempts for the desired fingerprint.")] = 0
+    preemptions: Annotated[
+        int,
+        Field(
+            default=0,
+            description="Times Kueue preempted (suspended again) a running training Job of the desired fingerprint; "
+            "not failed attempts.",
+        ),
+    ] = 0
     next_retry_at: Annotated[str | None, Field(default=None, description="When the next retry may start.")] = None
     message: Annotated[str | None, Field(default=None, description="Last error or waiting reason.")] = None
     history: Annotated[

@@ -361,6 +361,8 @@ class MergedModelSpec(ApiModel):
 class MergedPhase(StrEnum):
     PENDING = "Pending"
     WAITING = "Waiting"
+    #: The merge Job waits for Kueue's admission (or was preempted by it).
+    QUEUED = "Queued"
     MERGING = "Merging"
     READY = "Ready"
     #: The latest merge regressed a language beyond evaluation.maxRegression; the previous revision stays current.

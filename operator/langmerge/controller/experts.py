@@ -25,9 +25,13 @@ from langmerge.api.expert import (
     LanguageExpertStatus,
     Progress,
     TrainingRecord,
+    TrainingShape,
+)
+from langmerge.api.expert import (
+    Runtime as TrainingRuntime,
 )
 from langmerge.artifacts import AdapterManifest, BaseModelIdentity, FailureRecord, ProgressRecord
-from langmerge.constants import COMPONENT_TRAINING, EXPERT_KIND, EXPERT_PLURAL, LABEL_EXPERT
+from langmerge.constants import COMPONENT_TRAINING, EXPERT_KIND, EXPERT_PLURAL, LABEL_EXPERT, TRAINJOB_KIND
 from langmerge.controller import metrics
 from langmerge.controller.attempts import decide_retry, failure_records, record_job_end
 from langmerge.controller.jobs import JobState, Owner, build_training_job
@@ -47,6 +51,7 @@ from langmerge.controller.status import (
     is_true,
     truncate,
 )
+from langmerge.controller.trainjobs import build_trainjob
 from langmerge.fingerprint import training_fingerprint
 from langmerge.ownership import live_owner
 from langmerge.store import MalformedRecord
@@ -154,22 +159,49 @@ class ExpertReconciler(ReconcilePass[LanguageExpertStatus]):
         return known[0], known[1]
 
     def admit(self, spec: LanguageExpertSpec) -> Refusal | None:
-        """The URIs this namespace may read, the image and the resources, before any S3 request or Job."""
-        return check_uris(
-            self.settings,
-            self.namespace,
-            [
-                ("spec.baseModel.uri", spec.base_model.uri, False),
-                ("spec.dataset.uri", spec.dataset.uri, False),
-                ("spec.dataset.evalUri", spec.dataset.eval_uri, False),
-            ],
-        ) or check_job_spec(
-            self.image,
-            "spec.image" if spec.image else "the operator's trainer image",
-            spec.resources,
-            "spec.resources",
-            self.settings,
+        """The URIs this namespace may read, the image, the resources and the runtime, before any S3 request or
+        Job."""
+        return (
+            self.check_runtime(spec)
+            or check_uris(
+                self.settings,
+                self.namespace,
+                [
+                    ("spec.baseModel.uri", spec.base_model.uri, False),
+                    ("spec.dataset.uri", spec.dataset.uri, False),
+                    ("spec.dataset.evalUri", spec.dataset.eval_uri, False),
+                ],
+            )
+            or check_job_spec(
+                self.image,
+                "spec.image" if spec.image else "the operator's trainer image",
+                spec.resources,
+                "spec.resources",
+                self.settings,
+            )
         )
+
+    @property
+    def runtime(self) -> str:
+        """``job`` or ``trainjob``: the spec's, else the operator's setting."""
+        return str(self.spec.runtime or self.settings.training_runtime)
+
+    def check_runtime(self, spec: LanguageExpertSpec) -> Refusal | None:
+        runtime = str(spec.runtime or self.settings.training_runtime)
+        if runtime == TrainingRuntime.TRAINJOB and not self.settings.trainjobs:
+            return Refusal(
+                "TrainJobsDisabled",
+                "spec.runtime is trainjob, but this operator does not create Kubeflow Trainer TrainJobs (chart value "
+                "trainJob.enabled, LANGMERGE_TRAINJOBS); use runtime job (one pod) or ask the administrator",
+            )
+        if spec.resources.nodes > 1 and runtime != TrainingRuntime.TRAINJOB:
+            return Refusal(
+                "NodesNeedTrainJob",
+                f"spec.resources.nodes is {spec.resources.nodes}: training on several nodes runs as a Kubeflow Trainer "
+                "TrainJob; set spec.runtime: trainjob (the operator's default runtime is "
+                f"{self.settings.training_runtime})",
+            )
+        return None
 
     def _run(self) -> float | None:
         spec = self.spec
@@ -251,6 +283,7 @@ class ExpertReconciler(ReconcilePass[LanguageExpertStatus]):
             spec, base_model_digest=base_digest, data_digest=data_digest, eval_data_digest=eval_digest, image=self.image
         )
         self.status.desired_fingerprint = fingerprint
+        self.status.training = TrainingShape.of(spec, self.runtime)
         prefix = artifacts.expert_prefix(self.settings.artifacts_uri, self.namespace, self.name, fingerprint)
         jobs = self.owned_jobs(COMPONENT_TRAINING)
         requeue = [next_poll] + ([settle_wait] if settle_wait is not None else [])
@@ -386,6 +419,7 @@ class ExpertReconciler(ReconcilePass[LanguageExpertStatus]):
         self.status.active_job = None
         self.status.progress = None
         self.status.attempts = 0
+        self.status.preemptions = 0
         self.status.next_retry_at = None
         self.set_phase(ExpertPhase.READY)
         self.condition(READY, True, "AdapterReady", f"adapter {manifest.adapter_digest} at {manifest.adapter_uri}")
@@ -398,11 +432,11 @@ class ExpertReconciler(ReconcilePass[LanguageExpertStatus]):
             return outdated
         if self.spec.on_change == OnChange.RESTART:
             for job in outdated:
-                if self.rt.kube.delete_job(self.namespace, job.name):
+                if self.rt.kube.delete_workload(job.kind, self.namespace, job.name):
                     self.event(
                         "Normal",
                         "TrainingCancelled",
-                        f"cancelled Job {job.name}: its fingerprint {job.fingerprint} is outdated",
+                        f"cancelled {job.kind} {job.name}: its fingerprint {job.fingerprint} is outdated",
                     )
             return []
         return outdated
@@ -412,10 +446,15 @@ class ExpertReconciler(ReconcilePass[LanguageExpertStatus]):
         spec = self.spec
         mine = sorted((j for j in jobs if j.fingerprint == task.fingerprint), key=lambda j: j.attempt)
         current = mine[-1] if mine else None
+        stopped: FailureRecord | None = None
         if current is not None and current.active:
-            return self._training(current, prefix)
+            stopped = self._stop_on_user_error(current, prefix)
+            if stopped is None:
+                return self._training(current, prefix)
 
         records = self._failure_records(prefix)
+        if stopped is not None and current is not None:
+            records[current.attempt] = stopped
         if current is not None:
             records = record_job_end(self.rt.store, prefix, current, records, self.now_s)
             ended = records[current.attempt]
@@ -454,6 +493,51 @@ class ExpertReconciler(ReconcilePass[LanguageExpertStatus]):
         self.condition(TRAINING, False, "DataChanged", record.message)
         return 0.1
 
+    def _stop_on_user_error(self, job: JobState, prefix: str) -> FailureRecord | None:
+        """A TrainJob whose trainer recorded an error no retry can fix is stopped at once (its runtime may restart
+        the nodes otherwise: a Job's podFailurePolicy does this for Jobs). Returns that record, else None."""
+        if job.kind != TRAINJOB_KIND or job.suspended:
+            return None
+        try:
+            record = self.rt.store.get_record(artifacts.failure_uri(prefix, job.attempt), FailureRecord)
+        except MalformedRecord:
+            return None
+        if record is None or record.retryable or record.error_class == artifacts.DATA_CHANGED:
+            return None
+        if self.rt.kube.delete_trainjob(self.namespace, job.name):
+            self.event(
+                "Warning",
+                "TrainingStopped",
+                f"stopped TrainJob {job.name}: the trainer reported an error no retry can fix "
+                f"({record.error_class}: {record.message})",
+            )
+        return record
+
+    def _queued(self, job: JobState, progress: ProgressRecord | None) -> float:
+        """The Job waits for Kueue: never admitted yet ("Queued (Kueue)"), or preempted (suspended again after it
+        ran: recorded, and not a failed attempt; the next admission resumes from the last checkpoint)."""
+        ran = progress is not None and progress.fingerprint == job.fingerprint and progress.attempt == job.attempt
+        queue = self.settings.kueue_queue or "its LocalQueue"
+        self.status.active_job = job.name
+        self.status.attempts = job.attempt - 1
+        if job.started is not None or ran:
+            where = f" at step {progress.step}" if progress is not None and ran and progress.step else ""
+            message = (
+                f"Preempted (Kueue): {job.kind} {job.name} (attempt {job.attempt}) was suspended{where}; it resumes "
+                f"from its last checkpoint once {queue} admits it again (not a failed attempt)"
+            )
+            if self.old.phase != ExpertPhase.QUEUED or not (self.old.message or "").startswith("Preempted"):
+                self.status.preemptions += 1
+                self.event("Warning", "Preempted", message)
+            reason = "PreemptedByKueue"
+        else:
+            message = f"Queued (Kueue): {job.kind} {job.name} (attempt {job.attempt}) waits for admission in {queue}"
+            reason = "QueuedByKueue"
+        self.set_phase(ExpertPhase.QUEUED, message)
+        self.condition(TRAINING, False, reason, message)
+        self.condition(READY, False, "Queued", message)
+        return self.settings.resync_seconds
+
     def _training(self, job: JobState, prefix: str) -> float:
         try:
             progress = self.rt.store.get_record(artifacts.join(prefix, artifacts.PROGRESS), ProgressRecord)
@@ -461,6 +545,8 @@ class ExpertReconciler(ReconcilePass[LanguageExpertStatus]):
             # The Job goes on; only its progress cannot be shown.
             progress = None
             self.degrade("MalformedRecord", f"{err}; progress is not shown until the Job writes a valid record")
+        if job.suspended:
+            return self._queued(job, progress)
         if progress is not None and progress.fingerprint == job.fingerprint:
             self.status.progress = Progress(
                 step=progress.step,
@@ -472,7 +558,7 @@ class ExpertReconciler(ReconcilePass[LanguageExpertStatus]):
             )
         self.status.active_job = job.name
         self.status.attempts = job.attempt - 1
-        where = f"Job {job.name} (attempt {job.attempt})"
+        where = f"{job.kind} {job.name} (attempt {job.attempt})"
         self.set_phase(ExpertPhase.TRAINING, f"{where} is training fingerprint {job.fingerprint}")
         self.condition(TRAINING, True, "JobRunning", where)
         self.condition(READY, False, "Training", f"training fingerprint {job.fingerprint}")
@@ -528,7 +614,11 @@ class ExpertReconciler(ReconcilePass[LanguageExpertStatus]):
             self.condition(READY, False, "Superseded", self.status.message or "")
             return self.settings.progress_seconds
         owner = Owner(EXPERT_KIND, self.namespace, self.name, self.body["metadata"]["uid"])
-        manifest = build_training_job(owner, task, self.settings)
+        if self.runtime == TrainingRuntime.TRAINJOB:
+            manifest = build_trainjob(owner, task, self.settings)
+        else:
+            manifest = build_training_job(owner, task, self.settings)
+        kind = manifest["kind"]
         created = self.launch_job(
             manifest, component=COMPONENT_TRAINING, waiting_phase=ExpertPhase.PENDING, condition_type=TRAINING
         )
@@ -537,17 +627,27 @@ class ExpertReconciler(ReconcilePass[LanguageExpertStatus]):
         name = manifest["metadata"]["name"]
         if created:
             metrics.JOBS_LAUNCHED.labels(COMPONENT_TRAINING).inc()
+            shape = self.status.training
+            layout = f"; {shape.nodes} node(s), {shape.processes} process(es)" if shape and shape.processes > 1 else ""
             self.event(
                 "Normal",
                 "TrainingStarted",
-                f"created Job {name} (attempt {task.attempt}) for fingerprint {task.fingerprint} on data {task.data_digest}",
+                f"created {kind} {name} (attempt {task.attempt}) for fingerprint {task.fingerprint} on data "
+                f"{task.data_digest}{layout}",
             )
         self.status.active_job = name
         self.status.progress = Progress(step=0, total_steps=0, updated_at=self.now_s)
+        if self.settings.kueue_queue:  # created suspended: Kueue admits it
+            queue = self.settings.kueue_queue
+            message = f"Queued (Kueue): {kind} {name} (attempt {task.attempt}) waits for admission in {queue}"
+            self.set_phase(ExpertPhase.QUEUED, message)
+            self.condition(TRAINING, False, "QueuedByKueue", message)
+            self.condition(READY, False, "Queued", message)
+            return self.settings.resync_seconds
         self.set_phase(
-            ExpertPhase.TRAINING, f"Job {name} (attempt {task.attempt}) created for fingerprint {task.fingerprint}"
+            ExpertPhase.TRAINING, f"{kind} {name} (attempt {task.attempt}) created for fingerprint {task.fingerprint}"
         )
-        self.condition(TRAINING, True, "JobCreated", f"Job {name}")
+        self.condition(TRAINING, True, "JobCreated", f"{kind} {name}")
         self.condition(READY, False, "Training", f"training fingerprint {task.fingerprint}")
         return self.settings.progress_seconds
 

@@ -15,8 +15,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from langmerge.constants import LABEL_COMPONENT, LABEL_EXPERT, LABEL_MERGED
+from langmerge.constants import LABEL_COMPONENT, LABEL_EXPERT, LABEL_MERGED, TRAINJOB_KIND
 from langmerge.controller.jobs import JobState, job_state
+from langmerge.controller.trainjobs import trainjob_state
 
 #: A Job's identity: (namespace, name).
 JobId = tuple[str, str]
@@ -64,8 +65,9 @@ class IndexedJob:
     deleting: bool = False
 
 
-def index_entry(body: Any) -> IndexedJob | None:
-    """One Job (a watch event's dict or a client model) as an index entry; None if it is not one of ours."""
+def index_entry(body: Any, kind: str | None = None) -> IndexedJob | None:
+    """One Job or TrainJob (a watch event's dict or a client model) as an index entry; None if it is not one of
+    ours. ``kind`` (else the body's own) tells a TrainJob, whose state comes from its own conditions."""
     labels = _get(body, "metadata", "labels") or {}
     component = labels.get(LABEL_COMPONENT)
     owner = labels.get(LABEL_EXPERT) or labels.get(LABEL_MERGED)
@@ -80,7 +82,7 @@ def index_entry(body: Any) -> IndexedJob | None:
         owner_uids=tuple(str(_get(r, "uid")) for r in refs if _get(r, "uid")),
         owner_name=next((str(_get(r, "name")) for r in refs if _get(r, "controller")), None),
         resource_version=_rv(_get(body, "metadata", "resourceVersion")),
-        state=job_state(body),
+        state=trainjob_state(body) if (kind or _get(body, "kind")) == TRAINJOB_KIND else job_state(body),
         deleting=_get(body, "metadata", "deletionTimestamp") is not None,
     )
 
@@ -109,14 +111,16 @@ class JobIndex:
                 self._jobs[job_id] = entry
         return entry
 
-    def replace(self, bodies: Iterable[Any], list_version: str, namespace: str | None = None) -> None:
-        """A full listing (of ``namespace``, or cluster-wide) at ``list_version``: Jobs it lacks are gone, unless an
-        event newer than the list added them meanwhile."""
-        listed = {(e.namespace, e.state.name): e for b in bodies if (e := index_entry(b)) is not None}
+    def replace(
+        self, bodies: Iterable[Any], list_version: str, namespace: str | None = None, kind: str = "Job"
+    ) -> None:
+        """A full listing of ``kind`` (Jobs or TrainJobs, of ``namespace`` or cluster-wide) at ``list_version``: those
+        of that kind it lacks are gone, unless an event newer than the list added them meanwhile."""
+        listed = {(e.namespace, e.state.name): e for b in bodies if (e := index_entry(b, kind)) is not None}
         at = _rv(list_version)
         with self._lock:
             for job_id, known in list(self._jobs.items()):
-                if namespace is not None and job_id[0] != namespace:
+                if (namespace is not None and job_id[0] != namespace) or known.state.kind != kind:
                     continue
                 if job_id not in listed and (not at or known.resource_version <= at):
                     del self._jobs[job_id]
@@ -150,9 +154,10 @@ class JobIndex:
         ]
 
     def active(self, component: str) -> set[JobId]:
+        """The running Jobs of ``component``: active and admitted (one that Kueue holds suspended takes no slot)."""
         with self._lock:
             return {
-                (e.namespace, e.state.name) for e in self._jobs.values() if e.component == component and e.state.active
+                (e.namespace, e.state.name) for e in self._jobs.values() if e.component == component and e.state.running
             }
 
     def __len__(self) -> int:

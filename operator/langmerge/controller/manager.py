@@ -32,13 +32,14 @@ from langmerge.constants import (
     LABEL_MANAGED_BY,
     MANAGED_BY,
     MERGED_PLURAL,
+    TRAINJOB_KIND,
 )
 from langmerge.controller import metrics
 from langmerge.controller.experts import reconcile_expert
 from langmerge.controller.merged import reconcile_merged
 from langmerge.controller.runtime import EXPERT, MERGED, Key, Runtime, expert_key, merged_key
 from langmerge.controller.workqueue import WorkQueue
-from langmerge.kube import Kube, operator_client
+from langmerge.kube import Expired, Kube, operator_client
 from langmerge.settings import Settings
 from langmerge.store import ObjectStore, StorageUnavailable, split_uri
 
@@ -157,6 +158,8 @@ class Controller:
         self._seen: dict[Key, tuple[Any, ...]] = {}
         self._index_ready = asyncio.Event()
         self._outage: str | None = None
+        self._stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
 
     @classmethod
     def from_environment(cls) -> Controller:
@@ -180,12 +183,21 @@ class Controller:
         self.tasks = [asyncio.create_task(self._worker(i)) for i in range(workers)]
         self.tasks.append(asyncio.create_task(self.leader.run(self._resync_all)))
         self.tasks.append(asyncio.create_task(self._relist_jobs_forever()))
+        if self.settings.trainjobs:
+            self._stopping.clear()
+            for namespace in self.settings.namespaces or (None,):
+                thread = threading.Thread(
+                    target=self._watch_trainjobs_forever, args=(namespace,), name="trainjob-watch", daemon=True
+                )
+                thread.start()
+                self._threads.append(thread)
         self.tasks.append(asyncio.create_task(self._probe_storage_forever()))
 
     async def stop(self) -> None:
         """Stop taking keys and let the passes in flight finish (each request has a timeout), so nothing this
         operator does happens after it stopped."""
         self.queue.close()
+        self._stopping.set()
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
@@ -208,6 +220,34 @@ class Controller:
         for namespace in self.settings.namespaces or (None,):
             items, version = self.rt.kube.list_jobs_versioned(selector, namespace)
             self.rt.jobs.replace(items, version, namespace=namespace)
+            if self.settings.trainjobs:
+                items, version = self.rt.kube.list_trainjobs_versioned(selector, namespace)
+                self.rt.jobs.replace(items, version, namespace=namespace, kind=TRAINJOB_KIND)
+
+    def _watch_trainjobs_forever(self, namespace: str | None) -> None:
+        """Our TrainJobs' events into the index, as kopf's Job watch does for Jobs (own thread: the TrainJob kind
+        exists only where Kubeflow Trainer is installed, so it is watched only with ``trainjobs`` on). Each watch
+        starts from a fresh listing; it ends after ``job_relist_seconds`` at most, or on an error (retried)."""
+        selector = f"{LABEL_MANAGED_BY}={MANAGED_BY}"
+        delay = 1.0
+        while not self._stopping.is_set():
+            try:
+                items, version = self.rt.kube.list_trainjobs_versioned(selector, namespace)
+                self.rt.jobs.replace(items, version, namespace=namespace, kind=TRAINJOB_KIND)
+                timeout = max(1, int(min(self.settings.job_relist_seconds, 300)))
+                for event_type, body in self.rt.kube.watch_trainjobs(selector, namespace, version, timeout):
+                    if self._stopping.is_set():
+                        return
+                    self.on_job_event(event_type, body)
+                delay = 1.0
+            except Expired:
+                continue
+            except Exception as err:
+                if self._stopping.is_set():
+                    return
+                log.warning("watching TrainJobs failed (%s); retrying in %.0fs", outage(err) or err, delay)
+                self._stopping.wait(delay)
+                delay = min(delay * 2, OUTAGE_RETRY_CAP_SECONDS)
 
     async def _relist_jobs_forever(self) -> None:
         loop = asyncio.get_running_loop()
@@ -362,6 +402,7 @@ class Controller:
             self.queue.add(key)
 
     def on_job_event(self, event_type: str, body: dict[str, Any]) -> None:
+        """A Job or TrainJob of ours changed (its body's ``kind`` tells which)."""
         entry = self.rt.jobs.apply(event_type, body)
         if entry is None:
             return

@@ -485,10 +485,29 @@ class MergedReconciler(ReconcilePass[MergedModelStatus]):
         outdated = [j for j in jobs if j.active and j.fingerprint != fingerprint]
         if outdated and (force or self.spec.on_change == OnChange.RESTART):
             for job in outdated:
-                if self.rt.kube.delete_job(self.namespace, job.name):
+                if self.rt.kube.delete_workload(job.kind, self.namespace, job.name):
                     self.event("Normal", "MergeCancelled", f"cancelled Job {job.name}: its inputs are outdated")
             return []
         return outdated
+
+    def _queued(self, job: JobState) -> float:
+        """The merge Job waits for Kueue: for its first admission, or again after a preemption (recorded with an
+        Event; not a failed attempt: the merge runs again from the start once admitted)."""
+        queue = self.settings.kueue_queue or "its LocalQueue"
+        if job.started is not None:
+            message = (
+                f"Preempted (Kueue): Job {job.name} (attempt {job.attempt}) was suspended; it runs again once {queue} "
+                "admits it (not a failed attempt)"
+            )
+            reason = "PreemptedByKueue"
+            if self.old.phase != MergedPhase.QUEUED or not (self.old.message or "").startswith("Preempted"):
+                self.event("Warning", "Preempted", message)
+        else:
+            message = f"Queued (Kueue): Job {job.name} (attempt {job.attempt}) waits for admission in {queue}"
+            reason = "QueuedByKueue"
+        self.set_phase(MergedPhase.QUEUED, message)
+        self.condition(MERGING, False, reason, message)
+        return self.settings.resync_seconds
 
     def _converge(self, task: MergeTask, jobs: list[JobState], prefix: str) -> float | None:
         spec = self.spec
@@ -496,6 +515,8 @@ class MergedReconciler(ReconcilePass[MergedModelStatus]):
         current = mine[-1] if mine else None
         if current is not None and current.active:
             self.status.active_job = current.name
+            if current.suspended:
+                return self._queued(current)
             self.set_phase(MergedPhase.MERGING, f"Job {current.name} is merging fingerprint {task.fingerprint}")
             self.condition(MERGING, True, "JobRunning", self.status.message or "")
             return self.settings.progress_seconds
@@ -558,6 +579,11 @@ class MergedReconciler(ReconcilePass[MergedModelStatus]):
                 f"created Job {name} (attempt {task.attempt}) merging {languages} with {task.method}",
             )
         self.status.active_job = name
+        if self.settings.kueue_queue:  # created suspended: Kueue admits it
+            message = f"Queued (Kueue): Job {name} (attempt {task.attempt}) waits for admission in {self.settings.kueue_queue}"
+            self.set_phase(MergedPhase.QUEUED, message)
+            self.condition(MERGING, False, "QueuedByKueue", message)
+            return self.settings.resync_seconds
         self.set_phase(MergedPhase.MERGING, f"Job {name} merging fingerprint {task.fingerprint}")
         self.condition(MERGING, True, "JobCreated", f"Job {name}")
         return self.settings.progress_seconds

@@ -61,7 +61,7 @@ def delete_jobs_of(rt: Runtime, namespace: str, owner_label: str, name: str) -> 
     component = COMPONENT_TRAINING if owner_label == LABEL_EXPERT else COMPONENT_MERGE
     deleted = 0
     for job in rt.jobs.owned(namespace, component, label_value(name), name=name):
-        if rt.kube.delete_job(namespace, job.name):
+        if rt.kube.delete_workload(job.kind, namespace, job.name):
             deleted += 1
     return deleted
 
@@ -306,10 +306,10 @@ class ReconcilePass(Generic[StatusT]):
             return None
         self.wants_slot = False
         try:
-            created = self.rt.kube.create_job(namespace, manifest)
+            created = self.rt.kube.create_workload(namespace, manifest)
         except Rejected as err:
             self.rt.slots.release((namespace, name))
-            message = f"the API server refused the {component} Job {name}: {err}"
+            message = f"the API server refused the {component} {manifest.get('kind', 'Job')} {name}: {err}"
             if self.old.message != truncate(message):
                 self.event("Warning", "JobRejected", message)
             self.status.active_job = None

@@ -68,6 +68,12 @@ The operator's environment: one LANGMERGE_<FIELD> per field of langmerge.setting
   value: {{ $v.jobs.keepCheckpoints | quote }}
 - name: LANGMERGE_KUEUE_QUEUE
   value: {{ $v.jobs.kueueQueue | quote }}
+- name: LANGMERGE_TRAINING_RUNTIME
+  value: {{ $v.jobs.trainingRuntime | quote }}
+- name: LANGMERGE_TRAINJOBS
+  value: {{ $v.trainJob.enabled | quote }}
+- name: LANGMERGE_TRAINJOB_RUNTIME
+  value: {{ $v.trainJob.runtime | quote }}
 - name: LANGMERGE_JOB_SERVICE_ACCOUNT
   value: {{ $v.jobs.serviceAccountName | quote }}
 - name: LANGMERGE_TRAINER_LOG_LEVEL

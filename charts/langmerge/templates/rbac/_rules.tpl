@@ -22,6 +22,13 @@ or into a Role in each watched namespace.
 - apiGroups: ["batch"]
   resources: ["jobs"]
   verbs: ["list", "watch", "create", "delete"]
+{{- if .Values.trainJob.enabled }}
+# Kubeflow Trainer TrainJobs (trainJob.enabled): the same as Jobs. Created, watched and listed (label
+# app.kubernetes.io/managed-by=langmerge), deleted when outdated, orphaned or failed for good. Never read by name.
+- apiGroups: ["trainer.kubeflow.org"]
+  resources: ["trainjobs"]
+  verbs: ["list", "watch", "create", "delete"]
+{{- end }}
 # Events about its custom resources (the reconcilers' and kopf's).
 - apiGroups: [""]
   resources: ["events"]
