@@ -18,6 +18,16 @@ Job never gets a pod or a status. This runner watches ``batch/v1`` Jobs and, for
   ``spec.podFailurePolicy`` on write, so when the spec has none the runner reads the policy from the Job's
   ``langmerge.dev/pod-failure-policy`` annotation (JSON), which the operator's Job builders also write: a
   development-only path;
+* follows suspension as the Job controller does (``spec.suspend``, or on an API server that drops it the
+  ``langmerge.dev/suspend`` annotation the operator's builders and :mod:`langmerge.dev.kueue` write): a suspended
+  Job does not run; one suspended while it runs gets SIGTERM (the trainer checkpoints), a ``Suspended`` condition
+  and no failure; resumed, it runs again;
+* runs Kubeflow Trainer TrainJobs (``trainer.kubeflow.org/v1alpha1``, when the API server serves them) as the torch
+  runtime would: ``numNodes`` processes of the trainer container (image, command, args, env), each with the
+  ``PET_NNODES``/``PET_NPROC_PER_NODE``/``PET_NODE_RANK``/``PET_MASTER_ADDR``/``PET_MASTER_PORT`` variables Kubeflow
+  injects (rendezvous on 127.0.0.1, a free port per attempt); a node that fails stops the others and fails the
+  TrainJob (the annotation's podFailurePolicy decides the reason; a disrupted attempt runs again), all nodes done
+  is ``Complete``;
 * emulates disruptions (:meth:`LocalJobRunner.disrupt`: preemption, node drain): the running attempt gets the
   ``DisruptionTarget`` condition and SIGTERM, then SIGKILL after the grace period, as kubelet does;
 * maps the container's termination message file to ``<attempt folder>/termination-log``, named to the process in
