@@ -60,6 +60,7 @@ bench: controlplane
 bench-engine: $(STAMP)
 	$(BIN)/python benchmarks/merge_bench.py
 	$(BIN)/python benchmarks/trainer_throughput.py
+	$(BIN)/python benchmarks/ddp_throughput.py
 	$(BIN)/python benchmarks/merge_eval_memory.py
 
 clean:

@@ -227,14 +227,14 @@ class Controller:
     def _watch_trainjobs_forever(self, namespace: str | None) -> None:
         """Our TrainJobs' events into the index, as kopf's Job watch does for Jobs (own thread: the TrainJob kind
         exists only where Kubeflow Trainer is installed, so it is watched only with ``trainjobs`` on). Each watch
-        starts from a fresh listing; it ends after ``job_relist_seconds`` at most, or on an error (retried)."""
+        starts from a fresh listing; it ends after a minute (or ``job_relist_seconds``) at most, or on an error (retried)."""
         selector = f"{LABEL_MANAGED_BY}={MANAGED_BY}"
         delay = 1.0
         while not self._stopping.is_set():
             try:
                 items, version = self.rt.kube.list_trainjobs_versioned(selector, namespace)
                 self.rt.jobs.replace(items, version, namespace=namespace, kind=TRAINJOB_KIND)
-                timeout = max(1, int(min(self.settings.job_relist_seconds, 300)))
+                timeout = max(1, int(min(self.settings.job_relist_seconds, 60)))
                 for event_type, body in self.rt.kube.watch_trainjobs(selector, namespace, version, timeout):
                     if self._stopping.is_set():
                         return
