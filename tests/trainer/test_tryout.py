@@ -129,10 +129,13 @@ def _task(bucket: str, langs: tuple[str, ...] = LANGS, **overrides: Any) -> TryT
     return TryTask.model_validate({**fields, **overrides})
 
 
-def test_try_shows_what_each_model_answers(s3: ObjectStore, tiny_model_dir: Path, world: dict[str, Any]) -> None:
+def test_try_shows_what_each_model_answers(
+    s3: ObjectStore, tiny_model_dir: Path, world: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    monkeypatch.setenv("LANGMERGE_MODEL_CACHE", str(tmp_path / "cache"))  # empty: the first run downloads
     bucket = world["bucket"]
     task = _task(bucket)
     out, err = io.StringIO(), io.StringIO()
