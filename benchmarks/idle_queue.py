@@ -209,6 +209,10 @@ def operator_process(
         "LANGMERGE_MAX_TRAINING_JOBS": str(slots),
         "LANGMERGE_METRICS_PORT": "0",
         "LANGMERGE_NAMESPACES": namespace,
+        # One tenant: any URI, no per-namespace cap, no S3 Secret (no Job runs here anyway).
+        "LANGMERGE_URI_POLICY": "off",
+        "LANGMERGE_MAX_TRAINING_JOBS_PER_NAMESPACE": "0",
+        "LANGMERGE_CHECK_S3_SECRET": "false",
     }
     code = "import langmerge, sys; print('langmerge from', langmerge.__file__, flush=True); from langmerge.cli import main; sys.exit(main(['run', '--namespace', sys.argv[1]]))"
     with log.open("wb") as out:

@@ -171,6 +171,42 @@ def test_s3_outage_shows_degraded_and_heals_within_seconds(
     assert "Traceback" not in runner.output
 
 
+def test_api_server_outage_is_one_log_line_and_heals(
+    kube: Any, s3: ObjectStore, seeded: str, namespace: str, local_cluster: ControlPlane
+) -> None:
+    """The API server stopped while two Jobs run (their passes fail every half second meanwhile): the operator logs
+    the outage once, without a traceback per pass, and carries on when it is back."""
+    bucket = seeded
+    release = threading.Event()
+    with (
+        run_operator(namespace, f"s3://{bucket}/artifacts") as runner,
+        SimulatedJobs(
+            kube,
+            s3,
+            namespace,
+            behaviour=lambda job, fp: "succeed" if release.is_set() else "hang",
+            outage_tolerant=True,
+        ),
+    ):
+        for lang in ("es", "it"):
+            apply_expert(kube, namespace, lang, _expert(bucket, lang))
+        for lang in ("es", "it"):
+            wait_for(lambda lang=lang: _phase(get_expert(kube, namespace, lang)) == "Training", what="Training")
+        with stopped(local_cluster, "kube-apiserver"):
+            time.sleep(5)
+        back = time.monotonic()
+        release.set()
+        for lang in ("es", "it"):
+            wait_for(lambda lang=lang: _phase(get_expert(kube, namespace, lang)) == "Ready", timeout=30, what="Ready")
+        ready = elapsed(back)
+    print(f"\nafter the API server returned: both experts Ready in {ready:.1f}s")
+    ours = [line for line in runner.output.splitlines() if "langmerge.controller" in line]
+    assert sum("objects are retried within" in line for line in ours) == 1, ours
+    assert sum("the outage is over" in line for line in ours) == 1, ours
+    assert not [line for line in ours if "failed; retrying in" in line], ours  # a traceback per pass, before
+    assert "Traceback" not in runner.output
+
+
 def test_control_plane_components_restart_on_their_ports(local_cluster: ControlPlane, control_plane: Endpoints) -> None:
     """A restarted S3 server or API server keeps its port (running operators and Jobs keep their endpoint), even
     while clients' connections to the old process linger in TIME_WAIT."""

@@ -292,7 +292,7 @@ class ExpertReconciler(ReconcilePass[LanguageExpertStatus]):
         # manifest once per poll interval.
         self.quiet = not spec_changed and not any(j.fingerprint == fingerprint for j in jobs)
 
-        manifest = self._manifest(prefix, fingerprint, poll)
+        manifest = self._manifest(prefix, fingerprint)
         if manifest is not None:
             self._ready(manifest, jobs, data_for_training)
             self._cancel_outdated(jobs, fingerprint, only_if_restart=True)
@@ -315,21 +315,21 @@ class ExpertReconciler(ReconcilePass[LanguageExpertStatus]):
         converge = self._converge(task, jobs, prefix)
         return self.commit(min([*requeue, *([converge] if converge is not None else [])]))
 
-    def _manifest(self, prefix: str, fingerprint: str, poll: float) -> AdapterManifest | None:
-        """The committed manifest of ``fingerprint``; a look that found none is trusted for one poll interval while
-        no Job trains that fingerprint."""
+    def _manifest(self, prefix: str, fingerprint: str) -> AdapterManifest | None:
+        """The committed manifest of ``fingerprint``. A look that found none stands while no Job of this expert
+        appears, changes or goes (any Job event forgets it, see :meth:`Controller.on_job_event`): a queued expert
+        does not read it again at every poll."""
         memo = self.rt.memo(self.key)
         mono = self.rt.monotonic()
-        if self.quiet and memo.manifest_absent is not None:
-            fp, when = memo.manifest_absent
-            if fp == fingerprint and mono - when < poll:
-                return None
+        if self.quiet and memo.manifest_absent is not None and memo.manifest_absent[0] == fingerprint:
+            return None
         manifest = self.rt.store.get_record(artifacts.join(prefix, artifacts.MANIFEST), AdapterManifest)
         memo.manifest_absent = None if manifest is not None else (fingerprint, mono)
         return manifest
 
     def _failure_records(self, prefix: str) -> dict[int, FailureRecord]:
-        """Failure records change only when a Job of this fingerprint ends: without one, the last listing stands."""
+        """Failure records change only when a Job of this fingerprint ends: without one (and with no Job event since,
+        see :meth:`Controller.on_job_event`), the last listing stands."""
         memo = self.rt.memo(self.key)
         if self.quiet and memo.failures is not None and memo.failures[0] == prefix:
             return dict(memo.failures[1])

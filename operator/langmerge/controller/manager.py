@@ -407,12 +407,14 @@ class Controller:
         if entry is None:
             return
         ended = not entry.state.active or event_type == "DELETED"
-        if entry.component == COMPONENT_TRAINING:
-            owner = self._owner_name(body.get("metadata", {}), entry.owner)
-            self.queue.add(expert_key(entry.namespace, owner))
-        elif entry.component == COMPONENT_MERGE:
-            owner = self._owner_name(body.get("metadata", {}), entry.owner)
-            self.queue.add(merged_key(entry.namespace, owner))
+        owner = self._owner_name(body.get("metadata", {}), entry.owner)
+        key = (expert_key if entry.component == COMPONENT_TRAINING else merged_key)(entry.namespace, owner)
+        memo = self.rt.memos.get(key)
+        if memo is not None:
+            # A Job of this object changed: what S3 holds for it may have too (a commit, a failure record).
+            memo.manifest_absent = None
+            memo.failures = None
+        self.queue.add(key)
         if ended:
             self.rt.wake_waiting(entry.component)
 
