@@ -156,11 +156,13 @@ def test_two_experts_finishing_together_give_one_merge(kube: Any, s3: ObjectStor
     bucket = seeded
     with run_operator(namespace, f"s3://{bucket}/artifacts"), SimulatedJobs(kube, s3, namespace) as sim:
         _experts(kube, namespace, bucket)
-        apply_merged(kube, namespace, "mm", _merged(bucket, settleSeconds=4))
-        wait_for(lambda: _published(kube, namespace, 1), timeout=40, what="revision 1")
+        # The settle window is wider than the operator's resync (5 s): the two data changes may be noticed one poll
+        # apart, so their trainings may finish one poll apart, and that must still give one merge.
+        apply_merged(kube, namespace, "mm", _merged(bucket, settleSeconds=12))
+        wait_for(lambda: _published(kube, namespace, 1), timeout=60, what="revision 1")
         put_jsonl(s3, f"s3://{bucket}/data/es/part-1.jsonl", ROWS[:5])
         put_jsonl(s3, f"s3://{bucket}/data/it/part-1.jsonl", ROWS[:6])
-        obj = wait_for(lambda: _published(kube, namespace, 2), timeout=60, what="revision 2")
+        obj = wait_for(lambda: _published(kube, namespace, 2), timeout=90, what="revision 2")
         assert len(_merge_jobs(kube, namespace)) == 2, [j for j in sim.started]
         assert obj["status"]["history"][-1]["changedInputs"] == ["dialog-es", "dialog-it"]
         time.sleep(3)
