@@ -31,6 +31,8 @@ from langmerge.artifacts import (
     FileEntry,
     MergeInputRecord,
     MergeManifest,
+    SearchCandidate,
+    SearchRecord,
     Versions,
 )
 from langmerge.constants import API_VERSION, EXPERT_PLURAL, GROUP, MERGED_PLURAL, VERSION
@@ -230,8 +232,16 @@ def seed_fake_base_model(store: ObjectStore, uri: str) -> None:
     store.put_bytes(artifacts.join(uri, "model.safetensors"), b"weights")
 
 
+#: The merge engine's message for an adapter beyond output.maxRelativeError (simulated "fail-bound" merges).
+REFACTOR_BOUND_MESSAGE = (
+    "the ties merge cannot be written as a PEFT adapter within output.maxRelativeError 0.01: module "
+    "model.layers.1.self_attn.q_proj has relative error 0.151 at output.rank 8; 8 of 9 modules exceed the bound. Use "
+    "output.format: full-weights (exact), raise output.rank (or use rank auto), or accept a larger "
+    "output.maxRelativeError"
+)
+
 Behaviour = Callable[[Any, str], str]
-"""(job, fingerprint) -> "succeed" | "succeed-on-read-data" | "fail" | "fail-silently" | "hang".
+"""(job, fingerprint) -> "succeed" | "succeed-on-read-data" | "fail" | "fail-bound" | "fail-silently" | "hang".
 
 "succeed-on-read-data" is a training Job that finds the data changed since the operator listed it: it commits the
 adapter of the data as it is now under that data's fingerprint and leaves a ``DataChanged`` record, as the trainer
@@ -334,6 +344,15 @@ class SimulatedJobs:
                 attempt=attempt,
             )
             self.store.put_json(artifacts.failure_uri(prefix, attempt), record, if_none_match=True)
+        if mode == "fail-bound":  # what the merge engine reports when a PEFT adapter cannot meet the error bound
+            record = FailureRecord(
+                fingerprint=task_fp,
+                error_class="RefactorBoundExceeded",
+                message=REFACTOR_BOUND_MESSAGE,
+                retryable=False,
+                attempt=attempt,
+            )
+            self.store.put_json(artifacts.failure_uri(prefix, attempt), record, if_none_match=True)
         cond = {
             "type": "Failed",
             "status": "True",
@@ -428,12 +447,42 @@ def write_fake_merge(store: ObjectStore, task: MergeTask, merged_loss: dict[str,
     model = artifacts.merged_model_uri(task.output_uri)
     store.put_bytes(artifacts.join(model, "adapter_model.safetensors"), f"merged {task.fingerprint}".encode())
     losses = merged_loss or {}
+    adapter = task.output.format == "peft-adapter"
+    search = None
+    method, parameters = task.method, task.parameters
+    if task.search is not None:  # as the trainer records a search: the chosen candidate is what was merged
+        languages = [i.language for i in task.inputs]
+        chosen_parameters = {
+            **task.parameters,
+            "weights": {lang: 1.5 if i == 0 else 1.0 for i, lang in enumerate(languages)},
+        }
+        chosen = SearchCandidate(
+            method="linear", parameters=chosen_parameters, objective=-0.01, relative=dict.fromkeys(languages, -0.01)
+        )
+        default = SearchCandidate(method=task.method, parameters=task.parameters, objective=-0.04)
+        search = SearchRecord(
+            objective=str(task.search.objective),
+            metric=str(task.evaluation.metric),
+            candidates=7,
+            seconds=1.0,
+            stopped="exhausted",
+            chosen=chosen,
+            default=default,
+            top=[chosen, default],
+        )
+        method, parameters = chosen.method, chosen.parameters
     manifest = MergeManifest(
         fingerprint=task.fingerprint,
         namespace=task.namespace,
         name=task.name,
-        method=task.method,
-        parameters=task.parameters,
+        method=method,
+        parameters=parameters,
+        # a PEFT adapter output, as the engine reports it: each module's error and rank
+        module_errors={"model.layers.0.self_attn.q_proj": 0.0042, "model.layers.0.self_attn.v_proj": 0.0}
+        if adapter
+        else {},
+        module_ranks={"model.layers.0.self_attn.q_proj": 40, "model.layers.0.self_attn.v_proj": 12} if adapter else {},
+        search=search,
         inputs=[
             MergeInputRecord(
                 expert=i.expert,

@@ -232,6 +232,66 @@ class MergeInputRecord(Record):
     rank: int | None = None
 
 
+class RefactorSummary(Record):
+    """How exactly a PEFT adapter output holds the merged update: errors and ranks over its modules."""
+
+    max_relative_error: float
+    mean_relative_error: float
+    worst_module: str | None = None
+    min_rank: int | None = None
+    max_rank: int | None = None
+    mean_rank: float | None = None
+
+
+def refactor_summary(module_errors: dict[str, float], module_ranks: dict[str, int]) -> RefactorSummary | None:
+    """The summary of a PEFT adapter output (None for full weights: nothing is re-factorised)."""
+    if not module_ranks or not module_errors:
+        return None
+    worst = max(module_errors, key=lambda name: module_errors[name])
+    ranks = list(module_ranks.values())
+    return RefactorSummary(
+        max_relative_error=module_errors[worst],
+        mean_relative_error=sum(module_errors.values()) / len(module_errors),
+        worst_module=worst,
+        min_rank=min(ranks),
+        max_rank=max(ranks),
+        mean_rank=round(sum(ranks) / len(ranks), 2),
+    )
+
+
+class SearchCandidate(Record):
+    """One candidate of a merge search, scored on every language's validation split."""
+
+    method: str
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    #: The search objective (higher is better).
+    objective: float
+    #: Per language: the score relative to the language's expert (absolute points for accuracy-like metrics,
+    #: relative for losses; positive = better than the expert).
+    relative: dict[str, float] = Field(default_factory=dict)
+    #: Per language: the metric itself.
+    scores: dict[str, float] = Field(default_factory=dict)
+    seconds: float | None = None
+
+
+class SearchRecord(Record):
+    """What a merge search did: the chosen candidate (the one merged and gated), the spec's own, the best ones."""
+
+    objective: str
+    metric: str
+    candidates: int
+    seconds: float
+    #: exhausted (the whole search space), maxCandidates or maxSeconds.
+    stopped: str
+    chosen: SearchCandidate
+    default: SearchCandidate | None = None
+    top: list[SearchCandidate] = Field(default_factory=list)
+    #: Each expert alone on its language's validation split.
+    expert_scores: dict[str, float] = Field(default_factory=dict)
+    #: Per language: validation examples and where they came from; the gate's examples (disjoint from them).
+    validation: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+
 class MergeManifest(Record):
     """The commit record of a merge (and its per-language evaluation)."""
 
@@ -251,6 +311,10 @@ class MergeManifest(Record):
     files: dict[str, FileEntry]
     #: Relative Frobenius error of the re-factorised update per module (0 where exact).
     module_errors: dict[str, float] = Field(default_factory=dict)
+    #: Rank of each module of a PEFT adapter output (output.rank auto chooses them per module).
+    module_ranks: dict[str, int] = Field(default_factory=dict)
+    #: spec.search: what the search evaluated and chose (method and parameters above are the chosen ones).
+    search: SearchRecord | None = None
     #: Per-language evaluation of the merged model.
     evaluation: dict[str, Metrics] = Field(default_factory=dict)
     #: Each language's expert alone on the same data (from the expert's adapter manifest), for the quality gate.
@@ -342,6 +406,9 @@ class PublishedRevision(Record):
     #: What the merge Job consumed, and its name (for the status history).
     cost: Cost | None = None
     job: str | None = None
+    #: A PEFT adapter output's errors and ranks, and a merge search's record (from the merge manifest).
+    refactorization: RefactorSummary | None = None
+    search: SearchRecord | None = None
 
     def previous_revision(self) -> int | None:
         """:attr:`previous` (None for the first revision), or for records written before it existed, the number

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from langmerge.api.expert import LanguageExpertSpec
-from langmerge.api.merged import MergedModelSpec
+from langmerge.api.merged import MergedModelSpec, OutputFormat
 
 #: Hex characters of the sha256 kept in names and paths (64 bits).
 FINGERPRINT_LENGTH = 16
@@ -88,24 +88,34 @@ def merge_fingerprint(
     inputs: Iterable[tuple[str, str, float]],
     base_model_digest: str,
     image: str,
+    validation: Iterable[tuple[str, str | None]] = (),
 ) -> str:
-    """hash(method, parameters, sorted (language, adapter digest, weight), base model digest, output format, gate).
+    """hash(method, parameters, sorted (language, adapter digest, weight), base model digest, output format, gate;
+    with spec.search, the search space and each language's validation data location).
 
-    The evaluation settings are part of it: a merge Job also evaluates, and its manifest carries those figures.
+    The evaluation settings are part of it: a merge Job also evaluates, and its manifest carries those figures. A
+    search's chosen parameters are not: they are recorded in the manifest (and status), so the merge can be rerun
+    without the search by copying them into method and parameters.
     """
-    return digest(
-        {
-            "v": FINGERPRINT_VERSION,
-            "method": spec.method,
-            "parameters": spec.effective_parameters(),
-            "inputs": sorted([lang, adapter, float(weight)] for lang, adapter, weight in inputs),
-            "base": {"uri": spec.base_model.uri, "revision": spec.base_model.revision, "digest": base_model_digest},
-            "output": {
-                "format": spec.output.format,
-                "rank": spec.output.rank,
-                "shardSizeMb": spec.output.shard_size_mb,
-            },
-            "evaluation": spec.evaluation.model_dump(mode="json", include={"enabled", "max_examples"}),
-            "image": image,
-        }
-    )
+    output: dict[str, Any] = {
+        "format": spec.output.format,
+        "rank": spec.output.rank,
+        "shardSizeMb": spec.output.shard_size_mb,
+    }
+    if spec.output.format == OutputFormat.PEFT_ADAPTER:
+        output["maxRelativeError"] = spec.output.max_relative_error
+        output["maxRank"] = spec.output.max_rank
+    value: dict[str, Any] = {
+        "v": FINGERPRINT_VERSION,
+        "method": spec.method,
+        "parameters": spec.effective_parameters(),
+        "inputs": sorted([lang, adapter, float(weight)] for lang, adapter, weight in inputs),
+        "base": {"uri": spec.base_model.uri, "revision": spec.base_model.revision, "digest": base_model_digest},
+        "output": output,
+        "evaluation": spec.evaluation.model_dump(mode="json", include={"enabled", "max_examples"}),
+        "image": image,
+    }
+    if spec.search is not None:
+        value["search"] = spec.search.model_dump(mode="json")
+        value["validation"] = sorted([lang, uri] for lang, uri in validation)
+    return digest(value)

@@ -11,7 +11,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from langmerge.api.expert import Dataset, LanguageExpertSpec, Metrics, TaskType
-from langmerge.api.merged import Evaluation, Output
+from langmerge.api.merged import Evaluation, Output, Search
 from langmerge.artifacts import BaseModelIdentity
 
 
@@ -73,6 +73,9 @@ class MergeTask(Task):
     evaluation: Evaluation
     image: str | None = None
     attempt: int = 1
+    #: spec.search: choose method and parameters on each language's validation split first (method and parameters
+    #: above are the starting point).
+    search: Search | None = None
 
 
 #: Figures ``langmerge try`` shows beside the answers: eval loss for causal LMs, accuracy for classifiers.

@@ -142,7 +142,7 @@ def test_make_up_then_the_readme_walkthrough_then_try(tmp_path: Path) -> None:
         # What the walkthrough printed: status with four languages, try's Dutch answers, history with the removal.
         out = walk.stdout
         assert re.search(rf"{MERGED}\s+ties\s+Ready\s+3\s+\S+\s+es,it,nl,pt", out), out
-        assert f"MergedModel default/{MERGED}, revision 3 (ties, peft-adapter)" in out
+        assert f"MergedModel default/{MERGED}, revision 3 (ties, full-weights)" in out
         assert f"== {ADDED_LANGUAGE} · expert dialog-{ADDED_LANGUAGE}" in out
         assert len(re.findall(r"^\[\d\] input ", out, re.M)) == 3 and len(re.findall(r"^ +merged r3 ", out, re.M)) == 3
         assert re.search(r"^4\s+\S+\s+merged\s+\S+\s+-dialog-it\s", out, re.M), out

@@ -109,6 +109,12 @@ def test_merge_publish_retrain_remerge_and_gc(kube: Any, s3: ObjectStore, seeded
         assert status["uri"] == current["model_uri"] and s3.exists(current["manifest_uri"])
         assert set(status["metrics"]) == set(LANGS) and status["metrics"]["es"]["regression"] == pytest.approx(0.025)
         assert condition(obj, "QualityGate")["status"] == "True" and condition(obj, "Ready")["status"] == "True"
+        # the published adapter's fidelity: errors over modules and the ranks chosen, in status and the Event
+        refactor = status["refactorization"]
+        assert refactor["maxRelativeError"] == pytest.approx(0.0042) and refactor["worstModule"].endswith("q_proj")
+        assert (refactor["minRank"], refactor["maxRank"]) == (12, 40)
+        published = [e.message for e in events(kube, namespace, "mm") if e.reason == "Published"]
+        assert any("adapter ranks 12-40 (mean 26), relative error max 0.0042" in m for m in published), published
         digests1 = {i["language"]: i["adapterDigest"] for i in status["inputs"]}
 
         # New data for one language: that expert alone retrains, then exactly one re-merge, revision 2.
@@ -267,3 +273,56 @@ def test_partial_readiness_policy(kube: Any, s3: ObjectStore, seeded: str, names
         assert obj["status"]["missingExperts"] == ["dialog-pt"]
         assert condition(obj, "ExpertsReady")["reason"] == "PartiallyReady"
         assert get_expert(kube, namespace, "dialog-pt")["status"]["phase"] == "Training"
+
+
+def _task_of(job: Any) -> dict[str, Any]:
+    import json
+
+    args = job.spec.template.spec.containers[0].args
+    return dict(json.loads(args[args.index("--task") + 1]))
+
+
+def test_search_choice_and_a_failed_error_bound_show_in_status_and_events(
+    kube: Any, s3: ObjectStore, seeded: str, namespace: str
+) -> None:
+    """spec.search reaches the merge Job; what it chose shows in status and the Published Event. A merge whose PEFT
+    adapter would exceed output.maxRelativeError fails with the engine's message (worst module, what to do) in status
+    and a Warning Event, and the searched revision stays published."""
+    from operator_harness import REFACTOR_BOUND_MESSAGE
+
+    bucket = seeded
+
+    def behaviour(job: Any, fp: str) -> str:
+        return "fail-bound" if _task_of(job).get("output", {}).get("rank") == 8 else "succeed"
+
+    with run_operator(namespace, f"s3://{bucket}/artifacts"), SimulatedJobs(kube, s3, namespace, behaviour) as sim:
+        _experts(kube, namespace, bucket)
+        apply_merged(kube, namespace, "mm", _merged(bucket, search={"maxCandidates": 12, "objective": "worst"}))
+        obj = wait_for(lambda: _published(kube, namespace, 1), timeout=40, what="revision 1 (searched)")
+        merge_job = next(j for j in _merge_jobs(kube, namespace))
+        assert _task_of(merge_job)["search"]["max_candidates"] == 12
+        search = status_of(obj)["search"]
+        assert search["chosen"]["method"] == "linear" and search["default"]["method"] == "ties"
+        assert search["chosen"]["parameters"]["weights"]["es"] == 1.5 and search["candidates"] == 7
+        published = [e.message for e in events(kube, namespace, "mm") if e.reason == "Published"]
+        assert any(
+            "search (worst evalLoss vs each expert, 7 candidates, exhausted) chose linear(" in m for m in published
+        )
+
+        apply_merged(
+            kube,
+            namespace,
+            "mm",
+            _merged(bucket, output={"uri": f"s3://{bucket}/merged/dialog", "rank": 8}),
+        )
+        failed = wait_for(
+            lambda: (o := get_merged(kube, namespace, "mm")) and status_of(o).get("phase") == "Failed" and o,
+            timeout=40,
+            what="Failed",
+        )
+        status = status_of(failed)
+        assert REFACTOR_BOUND_MESSAGE in status["message"] and "RefactorBoundExceeded" in status["message"]
+        assert status["revision"] == 1  # the searched revision stays published
+        warnings = [e.message for e in events(kube, namespace, "mm") if e.reason == "MergeFailed"]
+        assert any("module model.layers.1.self_attn.q_proj has relative error 0.151" in m for m in warnings), warnings
+        assert len([j for j in sim.started if "-merge-" in j]) == 2  # not retried: no retry can fix it

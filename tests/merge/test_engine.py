@@ -101,9 +101,14 @@ def test_peft_adapter_output_loads_and_matches_base_plus_merged_delta(
     p = params(**extra)
     report = merge_adapters(tiny_model_dir, inputs(adapter_dirs), method, p, "peft-adapter", rank, out)
     config = json.loads((out / "adapter_config.json").read_text())
-    if rank is None:  # exact: the sum of the input ranks (q_proj has all three: 4 + 8 + 6)
+    if rank is None:  # auto, exact: each module keeps the sum of its input ranks (q_proj has all three: 4 + 8 + 6)
         assert report.output_rank == 18 and report.max_error == 0.0
-    assert config["r"] == config["lora_alpha"] == report.output_rank and not config["use_rslora"]
+        assert report.module_ranks["model.layers.0.self_attn.q_proj"] == 18
+        assert report.module_ranks["model.layers.0.self_attn.k_proj"] == 8  # only it's adapter
+        assert config["rank_pattern"] and config["rank_pattern"] == config["alpha_pattern"]
+    else:
+        assert set(report.module_ranks.values()) == {rank} and config["rank_pattern"] == {}
+    assert config["r"] == config["lora_alpha"] and not config["use_rslora"]
     assert sorted(config["target_modules"]) == ["down_proj", "k_proj", "q_proj", "up_proj", "v_proj"]
     assert set(report.files) == {"adapter_model.safetensors", "adapter_config.json"}
     assert report.max_error < 1e-5
@@ -114,25 +119,68 @@ def test_peft_adapter_output_loads_and_matches_base_plus_merged_delta(
     assert_close_logits(got, want)
 
 
-def test_not_low_rank_results_default_to_the_largest_input_rank_with_a_measured_error(
+def test_auto_rank_gives_each_module_the_smallest_rank_within_the_error_bound(
     tiny_model_dir: Path, adapter_dirs: dict[str, Path], deltas: dict[str, dict[str, torch.Tensor]], tmp_path: Path
 ) -> None:
+    from langmerge_trainer.merge.lowrank import breakeven_rank
     from langmerge_trainer.merge.safetensors_io import SafetensorsReader
 
     p = params(density=1.0, lambda_=1.0)
-    report = merge_adapters(tiny_model_dir, inputs(adapter_dirs), "ties", p, "peft-adapter", None, tmp_path)
-    assert report.output_rank == 8
-    errors = report.module_errors
-    assert errors["model.layers.0.self_attn.k_proj"] < 1e-5  # one rank-8 adapter: exactly rank 8
-    assert errors["model.layers.0.self_attn.q_proj"] > 0.01  # three adapters, TIES: truncated, and reported
-    assert all(0 <= e < 1 for e in errors.values())
+    out = tmp_path / "auto"
+    report = merge_adapters(
+        tiny_model_dir,
+        inputs(adapter_dirs),
+        "ties",
+        p,
+        "peft-adapter",
+        "auto",
+        out,
+        max_relative_error=0.05,
+        max_rank=64,
+    )
+    errors, ranks = report.module_errors, report.module_ranks
+    assert all(e <= 0.05 for e in errors.values())
+    assert ranks["model.layers.0.self_attn.k_proj"] == 8  # one rank-8 adapter: exactly rank 8 (TIES of one update)
+    q = "model.layers.0.self_attn.q_proj"
+    assert ranks[q] > 18  # three adapters, TIES: not low rank; more than the inputs' ranks
+    # the smallest: one rank less cannot meet the bound
+    want = reference_deltas(deltas, "ties", p)[q]
+    singular = torch.linalg.svdvals(want)
+    tail = float(singular[ranks[q] - 1 :].square().sum().sqrt() / singular.square().sum().sqrt())
+    assert tail > 0.05
     # the reported error is the written factors' error against the merged update
-    module = "model.layers.0.self_attn.q_proj"
-    want = reference_deltas(deltas, "ties", p)[module]
-    with SafetensorsReader(tmp_path / "adapter_model.safetensors") as r:
-        key = f"base_model.model.{module}"
+    with SafetensorsReader(out / "adapter_model.safetensors") as r:
+        key = f"base_model.model.{q}"
         written = r.read(f"{key}.lora_B.weight").double() @ r.read(f"{key}.lora_A.weight").double()
-    assert float((written - want).norm() / want.norm()) == pytest.approx(errors[module], rel=1e-3)
+    assert float((written - want).norm() / want.norm()) == pytest.approx(errors[q], rel=1e-3)
+    # PEFT loads the per-module ranks (rank_pattern, alpha_pattern: scaling 1) and applies exactly what was written
+    loaded = peft_deltas(tiny_model_dir, out)
+    assert torch.allclose(loaded[q].double(), written, atol=1e-5)
+    assert "model.layers.0.self_attn.k_proj" in loaded
+    # the default cap is the break-even rank: a 64x64 module's adapter stops at 32
+    assert breakeven_rank(64, 64) == 32
+
+
+def test_an_adapter_beyond_the_error_bound_fails_with_the_worst_module_named(
+    tiny_model_dir: Path, adapter_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    from langmerge_trainer.merge.engine import RefactorBoundExceeded
+
+    p = params(density=1.0, lambda_=1.0)
+    out = tmp_path / "fixed"
+    with pytest.raises(RefactorBoundExceeded) as fixed:
+        merge_adapters(tiny_model_dir, inputs(adapter_dirs), "ties", p, "peft-adapter", 8, out)
+    message = str(fixed.value)
+    assert "output.maxRelativeError 0.01" in message and "at output.rank 8" in message
+    assert "module model.layers." in message and "output.format: full-weights" in message
+    assert not out.exists()  # nothing half-written
+    with pytest.raises(RefactorBoundExceeded, match=r"raise output.maxRank \(now 4\)"):
+        merge_adapters(tiny_model_dir, inputs(adapter_dirs), "ties", p, "peft-adapter", "auto", out, max_rank=4)
+    # the old behaviour, a lossy adapter, only when asked for: a larger bound
+    report = merge_adapters(
+        tiny_model_dir, inputs(adapter_dirs), "ties", p, "peft-adapter", 8, out, max_relative_error=1.0
+    )
+    assert report.max_error > 0.01 and set(report.module_ranks.values()) == {8}
 
 
 def test_full_weights_output_is_sharded_keeps_dtype_and_matches(
@@ -205,7 +253,7 @@ def test_a_failed_merge_leaves_nothing_behind(
     def boom(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(engine, "refactor_lowrank", boom)
+    monkeypatch.setattr(engine, "auto_lowrank_factors", boom)
     with pytest.raises(RuntimeError, match="disk full"):
         merge_adapters(tiny_model_dir, inputs(adapter_dirs), "linear", params(), "peft-adapter", None, out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary folder left

@@ -14,7 +14,7 @@ from trainer_helpers import make_task, put_jsonl, sample_pairs
 
 from faults import LateView, TcpProxy
 from langmerge import artifacts
-from langmerge.api.merged import Evaluation, Output
+from langmerge.api.merged import Evaluation, Output, Search
 from langmerge.artifacts import AdapterManifest, BaseModelIdentity, FailureRecord, MergeManifest
 from langmerge.dev.controlplane import Endpoints
 from langmerge.store import ObjectStore, S3Config
@@ -39,7 +39,10 @@ def experts(s3: ObjectStore, base_env: tuple[str, BaseModelIdentity]) -> list[tu
 def _task(
     bucket: str, base: BaseModelIdentity, experts: list[tuple[TrainTask, AdapterManifest]], fp: str, **kw: Any
 ) -> MergeTask:
-    output = Output(uri=f"s3://{bucket}/merged/mm", format=kw.pop("format", "peft-adapter"))
+    # maxRank 64: the tiny model's full width, so that a TIES adapter can meet the error bound
+    output = Output(
+        uri=f"s3://{bucket}/merged/mm", format=kw.pop("format", "peft-adapter"), **kw.pop("output", {"max_rank": 64})
+    )
     return MergeTask(
         fingerprint=fp,
         output_uri=artifacts.merge_prefix(output.uri, fp),
@@ -64,6 +67,7 @@ def _task(
         ],
         output=output,
         evaluation=kw.pop("evaluation", Evaluation()),
+        search=kw.pop("search", None),
     )
 
 
@@ -287,3 +291,111 @@ def test_merge_job_rides_out_an_s3_outage(
     assert proxy.recovered.is_set()
     assert MergeManifest.model_validate(s3.get_json(artifacts.join(task.output_uri, artifacts.MANIFEST))) == manifest
     assert not list(s3.iter_objects(artifacts.join(task.output_uri, "failures")))
+
+
+LINEAR: dict[str, Any] = {"weights": {}, "include_modules": [], "exclude_modules": []}
+
+
+def test_the_gate_evaluates_the_published_adapter_not_the_exact_update(
+    s3: ObjectStore,
+    base_env: tuple[str, BaseModelIdentity],
+    experts: list[tuple[TrainTask, AdapterManifest]],
+    tmp_path: Path,
+) -> None:
+    """A lossy adapter (rank 1, allowed by maxRelativeError 1.0) is evaluated as written: its figures are the
+    published files' own, not those of the exact merged update (which the full-weights merge shows)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from langmerge_trainer.data import load_eval_split
+    from langmerge_trainer.evaluate import evaluate_examples, load_tokenizer
+
+    bucket, base = base_env
+    lossy = run_merge_task(
+        _task(
+            bucket,
+            base,
+            experts,
+            "mergegate0000001",
+            method="linear",
+            parameters=LINEAR,
+            output={"rank": 1, "max_relative_error": 1.0},
+        ),
+        s3,
+        device="cpu",
+    )
+    exact = run_merge_task(
+        _task(bucket, base, experts, "mergegate0000002", method="linear", parameters=LINEAR, format="full-weights"),
+        s3,
+        device="cpu",
+    )
+    assert max(lossy.module_errors.values()) > 0.3 and set(lossy.module_ranks.values()) == {1}
+    base_dir, adapter_dir = tmp_path / "base", tmp_path / "published"
+    s3.download_prefix(base.uri, base_dir)
+    s3.download_prefix(lossy.model_uri, adapter_dir)
+    with peft_compat():
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), str(adapter_dir)).eval()
+    tokenizer = load_tokenizer(base_dir)
+    for t, _ in experts:
+        lang = t.spec.language
+        examples = load_eval_split(s3, t.spec.dataset, max_examples=Evaluation().max_examples)
+        published = evaluate_examples(model, tokenizer, examples, max_seq_length=t.spec.training.max_seq_length)
+        assert lossy.evaluation[lang].eval_loss == pytest.approx(published.eval_loss, rel=1e-5)
+        assert exact.evaluation[lang].eval_loss is not None and published.eval_loss is not None
+        assert abs(exact.evaluation[lang].eval_loss - published.eval_loss) > 1e-3  # they differ: which one is gated
+
+
+def test_merge_search_beats_the_spec_on_validation_and_gates_on_other_examples(
+    s3: ObjectStore, base_env: tuple[str, BaseModelIdentity], experts: list[tuple[TrainTask, AdapterManifest]]
+) -> None:
+    """The spec's own merge is poor on purpose (three times the summed update): the search finds a better one on
+    the validation half of each held-out split, merges it, and the quality gate evaluates the other half."""
+    from langmerge_trainer.data import search_splits
+
+    bucket, base = base_env
+    search = Search(methods=["linear", "ties"], densities=[1.0], lambdas=[0.5, 1.0], max_candidates=8)
+    task = _task(
+        bucket,
+        base,
+        experts,
+        "mergesearch00001",
+        method="task_arithmetic",
+        parameters={**LINEAR, "lambda_": 3.0},
+        format="full-weights",
+        search=search,
+    )
+    manifest = run_merge_task(task, s3, device="cpu")
+    record = manifest.search
+    assert record is not None and record.default is not None
+    assert record.default.method == "task_arithmetic" and record.default.parameters["lambda_"] == 3.0
+    assert record.chosen.objective > record.default.objective
+    assert (manifest.method, manifest.parameters) == (record.chosen.method, record.chosen.parameters)
+    assert 2 < record.candidates <= 8 and record.objective == "worst" and record.metric == "evalLoss"
+    assert record.top[0].objective == record.chosen.objective
+    for t, _ in experts:
+        lang = t.spec.language
+        split = search_splits(s3, t.spec.dataset, max_gate=Evaluation().max_examples)
+        validation = {e.content_hash for e in split.validation}
+        gate = {e.content_hash for e in split.gate}
+        assert validation and gate and not validation & gate
+        assert record.validation[lang]["examples"] == len(split.validation)
+        assert manifest.evaluation[lang].examples == manifest.expert_metrics[lang].examples == len(split.gate)
+        assert record.expert_scores[lang] > 0
+
+
+def test_a_validation_uri_never_shares_an_example_with_the_gate(
+    s3: ObjectStore, base_env: tuple[str, BaseModelIdentity], experts: list[tuple[TrainTask, AdapterManifest]]
+) -> None:
+    from langmerge_trainer.data import load_eval_split, search_splits
+
+    bucket, _ = base_env
+    task, _ = experts[0]
+    held_out = load_eval_split(s3, task.spec.dataset)
+    extra = sample_pairs("es", 90)[80:]  # never trained on (the expert's data is the first 80)
+    rows = [p.row() for p in extra] + [{"prompt": held_out[0].prompt, "completion": held_out[0].completion}]
+    put_jsonl(s3, f"s3://{bucket}/validation/es/part-0.jsonl", rows)
+    dataset = task.spec.dataset.model_copy(update={"validation_uri": f"s3://{bucket}/validation/es"})
+    split = search_splits(s3, dataset)
+    assert len(split.validation) == len(extra)  # the held-out example in the validation file was left out
+    assert {e.content_hash for e in split.gate} == {e.content_hash for e in held_out}  # the gate as without search
+    assert not {e.content_hash for e in split.validation} & {e.content_hash for e in split.gate}

@@ -356,6 +356,59 @@ def limit_examples(examples: Sequence[Example], max_examples: int | None) -> lis
     return sorted(examples, key=lambda e: (eval_score(e), e.content_hash))[:max_examples]
 
 
+def is_search_validation(example: Example) -> bool:
+    """Half of a held-out split, by a hash of the example's content independent of :func:`eval_score`: the half a
+    merge search validates on when the expert has no ``validationUri`` (the quality gate uses the other half)."""
+    digest = hashlib.sha256(f"search-validation\0{example.content_hash}".encode()).hexdigest()
+    return int(digest[:16], 16) < 1 << 63
+
+
+@dataclass(frozen=True)
+class SearchSplits:
+    """A language's examples for a merge search and its quality gate: disjoint by content."""
+
+    validation: list[Example]
+    gate: list[Example]
+    #: Where the validation examples come from (recorded in the merge manifest).
+    source: str
+
+
+def search_splits(
+    store: ObjectStore,
+    dataset: Dataset,
+    *,
+    max_validation: int | None = None,
+    max_gate: int | None = None,
+    labels: Sequence[str] | None = None,
+) -> SearchSplits:
+    """Validation examples for a merge search and the quality gate's examples, never sharing an example.
+
+    With ``dataset.validation_uri``: every example under it (less any that also occur in the held-out split) for
+    validation, the held-out split for the gate, as without a search. Without it: the held-out split is halved by
+    :func:`is_search_validation`.
+    """
+    held_out = load_eval_split(store, dataset, labels=labels)
+    if dataset.validation_uri:
+        gate_hashes = {e.content_hash for e in held_out}
+        found, _skipped, _files = read_examples(
+            store, dataset.validation_uri, skip_invalid=dataset.skip_invalid_lines, labels=labels
+        )
+        validation = [e for e in found if e.content_hash not in gate_hashes]
+        gate = held_out
+        source = dataset.validation_uri
+    else:
+        validation = [e for e in held_out if is_search_validation(e)]
+        gate = [e for e in held_out if not is_search_validation(e)]
+        source = "half of the held-out split (no validationUri)"
+    if not validation or not gate:
+        where = dataset.validation_uri or dataset.eval_uri or dataset.uri
+        raise DataError(
+            f"{where}: a merge search needs validation examples and gate examples for every language "
+            f"({len(validation)} validation, {len(gate)} gate): set dataset.validationUri or add held-out data"
+        )
+    return SearchSplits(limit_examples(validation, max_validation), limit_examples(gate, max_gate), source)
+
+
 def read_json_arg(value: str) -> Any:
     """A JSON command-line value, or ``@path`` to read it from a file."""
     text = Path(value[1:]).read_text(encoding="utf-8") if value.startswith("@") else value

@@ -82,6 +82,18 @@ def _structural(node: Any, defs: dict[str, Any], *, keep_defaults: bool) -> dict
         return _structural({**_resolve(inner, defs), **node}, defs, keep_defaults=keep_defaults)
     if "anyOf" in node:
         branches = [b for b in node["anyOf"] if b.get("type") != "null"]
+        if sorted(str(_resolve(b, defs).get("type")) for b in branches) == ["integer", "string"]:
+            # an integer or a keyword (e.g. output.rank: 64 | auto): the structural int-or-string form; the operator's
+            # models check the bounds and the keyword
+            out_node: dict[str, Any] = {
+                "x-kubernetes-int-or-string": True,
+                "anyOf": [{"type": "integer"}, {"type": "string"}],
+            }
+            if "description" in node:
+                out_node["description"] = node["description"]
+            if keep_defaults and node.get("default") is not None:
+                out_node["default"] = node["default"]
+            return out_node
         if len(branches) == 1:
             node.pop("anyOf")
             inner = _resolve(branches[0], defs)

@@ -75,6 +75,16 @@ class Dataset(ApiModel):
         str | None,
         Field(default=None, description="Optional S3 prefix of a separate evaluation set.", pattern=S3_URI_PATTERN),
     ] = None
+    validation_uri: Annotated[
+        str | None,
+        Field(
+            default=None,
+            description="Optional S3 prefix of validation data for a MergedModel's merge search (spec.search): never "
+            "trained on, and kept apart from the examples the quality gate uses. Without it, a merge search takes half "
+            "of the held-out split (by a stable hash) for validation and gates on the other half.",
+            pattern=S3_URI_PATTERN,
+        ),
+    ] = None
     revision: Annotated[
         str | None,
         Field(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from enum import StrEnum
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -191,13 +191,34 @@ class Output(ApiModel):
         ),
     ] = OutputFormat.PEFT_ADAPTER
     rank: Annotated[
+        Annotated[int, Field(ge=1, le=8192)] | Literal["auto"],
+        Field(
+            default="auto",
+            description="peft-adapter: rank of the re-factorised adapter. auto (default): per module, exact where "
+            "the method's result is low rank (the sum of the input ranks), otherwise the smallest rank whose "
+            "relative error is at most maxRelativeError (up to maxRank). A number: that rank for every module.",
+        ),
+    ] = "auto"
+    max_relative_error: Annotated[
+        float,
+        Field(
+            default=0.01,
+            ge=0,
+            le=1,
+            description="peft-adapter: largest relative Frobenius error of any module's re-factorised update "
+            "(||B A - D|| / ||D||). A merge whose adapter would exceed it fails with the worst module named; "
+            "full-weights output is always exact.",
+        ),
+    ] = 0.01
+    max_rank: Annotated[
         int | None,
         Field(
             default=None,
             ge=1,
             le=8192,
-            description="peft-adapter: rank of the re-factorised adapter. Default: exact where the method allows "
-            "(sum of input ranks), else the largest input rank.",
+            description="peft-adapter with rank auto: the highest rank a module may get. Default: the rank at which "
+            "a module's adapter factors are as large as its dense update (rows*cols/(rows+cols)); above it, "
+            "full-weights output is the smaller and exact choice.",
         ),
     ] = None
     shard_size_mb: Annotated[
@@ -245,6 +266,69 @@ class Evaluation(ApiModel):
     ] = 512
 
 
+class SearchObjective(StrEnum):
+    #: Maximise the worst language's score relative to its own expert.
+    WORST = "worst"
+    #: Maximise the mean over languages of that relative score.
+    MEAN = "mean"
+
+
+#: Methods a merge search tries by default (each with its defaults first, then density x lambda for the best).
+DEFAULT_SEARCH_METHODS = ("ties", "dare_ties", "della", "breadcrumbs_ties", "task_arithmetic", "linear")
+
+
+class Search(ApiModel):
+    """Automatic merge search: candidate merges are evaluated on a validation split of every language (never the
+    examples the quality gate uses) and the best one is merged, gated and published."""
+
+    methods: Annotated[
+        list[str],
+        Field(
+            default_factory=lambda: list(DEFAULT_SEARCH_METHODS),
+            min_length=1,
+            max_length=len(METHOD_NAMES),
+            description="Methods tried (each at its defaults; then density x lambda of the best).",
+            json_schema_extra={"items": {"type": "string", "enum": list(METHOD_NAMES)}},
+        ),
+    ]
+    densities: Annotated[
+        list[Annotated[float, Field(gt=0, le=1)]],
+        Field(default_factory=lambda: [0.3, 0.5, 0.7, 1.0], min_length=1, max_length=16),
+    ]
+    lambdas: Annotated[
+        list[Annotated[float, Field(gt=0, le=100)]],
+        Field(default_factory=lambda: [0.8, 1.0, 1.2, 1.5, 2.0], min_length=1, max_length=16),
+    ]
+    weights: Annotated[
+        bool, Field(default=True, description="Also search per-language weights around the best candidate.")
+    ] = True
+    objective: Annotated[
+        SearchObjective,
+        Field(
+            default=SearchObjective.WORST,
+            description="worst: maximise the worst language's score relative to its own expert; mean: the mean of "
+            "those relative scores (evaluation.metric; absolute points for accuracy and macroF1, relative otherwise).",
+        ),
+    ] = SearchObjective.WORST
+    max_candidates: Annotated[
+        int, Field(default=40, ge=1, le=1000, description="Candidates evaluated at most (the budget).")
+    ] = 40
+    max_seconds: Annotated[
+        int, Field(default=1800, ge=10, le=86400, description="Seconds the search may take at most (the budget).")
+    ] = 1800
+    validation_examples: Annotated[
+        int, Field(default=256, ge=8, le=100_000, description="Validation examples per language at most.")
+    ] = 256
+
+    @field_validator("methods")
+    @classmethod
+    def _known_methods(cls, value: list[str]) -> list[str]:
+        unknown = sorted(set(value) - set(METHOD_NAMES))
+        if unknown:
+            raise ValueError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(METHOD_NAMES)}")
+        return list(dict.fromkeys(value))
+
+
 class Publish(ApiModel):
     keep_revisions: Annotated[
         int,
@@ -274,6 +358,14 @@ class MergedModelSpec(ApiModel):
     output: Annotated[Output, Field(description="Where the merged model goes.")]
     evaluation: Annotated[Evaluation, Field(default_factory=Evaluation, description="Quality gate.")]
     publish: Annotated[Publish, Field(default_factory=Publish, description="Revision retention.")]
+    search: Annotated[
+        Search | None,
+        Field(
+            default=None,
+            description="Opt-in automatic merge search over methods, density, lambda and per-language weights; "
+            "method and parameters are then the search's starting point.",
+        ),
+    ] = None
     pin_revision: Annotated[
         int | None,
         Field(
@@ -420,6 +512,39 @@ class PublishRecord(StatusModel):
     job: Annotated[str | None, Field(default=None)] = None
 
 
+class RefactorizationStatus(StatusModel):
+    """How exactly the published PEFT adapter represents the merged update."""
+
+    max_relative_error: Annotated[float, Field(description="Largest relative Frobenius error over modules.")]
+    mean_relative_error: Annotated[float, Field(description="Mean relative error over modules.")]
+    worst_module: Annotated[str | None, Field(default=None, description="The module with the largest error.")] = None
+    min_rank: Annotated[int | None, Field(default=None)] = None
+    max_rank: Annotated[int | None, Field(default=None)] = None
+    mean_rank: Annotated[float | None, Field(default=None)] = None
+
+
+class SearchCandidateStatus(StatusModel):
+    method: str
+    parameters: Annotated[dict[str, Any], Field(default_factory=dict)]
+    objective: float
+    #: Per-language score relative to the language's expert on the validation split.
+    relative: Annotated[dict[str, float], Field(default_factory=dict)]
+
+
+class SearchStatus(StatusModel):
+    """What the merge search of the published revision chose."""
+
+    objective: str
+    candidates: Annotated[int, Field(description="Candidates evaluated.")]
+    seconds: float
+    stopped: Annotated[str, Field(description="Why the search stopped: exhausted, maxCandidates or maxSeconds.")]
+    chosen: SearchCandidateStatus
+    default: Annotated[
+        SearchCandidateStatus | None, Field(default=None, description="The spec's own method and parameters.")
+    ] = None
+    top: Annotated[list[SearchCandidateStatus], Field(default_factory=list, description="Best candidates.")]
+
+
 class MergedModelStatus(StatusModel):
     """Observed state of a MergedModel, written by the operator (a view of S3's current.json and manifests)."""
 
@@ -447,6 +572,13 @@ class MergedModelStatus(StatusModel):
         dict[str, LanguageMetrics],
         Field(default_factory=dict, description="Per-language evaluation of the published revision."),
     ]
+    refactorization: Annotated[
+        RefactorizationStatus | None,
+        Field(default=None, description="peft-adapter output: its error against the merged update, and ranks."),
+    ] = None
+    search: Annotated[
+        SearchStatus | None, Field(default=None, description="spec.search: what the published revision chose.")
+    ] = None
     active_job: Annotated[str | None, Field(default=None, description="Name of the running merge Job.")] = None
     attempts: Annotated[int, Field(default=0, description="Failed merge attempts for the desired fingerprint.")] = 0
     message: Annotated[str | None, Field(default=None, description="Last error or waiting reason.")] = None

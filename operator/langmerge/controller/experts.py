@@ -170,6 +170,7 @@ class ExpertReconciler(ReconcilePass[LanguageExpertStatus]):
                     ("spec.baseModel.uri", spec.base_model.uri, False),
                     ("spec.dataset.uri", spec.dataset.uri, False),
                     ("spec.dataset.evalUri", spec.dataset.eval_uri, False),
+                    ("spec.dataset.validationUri", spec.dataset.validation_uri, False),
                 ],
             )
             or check_job_spec(

@@ -26,8 +26,18 @@ from langmerge.api.merged import (
     MergedPhase,
     MergeInput,
     PublishRecord,
+    RefactorizationStatus,
+    SearchCandidateStatus,
+    SearchStatus,
 )
-from langmerge.artifacts import BaseModelIdentity, MergeManifest, PublishedRevision
+from langmerge.artifacts import (
+    BaseModelIdentity,
+    MergeManifest,
+    PublishedRevision,
+    RefactorSummary,
+    SearchCandidate,
+    SearchRecord,
+)
 from langmerge.constants import COMPONENT_MERGE, LABEL_MERGED, MERGED_KIND, MERGED_PLURAL
 from langmerge.controller import metrics
 from langmerge.controller.attempts import decide_retry, failure_records, record_job_end
@@ -274,6 +284,7 @@ class MergedReconciler(ReconcilePass[MergedModelStatus]):
             inputs=[(i.language, i.adapter_digest, i.weight) for i in inputs],
             base_model_digest=base_digest,
             image=self.image,
+            validation=[(i.language, i.dataset.validation_uri) for i in inputs],
         )
         if current.record is not None and current.record.fingerprint == fingerprint:
             self.status.desired_fingerprint = fingerprint
@@ -321,6 +332,7 @@ class MergedReconciler(ReconcilePass[MergedModelStatus]):
             output=spec.output,
             evaluation=spec.evaluation,
             image=self.image,
+            search=spec.search,
         )
         return self.commit(self._converge(task, jobs, prefix))
 
@@ -430,6 +442,8 @@ class MergedReconciler(ReconcilePass[MergedModelStatus]):
             f"revision {record.revision} ({what}, fingerprint {record.fingerprint}) at {record.model_uri}"
             + (f"; changed inputs: {', '.join(changed)}" if changed else "")
             + (f"; removed inputs: {', '.join(removed)}" if removed else "")
+            + refactor_note(record.refactorization)
+            + search_note(record.search)
         )
 
     def _figures(self, record: PublishedRevision) -> dict[str, LanguageMetrics]:
@@ -460,6 +474,12 @@ class MergedReconciler(ReconcilePass[MergedModelStatus]):
             )
             for i in record.inputs
         ]
+        self.status.refactorization = (
+            RefactorizationStatus.model_validate(record.refactorization.model_dump())
+            if record.refactorization is not None
+            else None
+        )
+        self.status.search = _search_status(record.search) if record.search is not None else None
 
     def _waiting(self, reason: str, message: str, requeue: float) -> float | None:
         self.set_phase(MergedPhase.WAITING, message)
@@ -668,6 +688,57 @@ class MergedReconciler(ReconcilePass[MergedModelStatus]):
             READY, True, "Pinned", f"revision {revision} is pinned; remove spec.pinRevision to resume merging"
         )
         return self.commit(self.settings.resync_seconds)
+
+
+def refactor_note(summary: RefactorSummary | None) -> str:
+    """The published adapter's fidelity, for the Published Event: errors over modules and the chosen ranks."""
+    if summary is None:
+        return ""
+    ranks = (
+        f"rank {summary.min_rank}"
+        if summary.min_rank == summary.max_rank
+        else f"ranks {summary.min_rank}-{summary.max_rank} (mean {summary.mean_rank:g})"
+    )
+    return (
+        f"; adapter {ranks}, relative error max {summary.max_relative_error:.2g} "
+        f"(mean {summary.mean_relative_error:.2g}, worst module {summary.worst_module})"
+    )
+
+
+def _format_parameters(parameters: dict[str, Any]) -> str:
+    shown = {k: v for k, v in parameters.items() if k not in ("include_modules", "exclude_modules") and v != {}}
+    return ", ".join(f"{'lambda' if k == 'lambda_' else k}={v}" for k, v in sorted(shown.items()))
+
+
+def search_note(search: SearchRecord | None) -> str:
+    """What a merge search chose, for the Published Event."""
+    if search is None:
+        return ""
+    chosen = search.chosen
+    note = (
+        f"; search ({search.objective} {search.metric} vs each expert, {search.candidates} candidates, "
+        f"{search.stopped}) chose {chosen.method}({_format_parameters(chosen.parameters)}): {chosen.objective:+.4g}"
+    )
+    if search.default is not None:
+        note += f", the spec's own {search.default.method}: {search.default.objective:+.4g}"
+    return note
+
+
+def _search_status(record: SearchRecord) -> SearchStatus:
+    def candidate(c: SearchCandidate) -> SearchCandidateStatus:
+        return SearchCandidateStatus(
+            method=c.method, parameters=c.parameters, objective=c.objective, relative=c.relative
+        )
+
+    return SearchStatus(
+        objective=record.objective,
+        candidates=record.candidates,
+        seconds=record.seconds,
+        stopped=record.stopped,
+        chosen=candidate(record.chosen),
+        default=candidate(record.default) if record.default is not None else None,
+        top=[candidate(c) for c in record.top[:3]],
+    )
 
 
 def _task_type_mismatch(experts: list[SelectedExpert]) -> str | None:

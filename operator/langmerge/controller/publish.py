@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from langmerge import artifacts
 from langmerge.api.expert import Metrics
 from langmerge.api.merged import ABSOLUTE_GATE_METRICS, Evaluation, GateMetric, LanguageMetrics
-from langmerge.artifacts import MergeManifest, PublishedRevision
+from langmerge.artifacts import MergeManifest, PublishedRevision, refactor_summary
 from langmerge.store import MalformedRecord, ObjectStore, PreconditionFailed, split_uri
 
 #: Claimed-but-unpublished revision numbers skipped in one publish before giving up (each costs one read).
@@ -85,6 +85,8 @@ def publish(
         expert_metrics=manifest.expert_metrics,
         cost=manifest.cost,
         job=job,
+        refactorization=refactor_summary(manifest.module_errors, manifest.module_ranks),
+        search=manifest.search,
     )
     skipped: list[int] = []
     while True:

@@ -292,7 +292,7 @@ class WorkloadRun:
             output=Output(
                 uri=f"s3://{MODELS_BUCKET}/{self.w.name}/merged/{name}",
                 format="peft-adapter" if exact else "full-weights",
-                rank=(self.ctx.merge_rank or sum(ranks)) if exact else None,
+                rank=(self.ctx.merge_rank or sum(ranks)) if exact else "auto",
             ),
             evaluation=Evaluation(enabled=False),
         )

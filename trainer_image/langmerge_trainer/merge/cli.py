@@ -135,6 +135,8 @@ def fingerprint(config: MergeConfig, parameters: dict[str, Any], adapters: list[
             "output": {
                 "format": config.output.format,
                 "rank": config.output.rank,
+                "maxRelativeError": config.output.max_relative_error,
+                "maxRank": config.output.max_rank,
                 "shardSizeMb": config.output.shard_size_mb,
             },
         }
@@ -260,6 +262,8 @@ def run(args: argparse.Namespace) -> int:
                 base=base,
                 shard_size_mb=config.output.shard_size_mb,
                 device=str(device),
+                max_relative_error=config.output.max_relative_error,
+                max_rank=config.output.max_rank,
             )
         finally:
             for a in opened:
@@ -283,6 +287,8 @@ def run(args: argparse.Namespace) -> int:
         shard_size_mb=config.output.shard_size_mb,
         device=device,
         progress=not args.no_progress,
+        max_relative_error=config.output.max_relative_error,
+        max_rank=config.output.max_rank,
     )
     cpu_end = resource.getrusage(resource.RUSAGE_SELF)
     wall = time.perf_counter() - started
@@ -310,6 +316,7 @@ def run(args: argparse.Namespace) -> int:
         model_digest=report.model_digest,
         files={name: FileEntry(size=size, sha256=sha) for name, (size, sha) in sorted(report.files.items())},
         module_errors=report.module_errors,
+        module_ranks=report.module_ranks,
         timings={**report.timings, "wall": round(wall, 6)},
         cost=Cost(
             wall_seconds=round(wall, 3),
@@ -327,7 +334,9 @@ def run(args: argparse.Namespace) -> int:
     tmp = out / f".{MANIFEST}.tmp"
     tmp.write_text(manifest.to_json() + "\n")
     tmp.replace(out / MANIFEST)  # the commit: written last
-    kind = "adapter of rank " + str(report.output_rank) if report.output_format != FULL_WEIGHTS else "full weights"
+    ranks = sorted(set(report.module_ranks.values()))
+    shown = f"{ranks[0]}" if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]}" if ranks else "?"
+    kind = f"adapter of rank {shown}" if report.output_format != FULL_WEIGHTS else "full weights"
     print(
         f"{out}: {config.method} merge of {len(adapters)} adapters -> {kind}; {len(report.modules)} modules, "
         f"max relative error {report.max_error:.3g}, {wall:.1f} s"

@@ -9,7 +9,7 @@ Example (keys in camelCase or snake_case)::
       - {language: it, path: ./adapters/it, weight: 0.5}
     method: ties
     parameters: {density: 1.0, lambda: 1.0, excludeModules: ["lm_head"]}
-    output: {format: peft-adapter, rank: 64}     # or {format: full-weights, shardSizeMb: 2048}
+    output: {format: peft-adapter, rank: auto, maxRelativeError: 0.01}  # or {format: full-weights}
 
 ``parameters`` is the API's ``MergeParameters`` and is checked against the method exactly as a ``MergedModel`` spec is
 (:meth:`MergeConfig.spec` builds one), so a parameter that does not apply to the method is an error, not ignored.
@@ -19,7 +19,7 @@ Relative local paths are relative to the config file.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -48,7 +48,9 @@ class AdapterEntry(_ConfigModel):
 
 class OutputEntry(_ConfigModel):
     format: OutputFormat = OutputFormat.PEFT_ADAPTER
-    rank: Annotated[int | None, Field(default=None, ge=1, le=8192)] = None
+    rank: Annotated[int, Field(ge=1, le=8192)] | Literal["auto"] = "auto"
+    max_relative_error: Annotated[float, Field(default=0.01, ge=0, le=1)] = 0.01
+    max_rank: Annotated[int | None, Field(default=None, ge=1, le=8192)] = None
     shard_size_mb: Annotated[int, Field(default=2048, ge=16, le=65536)] = 2048
 
 
@@ -83,6 +85,8 @@ class MergeConfig(_ConfigModel):
                 uri="s3://merge-local/output",
                 format=self.output.format,
                 rank=self.output.rank,
+                max_relative_error=self.output.max_relative_error,
+                max_rank=self.output.max_rank,
                 shard_size_mb=self.output.shard_size_mb,
             ),
         )

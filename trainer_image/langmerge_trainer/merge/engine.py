@@ -34,7 +34,14 @@ import torch
 
 from langmerge.store import files_digest
 from langmerge_trainer.merge.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PREFIX, LoraAdapter, load_adapter
-from langmerge_trainer.merge.lowrank import Factors, randomized_lowrank, refactor_lowrank
+from langmerge_trainer.merge.lowrank import (
+    Factors,
+    adaptive_lowrank,
+    auto_lowrank_factors,
+    breakeven_rank,
+    randomized_lowrank,
+    refactor_lowrank,
+)
 from langmerge_trainer.merge.memory import PeakMemory
 from langmerge_trainer.merge.methods import (
     CPU_BLOCK_ELEMENTS,
@@ -177,7 +184,7 @@ class MergePlan:
     languages: list[str]
     weights: list[float]
     output_format: str
-    #: Rank of the PEFT adapter output (None for full weights).
+    #: Rank of every module of the PEFT adapter output; None for full weights, and for ``auto`` (per module).
     rank: int | None
     shard_size_mb: float
     device: str
@@ -187,6 +194,10 @@ class MergePlan:
     estimated_peak_bytes: int
     estimated_output_bytes: int
     notes: list[str] = field(default_factory=list)
+    #: PEFT adapter output: ranks chosen per module (``auto``), the largest relative error allowed, the cap of ``auto``.
+    auto_rank: bool = False
+    max_relative_error: float = 0.01
+    max_rank: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -195,7 +206,8 @@ class MergePlan:
             "parameters": self.parameters,
             "inputs": [{"language": lang, "weight": w} for lang, w in zip(self.languages, self.weights, strict=True)],
             "output_format": self.output_format,
-            "output_rank": self.rank,
+            "output_rank": "auto" if self.auto_rank else self.rank,
+            "max_relative_error": self.max_relative_error if self.output_format == PEFT_ADAPTER else None,
             "shard_size_mb": self.shard_size_mb if self.output_format == FULL_WEIGHTS else None,
             "device": self.device,
             "modules": [
@@ -214,7 +226,11 @@ class MergePlan:
             "inputs:      "
             + ", ".join(f"{lang} (w={w:g})" for lang, w in zip(self.languages, self.weights, strict=True)),
             f"output:      {self.output_format}"
-            + (f", rank {self.rank}" if self.rank is not None else f", shards <= {self.shard_size_mb} MiB"),
+            + (
+                f", shards <= {self.shard_size_mb} MiB"
+                if self.output_format == FULL_WEIGHTS
+                else f", rank {'auto' if self.auto_rank else self.rank}, max relative error {self.max_relative_error:g}"
+            ),
             f"device:      {self.device}",
             f"modules:     {len(self.modules)} merged, {len(self.excluded)} excluded",
         ]
@@ -319,11 +335,13 @@ def plan_merge(
     method: str,
     parameters: Mapping[str, Any],
     output_format: str,
-    rank: int | None,
+    rank: int | str | None,
     *,
     base: BaseCheckpoint | None = None,
     shard_size_mb: float = 2048,
     device: str = "cpu",
+    max_relative_error: float = 0.01,
+    max_rank: int | None = None,
 ) -> MergePlan:
     impl = get_method(method)
     method_params = impl.resolve(parameters)
@@ -378,22 +396,36 @@ def plan_merge(
                     "exclude the module or use the peft-adapter format"
                 )
     notes: list[str] = []
+    auto = rank is None or rank == "auto"
+    fixed: int | None = None
     if output_format == PEFT_ADAPTER:
         exact_rank = max(m.input_rank for m in plan_modules)
-        if rank is None:
-            rank = exact_rank if impl.low_rank_exact else max(r for m in plan_modules for _, r in m.inputs)
-        if impl.low_rank_exact and rank < exact_rank:
-            notes.append(
-                f"rank {rank} < {exact_rank} (sum of input ranks): modules are truncated by an exact SVD taken from "
-                "the factors; the error per module is reported"
-            )
-        elif not impl.low_rank_exact:
-            notes.append(
-                f"{method} results are not low rank: each module is re-factorised to rank {rank} by a randomized "
-                "range finder; the relative error per module is measured and reported"
-            )
-    else:
-        rank = None
+        if auto:
+            if impl.low_rank_exact:
+                notes.append(
+                    "rank auto: each module keeps the sum of its input ranks (exact)"
+                    + (f", truncated by an exact SVD to at most {max_rank} where needed" if max_rank else "")
+                )
+            else:
+                cap = f"{max_rank}" if max_rank else "its break-even rank rows*cols/(rows+cols)"
+                notes.append(
+                    f"{method} results are not low rank: rank auto gives each module the smallest rank whose "
+                    f"relative error is <= {max_relative_error:g} (randomized range finder, at most {cap})"
+                )
+        else:
+            fixed = int(rank)  # type: ignore[arg-type]
+            if impl.low_rank_exact and fixed < exact_rank:
+                notes.append(
+                    f"rank {fixed} < {exact_rank} (sum of input ranks): modules are truncated by an exact SVD taken "
+                    "from the factors; the error per module is reported"
+                )
+            elif not impl.low_rank_exact:
+                notes.append(
+                    f"{method} results are not low rank: each module is re-factorised to rank {fixed} by a randomized "
+                    "range finder; the relative error per module is measured and reported"
+                )
+        notes.append(f"a module whose relative error exceeds {max_relative_error:g} fails the merge")
+    rank = fixed
     plan = MergePlan(
         method=method,
         method_params=method_params,
@@ -410,6 +442,9 @@ def plan_merge(
         estimated_peak_bytes=0,
         estimated_output_bytes=0,
         notes=notes,
+        auto_rank=output_format == PEFT_ADAPTER and auto,
+        max_relative_error=max_relative_error,
+        max_rank=max_rank,
     )
     plan.estimated_peak_bytes, plan.estimated_output_bytes = _estimate(plan, impl, adapters, base)
     return plan
@@ -442,8 +477,18 @@ def _estimate(
         output = base.total_bytes
     else:
         itemsize = ITEMSIZE[_output_dtype(adapters)]
-        output = sum((m.shape[0] + m.shape[1]) * (plan.rank or 0) * itemsize for m in plan.modules)
+        output = sum((m.shape[0] + m.shape[1]) * _expected_rank(plan, m) * itemsize for m in plan.modules)
     return peak, output
+
+
+def _expected_rank(plan: MergePlan, module: ModulePlan) -> int:
+    """A module's output rank: the fixed rank, else (auto) its input rank for exact methods or its cap (an upper
+    bound) for the others."""
+    if plan.rank is not None:
+        return plan.rank
+    if plan.low_rank_exact:
+        return min(module.input_rank, plan.max_rank or module.input_rank)
+    return plan.max_rank or breakeven_rank(*module.shape)
 
 
 def _block_elements(device: str) -> int:
@@ -483,6 +528,8 @@ class MergeReport:
     peak_rss_bytes: int | None = None
     peak_cuda_bytes: int | None = None
     estimated_peak_bytes: int | None = None
+    #: PEFT adapter output: the rank of each module (they differ with rank auto).
+    module_ranks: dict[str, int] = field(default_factory=dict)
 
     @property
     def max_error(self) -> float:
@@ -500,6 +547,7 @@ class MergeReport:
             "modules": self.modules,
             "excluded_modules": self.excluded_modules,
             "module_errors": self.module_errors,
+            "module_ranks": self.module_ranks,
             "max_error": self.max_error,
             "timings": self.timings,
             "files": {k: {"size": s, "sha256": h} for k, (s, h) in sorted(self.files.items())},
@@ -569,10 +617,47 @@ def _merge_module(
         return impl.merge(module.name, updates, plan.method_params)
 
 
-def _refactor(merged: MergedDelta, rank: int, module: str) -> Factors:
+def _refactor(plan: MergePlan, merged: MergedDelta, module: ModulePlan) -> Factors:
+    """The module's adapter factors: at the fixed rank, or (auto) the smallest meeting the error bound."""
+    seed = derive_seed(0, "range-finder", module.name)
+    if plan.rank is not None:
+        if isinstance(merged, LowRankDelta):
+            return refactor_lowrank(merged.B, merged.A, plan.rank)
+        return randomized_lowrank(merged.delta, plan.rank, seed=seed)
     if isinstance(merged, LowRankDelta):
-        return refactor_lowrank(merged.B, merged.A, rank)
-    return randomized_lowrank(merged.delta, rank, seed=derive_seed(0, "range-finder", module))
+        return auto_lowrank_factors(merged.B, merged.A, plan.max_relative_error, plan.max_rank)
+    cap = plan.max_rank or breakeven_rank(*module.shape)
+    return adaptive_lowrank(merged.delta, plan.max_relative_error, cap, seed=seed)
+
+
+class RefactorBoundExceeded(MergeError):
+    """The PEFT adapter cannot hold the merged update within output.maxRelativeError."""
+
+
+#: Float rounding allowed above output.maxRelativeError before a module counts as exceeding it.
+ERROR_SLACK = 1e-6
+
+
+def check_error_bound(plan: MergePlan, errors: Mapping[str, float], ranks: Mapping[str, int]) -> None:
+    """Raise :class:`RefactorBoundExceeded` naming the worst module when any module's error exceeds the bound."""
+    bound = plan.max_relative_error
+    over = {name: e for name, e in errors.items() if e > bound + ERROR_SLACK}
+    if not over:
+        return
+    worst = max(over, key=lambda name: over[name])
+    if plan.rank is not None:
+        how = f"at output.rank {plan.rank}"
+        fix = "raise output.rank (or use rank auto)"
+    else:
+        module = next(m for m in plan.modules if m.name == worst)
+        cap = plan.max_rank or breakeven_rank(*module.shape)
+        how = f"at rank {ranks[worst]}, the upper bound for this {module.shape[0]}x{module.shape[1]} module"
+        fix = f"raise output.maxRank (now {'default ' if plan.max_rank is None else ''}{cap})"
+    raise RefactorBoundExceeded(
+        f"the {plan.method} merge cannot be written as a PEFT adapter within output.maxRelativeError {bound:g}: "
+        f"module {worst} has relative error {over[worst]:.3g} {how}; {len(over)} of {len(errors)} modules exceed "
+        f"the bound. Use output.format: full-weights (exact), {fix}, or accept a larger output.maxRelativeError"
+    )
 
 
 def _adapter_keys(module: ModulePlan) -> tuple[str, str]:
@@ -589,55 +674,69 @@ def _write_adapter(
     device: torch.device,
     timer: _Timer,
     progress: bool,
-) -> tuple[dict[str, tuple[int, str]], dict[str, float]]:
-    assert plan.rank is not None
-    rank = plan.rank
+) -> tuple[dict[str, tuple[int, str]], dict[str, float], dict[str, int]]:
+    """Every module's factors are computed first (their ranks decide the file's layout; they are the output's size in
+    memory), checked against the error bound, then written."""
     dtype = _output_dtype(adapters)
+    errors: dict[str, float] = {}
+    ranks: dict[str, int] = {}
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    with _progress(len(plan.modules), "module", progress, "merging") as bar:
+        for m in plan.modules:
+            merged = _merge_module(plan, m, adapters, device, timer)
+            with timer.phase("refactor"):
+                found = _refactor(plan, merged, m)
+                del merged
+                P, Q = found.B, found.A  # delta = P @ Q in the weight's orientation
+                lora_A, lora_B = (P.T, Q.T) if m.transposed else (Q, P)
+                factors[m.name] = (
+                    lora_A.to(dtype=DTYPES[dtype]).cpu().contiguous(),
+                    lora_B.to(dtype=DTYPES[dtype]).cpu().contiguous(),
+                )
+            errors[m.name] = found.rel_error
+            ranks[m.name] = found.rank
+            bar.update(1)
+    check_error_bound(plan, errors, ranks)
     entries: list[tuple[str, str, tuple[int, ...]]] = []
     for m in plan.modules:
         a_key, b_key = _adapter_keys(m)
-        rows, cols = m.shape
-        a_shape, b_shape = ((rank, rows), (cols, rank)) if m.transposed else ((rank, cols), (rows, rank))
-        entries += [(a_key, dtype, a_shape), (b_key, dtype, b_shape)]
+        lora_A, lora_B = factors[m.name]
+        entries += [(a_key, dtype, tuple(lora_A.shape)), (b_key, dtype, tuple(lora_B.shape))]
     heads = merged_heads(adapters, plan.weights)
     head_dtypes = {name: adapters[0].reader.tensors[key].dtype for name, key in adapters[0].heads.items()}
     entries += [(f"{PREFIX}{name}", head_dtypes[name], tuple(t.shape)) for name, t in heads.items()]
-    errors: dict[str, float] = {}
     writer = SafetensorsWriter(out / ADAPTER_WEIGHTS, entries, {"format": "pt"})
     try:
-        with _progress(len(plan.modules), "module", progress, "merging") as bar:
-            for m in plan.modules:
-                merged = _merge_module(plan, m, adapters, device, timer)
-                with timer.phase("refactor"):
-                    factors = _refactor(merged, rank, m.name)
-                    del merged
-                    P, Q = factors.B, factors.A  # delta = P @ Q in the weight's orientation
-                    lora_A, lora_B = (P.T, Q.T) if m.transposed else (Q, P)
-                    lora_A = lora_A.to(dtype=DTYPES[dtype]).cpu()
-                    lora_B = lora_B.to(dtype=DTYPES[dtype]).cpu()
-                errors[m.name] = factors.rel_error
-                with timer.phase("write"):
-                    a_key, b_key = _adapter_keys(m)
-                    writer.write(a_key, lora_A)
-                    writer.write(b_key, lora_B)
-                bar.update(1)
         with timer.phase("write"):
+            for m in plan.modules:
+                a_key, b_key = _adapter_keys(m)
+                writer.write(a_key, factors[m.name][0])
+                writer.write(b_key, factors[m.name][1])
             for name, tensor in heads.items():
                 writer.write(f"{PREFIX}{name}", tensor.to(dtype=DTYPES[head_dtypes[name]]))
         files = {ADAPTER_WEIGHTS: writer.close()}
     except BaseException:
         writer.abort()
         raise
-    config = _adapter_config(plan, adapters, base)
+    config = _adapter_config(plan, adapters, base, ranks)
     (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     files[ADAPTER_CONFIG] = file_sha256(out / ADAPTER_CONFIG)
-    return files, errors
+    return files, errors, ranks
 
 
-def _adapter_config(plan: MergePlan, adapters: Sequence[LoraAdapter], base: BaseCheckpoint | None) -> dict[str, Any]:
-    """The first adapter's config with rank, alpha (scaling 1) and target modules of the merged adapter."""
-    assert plan.rank is not None
+def _adapter_config(
+    plan: MergePlan, adapters: Sequence[LoraAdapter], base: BaseCheckpoint | None, ranks: Mapping[str, int]
+) -> dict[str, Any]:
+    """The first adapter's config with rank, alpha (scaling 1) and target modules of the merged adapter.
+
+    ``r`` is the most common module rank; modules of another rank are listed in ``rank_pattern`` and
+    ``alpha_pattern`` (alpha = rank: scaling 1) by their full names."""
     config = dict(adapters[0].config)
+    counts: dict[int, int] = defaultdict(int)
+    for value in ranks.values():
+        counts[value] += 1
+    common = max(counts, key=lambda r: (counts[r], r)) if counts else 1
+    pattern = {name: value for name, value in sorted(ranks.items()) if value != common}
     written = {m.name for m in plan.modules}
     targets: list[str] = sorted(written)
     lists = [a.config.get("target_modules") for a in adapters]
@@ -648,11 +747,11 @@ def _adapter_config(plan: MergePlan, adapters: Sequence[LoraAdapter], base: Base
         if matched == written:
             targets = union
     config.update(
-        r=plan.rank,
-        lora_alpha=plan.rank,
+        r=common,
+        lora_alpha=common,
         use_rslora=False,
-        rank_pattern={},
-        alpha_pattern={},
+        rank_pattern=pattern,
+        alpha_pattern=dict(pattern),
         target_modules=targets,
         layers_to_transform=None,
         layers_pattern=None,
@@ -683,7 +782,7 @@ def _write_full(
     timer: _Timer,
     progress: bool,
     plan_inputs: Sequence[AdapterInput] = (),
-) -> tuple[dict[str, tuple[int, str]], dict[str, float]]:
+) -> tuple[dict[str, tuple[int, str]], dict[str, float], dict[str, int]]:
     merged_modules = {f"{m.checkpoint_name}.weight": m for m in plan.modules}
     # Adapters of a task model on a bare base: the output takes the task model's names (every base tensor gets the
     # prefix the adapters' module names have), so it loads as that task model.
@@ -769,7 +868,7 @@ def _write_full(
         config["problem_type"] = "single_label_classification"
         (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         files["config.json"] = file_sha256(out / "config.json")
-    return files, {m.name: 0.0 for m in plan.modules}
+    return files, {m.name: 0.0 for m in plan.modules}, {}
 
 
 def merge_adapters(
@@ -778,19 +877,23 @@ def merge_adapters(
     method: str,
     parameters: Mapping[str, Any],
     output_format: str,
-    rank: int | None,
+    rank: int | str | None,
     out_dir: Path,
     *,
     shard_size_mb: float = 2048,
     device: str | torch.device | None = "auto",
     progress: bool = False,
+    max_relative_error: float = 0.01,
+    max_rank: int | None = None,
 ) -> MergeReport:
     """Merge LoRA adapters of one base model into ``out_dir`` (written atomically) and report what was done.
 
     ``parameters`` is ``MergedModelSpec.effective_parameters()``: ``weights``, ``include_modules``,
-    ``exclude_modules`` and the method's own (``density``, ``lambda_``, ``seed``, ``knots_merge``). ``output_format``
-    is ``peft-adapter`` (re-factorised to ``rank``; default: exact where the method allows, else the largest input
-    rank) or ``full-weights`` (base + merged update, sharded safetensors, the base dtype). ``base_dir`` may be None
+    ``exclude_modules`` and the method's own (``density``, ``lambda_``, ``seed``, ...). ``output_format`` is
+    ``peft-adapter`` (re-factorised to ``rank`` for every module; ``auto`` or None: per module, exact where the method
+    allows, else the smallest rank within ``max_relative_error``, at most ``max_rank`` or the break-even rank) or
+    ``full-weights`` (base + merged update, sharded safetensors, the base dtype). A PEFT adapter whose error would
+    exceed ``max_relative_error`` in any module is not written: :class:`RefactorBoundExceeded` names the worst. ``base_dir`` may be None
     for an adapter output (then the target modules are listed by full name).
     """
     started = time.perf_counter()
@@ -817,13 +920,15 @@ def merge_adapters(
                     base=base,
                     shard_size_mb=shard_size_mb,
                     device=str(torch_device),
+                    max_relative_error=max_relative_error,
+                    max_rank=max_rank,
                 )
             with torch.no_grad(), atomic_dir(Path(out_dir)) as tmp:
                 if plan.output_format == PEFT_ADAPTER:
-                    files, errors = _write_adapter(plan, opened, base, tmp, torch_device, timer, progress)
+                    files, errors, ranks = _write_adapter(plan, opened, base, tmp, torch_device, timer, progress)
                 else:
                     assert base is not None
-                    files, errors = _write_full(plan, opened, base, tmp, torch_device, timer, progress, adapters)
+                    files, errors, ranks = _write_full(plan, opened, base, tmp, torch_device, timer, progress, adapters)
         finally:
             for adapter in opened:
                 adapter.close()
@@ -834,7 +939,7 @@ def merge_adapters(
         parameters=dict(parameters),
         method_parameters=plan.method_params,
         output_format=plan.output_format,
-        output_rank=plan.rank,
+        output_rank=max(ranks.values()) if ranks else plan.rank,
         device=str(torch_device),
         inputs=[
             {
@@ -856,4 +961,5 @@ def merge_adapters(
         peak_rss_bytes=memory.growth,
         peak_cuda_bytes=torch.cuda.max_memory_allocated(torch_device) if torch_device.type == "cuda" else None,
         estimated_peak_bytes=plan.estimated_peak_bytes,
+        module_ranks=ranks,
     )

@@ -12,6 +12,7 @@ for the attempt and exits 1, or 4 when no retry can fix it (``langmerge.constant
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import resource
 import sys
@@ -19,7 +20,9 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+import torch
 from pydantic import ValidationError
 
 from langmerge import artifacts
@@ -30,12 +33,13 @@ from langmerge.artifacts import (
     MergeInputRecord,
     MergeManifest,
     ProgressRecord,
+    SearchRecord,
     utcnow,
 )
 from langmerge.constants import EXIT_FAILED, EXIT_OK, EXIT_USAGE, EXIT_USER_ERROR
 from langmerge.store import ObjectStore, PreconditionFailed, files_digest
 from langmerge.tasks import MergeTask
-from langmerge_trainer.data import load_eval_split
+from langmerge_trainer.data import DataError, Example, load_eval_split
 from langmerge_trainer.evaluate import pick_device
 from langmerge_trainer.failures import failure_record, report_failure, write_termination_message
 from langmerge_trainer.merge.engine import FULL_WEIGHTS, AdapterInput, MergeError, merge_adapters
@@ -119,18 +123,32 @@ def run_merge_task(
             )
         timings["download"] = time.monotonic() - t
 
+        labels = task.inputs[0].labels if task.inputs[0].task_type == TaskType.SEQUENCE_CLASSIFICATION else None
+        method, parameters = task.method, task.parameters
+        search_record = None
+        gate_examples: dict[str, list[Example]] | None = None
+        if task.search is not None:
+            _progress(s3, task, "searching", 1, total_steps)
+            t = time.monotonic()
+            method, parameters, search_record, gate_examples = _search(task, s3, base_dir, inputs, labels, torch_device)
+            timings["search"] = time.monotonic() - t
+            # the chosen weights are in the parameters; the inputs' own (the spec's) no longer apply
+            inputs = [dataclasses.replace(a, weight=None) for a in inputs]
+
         _progress(s3, task, "merging", 1, total_steps)
         out_dir = root / "merged"
         report = merge_adapters(
             base_dir,
             inputs,
-            task.method,
-            task.parameters,
+            method,
+            parameters,
             task.output.format,
             task.output.rank,
             out_dir,
             shard_size_mb=task.output.shard_size_mb,
             device=torch_device,
+            max_relative_error=task.output.max_relative_error,
+            max_rank=task.output.max_rank,
         )
         timings.update({f"merge_{k}": v for k, v in report.timings.items()})
 
@@ -144,14 +162,14 @@ def run_merge_task(
         expert_metrics: dict[str, Metrics] = {}
         if task.evaluation.enabled:
             t = time.monotonic()
-            labels = task.inputs[0].labels if task.inputs[0].task_type == TaskType.SEQUENCE_CLASSIFICATION else None
             languages = [
                 LanguageInput(
                     language=item.language,
                     adapter_dir=adapter.path,
-                    examples=load_eval_split(
-                        s3, item.dataset, max_examples=task.evaluation.max_examples, labels=labels
-                    ),
+                    # with a search: the gate's part of the held-out data, never an example the search validated on
+                    examples=gate_examples[item.language]
+                    if gate_examples is not None
+                    else load_eval_split(s3, item.dataset, max_examples=task.evaluation.max_examples, labels=labels),
                     max_seq_length=item.max_seq_length,
                 )
                 for item, adapter in zip(task.inputs, inputs, strict=True)
@@ -193,15 +211,15 @@ def run_merge_task(
         fingerprint=task.fingerprint,
         namespace=task.namespace,
         name=task.name,
-        method=task.method,
-        parameters=task.parameters,
+        method=method,
+        parameters=parameters,
         inputs=[
             MergeInputRecord(
                 expert=i.expert,
                 language=i.language,
                 adapter_uri=i.adapter_uri,
                 adapter_digest=i.adapter_digest,
-                weight=i.weight,
+                weight=next((float(r["weight"]) for r in report.inputs if r["language"] == i.language), i.weight),
                 rank=next((r["rank"] for r in report.inputs if r["language"] == i.language), None),
             )
             for i in task.inputs
@@ -213,6 +231,8 @@ def run_merge_task(
         model_digest=files_digest(files),
         files={k: FileEntry(size=s, sha256=h) for k, (s, h) in files.items()},
         module_errors=report.module_errors,
+        module_ranks=report.module_ranks,
+        search=search_record,
         evaluation=merged_metrics,
         expert_metrics=expert_metrics,
         timings={k: round(v, 4) for k, v in timings.items()},
@@ -249,6 +269,62 @@ def run_merge_task(
     return manifest
 
 
+def _search(
+    task: MergeTask,
+    store: ObjectStore,
+    base_dir: Path,
+    inputs: Sequence[AdapterInput],
+    labels: Sequence[str] | None,
+    device: torch.device,
+) -> tuple[str, dict[str, Any], SearchRecord, dict[str, list[Example]]]:
+    """Run spec.search on every language's validation split; returns the chosen method and parameters, the search's
+    record and the quality gate's examples (disjoint from the validation ones)."""
+    from langmerge_trainer.data import search_splits
+    from langmerge_trainer.merge.search import CandidateEvaluator, describe, run_search
+
+    assert task.search is not None
+    splits = {
+        item.language: search_splits(
+            store,
+            item.dataset,
+            max_validation=task.search.validation_examples,
+            max_gate=task.evaluation.max_examples,
+            labels=labels,
+        )
+        for item in task.inputs
+    }
+    evaluator = CandidateEvaluator(
+        base_dir,
+        inputs,
+        {lang: split.validation for lang, split in splits.items()},
+        device=device,
+        labels=labels,
+        max_seq_length={item.language: item.max_seq_length for item in task.inputs},
+        include_modules=task.parameters.get("include_modules") or [],
+        exclude_modules=task.parameters.get("exclude_modules") or [],
+    )
+    try:
+        result = run_search(
+            evaluator,
+            task.method,
+            task.parameters,
+            task.search,
+            str(task.evaluation.metric),
+            on_candidate=lambda n, scored: _progress(
+                store, task, f"searching: candidate {n} ({scored.candidate.method})", 1, 3 + len(task.inputs)
+            ),
+        )
+    finally:
+        evaluator.close()
+    result.validation = {
+        lang: {"examples": len(split.validation), "source": split.source, "gate_examples": len(split.gate)}
+        for lang, split in splits.items()
+    }
+    log.info("%s", describe(result))
+    chosen = result.chosen.candidate
+    return chosen.method, dict(chosen.parameters), result.record(), {lang: s.gate for lang, s in splits.items()}
+
+
 def _clean_up(store: ObjectStore, task: MergeTask, committed: MergeManifest) -> None:
     """Delete the uploads of runs that did not commit (best effort: readers follow the manifest anyway)."""
     try:
@@ -258,7 +334,7 @@ def _clean_up(store: ObjectStore, task: MergeTask, committed: MergeManifest) -> 
 
 
 #: Errors that a retry of the same task cannot fix.
-NON_RETRYABLE: tuple[type[BaseException], ...] = (AdapterDigestMismatch, ValidationError, MergeError)
+NON_RETRYABLE: tuple[type[BaseException], ...] = (AdapterDigestMismatch, ValidationError, MergeError, DataError)
 
 
 def is_retryable(err: BaseException) -> bool:

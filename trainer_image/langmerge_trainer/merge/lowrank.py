@@ -110,3 +110,85 @@ def randomized_lowrank(
     residual = torch.addmm(M, out_B, out_A, alpha=-1.0)
     error = float(torch.linalg.vector_norm(residual)) / norm if norm > 0 else 0.0
     return Factors(out_B, out_A, error, error == 0.0)
+
+
+#: Width of the first sketch of :func:`adaptive_lowrank` (doubled until the error bound is met or the cap reached).
+ADAPTIVE_START = 32
+
+
+def breakeven_rank(rows: int, cols: int) -> int:
+    """The rank at which LoRA factors ``(rows + cols) * r`` hold as many numbers as the dense ``rows x cols`` update."""
+    return max(1, (rows * cols) // (rows + cols))
+
+
+def smallest_rank(singular_values: torch.Tensor, total: float, max_relative_error: float, cap: int) -> int | None:
+    """The smallest k <= cap whose rank-k truncation has relative Frobenius error <= the bound, from the singular
+    values of (a projection of) a matrix whose squared Frobenius norm is ``total``; None when no k <= cap does."""
+    if total <= 0:
+        return 0
+    captured = torch.cumsum(singular_values.double().square(), dim=0)
+    residual = (total - captured).clamp_(min=0.0) / total
+    bound = max_relative_error**2
+    if bound >= 1.0:
+        return 0
+    ok = torch.nonzero(residual[:cap] <= bound)
+    return int(ok[0]) + 1 if ok.numel() else None
+
+
+def auto_lowrank_factors(B: torch.Tensor, A: torch.Tensor, max_relative_error: float, cap: int | None) -> Factors:
+    """Factors of the exactly low-rank ``B @ A`` (B: m x R): kept as they are when ``cap`` is None or at least R
+    (exact), else the smallest truncation of the exact SVD meeting the bound, at most ``cap`` (the error is exact)."""
+    R = int(A.shape[0])
+    if cap is None or cap >= R:
+        return Factors(B, A, 0.0, True)
+    _, S, _ = svd_from_factors(B, A)
+    k = smallest_rank(S, float((S * S).sum()), max_relative_error, cap)
+    return refactor_lowrank(B, A, max(1, k if k is not None else cap))
+
+
+def adaptive_lowrank(
+    M: torch.Tensor,
+    max_relative_error: float,
+    cap: int,
+    *,
+    oversample: int = OVERSAMPLE,
+    power_iterations: int = POWER_ITERATIONS,
+    seed: int = 0,
+) -> Factors:
+    """The smallest-rank factors of a dense ``M`` whose relative error is at most the bound, up to ``cap``.
+
+    A randomized range finder sketches ``M`` with a growing width (32, 64, ... up to ``cap`` plus oversampling);
+    the singular values of the projection give the error of every truncation of that sketch exactly
+    (``||M||^2 - sum s_i^2``: the truncation is an orthogonal projection of ``M``), so the first width whose sketch
+    holds a rank meeting the bound gives the rank. The returned error is measured on ``M`` itself. When no rank up
+    to ``cap`` meets the bound the factors have rank ``cap`` and their (larger) error says so.
+    """
+    m, n = M.shape
+    cap = max(1, min(cap, m, n))
+    total = float(torch.linalg.vector_norm(M.double()) ** 2) if M.dtype != torch.float64 else float(M.norm() ** 2)
+    if total == 0.0:
+        return Factors(M.new_zeros(m, 1), M.new_zeros(1, n), 0.0, True)
+    width = min(ADAPTIVE_START, cap)
+    generator = torch.Generator().manual_seed(seed & 0x7FFFFFFFFFFFFFFF)
+    while True:
+        sketch = min(width + oversample, m, n)
+        omega = torch.randn(n, sketch, generator=generator, dtype=torch.float32).to(device=M.device, dtype=M.dtype)
+        q, _ = torch.linalg.qr(M @ omega)
+        del omega
+        for _ in range(power_iterations):
+            z, _ = torch.linalg.qr(M.T @ q)
+            q, _ = torch.linalg.qr(M @ z)
+            del z
+        small = q.T @ M
+        u_s, s, vh = torch.linalg.svd(small, full_matrices=False)
+        del small
+        complete = sketch >= min(m, n)  # the sketch spans the whole range: s is the exact spectrum
+        k = smallest_rank(s, total, max_relative_error, cap if complete else min(width, cap))
+        if k is not None or width >= cap or complete:
+            rank = max(1, k if k is not None else min(cap, int(s.shape[0])))
+            out_B, out_A = _split_singular(q @ u_s, s, vh, rank)
+            out_B, out_A = out_B.contiguous(), out_A.contiguous()
+            residual = torch.addmm(M, out_B, out_A, alpha=-1.0)
+            error = float(torch.linalg.vector_norm(residual)) / math.sqrt(total)
+            return Factors(out_B, out_A, error, error == 0.0)
+        width = min(2 * width, cap)
