@@ -123,3 +123,48 @@ def test_a_bad_config_is_refused_with_a_message(
         assert main([str(path), str(tmp_path / "out"), "--cache", str(tmp_path / "cache")]) == 2
         assert message in capsys.readouterr().err, message
     assert not (tmp_path / "out").exists()
+
+
+def test_merge_local_search_chooses_on_validation_files(
+    tiny_model_dir: Path, adapter_dirs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--search``: candidates scored on each adapter's validation file, the best merged; the manifest records the
+    search and the chosen method and parameters; a search with another space is another fingerprint."""
+    import json
+
+    from langmerge_trainer.sample import corpus_pairs
+
+    adapters = []
+    for lang, folder in adapter_dirs.items():
+        rows = [{"prompt": p.prompt, "completion": p.completion} for p in corpus_pairs(lang)[:6]]
+        validation = tmp_path / f"{lang}.jsonl"
+        validation.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        adapters.append({"language": lang, "path": str(folder), "validation": str(validation)})
+    base_config = {
+        "baseModel": str(tiny_model_dir),
+        "adapters": adapters,
+        "method": "task_arithmetic",
+        "parameters": {"lambda": 3.0},  # a poor start: three times the summed update
+        "output": {"format": "full-weights"},
+        "search": {"methods": ["linear", "ties"], "densities": [1.0], "lambdas": [0.5], "maxCandidates": 5},
+    }
+    config = write_config(tmp_path / "search.yaml", base_config)
+    out = tmp_path / "out"
+    assert main([str(config), str(out), "--search", "--no-progress", "--cache", str(tmp_path / "c")]) == 0
+    manifest = MergeManifest.model_validate_json((out / MANIFEST).read_text())
+    record = manifest.search
+    assert record is not None and record.default is not None and record.candidates <= 5
+    assert record.default.method == "task_arithmetic" and record.chosen.objective >= record.default.objective
+    assert (manifest.method, manifest.parameters) == (record.chosen.method, record.chosen.parameters)
+    assert all(v["examples"] == 6 for v in record.validation.values())
+    assert "search: " in capsys.readouterr().err
+    # without --search the same config merges task_arithmetic: another fingerprint
+    plain = tmp_path / "plain"
+    assert main([str(config), str(plain), "--no-progress", "--cache", str(tmp_path / "c")]) == 0
+    other = MergeManifest.model_validate_json((plain / MANIFEST).read_text())
+    assert other.method == "task_arithmetic" and other.search is None and other.fingerprint != manifest.fingerprint
+    # --search without validation examples is refused with the languages named
+    del adapters[0]["validation"]
+    bad = write_config(tmp_path / "bad.yaml", base_config)
+    assert main([str(bad), str(tmp_path / "bad"), "--search", "--no-progress"]) == 2
+    assert "missing: es" in capsys.readouterr().err

@@ -33,7 +33,7 @@ def test_quick_run_writes_a_consistent_record_report_and_plots(quick_run: Path) 
     for w in record["workloads"]:
         assert w["runs"] and [r["seed"] for r in w["runs"]] == record["run"]["seeds"]
         methods = w["methods"]
-        assert methods[0].startswith("ties") and len(methods) == 2
+        assert methods[0].startswith("ties") and methods[1].startswith("search") and len(methods) == 2
         for run in w["runs"]:
             assert set(run["quality"]) == set(w["languages"])
             for q in run["quality"].values():
@@ -43,6 +43,10 @@ def test_quick_run_writes_a_consistent_record_report_and_plots(quick_run: Path) 
             assert set(run["cost"]["experts"]) == set(w["languages"])
             assert run["cost"]["joint"]["wall_seconds"] > 0 and run["maintenance"]["remerge"]["wall_seconds"] > 0
             assert run["new_language"]["language"] == w["new_language"]
+            # the search chose on the validation split (never the test split) within its budget, and says what
+            searched = run["cost"]["merges"][methods[1]]["search"]
+            assert 1 <= searched["candidates"] <= 3 and all(n > 0 for n in searched["validation_examples"].values())
+            assert set(searched["validation_examples"]) == set(w["languages"])
         # The report shows exactly the record's summary (recomputed from the runs, nothing typed in).
         assert w["summary"] == json.loads(json.dumps(report.summarize(w), default=str))
         assert report.quality_table(w, w["summary"], w["metric"]) in text
@@ -53,6 +57,7 @@ def test_quick_run_writes_a_consistent_record_report_and_plots(quick_run: Path) 
             png = quick_run / f"{w['name']}-{kind}.png"
             assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     assert "up to 50% less" in text and "more than 60% less" in text
+    assert text.count("**Merge search.**") == 2 and "Chosen on the validation split: seed 0: " in text
 
 
 def test_quick_run_refreshes_the_readme_block_only(quick_run: Path) -> None:

@@ -1,7 +1,7 @@
 """``langmerge-trainer bench`` (``langmerge bench`` forwards here; ``make bench`` runs the defaults).
 
     langmerge bench                                  # the full benchmark (what the README's Results show)
-    langmerge bench --quick                          # a few minutes: tiny data, one seed, two methods (CI runs it)
+    langmerge bench --quick                          # a few minutes: tiny data, one seed, TIES and a small merge search (CI runs it)
     langmerge bench --languages th,tr,uk --new-language ru --seeds 0,1
     langmerge bench --workloads topic --methods 'ties(density=1.0),linear,dare_ties(density=0.5)'
     langmerge bench --device cuda                    # bf16 on one GPU
@@ -53,7 +53,7 @@ QUICK = {
     "topic": {"languages": "it,ja", "new": "ko", "updated": "it"},
     "dialog": {"languages": "es,it", "new": "pt", "updated": "it"},
 }
-QUICK_METHODS = "ties(density=1.0),linear"
+QUICK_METHODS = "ties(density=1.0),search(maxCandidates=3)"
 #: Training examples per language in the full topic workload: sized so that the default benchmark (3 seeds, both
 #: workloads, every method) fits in an hour on a 2-core CPU machine.
 TOPIC_MAX_TRAIN = 200
@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__,
     )
-    p.add_argument("--quick", action="store_true", help="tiny data, one seed, two methods (a few minutes)")
+    p.add_argument("--quick", action="store_true", help="tiny data, one seed, TIES and a 3-candidate merge search (a few minutes)")
     p.add_argument("--workloads", default="topic,dialog", help="topic (classification), dialog (causal LM)")
     p.add_argument("--languages", help=f"topic languages (default {DEFAULTS['topic']['languages']})")
     p.add_argument("--new-language", help=f"topic: the language added later (default {DEFAULTS['topic']['new']}; none)")

@@ -252,6 +252,56 @@ def parity_statement(workload: dict[str, Any], summary: dict[str, Any]) -> str:
     )
 
 
+def search_statement(workload: dict[str, Any], summary: dict[str, Any]) -> str | None:
+    """The merge search against the goal (headline metric, means over seeds): within 1 point of the joint model on
+    the mean, no language more than 2 points under its own expert; and what it chose per seed."""
+    searches = [m for m in workload["methods"] if m == "search" or m.startswith("search(")]
+    if not searches:
+        return None
+    method = searches[0]
+    label = f"merged:{method}"
+    metric = workload["metric"]
+    higher = workload["higher_is_better"]
+    _title, scale, digits = METRIC_STYLE.get(metric, (metric, 1.0, 3))
+    unit = " points" if scale == 100.0 else ""
+    rows = summary["quality"][metric]
+
+    def behind(lang: str, other: str) -> float:
+        a, b = rows[lang][other]["mean"], rows[lang][label]["mean"]
+        return ((a - b) if higher else (b - a)) * scale
+
+    vs_joint = behind("mean", "joint")
+    vs_expert = {lang: behind(lang, "expert") for lang in workload["languages"]}
+    worst = max(vs_expert, key=lambda lang: vs_expert[lang])
+    parts = [
+        f"The searched merge is {vs_joint:.{digits}f}{unit} {'behind' if vs_joint > 0 else 'ahead of'} the joint model "
+        f"on the mean {metric}; the language furthest under its own expert is {worst} "
+        f"({vs_expert[worst]:.{digits}f}{unit}; per language: "
+        + ", ".join(f"{lang} {v:.{digits}f}" for lang, v in vs_expert.items())
+        + ")."
+    ]
+    if scale == 100.0:
+        met = vs_joint <= 1.0 and vs_expert[worst] <= 2.0
+        parts.append(
+            "Goal (within 1 point of joint on the mean, no language more than 2 points under its expert): "
+            + ("reached." if met else "not reached.")
+        )
+    chosen = []
+    for run in workload["runs"]:
+        info = run["cost"]["merges"].get(method, {}).get("search")
+        if info:
+            params = {
+                k: v for k, v in info["chosen"]["parameters"].items() if k not in ("include_modules", "exclude_modules")
+            }
+            chosen.append(
+                f"seed {run['seed']}: {info['chosen']['method']} {json.dumps(params, sort_keys=True)} "
+                f"({info['candidates']} candidates, {info['seconds']:.0f} s)"
+            )
+    if chosen:
+        parts.append("Chosen on the validation split: " + "; ".join(chosen) + ".")
+    return " ".join(parts)
+
+
 def markdown(record: dict[str, Any], *, plots_dir: str = ".") -> str:
     run = record["run"]
     lines = [
@@ -293,6 +343,9 @@ def markdown(record: dict[str, Any], *, plots_dir: str = ".") -> str:
             + (" (a classifier with its fresh, untrained head: chance level)." if w.get("labels") else "."),
         ]
         lines += ["", f"**Parity.** {parity_statement(w, s)}"]
+        searched = search_statement(w, s)
+        if searched:
+            lines += ["", f"**Merge search.** {searched}"]
         lines += ["", "### Cost", "", cost_table(w, s)]
         lines += ["", f"![quality]({plots_dir}/{w['name']}-quality.png)", f"![cost]({plots_dir}/{w['name']}-cost.png)"]
     return "\n".join(lines) + "\n"
@@ -391,6 +444,9 @@ def readme_block(record: dict[str, Any], *, plot_path: str) -> str:
         lines += ["", f"**{w['name']}** ({w['description']}; {w['base_model']}):", ""]
         lines.append(quality_table(w, s, w["metric"]))
         lines += ["", cost_table(w, s), "", parity_statement(w, s)]
+        searched = search_statement(w, s)
+        if searched:
+            lines += ["", searched]
     lines += ["", f"![quality per language]({plot_path})", "", README_END]
     return "\n".join(lines)
 

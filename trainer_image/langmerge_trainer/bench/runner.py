@@ -36,7 +36,15 @@ from typing import Any
 from langmerge import artifacts
 from langmerge.api.common import BaseModelRef
 from langmerge.api.expert import Dataset, LanguageExpertSpec, Metrics
-from langmerge.api.merged import Evaluation, ExpertSelection, MergedModelSpec, MergeParameters, Output
+from langmerge.api.merged import (
+    Evaluation,
+    ExpertSelection,
+    GateMetric,
+    MergedModelSpec,
+    MergeParameters,
+    Output,
+    Search,
+)
 from langmerge.artifacts import AdapterManifest, BaseModelIdentity, MergeManifest
 from langmerge.fingerprint import merge_fingerprint, training_fingerprint
 from langmerge.methods import METHOD_NAMES, METHODS
@@ -82,25 +90,41 @@ class MethodSpec:
 _METHOD_RE = re.compile(r"^(?P<name>[a-z_]+)(\((?P<params>[^)]*)\))?$")
 
 
+#: The merge search as a bench "method": ``search`` or ``search(maxCandidates=24;objective=mean)`` (spec.search's
+#: fields); it starts from TIES density 1.0 and selects on each language's validation split.
+SEARCH = "search"
+#: The bench's search budget unless given: sized so that a seed's search takes minutes on a 2-core CPU.
+SEARCH_DEFAULTS: dict[str, Any] = {"maxCandidates": 24, "validationExamples": 128}
+
+
 def parse_methods(text: str) -> list[MethodSpec]:
-    """``ties(density=1.0),linear`` -> method specs; ``all`` = TIES density 1.0 first, then every other method with
-    its defaults."""
+    """``ties(density=1.0),linear,search`` -> method specs; ``all`` = TIES density 1.0 first, then every other method
+    with its defaults, then the merge search."""
     if text.strip() == "all":
-        return [MethodSpec("ties", (("density", 1.0),))] + [MethodSpec(m) for m in METHOD_NAMES if m != "ties"]
+        return (
+            [MethodSpec("ties", (("density", 1.0),))]
+            + [MethodSpec(m) for m in METHOD_NAMES if m != "ties"]
+            + [MethodSpec(SEARCH)]
+        )
     out = []
+    names = [*METHOD_NAMES, SEARCH]
     for raw in re.split(r",(?![^()]*\))", text):
         raw = raw.strip()
         match = _METHOD_RE.match(raw)
-        if not match or match["name"] not in METHOD_NAMES:
-            raise BenchError(
-                f"bad method {raw!r}: expected NAME or NAME(k=v;k=v) with NAME one of {', '.join(METHOD_NAMES)}"
-            )
+        if not match or match["name"] not in names:
+            raise BenchError(f"bad method {raw!r}: expected NAME or NAME(k=v;k=v) with NAME one of {', '.join(names)}")
         params: list[tuple[str, Any]] = []
         for item in filter(None, (p.strip() for p in (match["params"] or "").split(";"))):
             key, _, value = item.partition("=")
             params.append((key.strip(), json.loads(value) if value.strip() else None))
         spec = MethodSpec(match["name"], tuple(params))
-        MergeParameters.model_validate(spec.params())  # fail early on a bad parameter
+        try:  # fail early on a bad parameter
+            if spec.method == SEARCH:
+                Search.model_validate({**SEARCH_DEFAULTS, **spec.params()})
+            else:
+                MergeParameters.model_validate(spec.params())
+        except ValueError as err:
+            raise BenchError(f"bad method {raw!r}: {err}") from None
         out.append(spec)
     return out
 
@@ -134,12 +158,24 @@ class MergeRun:
 
     def cost(self) -> dict[str, Any]:
         c = self.manifest.cost
-        return {
+        out: dict[str, Any] = {
             "wall_seconds": round(c.wall_seconds, 3),
             "cpu_seconds": round(c.cpu_seconds, 3),
             "gpu_seconds": round(c.gpu_seconds, 3),
             "max_refactor_error": round(max(self.manifest.module_errors.values(), default=0.0), 6),
         }
+        if self.manifest.search is not None:
+            record = self.manifest.search
+            out["search"] = {
+                "chosen": {"method": self.manifest.method, "parameters": self.manifest.parameters},
+                "objective": record.chosen.objective,
+                "default_objective": record.default.objective if record.default else None,
+                "candidates": record.candidates,
+                "seconds": record.seconds,
+                "stopped": record.stopped,
+                "validation_examples": {k: v.get("examples") for k, v in record.validation.items()},
+            }
+        return out
 
 
 def metrics_dict(m: Metrics) -> dict[str, Any]:
@@ -202,6 +238,8 @@ class WorkloadRun:
             d = w.data[lang]
             upload_rows(store, d.train, f"{self.data_root}/initial/{lang}/part-0.jsonl")
             upload_rows(store, d.test, f"{self.data_root}/test/{lang}/part-0.jsonl")
+            if d.validation:
+                upload_rows(store, d.validation, f"{self.data_root}/validation/{lang}/part-0.jsonl")
             if d.update:
                 upload_rows(store, d.update, f"{self.data_root}/update/{lang}/part-1.jsonl")
 
@@ -280,21 +318,33 @@ class WorkloadRun:
         the benchmark evaluates every model on the same test examples itself)."""
         languages = sorted(experts)
         ranks = [int(r.manifest.lora.get("rank", 8)) for r in experts.values()]
+        searched = method.method == SEARCH
+        if searched and not all(self.w.data[lang].validation for lang in languages):
+            empty = [lang for lang in languages if not self.w.data[lang].validation]
+            # without its own validation data the search would halve the test split: selection on test examples
+            raise BenchError(f"search: no validation examples for {', '.join(empty)} (too little data)")
         # A method whose result is exactly low rank is published as an exact adapter (rank = sum of the inputs');
-        # the others (TIES, DARE, magnitude pruning act entry by entry) as full weights, so that what is measured is
-        # the method itself, not a low-rank approximation of it.
-        exact = METHODS[method.method].low_rank_exact
+        # the others (TIES, DARE, magnitude pruning act entry by entry) and a search (whatever it chooses) as full
+        # weights, so that what is measured is the method itself, not a low-rank approximation of it.
+        exact = not searched and METHODS[method.method].low_rank_exact
         spec = MergedModelSpec(
             base_model=BaseModelRef(uri=self.base_uri),
             experts=ExpertSelection(names=[experts[lang].name for lang in languages]),
-            method=method.method,
-            parameters=MergeParameters.model_validate(method.params()),
+            # a search starts from the bench's primary configuration, TIES density 1.0
+            method="ties" if searched else method.method,
+            parameters=MergeParameters.model_validate({"density": 1.0} if searched else method.params()),
             output=Output(
                 uri=f"s3://{MODELS_BUCKET}/{self.w.name}/merged/{name}",
                 format="peft-adapter" if exact else "full-weights",
                 rank=(self.ctx.merge_rank or sum(ranks)) if exact else "auto",
             ),
-            evaluation=Evaluation(enabled=False),
+            # no gate here (the bench evaluates every model itself on the test split); a search's objective uses the
+            # workload's headline metric
+            evaluation=Evaluation(
+                enabled=False,
+                metric=GateMetric.ACCURACY if self.w.metric == "accuracy" else GateMetric.EVAL_LOSS,
+            ),
+            search=Search.model_validate({**SEARCH_DEFAULTS, **method.params()}) if searched else None,
         )
         inputs = [
             MergeTaskInput(
@@ -302,7 +352,12 @@ class WorkloadRun:
                 language=lang,
                 adapter_uri=experts[lang].manifest.adapter_uri,
                 adapter_digest=experts[lang].manifest.adapter_digest,
-                dataset=Dataset(uri=f"{self.data_root}/initial/{lang}", eval_uri=f"{self.data_root}/test/{lang}"),
+                dataset=Dataset(
+                    uri=f"{self.data_root}/initial/{lang}",
+                    eval_uri=f"{self.data_root}/test/{lang}",
+                    validation_uri=f"{self.data_root}/validation/{lang}" if self.w.data[lang].validation else None,
+                ),
+                max_seq_length=int(self.w.training.get("maxSeqLength", 1024)),
                 task_type=self.w.task_type,
                 labels=self.w.labels,
             )
@@ -313,6 +368,7 @@ class WorkloadRun:
             inputs=[(i.language, i.adapter_digest, i.weight) for i in inputs],
             base_model_digest=self.base_digest,
             image=IMAGE,
+            validation=[(i.language, i.dataset.validation_uri) for i in inputs],
         )
         task = MergeTask(
             fingerprint=fingerprint,
@@ -326,6 +382,7 @@ class WorkloadRun:
             output=spec.output,
             evaluation=spec.evaluation,
             image=IMAGE,
+            search=spec.search,
         )
         from langmerge_trainer.merge.job import run_merge_task
 

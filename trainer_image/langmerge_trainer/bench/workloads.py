@@ -9,7 +9,8 @@
 The corpus' files are partly translations of each other, conversation by conversation. Every split is therefore made
 per conversation, by a hash of (topic, conversation index) that is the same in every language: a test conversation's
 translations are never in any language's training data. Within a language, a text that also occurs in the test split
-is dropped from training. For the maintenance scenario, the updated language's training conversations are split
+is dropped from training. A further ``VALIDATION_SHARE`` of the conversations (the same ones in every language) is the
+validation split a merge search selects on: neither trained nor tested on. For the maintenance scenario, the updated language's training conversations are split
 again by the same kind of hash: ``update_share`` of them arrive later (+25% data by default).
 
 Why topics and not sentiment: no multilingual labelled sentiment set was found in a package under a permissive
@@ -54,20 +55,29 @@ CORPUS_FOLDERS = {
     "bn": "bengali",
     "he": "hebrew",
 }
+#: Share of the non-test conversations held out as the merge search's validation split (``search`` in the methods).
+VALIDATION_SHARE = 0.15
 #: The topic workload's classes: topic files present in every default language.
 TOPIC_LABELS = ("emotion", "literature", "money", "movies", "psychology", "science")
 
 
 @dataclass
 class LanguageData:
-    """JSONL rows of one language: initial training data, the later update (maybe empty), the test split."""
+    """JSONL rows of one language: initial training data, the later update (maybe empty), the test split, and the
+    validation split a merge search selects on (never trained on, never tested on)."""
 
     train: list[dict[str, str]]
     test: list[dict[str, str]]
     update: list[dict[str, str]] = field(default_factory=list)
+    validation: list[dict[str, str]] = field(default_factory=list)
 
     def counts(self) -> dict[str, int]:
-        return {"train": len(self.train), "update": len(self.update), "test": len(self.test)}
+        return {
+            "train": len(self.train),
+            "update": len(self.update),
+            "test": len(self.test),
+            "validation": len(self.validation),
+        }
 
 
 @dataclass
@@ -125,21 +135,29 @@ def _split(
     update_share: float,
     updated: bool,
     key_field: str,
+    validation_share: float = 0.0,
     max_train: int | None,
     seed_key: str,
 ) -> LanguageData:
     test = [row for key, row in rows if _hash01("test", *key) < test_share]
     test_texts = {row[key_field] for row in test}
+    rest = [(key, row) for key, row in rows if _hash01("test", *key) >= test_share and row[key_field] not in test_texts]
+    # validation conversations, by the same kind of hash in every language: no language trains on them (or on their
+    # translations), and no text of the test split is among them
+    validation = [row for key, row in rest if _hash01("validation", *key) < validation_share]
+    validation_texts = {row[key_field] for row in validation}
     train_rows = [
-        (key, row) for key, row in rows if _hash01("test", *key) >= test_share and row[key_field] not in test_texts
+        (key, row)
+        for key, row in rest
+        if _hash01("validation", *key) >= validation_share and row[key_field] not in validation_texts
     ]
     if max_train is not None and len(train_rows) > max_train:
         train_rows = sorted(train_rows, key=lambda kr: _hash01(seed_key, *kr[0], kr[1][key_field]))[:max_train]
     if not updated:
-        return LanguageData(train=[r for _, r in train_rows], test=test)
+        return LanguageData(train=[r for _, r in train_rows], test=test, validation=validation)
     later = [r for k, r in train_rows if _hash01("update", *k) < update_share]
     now = [r for k, r in train_rows if _hash01("update", *k) >= update_share]
-    return LanguageData(train=now, test=test, update=later)
+    return LanguageData(train=now, test=test, update=later, validation=validation)
 
 
 def topic_data(
@@ -150,6 +168,7 @@ def topic_data(
     update_share: float = 0.2,
     updated: bool = False,
     max_train: int | None = None,
+    validation_share: float = VALIDATION_SHARE,
 ) -> LanguageData:
     """Topic classification rows ``{"text", "label"}`` of one language, split by conversation."""
     rows = []
@@ -167,6 +186,7 @@ def topic_data(
         key_field="text",
         max_train=max_train,
         seed_key="topic",
+        validation_share=validation_share,
     )
 
 
@@ -177,6 +197,7 @@ def dialog_data(
     update_share: float = 0.2,
     updated: bool = False,
     max_train: int | None = None,
+    validation_share: float = VALIDATION_SHARE,
 ) -> LanguageData:
     """Dialog rows ``{"prompt", "completion"}`` (utterance -> reply) of one language, split by conversation."""
     rows = []
@@ -192,6 +213,7 @@ def dialog_data(
         key_field="prompt",
         max_train=max_train,
         seed_key="dialog",
+        validation_share=validation_share,
     )
 
 

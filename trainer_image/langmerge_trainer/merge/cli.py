@@ -22,10 +22,12 @@ import resource
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from langmerge.api.merged import Search
 from langmerge.artifacts import (
     MANIFEST,
     BaseModelIdentity,
@@ -120,11 +122,45 @@ class Inputs:
             tmp.replace(self._digests_path)
 
 
-def fingerprint(config: MergeConfig, parameters: dict[str, Any], adapters: list[dict[str, Any]], base: str) -> str:
+def _validation_digest(inputs: Inputs, location: str) -> str:
+    if is_s3(location):
+        return inputs.listing_digest(location)
+    path = Path(location)
+    if path.is_file():
+        return file_sha256(path)
+    return inputs.folder_digest(path)
+
+
+def read_validation(inputs: Inputs, location: str, labels: Sequence[str] | None) -> list[Any]:
+    """The examples of a `validation:` location: a .jsonl file, a folder of them or an s3:// prefix."""
+    from langmerge_trainer.data import parse_jsonl, read_examples
+
+    if is_s3(location):
+        examples, _skipped, _files = read_examples(inputs.store, location, labels=labels)
+        return examples
+    path = Path(location)
+    files = [path] if path.is_file() else sorted(path.rglob("*.jsonl"))
+    out = []
+    for file in files:
+        rows, _ = parse_jsonl(file.read_bytes(), source=str(file), labels=labels)
+        out.extend(rows)
+    if not out:
+        raise ConfigError(f"{location}: no validation examples")
+    return out
+
+
+def fingerprint(
+    config: MergeConfig,
+    parameters: dict[str, Any],
+    adapters: list[dict[str, Any]],
+    base: str,
+    search: dict[str, Any] | None = None,
+) -> str:
     from langmerge_trainer.merge.engine import ENGINE_VERSION
 
     return digest(
         {
+            **({"search": search} if search is not None else {}),
             "v": 1,
             "engine": ENGINE_VERSION,
             "langmerge": version("langmerge"),
@@ -184,6 +220,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--cache", type=Path, default=None, help="download cache (default: $LANGMERGE_CACHE)")
     parser.add_argument("--force", action="store_true", help="merge even if OUT already holds this fingerprint")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--search",
+        action="store_true",
+        help="choose method, density, lambda and weights on each adapter's `validation:` examples first (the "
+        "config's `search:` section sets the space and budget); the config's method and parameters are the start",
+    )
     return parser.parse_args(args)
 
 
@@ -230,8 +272,18 @@ def run(args: argparse.Namespace) -> int:
     base_digest = (
         inputs.listing_digest(base_location) if is_s3(base_location) else inputs.folder_digest(Path(base_location))
     )
+    search_inputs: dict[str, Any] | None = None
+    if args.search:
+        missing = [e.language for e in config.adapters if not e.validation]
+        if missing:
+            raise ConfigError(f"--search needs `validation:` examples for every adapter; missing: {', '.join(missing)}")
+        search_inputs = {
+            "space": (config.search or Search()).model_dump(mode="json"),
+            "metric": str(config.metric),
+            "validation": {e.language: _validation_digest(inputs, str(e.validation)) for e in config.adapters},
+        }
     inputs.save()
-    fp = fingerprint(config, parameters, adapters, base_digest)
+    fp = fingerprint(config, parameters, adapters, base_digest, search_inputs)
     out: Path = args.out
     if not args.dry_run and not args.force and up_to_date(out, fp):
         print(f"{out}: up to date (fingerprint {fp}); nothing to do")
@@ -276,10 +328,38 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     base_dir = inputs.download(base_location) if is_s3(base_location) else Path(base_location)
+    method, search_record = config.method, None
+    if search_inputs is not None:
+        from langmerge_trainer.merge.search import CandidateEvaluator, describe, run_search
+
+        validation = {e.language: read_validation(inputs, str(e.validation), config.labels) for e in config.adapters}
+        space = config.search or Search()
+        validation = {lang: examples[: space.validation_examples] for lang, examples in validation.items()}
+        evaluator = CandidateEvaluator(
+            base_dir,
+            adapter_inputs,
+            validation,
+            device=device,
+            labels=config.labels,
+            max_seq_length=dict.fromkeys(validation, config.max_seq_length),
+            include_modules=parameters.get("include_modules") or [],
+            exclude_modules=parameters.get("exclude_modules") or [],
+        )
+        try:
+            result = run_search(evaluator, config.method, parameters, space, str(config.metric))
+        finally:
+            evaluator.close()
+        result.validation = {
+            lang: {"examples": len(v), "source": search_inputs["validation"][lang]} for lang, v in validation.items()
+        }
+        _log(describe(result))
+        method, parameters = result.chosen.candidate.method, dict(result.chosen.candidate.parameters)
+        search_record = result.record()
+        adapter_inputs = [replace(a, weight=None) for a in adapter_inputs]  # the chosen weights are in parameters
     report = merge_adapters(
         base_dir,
         adapter_inputs,
-        config.method,
+        method,
         parameters,
         config.output.format,
         config.output.rank,
@@ -296,8 +376,9 @@ def run(args: argparse.Namespace) -> int:
         fingerprint=fp,
         namespace="local",
         name=config.name or args.config.stem,
-        method=config.method,
+        method=method,
         parameters=parameters,
+        search=search_record,
         inputs=[
             MergeInputRecord(
                 expert=a["language"],
@@ -338,7 +419,7 @@ def run(args: argparse.Namespace) -> int:
     shown = f"{ranks[0]}" if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]}" if ranks else "?"
     kind = f"adapter of rank {shown}" if report.output_format != FULL_WEIGHTS else "full weights"
     print(
-        f"{out}: {config.method} merge of {len(adapters)} adapters -> {kind}; {len(report.modules)} modules, "
+        f"{out}: {method} merge of {len(adapters)} adapters -> {kind}; {len(report.modules)} modules, "
         f"max relative error {report.max_error:.3g}, {wall:.1f} s"
         + (f", peak +{report.peak_rss_bytes / 2**20:.0f} MiB" if report.peak_rss_bytes is not None else "")
         + f"; fingerprint {fp}"

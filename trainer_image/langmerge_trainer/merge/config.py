@@ -10,6 +10,8 @@ Example (keys in camelCase or snake_case)::
     method: ties
     parameters: {density: 1.0, lambda: 1.0, excludeModules: ["lm_head"]}
     output: {format: peft-adapter, rank: auto, maxRelativeError: 0.01}  # or {format: full-weights}
+    # with --search: each adapter's `validation: <.jsonl file | folder | s3:// prefix>`, and optionally
+    # search: {methods: [ties, linear], maxCandidates: 20}, metric: evalLoss | accuracy, labels: [...]
 
 ``parameters`` is the API's ``MergeParameters`` and is checked against the method exactly as a ``MergedModel`` spec is
 (:meth:`MergeConfig.spec` builds one), so a parameter that does not apply to the method is an error, not ignored.
@@ -27,7 +29,15 @@ from pydantic.alias_generators import to_camel
 
 from langmerge.api.common import BaseModelRef
 from langmerge.api.expert import LANGUAGE_PATTERN
-from langmerge.api.merged import ExpertSelection, MergedModelSpec, MergeParameters, Output, OutputFormat
+from langmerge.api.merged import (
+    ExpertSelection,
+    GateMetric,
+    MergedModelSpec,
+    MergeParameters,
+    Output,
+    OutputFormat,
+    Search,
+)
 
 
 class ConfigError(ValueError):
@@ -44,6 +54,14 @@ class AdapterEntry(_ConfigModel):
     language: Annotated[str, Field(pattern=LANGUAGE_PATTERN, description="BCP-47 tag of the adapter's language.")]
     path: Annotated[str, Field(min_length=1, description="Adapter folder: a local path or an s3:// prefix.")]
     weight: Annotated[float | None, Field(default=None, ge=0, le=1000, description="Weight (default 1.0).")] = None
+    validation: Annotated[
+        str | None,
+        Field(
+            default=None,
+            description="--search: this language's validation examples: a .jsonl file, a folder of them or an s3:// "
+            "prefix (the same line formats as an expert's data).",
+        ),
+    ] = None
 
 
 class OutputEntry(_ConfigModel):
@@ -61,6 +79,14 @@ class MergeConfig(_ConfigModel):
     method: str = "ties"
     parameters: Annotated[MergeParameters, Field(default_factory=MergeParameters)]
     output: Annotated[OutputEntry, Field(default_factory=OutputEntry)]
+    #: --search: the search space and budget (defaults: the MergedModel's spec.search defaults).
+    search: Annotated[Search | None, Field(default=None)] = None
+    #: --search: the search's metric (evalLoss for causal LMs; accuracy or macroF1 for classifiers).
+    metric: GateMetric = GateMetric.EVAL_LOSS
+    #: --search: a sequence classifier's labels (the adapters' experts' label list).
+    labels: Annotated[list[str] | None, Field(default=None, min_length=2)] = None
+    #: --search: validation examples are truncated to this many tokens, as the experts' training did.
+    max_seq_length: Annotated[int, Field(default=1024, ge=8, le=131072)] = 1024
 
     @model_validator(mode="after")
     def _consistent(self) -> MergeConfig:
@@ -124,6 +150,11 @@ def load_config(path: Path) -> MergeConfig:
     return config.model_copy(
         update={
             "base_model": absolute(config.base_model),
-            "adapters": [a.model_copy(update={"path": absolute(a.path)}) for a in config.adapters],
+            "adapters": [
+                a.model_copy(
+                    update={"path": absolute(a.path), "validation": absolute(a.validation) if a.validation else None}
+                )
+                for a in config.adapters
+            ],
         }
     )
