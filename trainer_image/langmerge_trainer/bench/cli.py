@@ -90,7 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__,
     )
-    p.add_argument("--quick", action="store_true", help="tiny data, one seed, TIES and a 3-candidate merge search (a few minutes)")
+    p.add_argument(
+        "--quick", action="store_true", help="tiny data, one seed, TIES and a 3-candidate merge search (a few minutes)"
+    )
     p.add_argument("--workloads", default="topic,dialog", help="topic (classification), dialog (causal LM)")
     p.add_argument("--languages", help=f"topic languages (default {DEFAULTS['topic']['languages']})")
     p.add_argument("--new-language", help=f"topic: the language added later (default {DEFAULTS['topic']['new']}; none)")
