@@ -393,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_try)
 
     p = sub.add_parser(
-        "merge", help="merge adapters locally: langmerge merge CONFIG.yaml OUT [--dry-run]", add_help=False
+        "merge", help="merge adapters locally: langmerge merge CONFIG.yaml OUT [--dry-run] [--search]", add_help=False
     )
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_merge)

@@ -3,13 +3,17 @@ status and Events say about a published adapter's fidelity and a search's choice
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from pydantic import ValidationError
 
 from api_cases import merged
-from langmerge.api import MergedModelSpec
+from langmerge.api import LanguageExpertSpec, MergedModelSpec
+from langmerge.api.merged import Search
 from langmerge.artifacts import RefactorSummary, SearchCandidate, SearchRecord, refactor_summary
 from langmerge.controller.merged import _search_status, refactor_note, search_note
 from langmerge.fingerprint import merge_fingerprint
@@ -101,3 +105,17 @@ def test_search_status_and_event_note() -> None:
     assert (
         dumped["chosen"]["parameters"] == {"weights": {"es": 1.5, "it": 1.0}} and dumped["stopped"] == "maxCandidates"
     )
+
+
+def test_the_documented_search_example_is_valid_and_states_the_defaults() -> None:
+    """docs/merge-methods.md's spec.search example: both manifests are valid, and the values it calls defaults are."""
+    text = (Path(__file__).parents[2] / "docs" / "merge-methods.md").read_text(encoding="utf-8")
+    section = text.split("## Choosing the merge automatically", 1)[1]
+    block = re.search(r"```yaml\n(.*?)```", section, re.S)
+    assert block is not None
+    expert, merged_model = yaml.safe_load_all(block.group(1))
+    expert_spec = LanguageExpertSpec.model_validate(expert["spec"])
+    assert expert_spec.dataset.validation_uri is not None
+    assert not expert_spec.dataset.validation_uri.startswith(expert_spec.dataset.uri.rstrip("/") + "/")
+    spec = MergedModelSpec.model_validate(merged_model["spec"])
+    assert spec.search == Search()
