@@ -11,7 +11,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from api_cases import merged
+from api_cases import expert, merged
 from langmerge.api import LanguageExpertSpec, MergedModelSpec
 from langmerge.api.merged import Search
 from langmerge.artifacts import RefactorSummary, SearchCandidate, SearchRecord, refactor_summary
@@ -119,3 +119,22 @@ def test_the_documented_search_example_is_valid_and_states_the_defaults() -> Non
     assert not expert_spec.dataset.validation_uri.startswith(expert_spec.dataset.uri.rstrip("/") + "/")
     spec = MergedModelSpec.model_validate(merged_model["spec"])
     assert spec.search == Search()
+
+
+@pytest.mark.parametrize(
+    ("uri", "validation", "ok"),
+    [
+        ("s3://data/de/train", "s3://data/de/validation", True),
+        ("s3://data/de", "s3://data/de2/validation", True),
+        ("s3://data/de", "s3://data/de/validation", False),  # under the training data: it would be trained on
+        ("s3://data/de/train", "s3://data/de/train/", False),
+        ("s3://data/de/train", "s3://data/de", False),  # the training data is under the validation prefix
+    ],
+)
+def test_a_validation_uri_must_lie_outside_the_training_data(uri: str, validation: str, ok: bool) -> None:
+    spec = expert(dataset={"uri": uri, "validationUri": validation})["spec"]
+    if ok:
+        assert LanguageExpertSpec.model_validate(spec).dataset.validation_uri == validation
+    else:
+        with pytest.raises(ValidationError, match=r"overlaps uri .*use a prefix outside"):
+            LanguageExpertSpec.model_validate(spec)

@@ -79,9 +79,10 @@ class Dataset(ApiModel):
         str | None,
         Field(
             default=None,
-            description="Optional S3 prefix of validation data for a MergedModel's merge search (spec.search): never "
-            "trained on, and kept apart from the examples the quality gate uses. Without it, a merge search takes half "
-            "of the held-out split (by a stable hash) for validation and gates on the other half.",
+            description="Optional S3 prefix of validation data for a MergedModel's merge search (spec.search), "
+            "outside uri (never trained on), and kept apart from the examples the quality gate uses. Without it, a "
+            "merge search takes half of the held-out split (by a stable hash) for validation and gates on the other "
+            "half.",
             pattern=S3_URI_PATTERN,
         ),
     ] = None
@@ -101,6 +102,23 @@ class Dataset(ApiModel):
             description="Skip and count lines that are not valid examples instead of failing the training run.",
         ),
     ] = False
+
+    @model_validator(mode="after")
+    def _validation_apart_from_training(self) -> Dataset:
+        if self.validation_uri and _folders_overlap(self.validation_uri, self.uri):
+            raise ValueError(
+                f"validationUri {self.validation_uri} overlaps uri {self.uri}: every *.jsonl under uri is training "
+                "data, so a merge search would validate on examples the expert was trained on; use a prefix outside "
+                "uri (and uri outside it)"
+            )
+        return self
+
+
+def _folders_overlap(a: str, b: str) -> bool:
+    """Whether one S3 prefix is the other or lies under it, folder by folder (``s3://d/x`` and ``s3://d/x2`` do not)."""
+    first, second = a.rstrip("/").split("/"), b.rstrip("/").split("/")
+    shorter = min(len(first), len(second))
+    return first[:shorter] == second[:shorter]
 
 
 class Lora(ApiModel):
