@@ -150,3 +150,36 @@ def test_a_rerun_makes_the_same_choice() -> None:
     )
     assert first.chosen.candidate == second.chosen.candidate
     assert [s.candidate for s in first.evaluated] == [s.candidate for s in second.evaluated]
+
+
+class WeightSensitiveEvaluator(ScriptedEvaluator):
+    """linear's losses depend on the weights: es improves with its share of the weight, it gets slightly worse."""
+
+    def evaluate(self, languages: Sequence[str] | None = None) -> dict[str, Metrics]:
+        candidate = self.applied[-1]
+        if candidate.method != "linear":
+            return super().evaluate(languages)
+        self.clock.now += self.seconds
+        weights = candidate.parameters["weights"]
+        share = weights["es"] / (weights["es"] + weights["it"])
+        loss = {"es": 1.0 + 0.4 * (1 - share), "it": 1.0 + 0.1 * share}
+        return {lang: Metrics(eval_loss=loss[lang]) for lang in languages or LANGUAGES}
+
+
+def test_the_weight_stage_raises_the_weight_of_the_language_furthest_below_its_expert() -> None:
+    clock = Clock()
+    evaluator = WeightSensitiveEvaluator(clock, seconds=1.0)
+    result = _search(evaluator, clock, methods=["linear"])
+    equal = next(
+        s
+        for s in result.evaluated
+        if s.candidate.method == "linear" and set(s.candidate.parameters["weights"].values()) == {1.0}
+    )
+    assert equal.relative == pytest.approx({"es": -0.2, "it": -0.05})  # es is the worst language at equal weights
+    chosen = result.chosen.candidate.parameters["weights"]
+    # es x1.5 four times: then it is the worst language and no step improves the worst score any more
+    assert chosen == {"es": pytest.approx(1.5**4, rel=1e-5), "it": 1.0}
+    assert result.chosen.objective == pytest.approx(-0.1 * 1.5**4 / (1.5**4 + 1))  # Italian's score, now the worst
+    assert result.chosen.objective > equal.objective
+    assert result.stopped == "exhausted"
+    _assert_valid_choice(result, evaluator)
