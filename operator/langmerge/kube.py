@@ -31,10 +31,6 @@ from langmerge.constants import (
 )
 
 
-class Conflict(Exception):
-    """409 on create: the object already exists."""
-
-
 class Rejected(Exception):
     """The API server refused an object (forbidden, invalid, quota): a problem a retry alone will not fix."""
 

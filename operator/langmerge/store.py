@@ -430,12 +430,6 @@ class ObjectStore:
         except ClientError:
             self.client.create_bucket(Bucket=bucket)
 
-    def presign_get(self, uri: str, expires: int = 3600) -> str:
-        bucket, key = split_uri(uri)
-        return str(
-            self.client.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=expires)
-        )
-
 
 def _decode(uri: str, body: bytes) -> Any:
     try:

@@ -355,10 +355,6 @@ class JobState:
     kind: str = "Job"
 
     @property
-    def finished_ok(self) -> bool:
-        return self.succeeded
-
-    @property
     def running(self) -> bool:
         """Active and admitted: what counts toward the operator's caps (a suspended Job waits in Kueue)."""
         return self.active and not self.suspended

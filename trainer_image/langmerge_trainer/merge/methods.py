@@ -727,18 +727,3 @@ class ModelStock(MergeMethod):
         if filter_wise:
             return LowRankDelta(merged.B * t.float()[:, None], merged.A)
         return LowRankDelta(merged.B * float(t), merged.A)
-
-
-def method_names() -> tuple[str, ...]:
-    return tuple(REGISTRY)
-
-
-def describe(name: str) -> dict[str, Any]:
-    """A method's declared schema, for plans and docs."""
-    method = get_method(name)
-    return {
-        "name": method.name,
-        "summary": method.summary,
-        "low_rank_exact": method.low_rank_exact,
-        "parameters": {p.name: p.default for p in method.schema.values()},
-    }
