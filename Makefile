@@ -44,7 +44,7 @@ lint: $(STAMP)
 
 ## Everything CI runs: linters, then every test (unit, integration on the real apiserver + S3, trainer, merge, e2e).
 test: lint controlplane
-	$(BIN)/pytest -p no:cacheprovider
+	$(BIN)/pytest -p no:cacheprovider --durations=15
 
 test-unit: $(STAMP)
 	$(BIN)/pytest -m "not integration and not trainer"

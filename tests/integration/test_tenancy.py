@@ -17,7 +17,7 @@ import pytest
 from kubernetes import client
 
 from langmerge import artifacts
-from langmerge.constants import GROUP, MERGED_PLURAL, VERSION
+from langmerge.constants import API_VERSION, EXPERT_KIND, EXPERT_PLURAL, GROUP, MERGED_PLURAL, VERSION
 from langmerge.kube import PARTIAL_METADATA
 from langmerge.store import ObjectInfo, ObjectStore, UnsafeKey, split_uri
 from operator_harness import (
@@ -130,7 +130,12 @@ def test_two_namespace_takeover_is_refused(
         apply_merged(kube, team_b, "published", _merged(base, out_b, parameters={"weights": {"es": 0.5}}))
         published = wait_for(lambda: _published(kube, team_b, "published", 2), timeout=40, what="team-b revision 2")
         uid_b = published["metadata"]["uid"]
+        # A third revision, so that the intruder's keepRevisions: 2 would have one of team-b's merges to delete.
+        apply_merged(kube, team_b, "published", _merged(base, out_b, parameters={"weights": {"es": 0.25}}))
+        wait_for(lambda: _published(kube, team_b, "published", 3), timeout=40, what="team-b revision 3")
         before = _snapshot(s3, out_b)
+        merges_b = {h["uri"] for h in status_of(get_merged(kube, team_b, "published"))["history"]}
+        assert len(merges_b) == 3, merges_b
         b_events = len(events(kube, team_b, "published"))
 
         # team-a points a MergedModel at team-b's prefix, asks for a rollback, and keeps only 2 revisions.
@@ -147,8 +152,10 @@ def test_two_namespace_takeover_is_refused(
         # Several passes later (it looks again every resync), nothing of team-b's moved.
         time.sleep(2 * RESYNC + 1)
         assert _snapshot(s3, out_b) == before
-        assert s3.get_json(artifacts.current_uri(out_b))["revision"] == 2
-        assert status_of(get_merged(kube, team_b, "published"))["revision"] == 2
+        assert s3.get_json(artifacts.current_uri(out_b))["revision"] == 3
+        assert status_of(get_merged(kube, team_b, "published"))["revision"] == 3
+        for merge_uri in merges_b:  # the intruder's keepRevisions: 2 deleted none of team-b's three merges
+            assert [o.key for o in s3.iter_objects(merge_uri)], merge_uri
         assert len(events(kube, team_b, "published")) == b_events, "no Published Events from the intruder's passes"
         assert _reasons(kube, team_a, "intruder").count("OutputOwnedByAnother") == 1
         assert not jobs(kube, team_a, "langmerge.dev/merged-model=intruder")
@@ -175,8 +182,8 @@ def test_two_namespace_takeover_is_refused(
             ),
             what="deleted",
         )
-        apply_merged(kube, team_b, "published", _merged(base, out_b, parameters={"weights": {"es": 0.5}}))
-        wait_for(lambda: _published(kube, team_b, "published", 2), timeout=30, what="re-created, revision 2")
+        apply_merged(kube, team_b, "published", _merged(base, out_b, parameters={"weights": {"es": 0.25}}))
+        wait_for(lambda: _published(kube, team_b, "published", 3), timeout=30, what="re-created, revision 3")
         _event(kube, team_b, "published", "PrefixAdopted")
         assert s3.get_json(artifacts.owner_uri(out_b))["uid"] not in (uid_b, owner["uid"])
         uid = get_merged(kube, team_b, "published")["metadata"]["uid"]
@@ -189,26 +196,112 @@ def test_two_namespace_takeover_is_refused(
             kube,
             team_b,
             "published",
-            _merged(base, out_b, parameters={"weights": {"es": 0.5}}, pinRevision=1, suspend=True),
+            _merged(base, out_b, parameters={"weights": {"es": 0.25}}, pinRevision=1, suspend=True),
         )
         wait_for(lambda: _phase(get_merged(kube, team_b, "published")) == "Suspended", what="Suspended")
         time.sleep(RESYNC + 1)
-        assert s3.get_json(artifacts.current_uri(out_b))["revision"] == 2
-        # ...and resuming rolls back (revision 3 republishes revision 1's merge).
+        assert s3.get_json(artifacts.current_uri(out_b))["revision"] == 3
+        # ...and resuming rolls back (revision 4 republishes revision 1's merge).
         apply_merged(
-            kube, team_b, "published", _merged(base, out_b, parameters={"weights": {"es": 0.5}}, pinRevision=1)
+            kube, team_b, "published", _merged(base, out_b, parameters={"weights": {"es": 0.25}}, pinRevision=1)
         )
-        wait_for(lambda: _published(kube, team_b, "published", 3), timeout=30, what="rollback revision 3")
+        wait_for(lambda: _published(kube, team_b, "published", 4), timeout=30, what="rollback revision 4")
         assert s3.get_json(artifacts.current_uri(out_b))["rollback_of"] == 1
 
         # Within team-b, another MergedModel gets the prefix only once its owner names another output.
-        weights = {"weights": {"es": 0.5}}
+        weights = {"weights": {"es": 0.25}}
         apply_merged(kube, team_b, "successor", _merged(base, out_b, parameters=weights))
         wait_for(lambda: _refused(lambda: get_merged(kube, team_b, "successor"), "OutputOwnedByAnother"), what="no")
         apply_merged(kube, team_b, "published", _merged(base, f"s3://{bucket}/models/team-b/v2", parameters=weights))
-        wait_for(lambda: _published(kube, team_b, "successor", 4), timeout=30, what="the successor publishes")
+        wait_for(lambda: _published(kube, team_b, "successor", 5), timeout=30, what="the successor publishes")
         _event(kube, team_b, "successor", "PrefixAdopted")
         assert s3.get_json(artifacts.owner_uri(out_b))["name"] == "successor"
+
+
+def test_expert_artifact_prefix_is_owned(
+    kube: Any, s3: ObjectStore, bucket: str, namespace: str, make_namespace: Any
+) -> None:
+    """An expert's artifact prefix (``<artifactsUri>/experts/<ns>/<name>/``) has an owner record too: a re-created
+    expert (new uid) takes its own prefix back and keeps its adapter; a prefix whose record names another live object
+    is refused (nothing trained, not even when its data changes); and deleting an expert whose prefix another live object owns
+    deletes nothing, even with ``delete_artifacts_with_expert``."""
+    other = make_namespace()
+    art = f"s3://{bucket}/artifacts"
+    base = f"s3://{bucket}/base"
+    seed_fake_base_model(s3, base)
+    for lang in ("es", "it", "pt"):
+        put_jsonl(s3, f"s3://{bucket}/data/{lang}/part-0.jsonl", ROWS)
+    custom_api = client.CustomObjectsApi(kube)
+
+    def ready(name: str) -> dict[str, Any] | None:
+        obj = get_expert(kube, namespace, name)
+        return obj if _phase(obj) == "Ready" else None
+
+    def delete(name: str) -> None:
+        custom_api.delete_namespaced_custom_object(GROUP, VERSION, namespace, EXPERT_PLURAL, name)
+        wait_for(lambda: name not in _expert_names(kube, namespace), what=f"{name} deleted")
+
+    # Another namespace's live expert (not watched: it only has to exist) that a planted record names.
+    apply_expert(kube, other, "it", _expert(base, f"s3://{bucket}/data/it", "it"))
+    other_uid = custom_api.get_namespaced_custom_object(GROUP, VERSION, other, EXPERT_PLURAL, "it")["metadata"]["uid"]
+    root = artifacts.expert_root(art, namespace, "es")
+    with run_operator(namespace, art), SimulatedJobs(kube, s3, namespace):
+        apply_expert(kube, namespace, "es", _expert(base, f"s3://{bucket}/data/es"))
+        first = wait_for(lambda: ready("es"), timeout=40, what="es Ready")
+        record = s3.get_json(artifacts.owner_uri(root))
+        assert (record["kind"], record["namespace"], record["name"], record["uid"]) == (
+            EXPERT_KIND,
+            namespace,
+            "es",
+            first["metadata"]["uid"],
+        )
+        adapter = status_of(first)["adapter"]["digest"]
+
+        # GitOps deletes and re-creates it: the new object takes its prefix over and adopts its adapter, no Job.
+        delete("es")
+        apply_expert(kube, namespace, "es", _expert(base, f"s3://{bucket}/data/es"))
+        again = wait_for(lambda: ready("es"), timeout=40, what="es Ready again")
+        _event(kube, namespace, "es", "PrefixAdopted")
+        assert s3.get_json(artifacts.owner_uri(root))["uid"] == again["metadata"]["uid"] != first["metadata"]["uid"]
+        assert status_of(again)["adapter"]["digest"] == adapter
+        owners = {j.metadata.owner_references[0].uid for j in jobs(kube, namespace)}
+        assert again["metadata"]["uid"] not in owners, "the re-created expert trained nothing"
+
+        # A record naming another live object: refused at its next check, nothing trained although the data grew.
+        s3.put_json(
+            artifacts.owner_uri(root),
+            artifacts.OwnerRecord(api_version=API_VERSION, kind=EXPERT_KIND, namespace=other, name="it", uid=other_uid),
+        )
+        obj = wait_for(
+            lambda: _refused(lambda: get_expert(kube, namespace, "es"), "ArtifactsOwnedByAnother"),
+            timeout=20,
+            what="es refused",
+        )
+        message = status_of(obj)["message"]
+        assert f"the expert's artifact prefix {root} belongs to LanguageExpert {other}/it (uid {other_uid})" in message
+        _event(kube, namespace, "es", "ArtifactsOwnedByAnother")
+        put_jsonl(s3, f"s3://{bucket}/data/es/part-1.jsonl", ROWS[:5])
+        time.sleep(2 * RESYNC + 1)
+        assert again["metadata"]["uid"] not in {j.metadata.owner_references[0].uid for j in jobs(kube, namespace)}
+        kept = sorted(o.key for o in s3.iter_objects(root))
+
+    # Deleting it with delete_artifacts_with_expert keeps the prefix another live object owns; an expert that owns its
+    # prefix has it deleted (so the setting is on).
+    with run_operator(namespace, art, delete_artifacts_with_expert=True), SimulatedJobs(kube, s3, namespace):
+        apply_expert(kube, namespace, "pt", _expert(base, f"s3://{bucket}/data/pt", "pt"))
+        wait_for(lambda: ready("pt"), timeout=40, what="pt Ready")
+        pt_root = artifacts.expert_root(art, namespace, "pt")
+        assert [o.key for o in s3.iter_objects(pt_root)]
+        delete("es")
+        delete("pt")
+        wait_for(lambda: not [o.key for o in s3.iter_objects(pt_root)], timeout=20, what="pt's artifacts deleted")
+        time.sleep(RESYNC)
+        assert sorted(o.key for o in s3.iter_objects(root)) == kept
+
+
+def _expert_names(kube: Any, namespace: str) -> set[str]:
+    items = client.CustomObjectsApi(kube).list_namespaced_custom_object(GROUP, VERSION, namespace, EXPERT_PLURAL)
+    return {o["metadata"]["name"] for o in items["items"]}
 
 
 # -- item 2: URI policy per namespace ------------------------------------------------------------------------------------
@@ -231,6 +324,13 @@ def test_uri_policy_refuses_every_uri_field(
             "steal-eval": (
                 _expert(ok_base, f"{mine}/data/es", dataset={"uri": f"{mine}/data/es", "evalUri": f"{theirs}/eval"}),
                 f"spec.dataset.evalUri {theirs}/eval",
+                "read",
+            ),
+            "steal-validation": (
+                _expert(
+                    ok_base, f"{mine}/data/es", dataset={"uri": f"{mine}/data/es", "validationUri": f"{theirs}/eval"}
+                ),
+                f"spec.dataset.validationUri {theirs}/eval",
                 "read",
             ),
             "steal-base": (_expert(f"{theirs}/base", f"{mine}/data/es"), f"spec.baseModel.uri {theirs}/base", "read"),
@@ -309,6 +409,25 @@ def test_admission_checks_before_a_job_takes_a_slot(
             obj = wait_for(lambda n=name, r=reason: _refused(lambda: get_expert(kube, namespace, n), r), what=name)
             assert text in status_of(obj)["message"], status_of(obj)["message"]
             _event(kube, namespace, name, reason)
+        # The same checks hold for a MergedModel's merge Job (its image and resources), before anything is read.
+        merged_refused = {
+            "mm-registry": ({"image": "evil.example.com/merge:1"}, "ImageNotAllowed", "from evil.example.com"),
+            "mm-memory": (
+                {"resources": {"gpus": 0, "cpu": "1", "memory": "99999999999999Ei"}},
+                "InvalidResources",
+                "more than the operator allows for one Job (4Ti",
+            ),
+        }
+        for name, (overrides, _, _) in merged_refused.items():
+            apply_merged(
+                kube, namespace, name, _merged(base, f"s3://{bucket}/artifacts/{namespace}/{name}", **overrides)
+            )
+        for name, (_, reason, text) in merged_refused.items():
+            obj = wait_for(lambda n=name, r=reason: _refused(lambda: get_merged(kube, namespace, n), r), what=name)
+            assert text in status_of(obj)["message"], status_of(obj)["message"]
+            assert _phase(obj) == "Failed"
+            _event(kube, namespace, name, reason)
+            assert not s3.exists(artifacts.owner_uri(f"s3://{bucket}/artifacts/{namespace}/{name}")), "nothing written"
         assert not jobs(kube, namespace)
 
         # Per-namespace cap: the namespace gets one training slot of four; another namespace is not starved.
