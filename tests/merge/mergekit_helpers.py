@@ -1,7 +1,8 @@
 """Running mergekit 0.1.5 itself on tiny full-weight models built from known LoRA-shaped deltas.
 
 The same deltas go to langmerge's merge methods as factors; mergekit sees only full models (base + delta), exactly as
-a mergekit user merges fine-tuned models. Used by the cross-check tests (``test_mergekit_parity.py``).
+a mergekit user merges fine-tuned models. The cross-check cases and what is measured on each are here too: the tests
+(``test_mergekit_parity.py``) assert bounds on the figures, ``benchmarks/mergekit_parity.py`` prints them as a table.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from langmerge_trainer.merge.methods import LoraUpdate
+from langmerge_trainer.merge.methods import LoraUpdate, get_method
 
 #: Modules of the tiny Llama that get a delta, and the rank of each language's delta.
 MODULES = ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj", "model.layers.0.mlp.down_proj")
@@ -123,3 +124,127 @@ def run_mergekit(
         merged.update(load_file(shard))
     base = load_file(tiny.base / "model.safetensors")
     return {m: merged[f"{m}.weight"].double() - base[f"{m}.weight"].double() for m in MODULES}
+
+
+#: Per-model weights of the cross-checks (langmerge's ``weights``, mergekit's per-model ``weight``).
+WEIGHTS = (0.5, 1.0, 1.5)
+
+
+def _per_model(**params: Any) -> list[dict[str, Any]]:
+    return [{"weight": w, **params} for w in WEIGHTS]
+
+
+# (langmerge method, langmerge parameters, mergekit method, mergekit per-model parameters, mergekit shared parameters)
+DETERMINISTIC: list[tuple[str, dict[str, Any], str, list[dict[str, Any]], dict[str, Any]]] = [
+    ("linear", {}, "linear", _per_model(), {}),
+    ("task_arithmetic", {"lambda_": 0.7}, "task_arithmetic", _per_model(), {"lambda": 0.7}),
+    ("ties", {"density": 1.0}, "ties", _per_model(density=1.0), {}),
+    ("ties", {"density": 0.5, "lambda_": 1.3}, "ties", _per_model(density=0.5), {"normalize": True, "lambda": 1.3}),
+    ("ties", {"density": 0.5, "normalize": False}, "ties", _per_model(density=0.5), {"normalize": False}),
+    ("magnitude_prune", {"density": 0.4}, "breadcrumbs", _per_model(density=0.4, gamma=0.0), {}),
+    ("breadcrumbs", {"density": 0.6, "gamma": 0.05}, "breadcrumbs", _per_model(density=0.6, gamma=0.05), {}),
+    (
+        "breadcrumbs_ties",
+        {"density": 0.6, "gamma": 0.05, "normalize": True},
+        "breadcrumbs_ties",
+        _per_model(density=0.6, gamma=0.05),
+        {"normalize": True},
+    ),
+    ("sce", {"select_topk": 0.5}, "sce", [{}] * 3, {"select_topk": 0.5}),
+    ("sce", {}, "sce", [{}] * 3, {}),
+    ("model_stock", {}, "model_stock", [{}] * 3, {}),
+    ("model_stock", {"filter_wise": True}, "model_stock", [{}] * 3, {"filter_wise": True}),
+]
+
+#: mergekit's sce and model_stock take no per-model weights: langmerge's weights are all 1 there.
+UNWEIGHTED = {"sce", "model_stock"}
+
+# (langmerge method, langmerge parameters, mergekit per-model parameters, mergekit shared parameters); same names
+RANDOM: list[tuple[str, dict[str, Any], list[dict[str, Any]], dict[str, Any]]] = [
+    ("dare_linear", {"density": 0.5, "rescale": "l1"}, _per_model(density=0.5), {}),
+    ("dare_ties", {"density": 0.4, "rescale": "l1", "normalize": False}, _per_model(density=0.4), {}),
+    ("della", {"density": 0.5, "epsilon": 0.2}, _per_model(density=0.5, epsilon=0.2), {}),
+    ("della_linear", {"density": 0.6, "epsilon": 0.1}, _per_model(density=0.6, epsilon=0.1), {}),
+]
+#: Seeds each random method is run with, on both sides.
+SEEDS = 8
+
+
+def case_id(case: tuple[Any, ...]) -> str:
+    return f"{case[0]}-{'-'.join(f'{k}={v}' for k, v in case[1].items()) or 'defaults'}"
+
+
+def case_weights(method: str) -> tuple[float, ...]:
+    return (1.0, 1.0, 1.0) if method in UNWEIGHTED else WEIGHTS
+
+
+@dataclass(frozen=True)
+class DeterministicFigures:
+    """One deterministic case: per module, the largest |langmerge - mergekit| entry and the largest |mergekit| entry."""
+
+    max_abs_diff: dict[str, float]
+    scale: dict[str, float]
+
+    @property
+    def worst_relative(self) -> float:
+        """max over modules of max |difference| / max(scale, 1): what the test bounds by 1e-6 (one float32 rounding
+        of ``W + D`` at the weights' scale)."""
+        return max(self.max_abs_diff[m] / max(self.scale[m], 1.0) for m in MODULES)
+
+
+def measure_deterministic(tiny: TinyModels, out: Path, case: tuple[Any, ...]) -> DeterministicFigures:
+    method, params, mk_method, per_model, shared = case
+    want = run_mergekit(tiny, out, mk_method, per_model, shared)
+    impl = get_method(method)
+    resolved = impl.resolve(params)
+    diff, scale = {}, {}
+    for module in MODULES:
+        got = impl.merge(module, tiny.updates(module, case_weights(method)), resolved).dense().double()
+        diff[module] = float((got - want[module]).abs().max())
+        scale[module] = float(want[module].abs().max())
+    return DeterministicFigures(diff, scale)
+
+
+@dataclass(frozen=True)
+class RandomFigures:
+    """One random case over :data:`SEEDS` seeds, for langmerge and mergekit: the mean share of entries kept, the mean
+    norm of the merged update relative to the plain weighted sum, and per module the cosine between the two mean
+    merged updates."""
+
+    kept_ours: float
+    kept_mergekit: float
+    ratio_ours: float
+    ratio_mergekit: float
+    cosine: dict[str, float]
+
+
+def measure_random(tiny: TinyModels, out: Path, case: tuple[Any, ...]) -> RandomFigures:
+    method, params, per_model, shared = case
+    impl = get_method(method)
+    kept: dict[str, list[float]] = {"ours": [], "mergekit": []}
+    ratio: dict[str, list[float]] = {"ours": [], "mergekit": []}
+    mean: dict[str, dict[str, torch.Tensor]] = {"ours": {}, "mergekit": {}}
+    for seed in range(SEEDS):
+        want = run_mergekit(tiny, out / f"seed-{seed}", method, per_model, shared, seed=seed)
+        resolved = impl.resolve({**params, "seed": seed})
+        for module in MODULES:
+            got = impl.merge(module, tiny.updates(module, WEIGHTS), resolved).dense().double()
+            plain = sum(
+                w * (B.double() @ A.double())
+                for w, (B, A) in zip(WEIGHTS, [tiny.factors[lang][module] for lang in LANGUAGES], strict=True)
+            )
+            for who, delta in (("ours", got), ("mergekit", want[module])):
+                kept[who].append(float((delta != 0).double().mean()))
+                ratio[who].append(float(delta.norm() / plain.norm()))
+                mean[who][module] = mean[who].get(module, 0) + delta / SEEDS
+    cosine = {
+        m: float(torch.nn.functional.cosine_similarity(mean["ours"][m].flatten(), mean["mergekit"][m].flatten(), dim=0))
+        for m in MODULES
+    }
+    return RandomFigures(
+        kept_ours=sum(kept["ours"]) / len(kept["ours"]),
+        kept_mergekit=sum(kept["mergekit"]) / len(kept["mergekit"]),
+        ratio_ours=sum(ratio["ours"]) / len(ratio["ours"]),
+        ratio_mergekit=sum(ratio["mergekit"]) / len(ratio["mergekit"]),
+        cosine=cosine,
+    )
