@@ -30,7 +30,7 @@ for sub in ("tests/merge", "trainer_image", "operator"):
 
 def _mergekit_settings(method: str, per_model: list[dict[str, Any]], shared: dict[str, Any]) -> str:
     own = {k: v for k, v in per_model[0].items() if k != "weight"}
-    settings = ", ".join(f"{k}: {v}" for k, v in {**own, **shared}.items())
+    settings = ", ".join(f"{k}: {str(v).lower() if isinstance(v, bool) else v}" for k, v in {**own, **shared}.items())
     return f"`{method}`" + (f" {{{settings}}}" if settings else "")
 
 
