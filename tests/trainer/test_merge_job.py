@@ -346,12 +346,35 @@ def test_the_gate_evaluates_the_published_adapter_not_the_exact_update(
 
 
 def test_merge_search_beats_the_spec_on_validation_and_gates_on_other_examples(
-    s3: ObjectStore, base_env: tuple[str, BaseModelIdentity], experts: list[tuple[TrainTask, AdapterManifest]]
+    s3: ObjectStore,
+    base_env: tuple[str, BaseModelIdentity],
+    experts: list[tuple[TrainTask, AdapterManifest]],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The spec's own merge is poor on purpose (three times the summed update): the search finds a better one on
-    the validation half of each held-out split, merges it, and the quality gate evaluates the other half."""
-    from langmerge_trainer.data import search_splits
+    the validation half of each held-out split, merges it, and the quality gate evaluates the other half. Every
+    candidate is scored on one loaded base model."""
+    from transformers import AutoModelForCausalLM
 
+    from langmerge_trainer.data import search_splits
+    from langmerge_trainer.merge import search as search_module
+
+    loads: list[str] = []
+    original_load = AutoModelForCausalLM.from_pretrained
+    original_search = search_module.run_search
+    searched: list[tuple[int, int]] = []  # (models loaded when the search ended, candidates scored)
+
+    def counting_load(*args: Any, **kwargs: Any) -> Any:
+        loads.append(str(args[0]))
+        return original_load(*args, **kwargs)
+
+    def recording_search(*args: Any, **kwargs: Any) -> Any:
+        result = original_search(*args, **kwargs)
+        searched.append((len(loads), len(result.evaluated)))
+        return result
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", counting_load)
+    monkeypatch.setattr(search_module, "run_search", recording_search)
     bucket, base = base_env
     search = Search(methods=["linear", "ties"], densities=[1.0], lambdas=[0.5, 1.0], max_candidates=8)
     task = _task(
@@ -365,6 +388,10 @@ def test_merge_search_beats_the_spec_on_validation_and_gates_on_other_examples(
         search=search,
     )
     manifest = run_merge_task(task, s3, device="cpu")
+    monkeypatch.undo()
+    assert len(searched) == 1
+    models_loaded, candidates = searched[0]
+    assert candidates > 2 and models_loaded == 1, f"{models_loaded} model loads for {candidates} candidates"
     record = manifest.search
     assert record is not None and record.default is not None
     assert record.default.method == "task_arithmetic" and record.default.parameters["lambda_"] == 3.0
