@@ -111,6 +111,12 @@ def failure_uri(prefix: str, attempt: int) -> str:
     return join(prefix, "failures", f"attempt-{attempt}.json")
 
 
+def preemption_uri(prefix: str, attempt: int) -> str:
+    """The trainer's rank 0 writes a :class:`PreemptionRecord` here when ``attempt`` stopped on SIGTERM after a
+    checkpoint, and deletes it when that attempt trains again (a restarted pod of the same Job or TrainJob)."""
+    return join(prefix, "preemptions", f"attempt-{attempt}.json")
+
+
 def merge_prefix(output_uri: str, fingerprint: str) -> str:
     return join(output_uri, "merges", fingerprint)
 
@@ -344,6 +350,9 @@ class ProgressRecord(Record):
 #: ``FailureRecord.error_class`` of an attempt that found other data than the operator listed and committed the
 #: adapter of the data it read under that data's fingerprint: not a failure, a cue to list the data again.
 DATA_CHANGED = "DataChanged"
+#: ``FailureRecord.error_class`` of an attempt whose Job or TrainJob failed after its trainer stopped on SIGTERM with
+#: a checkpoint (a preemption, a drained node): a disruption, not counted against ``retry.limit``.
+DISRUPTED = "Disrupted"
 
 
 class FailureRecord(Record):
@@ -356,6 +365,21 @@ class FailureRecord(Record):
     #: False for errors that a retry cannot fix (bad data, bad spec).
     retryable: bool = True
     attempt: int | None = None
+    at: str = Field(default_factory=utcnow)
+    #: The attempt ended because its pods were disrupted (preempted, drained) after the trainer saved a checkpoint:
+    #: the next attempt starts at once and resumes; it does not count against ``retry.limit``.
+    disruption: bool = False
+
+
+class PreemptionRecord(Record):
+    """``preemptions/attempt-<n>.json``: attempt ``n`` stopped on SIGTERM after saving the checkpoint of ``step``.
+    Rank 0 writes it as the trainer exits 3 and deletes it when the same attempt trains again, so it stands only
+    while the attempt's last run ended that way."""
+
+    fingerprint: str
+    attempt: int
+    step: int
+    reason: str = "SIGTERM"
     at: str = Field(default_factory=utcnow)
 
 

@@ -1,7 +1,9 @@
 """The operator with the trainjob runtime on the real API server and S3 (Kubeflow Trainer simulated): the same failure
 semantics as for Jobs. A trainer error no retry can fix stops the TrainJob at once (no second TrainJob, the expert
-Failed after 1 attempt); a TrainJob that fails with a retryable error is retried with a new TrainJob; the spec is
-refused when it asks for nodes without the trainjob runtime, or for TrainJobs the operator does not create.
+Failed after 1 attempt); a TrainJob that fails with a retryable error is retried with a new TrainJob; a TrainJob
+that fails after its trainer was preempted (SIGTERM, checkpoint, exit 3) is a disruption: the next TrainJob starts
+without spending ``retry.limit``; the spec is refused when it asks for nodes without the trainjob runtime, or for
+TrainJobs the operator does not create.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from langmerge import artifacts
-from langmerge.artifacts import FailureRecord
+from langmerge.artifacts import FailureRecord, PreemptionRecord
 from langmerge.dev.trainjob_crd import trainjob_crd
 from langmerge.kube import install_crds
 from langmerge.store import ObjectStore
@@ -44,13 +46,16 @@ ROWS = [{"prompt": f"q{i}", "completion": f" a{i}"} for i in range(10)]
 class SimulatedTrainer(threading.Thread):
     """Kubeflow Trainer and the trainer's rank 0 for the TrainJobs of one namespace: ``behaviour(attempt)`` is
     ``"succeed"`` (commit, Complete), ``"user-error"`` (a non-retryable failure record while the nodes keep
-    running: a runtime would restart them) or ``"fail"`` (a retryable record, then the Failed condition)."""
+    running: a runtime would restart them), ``"fail"`` (a retryable record, then the Failed condition) or
+    ``"disrupted"`` (a node preempted: rank 0's preemption record, as the trainer writes it when it exits 3 after a
+    checkpoint, then the Failed condition of a JobSet that does not restart nodes)."""
 
     def __init__(self, kube: Any, store: ObjectStore, namespace: str, behaviour: Callable[[int], str]) -> None:
         super().__init__(daemon=True)
         self.api = client.CustomObjectsApi(kube)
         self.store, self.namespace, self.behaviour = store, namespace, behaviour
         self.seen: list[str] = []
+        self.tasks: list[TrainTask] = []
         self.stop = threading.Event()
 
     def _condition(self, name: str, kind: str, reason: str) -> None:
@@ -69,7 +74,13 @@ class SimulatedTrainer(threading.Thread):
                         continue
                     self.seen.append(name)
                     task = TrainTask.model_validate_json(item["spec"]["trainer"]["args"][-1])
+                    self.tasks.append(task)
                     mode = self.behaviour(task.attempt)
+                    if mode == "disrupted":
+                        marker = PreemptionRecord(fingerprint=task.fingerprint, attempt=task.attempt, step=3)
+                        self.store.put_json(artifacts.preemption_uri(task.output_uri, task.attempt), marker)
+                        self._condition(name, "Failed", "BackoffLimitExceeded")
+                        continue
                     if mode == "succeed":
                         write_fake_adapter(self.store, task)
                         self._condition(name, "Complete", "JobsCompleted")
@@ -168,6 +179,40 @@ def test_user_error_stops_the_trainjob_and_retryable_failures_retry(
         for thread in (user_error, flaky):
             thread.stop.set()
             thread.join(5)
+
+
+def test_a_disrupted_trainjob_does_not_spend_the_retry_limit(
+    kube: Any, s3: ObjectStore, seeded: str, namespace: str
+) -> None:
+    """retry.limit 0: a failed attempt would end the expert as Failed, a disrupted one must not."""
+    bucket = seeded
+    trainer = SimulatedTrainer(kube, s3, namespace, lambda attempt: "disrupted" if attempt == 1 else "succeed")
+    trainer.start()
+    try:
+        with run_operator(namespace, f"s3://{bucket}/artifacts", trainjobs=True):
+            apply_expert(kube, namespace, "dialog-es", _spec(bucket, retry={"limit": 0, "backoffSeconds": 60}))
+            ready = wait_for(
+                lambda: (
+                    (o := get_expert(kube, namespace, "dialog-es"))
+                    and status_of(o).get("phase") in ("Ready", "Failed")
+                    and o
+                ),
+                30,
+                what="Ready or Failed",
+            )
+            status = status_of(ready)
+            assert status["phase"] == "Ready", status.get("message")
+            assert status["attempts"] == 0
+            assert len(trainer.seen) == 2 and trainer.seen[0].endswith("-1") and trainer.seen[1].endswith("-2")
+            disrupted = [e for e in events(kube, namespace, "dialog-es") if e.reason == "Disrupted"]
+            assert len(disrupted) == 1 and "not a failed attempt" in disrupted[0].message
+            assert "step 3" in disrupted[0].message and trainer.seen[0] in disrupted[0].message
+            assert not [e for e in events(kube, namespace, "dialog-es") if e.reason == "TrainingFailed"]
+            record = s3.get_record(artifacts.failure_uri(trainer.tasks[0].output_uri, 1), FailureRecord)
+            assert record is not None and record.disruption and record.error_class == artifacts.DISRUPTED
+    finally:
+        trainer.stop.set()
+        trainer.join(5)
 
 
 def test_runtime_refusals(kube: Any, s3: ObjectStore, seeded: str, namespace: str) -> None:

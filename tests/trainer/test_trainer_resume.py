@@ -8,7 +8,15 @@ from typing import Any
 import pytest
 from trainer_helpers import make_task, put_jsonl, sample_pairs
 
-from langmerge.artifacts import MANIFEST, BaseModelIdentity, CheckpointPointer, checkpoints_uri, join
+from langmerge.artifacts import (
+    MANIFEST,
+    BaseModelIdentity,
+    CheckpointPointer,
+    PreemptionRecord,
+    checkpoints_uri,
+    join,
+    preemption_uri,
+)
 from langmerge.store import ObjectStore
 from langmerge.tasks import TrainTask
 from langmerge_trainer.train import Preempted, run_train_task
@@ -68,6 +76,8 @@ def test_resumed_run_is_bit_identical(
     assert caught.value.step == 3
     assert not s3.exists(join(interrupted.output_uri, MANIFEST))
     assert not list(s3.iter_objects(join(interrupted.output_uri, "failures")))  # preemption is not a failure
+    marker = s3.get_record(preemption_uri(interrupted.output_uri, 1), PreemptionRecord)
+    assert marker is not None and (marker.attempt, marker.step) == (1, 3)  # tells the operator: a disruption
     ckpts = checkpoints_uri(interrupted.output_uri)
     pointer = CheckpointPointer.model_validate(s3.get_json(join(ckpts, "latest.json")))
     assert pointer.step == 3 and pointer.uri == join(ckpts, "step-3")
@@ -111,3 +121,10 @@ def test_sigterm_checkpoints_and_stops(
     assert pointer["step"] == 2
     assert not list(s3.iter_objects(join(task.output_uri, "failures")))
     assert signal.getsignal(signal.SIGTERM) == handler_before  # the trainer's handler is gone again
+    marker = s3.get_record(preemption_uri(task.output_uri, task.attempt), PreemptionRecord)
+    assert marker is not None and (marker.step, marker.reason) == (2, "SIGTERM")
+
+    # The same attempt runs again (a restarted pod): its preemption record no longer tells how it ends.
+    monkeypatch.undo()
+    assert run_train_task(task, s3, device="cpu").resumed_from_step == 2
+    assert not s3.exists(preemption_uri(task.output_uri, task.attempt))

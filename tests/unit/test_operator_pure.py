@@ -298,9 +298,15 @@ def test_bounded_history() -> None:
 NOW = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 
 
-def _failure(minutes_ago: float, retryable: bool = True) -> FailureRecord:
+def _failure(minutes_ago: float, retryable: bool = True, disruption: bool = False) -> FailureRecord:
     at = (NOW - timedelta(minutes=minutes_ago)).strftime("%Y-%m-%dT%H:%M:%SZ")
-    return FailureRecord(fingerprint="f", error_class="E", message="m", retryable=retryable, at=at)
+    return FailureRecord(
+        fingerprint="f", error_class="E", message="m", retryable=retryable, at=at, disruption=disruption
+    )
+
+
+def _disrupted(minutes_ago: float = 0) -> FailureRecord:
+    return _failure(minutes_ago, disruption=True)
 
 
 @pytest.mark.parametrize(
@@ -313,11 +319,20 @@ def _failure(minutes_ago: float, retryable: bool = True) -> FailureRecord:
         ({1: _failure(10), 2: _failure(3)}, 2, (3, False, False)),
         ({1: _failure(10), 2: _failure(10), 3: _failure(10)}, 2, (None, True, False)),  # limit spent
         ({1: _failure(10, retryable=False)}, 5, (None, True, False)),  # bad data: no retry
+        # disruptions: not counted, no back-off
+        ({1: _disrupted()}, 0, (2, False, False)),
+        ({1: _disrupted(), 2: _disrupted()}, 0, (3, False, False)),
+        ({1: _disrupted(), 2: _failure(0)}, 0, (None, True, False)),  # the one failure spends limit 0
+        ({1: _disrupted(), 2: _failure(0.5)}, 1, (None, False, True)),  # first back-off (60 s) for the 1st failure
+        ({1: _disrupted(), 2: _failure(1.5)}, 1, (3, False, False)),
+        ({1: _failure(10), 2: _disrupted(), 3: _failure(1.5)}, 2, (None, False, True)),  # 2nd failure: 120 s
+        ({1: _failure(10), 2: _disrupted(), 3: _failure(10)}, 1, (None, True, False)),
     ],
 )
 def test_decide_retry(records: dict[int, FailureRecord], limit: int, expected: tuple[int | None, bool, bool]) -> None:
     decision = decide_retry(records, limit=limit, backoff_seconds=60, now=NOW)
     assert (decision.next_attempt, decision.give_up, decision.wait_until is not None) == expected
+    assert decision.attempts == sum(1 for r in records.values() if not r.disruption)
 
 
 # -- the quality gate ---------------------------------------------------------------------------------------------------

@@ -10,8 +10,9 @@ from typing import Any
 import pytest
 
 from api_cases import expert, merged
+from langmerge import artifacts
 from langmerge.api import LanguageExpertSpec, MergedModelSpec
-from langmerge.artifacts import BaseModelIdentity
+from langmerge.artifacts import BaseModelIdentity, PreemptionRecord
 from langmerge.constants import (
     ANNOTATION_POD_FAILURE_POLICY,
     EXIT_FAILED,
@@ -133,14 +134,19 @@ def test_termination_message_or_log_tail(tmp_path: Path) -> None:
 
 
 class _Store:
-    """Our S3 seam, recording conditional puts."""
+    """Our S3 seam, recording conditional puts; ``records`` are what ``get_record`` finds."""
 
-    def __init__(self) -> None:
+    def __init__(self, records: dict[str, Any] | None = None) -> None:
         self.puts: list[tuple[str, Any]] = []
+        self.records = records or {}
 
     def put_json(self, uri: str, value: Any, **kwargs: Any) -> str:
         self.puts.append((uri, value))
         return "etag"
+
+    def get_record(self, uri: str, model: type[Any]) -> Any:
+        found = self.records.get(uri)
+        return None if found is None else model.model_validate(found.model_dump())
 
 
 @pytest.mark.parametrize(
@@ -167,3 +173,55 @@ def test_operator_records_a_job_failed_by_its_policy_as_not_retryable(reason: st
     assert records[1].retryable is retryable
     assert records[1].error_class == reason and "exit code 4" in records[1].message
     assert store.puts and store.puts[0][1].retryable is retryable
+
+
+PREFIX = "s3://a/x/" + "f" * 16
+
+
+def _ended(reason: str, attempt: int = 1, kind: str = "TrainJob") -> JobState:
+    return JobState(
+        name=f"de-ffff-{attempt}",
+        fingerprint="f" * 16,
+        attempt=attempt,
+        active=False,
+        succeeded=False,
+        failed=True,
+        reason=reason,
+        message="node 0 exited with status 3",
+        created=None,
+        started=None,
+        finished="2026-01-01T00:00:00Z",
+        kind=kind,
+    )
+
+
+@pytest.mark.parametrize("kind", ["TrainJob", "Job"])
+def test_an_attempt_that_ended_after_its_trainer_was_preempted_is_a_disruption(kind: str) -> None:
+    """The trainer's rank 0 left a preemption record for the attempt (SIGTERM, checkpoint, exit 3) and the runtime
+    then failed the TrainJob (a JobSet without restarts): a disruption, not a failure that counts."""
+    marker = PreemptionRecord(fingerprint="f" * 16, attempt=1, step=3)
+    store = _Store({artifacts.preemption_uri(PREFIX, 1): marker})
+    records = record_job_end(store, PREFIX, _ended("BackoffLimitExceeded", kind=kind), {}, "2026-01-01T00:00:01Z")  # type: ignore[arg-type]
+    record = records[1]
+    assert record.disruption and record.retryable and record.error_class == artifacts.DISRUPTED
+    assert "step 3" in record.message and "not a failed attempt" in record.message
+    assert store.puts == [(artifacts.failure_uri(PREFIX, 1), record)]
+
+
+@pytest.mark.parametrize(
+    ("reason", "marker_attempt"),
+    [
+        ("DeadlineExceeded", 1),  # SIGTERM came from the attempt's own deadline
+        ("PodFailurePolicy", 1),  # the policy failed it (exit 4 on another node)
+        ("BackoffLimitExceeded", None),  # no preemption record: a real failure
+        ("BackoffLimitExceeded", 2),  # another attempt's record
+    ],
+)
+def test_other_ends_are_not_disruptions(reason: str, marker_attempt: int | None) -> None:
+    markers = {}
+    if marker_attempt is not None:
+        markers[artifacts.preemption_uri(PREFIX, 1)] = PreemptionRecord(
+            fingerprint="f" * 16, attempt=marker_attempt, step=3
+        )
+    records = record_job_end(_Store(markers), PREFIX, _ended(reason), {}, "2026-01-01T00:00:01Z")  # type: ignore[arg-type]
+    assert not records[1].disruption and records[1].error_class == reason

@@ -26,8 +26,9 @@ costs time, not the attempt. A periodic checkpoint that still cannot be written 
 
 Any failure writes a :class:`langmerge.artifacts.FailureRecord` and re-raises (:func:`is_retryable` tells whether
 another attempt can help; the CLI maps that to its exit status). Preemption (SIGTERM, or the test hook
-``LANGMERGE_TRAINER_STOP_AFTER_STEPS=N``) checkpoints and raises :class:`Preempted`: no failure record, the next
-attempt resumes.
+``LANGMERGE_TRAINER_STOP_AFTER_STEPS=N``) checkpoints and raises :class:`Preempted`: no failure record; rank 0
+writes ``preemptions/attempt-<n>.json`` instead (deleted when the attempt trains again), from which the operator
+tells a disrupted attempt from a failed one; the next attempt resumes.
 
 Batching (``spec.training.batching``): ``batch_size`` is the number of examples (packed: sequences) per optimiser
 step; ``gradient_accumulation_steps`` splits them into that many micro-batches, which saves memory without changing
@@ -69,6 +70,7 @@ from langmerge.artifacts import (
     Cost,
     FailureRecord,
     FileEntry,
+    PreemptionRecord,
     ProgressRecord,
     Versions,
     adapter_uri,
@@ -77,6 +79,7 @@ from langmerge.artifacts import (
     failure_uri,
     join,
     new_run_id,
+    preemption_uri,
     sibling_prefix,
     utcnow,
 )
@@ -753,6 +756,25 @@ class _Run:
             self.store.delete_prefix(previous["uri"])
         log.info("checkpoint at step %d: %s", loop.step, uri)
 
+    def stop_at_checkpoint(self, loop: TrainingLoop, work: Path, reason: str) -> None:
+        """Save a checkpoint, record the preemption (rank 0) and raise :class:`Preempted` on every rank. No rank
+        leaves before rank 0 has written both: the launcher stops the other workers as soon as one exits."""
+        failed: Exception | None = None
+        try:
+            self.save_checkpoint(loop, work)
+        except Exception as err:
+            if not self.world.is_main:
+                raise
+            failed = err
+
+        def record() -> None:
+            if failed is not None:
+                raise failed
+            record_preemption(self.task, self.store, loop.step, reason)
+
+        self.world.on_main(record, what="saving the checkpoint")
+        raise Preempted(loop.step, reason)
+
     def periodic_checkpoint(self, loop: TrainingLoop, work: Path) -> None:
         """A checkpoint on the way: if S3 cannot take it even after retries, training goes on without it (a preempted
         attempt then resumes from an earlier one)."""
@@ -760,6 +782,17 @@ class _Run:
             self.save_checkpoint(loop, work)
         except Exception as err:
             log.error("checkpoint at step %d not saved, training goes on: %s", loop.step, err)
+
+    def training_again(self) -> None:
+        """This attempt trains (again): a preemption record an earlier run of it left (a restarted pod) no longer
+        tells how the attempt ends. Rank 0 deletes it; one that cannot be deleted is only logged."""
+        if not self.world.is_main:
+            return
+        uri = preemption_uri(self.task.output_uri, self.task.attempt)
+        try:
+            self.store.delete(uri)
+        except Exception as err:  # best effort: training goes on
+            log.warning("could not delete %s: %s", uri, err)
 
     def resume(self, loop: TrainingLoop, work: Path) -> int | None:
         """Resume from the latest checkpoint if it fits this task's data order. Rank 0 decides; every rank then
@@ -855,6 +888,7 @@ class _Run:
         with tempfile.TemporaryDirectory(prefix="langmerge-train-") as tmp:
             work = Path(tmp)
             resumed_from = self.resume(loop, work)
+            self.training_again()
             self.train(loop, work)
             self.progress("evaluating", step=loop.step, total_steps=loop.total_steps)
             metrics = evaluate()
@@ -963,8 +997,9 @@ class _Run:
                     if terminated:
                         sigterm.set()
                 if stop or (sigterm.is_set() and not loop.done):  # a finished run commits instead
-                    self.save_checkpoint(loop, work)
-                    raise Preempted(loop.step, "SIGTERM" if sigterm.is_set() else f"{ENV_STOP_AFTER}={self.stop_after}")
+                    self.stop_at_checkpoint(
+                        loop, work, "SIGTERM" if sigterm.is_set() else f"{ENV_STOP_AFTER}={self.stop_after}"
+                    )
                 if loop.step % training.checkpoint_every_steps == 0 and not loop.done:
                     self.periodic_checkpoint(loop, work)
 
@@ -1148,6 +1183,18 @@ def run_train_task(
         raise
     finally:
         world.close()
+
+
+def record_preemption(task: TrainTask, store: ObjectStore, step: int, reason: str) -> None:
+    """Tell the operator that ``task``'s attempt stopped on a preemption notice after the checkpoint of ``step``: if
+    its Job or TrainJob then fails, the attempt was disrupted and does not count against ``retry.limit``. Best
+    effort."""
+    record = PreemptionRecord(fingerprint=task.fingerprint, attempt=task.attempt, step=step, reason=reason)
+    uri = preemption_uri(task.output_uri, task.attempt)
+    try:
+        store.put_json(uri, record)
+    except Exception as err:  # best effort: the checkpoint is saved; the attempt may then count as failed
+        log.error("could not write %s: %s", uri, err)
 
 
 def record_failure(task: TrainTask, store: ObjectStore, err: BaseException) -> FailureRecord:

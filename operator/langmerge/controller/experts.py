@@ -461,6 +461,9 @@ class ExpertReconciler(ReconcilePass[LanguageExpertStatus]):
             ended = records[current.attempt]
             if ended.error_class == artifacts.DATA_CHANGED and self.old.active_job == current.name:
                 return self._data_changed_during_training(current, ended)
+            if ended.disruption and self.old.active_job == current.name:
+                self.event("Warning", "Disrupted", ended.message)
+                self.status.active_job = None
         decision = decide_retry(
             records, limit=spec.retry.limit, backoff_seconds=spec.retry.backoff_seconds, now=self.now
         )
@@ -514,13 +517,19 @@ class ExpertReconciler(ReconcilePass[LanguageExpertStatus]):
             )
         return record
 
+    def _count_attempts(self, job: JobState) -> None:
+        """``status.attempts`` while ``job`` runs: what the retry decision that started it counted (disruptions
+        do not count); for a Job this status did not start (adopted), the attempts before it."""
+        if self.old.active_job != job.name:
+            self.status.attempts = job.attempt - 1
+
     def _queued(self, job: JobState, progress: ProgressRecord | None) -> float:
         """The Job waits for Kueue: never admitted yet ("Queued (Kueue)"), or preempted (suspended again after it
         ran: recorded, and not a failed attempt; the next admission resumes from the last checkpoint)."""
         ran = progress is not None and progress.fingerprint == job.fingerprint and progress.attempt == job.attempt
         queue = self.settings.kueue_queue or "its LocalQueue"
+        self._count_attempts(job)
         self.status.active_job = job.name
-        self.status.attempts = job.attempt - 1
         if job.started is not None or ran:
             where = f" at step {progress.step}" if progress is not None and ran and progress.step else ""
             message = (
@@ -557,8 +566,8 @@ class ExpertReconciler(ReconcilePass[LanguageExpertStatus]):
                 eta_seconds=round(progress.eta_seconds, 1) if progress.eta_seconds is not None else None,
                 updated_at=progress.updated_at,
             )
+        self._count_attempts(job)
         self.status.active_job = job.name
-        self.status.attempts = job.attempt - 1
         where = f"{job.kind} {job.name} (attempt {job.attempt})"
         self.set_phase(ExpertPhase.TRAINING, f"{where} is training fingerprint {job.fingerprint}")
         self.condition(TRAINING, True, "JobRunning", where)
