@@ -527,10 +527,15 @@ class ExpertReconciler(ReconcilePass[LanguageExpertStatus]):
         """The Job waits for Kueue: never admitted yet ("Queued (Kueue)"), or preempted (suspended again after it
         ran: recorded, and not a failed attempt; the next admission resumes from the last checkpoint)."""
         ran = progress is not None and progress.fingerprint == job.fingerprint and progress.attempt == job.attempt
+        # Kueue resets a Job's startTime when it suspends it; this status may have seen it train.
+        seen = self.old.active_job == job.name and (
+            self.old.phase == ExpertPhase.TRAINING
+            or (self.old.phase == ExpertPhase.QUEUED and (self.old.message or "").startswith("Preempted"))
+        )
         queue = self.settings.kueue_queue or "its LocalQueue"
         self._count_attempts(job)
         self.status.active_job = job.name
-        if job.started is not None or ran:
+        if job.started is not None or ran or seen:
             where = f" at step {progress.step}" if progress is not None and ran and progress.step else ""
             message = (
                 f"Preempted (Kueue): {job.kind} {job.name} (attempt {job.attempt}) was suspended{where}; it resumes "

@@ -514,7 +514,12 @@ class MergedReconciler(ReconcilePass[MergedModelStatus]):
         """The merge Job waits for Kueue: for its first admission, or again after a preemption (recorded with an
         Event; not a failed attempt: the merge runs again from the start once admitted)."""
         queue = self.settings.kueue_queue or "its LocalQueue"
-        if job.started is not None:
+        # Kueue resets a Job's startTime when it suspends it: that the Job ran is what this status saw before.
+        ran = self.old.active_job == job.name and (
+            self.old.phase == MergedPhase.MERGING
+            or (self.old.phase == MergedPhase.QUEUED and (self.old.message or "").startswith("Preempted"))
+        )
+        if job.started is not None or ran:
             message = (
                 f"Preempted (Kueue): Job {job.name} (attempt {job.attempt}) was suspended; it runs again once {queue} "
                 "admits it (not a failed attempt)"
