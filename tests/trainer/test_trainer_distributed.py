@@ -5,6 +5,8 @@
   equal within :data:`PARITY_ATOL`: only the order of float additions differs), and FSDP2 (``fully_shard``) the same.
 * A 2-process run stopped at a checkpoint and resumed ends bit-identical to an uninterrupted 2-process run; only
   rank 0 wrote (one checkpoint series, one progress object, one commit), preemption is exit 3 with no failure record.
+* SIGTERM to one rank only (rank 1: a node's preemption notice) stops every rank after the same step: exit 3, one
+  checkpoint (rank 0's), rank 0's preemption record, and a resume that still ends bit-identical.
 * A user error on the workers is the launcher's exit status 4 (torchrun itself would exit 1), so a Job's
   podFailurePolicy still fails the Job at once; rank 0 alone writes the failure record.
 """
@@ -12,8 +14,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +31,11 @@ from langmerge.artifacts import (
     PROGRESS,
     AdapterManifest,
     BaseModelIdentity,
+    PreemptionRecord,
     checkpoints_uri,
     failure_uri,
     join,
+    preemption_uri,
 )
 from langmerge.store import ObjectStore
 from langmerge.tasks import TrainTask
@@ -49,21 +55,25 @@ PARITY_TRAINING: dict[str, Any] = {
 }
 
 
-def _launch(task: TrainTask, tmp: Path, *, processes: int = 2, **env: str) -> subprocess.CompletedProcess[str]:
+def _command(task: TrainTask, tmp: Path, processes: int) -> list[str]:
     task_file = tmp / f"{task.fingerprint}-{task.attempt}.json"
     task_file.write_text(task.to_json())
+    return [
+        sys.executable,
+        "-m",
+        "langmerge_trainer",
+        "distributed",
+        "--standalone",
+        f"--nproc-per-node={processes}",
+        "train",
+        "--task",
+        f"@{task_file}",
+    ]
+
+
+def _launch(task: TrainTask, tmp: Path, *, processes: int = 2, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "langmerge_trainer",
-            "distributed",
-            "--standalone",
-            f"--nproc-per-node={processes}",
-            "train",
-            "--task",
-            f"@{task_file}",
-        ],
+        _command(task, tmp, processes),
         env={**os.environ, "OMP_NUM_THREADS": "1", **env},
         cwd=ROOT,
         capture_output=True,
@@ -71,6 +81,22 @@ def _launch(task: TrainTask, tmp: Path, *, processes: int = 2, **env: str) -> su
         timeout=600,
         check=False,
     )
+
+
+def _worker_of_rank(launcher: int, rank: int) -> int | None:
+    """The pid of the launcher's worker process of ``rank`` (torch's launcher passes RANK in its environment)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == launcher and f"RANK={rank}".encode() in environ:
+            return int(entry.name)
+    return None
 
 
 def _task(bucket: str, base: BaseModelIdentity, data_uri: str, fp: str, batch: int, **training: Any) -> TrainTask:
@@ -180,3 +206,58 @@ def test_two_process_resume_and_exit_statuses(
     record = s3.get_json(failure_uri(broken.output_uri, 1))
     assert record["error_class"] == "DataError" and record["retryable"] is False
     assert "reading the data failed on rank 0" in failed.stderr  # rank 1 learnt it from rank 0
+
+
+def test_sigterm_to_one_rank_stops_every_rank_at_one_checkpoint(
+    s3: ObjectStore, base_env: tuple[str, BaseModelIdentity], data_uri: str, ddp: AdapterManifest, tmp_path: Path
+) -> None:
+    """A node's preemption notice reaches one rank only: the ranks agree (a collective) to stop after the same step."""
+    bucket, base = base_env
+    task = _task(bucket, base, data_uri, "ddpsigterm000001", 4, progressEverySteps=1)
+    with (tmp_path / "launcher.log").open("w+") as log_file:
+        launcher = subprocess.Popen(
+            _command(task, tmp_path, 2),
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=log_file,
+            text=True,
+        )
+        try:
+            # Once rank 0 reports a training step, SIGTERM goes to rank 1 alone.
+            deadline = time.monotonic() + 300
+            rank1 = None
+            while time.monotonic() < deadline and launcher.poll() is None:
+                rank1 = rank1 or _worker_of_rank(launcher.pid, 1)
+                progress = s3.get_json_or_none(join(task.output_uri, PROGRESS))
+                if rank1 and progress and progress.get("stage") == "training" and progress.get("step", 0) >= 1:
+                    os.kill(rank1, signal.SIGTERM)
+                    break
+                time.sleep(0.02)
+            assert rank1 is not None, "rank 1's process was not found"
+            code = launcher.wait(300)
+        finally:
+            if launcher.poll() is None:
+                launcher.kill()
+                launcher.wait()
+        log_file.seek(0)
+        stderr = log_file.read()
+    assert code == 3, stderr[-4000:]
+    notices = [line for line in stderr.splitlines() if "SIGTERM: checkpointing after the current step" in line]
+    assert len(notices) == 1 and "[rank1]" in notices[0], notices  # rank 1 alone got the signal
+    assert not s3.exists(join(task.output_uri, MANIFEST))
+    assert not list(s3.iter_objects(join(task.output_uri, "failures")))  # preemption is no failure
+    ckpt = sorted(o.key.rsplit("/", 1)[-1] for o in s3.iter_objects(checkpoints_uri(task.output_uri)))
+    assert ckpt == sorted(
+        ["latest.json", "adapter.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "rng-1.pt", "state.json"]
+    )
+    step = int(s3.get_json(join(checkpoints_uri(task.output_uri), "latest.json"))["step"])
+    assert 1 <= step < ddp.steps
+    marker = s3.get_record(preemption_uri(task.output_uri, 1), PreemptionRecord)
+    assert marker is not None and (marker.step, marker.reason) == (step, "SIGTERM")  # rank 0 wrote it
+
+    resumed_run = _launch(task.model_copy(update={"attempt": 2}), tmp_path)
+    assert resumed_run.returncode == 0, resumed_run.stderr[-4000:]
+    resumed = AdapterManifest.model_validate(s3.get_json(join(task.output_uri, MANIFEST)))
+    assert resumed.resumed_from_step == step and resumed.steps == ddp.steps
+    assert resumed.adapter_digest == ddp.adapter_digest  # bit-identical to the uninterrupted 2-process run
