@@ -15,16 +15,16 @@ and print the ratios. The 2-process run trains on 2 x batch examples per step: t
 a result (``tests/trainer/test_trainer_distributed.py`` shows the two train the same adapter as 1 process with twice
 the batch).
 
-Measured 2026-12-02 on this 2-core x86_64 machine (AMD EPYC, 2 vCPUs, torch CPU), the defaults (tiny Llama, batch
-16 per process, seq_len <= 128, 30 steps after 3 warm-up, best of 2 rounds); the machine was shared (load average
-~3.6 during the run), so the figures are indicative only:
+Measured 2026-12-02 on this 2-core x86_64 machine (AMD EPYC, 2 vCPUs, torch CPU) with nothing else running, the
+defaults (tiny Llama, batch 16 per process, seq_len <= 128, 30 steps after 3 warm-up, best of 2 rounds; 60 s):
 
-    1 process x 1 thread           28,650 tokens/s   x1.00
-    1 process x 2 threads          13,728 tokens/s   x0.48
-    2 processes x 1 thread (DDP)   24,732 tokens/s   x0.86
+    1 process x 1 thread           32,928 tokens/s   x1.00
+    1 process x 2 threads          41,053 tokens/s   x1.25
+    2 processes x 1 thread (DDP)   43,570 tokens/s   x1.32
 
-On 2 shared cores neither a second thread nor a second process adds throughput; DDP's value is on separate
-devices. No GPU figures: no device was lent to the run.
+On the same two cores, two DDP processes beat one process with two threads (x1.32 against x1.25 of the 1-thread
+baseline; the all-reduce carries only the adapter's gradients). A run on the same machine under a load average of ~3.6
+gave 28,650 / 13,728 / 24,732 tokens/s: on shared cores the figures say little. No GPU figures: no device was lent.
 
     python benchmarks/ddp_throughput.py                      # tiny Llama, CPU
     python benchmarks/ddp_throughput.py --shape small --json ddp.json
