@@ -81,6 +81,24 @@ def refactor_lowrank(B: torch.Tensor, A: torch.Tensor, rank: int) -> Factors:
     return Factors(out_B.contiguous(), out_A.contiguous(), error, tail == 0.0)
 
 
+def _sketch_svd(
+    M: torch.Tensor, width: int, generator: torch.Generator, power_iterations: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A randomized range finder of ``width`` columns (with power iterations) and the SVD of ``M`` projected on it:
+    ``(q, u_s, s, vh)`` with ``q @ u_s @ diag(s) @ vh`` the projection of ``M`` on the sketched range."""
+    n = M.shape[1]
+    omega = torch.randn(n, width, generator=generator, dtype=torch.float32).to(device=M.device, dtype=M.dtype)
+    q, _ = torch.linalg.qr(M @ omega)
+    del omega
+    for _ in range(power_iterations):
+        z, _ = torch.linalg.qr(M.T @ q)
+        q, _ = torch.linalg.qr(M @ z)
+        del z
+    small = q.T @ M  # width x n
+    u_s, s, vh = torch.linalg.svd(small, full_matrices=False)
+    return q, u_s, s, vh
+
+
 def randomized_lowrank(
     M: torch.Tensor,
     rank: int,
@@ -91,18 +109,8 @@ def randomized_lowrank(
 ) -> Factors:
     """Rank-``rank`` factors of a dense ``M`` by a randomized range finder; the error is measured on ``M``."""
     m, n = M.shape
-    width = min(rank + oversample, m, n)
     generator = torch.Generator().manual_seed(seed & 0x7FFFFFFFFFFFFFFF)
-    omega = torch.randn(n, width, generator=generator, dtype=torch.float32).to(device=M.device, dtype=M.dtype)
-    q, _ = torch.linalg.qr(M @ omega)
-    del omega
-    for _ in range(power_iterations):
-        z, _ = torch.linalg.qr(M.T @ q)
-        q, _ = torch.linalg.qr(M @ z)
-        del z
-    small = q.T @ M  # width x n
-    u_s, s, vh = torch.linalg.svd(small, full_matrices=False)
-    del small
+    q, u_s, s, vh = _sketch_svd(M, min(rank + oversample, m, n), generator, power_iterations)
     keep = min(rank, s.shape[0])
     out_B, out_A = _split_singular(q @ u_s, s, vh, keep)
     out_B, out_A = _pad_rank(out_B.contiguous(), out_A.contiguous(), rank)
@@ -172,16 +180,7 @@ def adaptive_lowrank(
     generator = torch.Generator().manual_seed(seed & 0x7FFFFFFFFFFFFFFF)
     while True:
         sketch = min(width + oversample, m, n)
-        omega = torch.randn(n, sketch, generator=generator, dtype=torch.float32).to(device=M.device, dtype=M.dtype)
-        q, _ = torch.linalg.qr(M @ omega)
-        del omega
-        for _ in range(power_iterations):
-            z, _ = torch.linalg.qr(M.T @ q)
-            q, _ = torch.linalg.qr(M @ z)
-            del z
-        small = q.T @ M
-        u_s, s, vh = torch.linalg.svd(small, full_matrices=False)
-        del small
+        q, u_s, s, vh = _sketch_svd(M, sketch, generator, power_iterations)
         complete = sketch >= min(m, n)  # the sketch spans the whole range: s is the exact spectrum
         k = smallest_rank(s, total, max_relative_error, cap if complete else min(width, cap))
         if k is not None or width >= cap or complete:
