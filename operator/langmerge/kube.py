@@ -1,7 +1,8 @@
 """The only seam to the Kubernetes API outside kopf's own machinery.
 
 A small typed wrapper over the official client: custom resources of our kinds, their status subresource, the Jobs we
-own, Secrets by name, and Events. Unit tests replace this class; integration tests run it against a real API server.
+own, Secrets by name, Events, and the leader-election Lease. Unit tests replace this class; integration tests run it
+against a real API server.
 """
 
 from __future__ import annotations
@@ -152,6 +153,7 @@ class Kube:
         self.custom = client.CustomObjectsApi(api)
         self.batch = client.BatchV1Api(api)
         self.core = client.CoreV1Api(api)
+        self.coordination = client.CoordinationV1Api(api)
 
     # -- our custom resources ------------------------------------------------------------------------------------
     def get_expert(self, key: ObjectKey) -> dict[str, Any] | None:
@@ -370,6 +372,39 @@ class Kube:
         if kind == TRAINJOB_KIND:
             return self.delete_trainjob(namespace, name)
         return self.delete_job(namespace, name)
+
+    # -- Leases (leader election) ---------------------------------------------------------------------------------
+    def read_lease(self, namespace: str, name: str) -> Any | None:
+        """The coordination.k8s.io/v1 Lease (the client's ``V1Lease``), or None if it does not exist."""
+        self.on_request("get", "leases")
+        try:
+            return self.coordination.read_namespaced_lease(name, namespace, _request_timeout=self.timeout)
+        except ApiException as err:
+            if err.status == 404:
+                return None
+            raise
+
+    def create_lease(self, namespace: str, body: dict[str, Any]) -> bool:
+        """Create a Lease; False if one of that name exists already (409: another replica was first)."""
+        self.on_request("create", "leases")
+        try:
+            self.coordination.create_namespaced_lease(namespace, body, _request_timeout=self.timeout)
+        except ApiException as err:
+            if err.status == 409:
+                return False
+            raise
+        return True
+
+    def replace_lease(self, namespace: str, name: str, body: dict[str, Any]) -> bool:
+        """Replace a Lease (``body`` carries the resourceVersion read); False on 409: it changed in between."""
+        self.on_request("update", "leases")
+        try:
+            self.coordination.replace_namespaced_lease(name, namespace, body, _request_timeout=self.timeout)
+        except ApiException as err:
+            if err.status == 409:
+                return False
+            raise
+        return True
 
     # -- Secrets and Events --------------------------------------------------------------------------------------
     def secret_exists(self, namespace: str, name: str) -> bool:

@@ -111,6 +111,11 @@ class Settings:
     history_limit: int = 20
     #: Delete an expert's S3 artifacts when the expert is deleted (default: keep them, they are data).
     delete_artifacts_with_expert: bool = False
+    #: Namespace of the leader-election Lease (the chart sets the operator's own namespace); empty: no election,
+    #: this process always reconciles (one replica only).
+    leader_election_namespace: str = ""
+    #: Name of that Lease: replicas sharing it elect one leader; two releases in one namespace need two names.
+    leader_election_lease_name: str = "langmerge-operator"
     #: Port of the Prometheus metrics endpoint (0 disables it).
     metrics_port: int = 9090
     #: Threads for blocking Kubernetes and S3 calls.
@@ -205,6 +210,14 @@ class Settings:
             raise SettingsError("LANGMERGE_TRAINING_RUNTIME=trainjob needs LANGMERGE_TRAINJOBS=true (Kubeflow Trainer)")
         if not _DNS_NAME.fullmatch(self.trainjob_runtime):
             raise SettingsError(f"LANGMERGE_TRAINJOB_RUNTIME must be an object name, got {self.trainjob_runtime!r}")
+        if self.leader_election_namespace and not _DNS_NAME.fullmatch(self.leader_election_namespace):
+            raise SettingsError(
+                f"LANGMERGE_LEADER_ELECTION_NAMESPACE must be a namespace name, got {self.leader_election_namespace!r}"
+            )
+        if not _DNS_NAME.fullmatch(self.leader_election_lease_name):
+            raise SettingsError(
+                f"LANGMERGE_LEADER_ELECTION_LEASE_NAME must be an object name, got {self.leader_election_lease_name!r}"
+            )
         if self.uri_policy not in (ENFORCE, OFF):
             raise SettingsError(f"LANGMERGE_URI_POLICY must be {ENFORCE} or {OFF}, got {self.uri_policy!r}")
         if self.namespace_prefix:

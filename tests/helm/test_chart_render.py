@@ -311,8 +311,22 @@ def test_edge_render(edge: list[dict[str, Any]]) -> None:
 def test_every_setting_has_a_chart_value(edge: list[dict[str, Any]]) -> None:
     """The chart sets every field of Settings (and nothing that is not one): a new setting needs a chart value."""
     names = {n for n in container_env(one(edge, "Deployment")) if n.startswith("LANGMERGE_")}
-    names.discard("LANGMERGE_LEADER_ELECTION_NAMESPACE")  # read by manager.LeaderElection, not a Settings field
     assert names == {f"LANGMERGE_{f.name.upper()}" for f in fields(Settings)}
+
+
+def test_lease_name_reaches_the_operator_and_the_lease_role() -> None:
+    """Two releases share a namespace with two Lease names: the value is the operator's setting and the one name the
+    leader-election Role lets it get and update."""
+    objects = render({"leaderElection": {"leaseName": "langmerge-team-b"}}, release="lm-b")
+    deployment = one(objects, "Deployment")
+    settings = settings_from(deployment)
+    assert settings.leader_election_lease_name == "langmerge-team-b"
+    assert container_env(deployment)["LANGMERGE_LEADER_ELECTION_NAMESPACE"] == {
+        "fieldRef": {"fieldPath": "metadata.namespace"}
+    }
+    (lease_role,) = [r for r in by_kind(objects, "Role") if r["metadata"]["name"].endswith("-leader-election")]
+    (by_name,) = [rule for rule in lease_role["rules"] if "resourceNames" in rule]
+    assert by_name["resourceNames"] == ["langmerge-team-b"] and by_name["verbs"] == ["get", "update"]
 
 
 def test_metrics_off_and_existing_service_account() -> None:
@@ -352,6 +366,7 @@ def test_strictest_namespaced_install_has_nothing_cluster_scoped() -> None:
         (["--set", "jobs.maxTrainingJobs=0"], "maxTrainingJobs"),
         (["--set-json", 'watch={"namespaces":["Team_A"]}'], "namespaces"),
         (["--set", "replicaCount=2", "--set", "leaderElection.enabled=false"], "leaderElection.enabled"),
+        (["--set", "leaderElection.leaseName=Lease_A"], "leaseName"),
         (["--set-json", 'jobs={"env":{"A":"x,y"}}'], "commas"),
         (["--set", "tenancy.uriPolicy=loose"], "uriPolicy"),
         (["--set-json", 'tenancy={"grants":{"team-a":{"write":["s3://b/"]}}}'], "write"),

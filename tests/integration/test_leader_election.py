@@ -28,6 +28,15 @@ def test_one_leader_and_takeover_after_expiry(kube: Any, namespace: str) -> None
     assert a._try() is False
 
 
+def test_two_lease_names_share_a_namespace(kube: Any, namespace: str) -> None:
+    """Two releases in one namespace, each with its own Lease name (leaderElection.leaseName): each has a leader."""
+    a = LeaderElection(Kube(kube), namespace, name="langmerge-a", identity="release-a")
+    b = LeaderElection(Kube(kube), namespace, name="langmerge-b", identity="release-b")
+    assert a._try() is True and b._try() is True
+    same = LeaderElection(Kube(kube), namespace, name="langmerge-a", identity="release-a-standby")
+    assert same._try() is False  # the other replica of release a stands by
+
+
 def test_follower_does_not_process_until_it_leads(kube: Any, namespace: str) -> None:
     async def scenario() -> tuple[bool, bool]:
         holder = LeaderElection(Kube(kube), namespace, identity="holder", lease_seconds=30)

@@ -374,6 +374,27 @@ def test_settings_from_env() -> None:
         }
     )
     assert s.max_training_jobs == 7 and s.namespaces == ("a", "b") and s.delete_artifacts_with_expert
+    # Leader election: off (always the leader) unless a namespace is set; the Lease name is a setting too.
+    assert (s.leader_election_namespace, s.leader_election_lease_name) == ("", "langmerge-operator")
+    s = Settings.from_env(
+        {"LANGMERGE_LEADER_ELECTION_NAMESPACE": "ops", "LANGMERGE_LEADER_ELECTION_LEASE_NAME": "langmerge-b"}
+    )
+    assert (s.leader_election_namespace, s.leader_election_lease_name) == ("ops", "langmerge-b")
+
+
+def test_controller_elects_with_the_lease_settings() -> None:
+    """The controller's leader election uses the settings' namespace and Lease name (no namespace: no election)."""
+    from langmerge.controller.manager import Controller
+
+    settings = Settings.from_env(
+        {"LANGMERGE_LEADER_ELECTION_NAMESPACE": "ops", "LANGMERGE_LEADER_ELECTION_LEASE_NAME": "langmerge-b"}
+    )
+    for given, expected in ((settings, ("ops", "langmerge-b")), (Settings(), (None, "langmerge-operator"))):
+        controller = Controller(given, kube=None, store=None)  # type: ignore[arg-type]  # neither is used here
+        try:
+            assert (controller.leader.namespace, controller.leader.name) == expected
+        finally:
+            controller.pool.shutdown()
 
 
 @pytest.mark.parametrize(
@@ -384,6 +405,8 @@ def test_settings_from_env() -> None:
         ({"LANGMERGE_ARTIFACTS_URI": "/tmp/x"}, "s3://"),
         ({"LANGMERGE_DELETE_ARTIFACTS_WITH_EXPERT": "perhaps"}, "true or false"),
         ({"LANGMERGE_JOB_ENV": "novalue"}, "K=V"),
+        ({"LANGMERGE_LEADER_ELECTION_LEASE_NAME": "Lease_A"}, "LANGMERGE_LEADER_ELECTION_LEASE_NAME"),
+        ({"LANGMERGE_LEADER_ELECTION_NAMESPACE": "ops/x"}, "LANGMERGE_LEADER_ELECTION_NAMESPACE"),
     ],
 )
 def test_settings_errors_name_the_variable(env: dict[str, str], message: str) -> None:

@@ -77,29 +77,18 @@ class LeaderElection:
     leading: asyncio.Event = field(default_factory=asyncio.Event)
 
     def _try(self) -> bool:
-        from kubernetes import client
-
-        api = client.CoordinationV1Api(self.kube.api)
-        timeout = self.kube.timeout
         now = datetime.now(UTC)
         stamp = now.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         spec = {"holderIdentity": self.identity, "leaseDurationSeconds": self.lease_seconds, "renewTime": stamp}
-        try:
-            lease = api.read_namespaced_lease(self.name, self.namespace, _request_timeout=timeout)
-        except ApiException as err:
-            if err.status != 404:
-                raise
+        if self.namespace is None:
+            return True  # no election: always the leader
+        lease = self.kube.read_lease(self.namespace, self.name)
+        if lease is None:
             body = {
                 "metadata": {"name": self.name, "namespace": self.namespace},
                 "spec": {**spec, "acquireTime": stamp},
             }
-            try:
-                api.create_namespaced_lease(self.namespace, body, _request_timeout=timeout)
-            except ApiException as err2:
-                if err2.status == 409:
-                    return False
-                raise
-            return True
+            return self.kube.create_lease(self.namespace, body)
         holder = lease.spec.holder_identity
         renewed = lease.spec.renew_time
         expired = renewed is None or renewed + timedelta(seconds=lease.spec.lease_duration_seconds or 15) < now
@@ -113,13 +102,8 @@ class LeaderElection:
             },
             "spec": {**spec, "acquireTime": stamp if holder != self.identity else lease.spec.acquire_time},
         }
-        try:
-            api.replace_namespaced_lease(self.name, self.namespace, body, _request_timeout=timeout)
-        except ApiException as err:
-            if err.status == 409:
-                return False  # someone else renewed or took it in between
-            raise
-        return True
+        # False on 409: someone else renewed or took it in between.
+        return self.kube.replace_lease(self.namespace, self.name, body)
 
     async def run(self, on_acquired: Callable[[], None]) -> None:
         if not self.namespace:
@@ -152,7 +136,9 @@ class Controller:
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="reconcile")
         self.rt = Runtime(settings=settings, kube=kube, store=store)
         self.rt.enqueue = self.queue.add_after  # thread-safe; a delay <= 0 queues at once
-        self.leader = LeaderElection(kube, os.environ.get("LANGMERGE_LEADER_ELECTION_NAMESPACE") or None)
+        self.leader = LeaderElection(
+            kube, settings.leader_election_namespace or None, name=settings.leader_election_lease_name
+        )
         self.tasks: list[asyncio.Task[None]] = []
         self._lock = threading.Lock()
         self._seen: dict[Key, tuple[Any, ...]] = {}

@@ -106,6 +106,8 @@ The operator's environment: one LANGMERGE_<FIELD> per field of langmerge.setting
     fieldRef:
       fieldPath: metadata.namespace
 {{- end }}
+- name: LANGMERGE_LEADER_ELECTION_LEASE_NAME
+  value: {{ $v.leaderElection.leaseName | quote }}
 {{- with $v.extraEnv }}
 {{ toYaml . }}
 {{- end }}
