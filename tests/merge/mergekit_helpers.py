@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from langmerge_trainer.merge.methods import LoraUpdate, get_method
+from langmerge_trainer.merge.method_math import LoraUpdate, get_method
 
 #: Modules of the tiny Llama that get a delta, and the rank of each language's delta.
 MODULES = ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj", "model.layers.0.mlp.down_proj")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from langmerge_trainer.merge.lowrank import refactor_lowrank
-from langmerge_trainer.merge.methods import LoraUpdate, get_method
+from langmerge_trainer.merge.method_math import LoraUpdate, get_method
 from langmerge_trainer.merge.sparsify import dare_keep_mask, topk_keep_mask
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: run where a GPU is present")

@@ -27,7 +27,7 @@ from mergekit_helpers import (
     measure_random,
 )
 
-from langmerge_trainer.merge.methods import get_method
+from langmerge_trainer.merge.method_math import get_method
 
 #: mergekit 0.1.5 imports numpy.core (deprecated by numpy 2) and passes transformers' deprecated torch_dtype: the
 #: warnings come from inside mergekit, not from our code.

@@ -8,8 +8,8 @@ import pytest
 import torch
 from merge_helpers import ref_merge, ref_ties
 
-from langmerge.methods import METHODS
-from langmerge_trainer.merge.methods import REGISTRY, LoraUpdate, LowRankDelta, get_method
+from langmerge.merge_catalogue import METHODS
+from langmerge_trainer.merge.method_math import REGISTRY, LoraUpdate, LowRankDelta, get_method
 from langmerge_trainer.merge.sparsify import dare_keep_mask, derive_seed
 
 MODULE = "model.layers.0.self_attn.q_proj"
@@ -178,7 +178,7 @@ def test_peft_linear_has_cross_terms_ours_is_the_true_average() -> None:
 @pytest.mark.parametrize("method", ["ties", "magnitude_prune", "dare_ties", "dare_linear"])
 def test_dense_methods_give_the_same_result_in_row_blocks(method: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Small integer factors make many exactly equal magnitudes: the tie budget must carry across blocks."""
-    from langmerge_trainer.merge import methods
+    from langmerge_trainer.merge import method_math
 
     g = torch.Generator().manual_seed(5)
     updates = [
@@ -194,8 +194,8 @@ def test_dense_methods_give_the_same_result_in_row_blocks(method: str, monkeypat
     impl = get_method(method)
     p = impl.resolve({"density": 0.3, **({"seed": 4} if "seed" in impl.parameters else {})})
     whole = impl.merge(MODULE, updates, p).dense()
-    monkeypatch.setattr(methods, "CPU_BLOCK_ELEMENTS", 40)  # blocks of 2 rows: 12 blocks, the last one short
-    assert len(methods.row_blocks(23, 17, torch.device("cpu"))) == 12
+    monkeypatch.setattr(method_math, "CPU_BLOCK_ELEMENTS", 40)  # blocks of 2 rows: 12 blocks, the last one short
+    assert len(method_math.row_blocks(23, 17, torch.device("cpu"))) == 12
     blocked = impl.merge(MODULE, updates, p).dense()
     assert torch.equal(whole, blocked)
     assert torch.allclose(blocked.double(), reference(method, updates, p), atol=1e-6)
@@ -217,7 +217,7 @@ def test_mergekit_family_methods_give_the_same_result_in_row_blocks(
 ) -> None:
     """Selections fitted on whole updates (top-k, outliers, L1 norms, SCE's variance) apply exactly block by block;
     DELLA's row-wise keep probabilities are the same in any block of rows. (Values: ``test_mergekit_parity.py``.)"""
-    from langmerge_trainer.merge import methods
+    from langmerge_trainer.merge import method_math
 
     g = torch.Generator().manual_seed(5)
     updates = [
@@ -233,7 +233,7 @@ def test_mergekit_family_methods_give_the_same_result_in_row_blocks(
     impl = get_method(method)
     p = impl.resolve(given)
     whole = impl.merge(MODULE, updates, p).dense()
-    monkeypatch.setattr(methods, "CPU_BLOCK_ELEMENTS", 40)
+    monkeypatch.setattr(method_math, "CPU_BLOCK_ELEMENTS", 40)
     blocked = impl.merge(MODULE, updates, p).dense()
     assert torch.equal(whole, blocked)
     assert float(whole.abs().sum()) > 0

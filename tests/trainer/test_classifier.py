@@ -234,7 +234,7 @@ def test_every_method_merges_classifier_heads(
 ) -> None:
     from safetensors.torch import load_file
 
-    from langmerge.methods import METHODS
+    from langmerge.merge_catalogue import METHODS
 
     inputs = [
         AdapterInput(

@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from api_cases import INVALID, INVALID_OPERATOR_ONLY, expert, merged
 from langmerge.api import LanguageExpertSpec, MergedModelSpec
 from langmerge.api.common import LabelSelector
-from langmerge.methods import METHOD_NAMES
+from langmerge.merge_catalogue import METHOD_NAMES
 
 
 def _parse(obj: dict[str, Any]) -> Any:

@@ -21,7 +21,14 @@ from langmerge.api.common import (
     StatusModel,
 )
 from langmerge.api.expert import LANGUAGE_PATTERN, Metrics, Retry
-from langmerge.methods import METHOD_NAMES, METHODS, allowed_parameters, effective_method_parameters
+from langmerge.merge_catalogue import (
+    METHOD_NAMES,
+    METHODS,
+    KnotsMerge,
+    Rescale,
+    allowed_parameters,
+    effective_method_parameters,
+)
 
 
 class ExpertSelection(ApiModel):
@@ -40,22 +47,6 @@ class ExpertSelection(ApiModel):
         if (self.selector is None) == (self.names is None):
             raise ValueError("set exactly one of experts.selector and experts.names")
         return self
-
-
-class KnotsMerge(StrEnum):
-    TIES = "ties"
-    LINEAR = "linear"
-
-
-class Rescale(StrEnum):
-    """How DARE and DELLA rescale the entries they keep."""
-
-    #: Divide each kept entry by its keep probability (1/density for DARE): langmerge's DARE default.
-    INVERSE_DENSITY = "inverse-density"
-    #: Scale each tensor so that its L1 norm is what it was before dropping (mergekit's ``rescale: true``).
-    L1 = "l1"
-    #: Keep the entries as they are (mergekit's ``rescale: false``).
-    NONE = "none"
 
 
 class MergeParameters(ApiModel):

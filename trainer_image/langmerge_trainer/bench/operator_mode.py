@@ -28,7 +28,7 @@ from typing import Any
 
 from langmerge.api.expert import LanguageExpertStatus, Metrics
 from langmerge.api.merged import MergedModelStatus
-from langmerge.methods import METHODS
+from langmerge.merge_catalogue import METHODS
 from langmerge_trainer.bench.runner import (
     ARTIFACTS_BUCKET,
     DATA_BUCKET,

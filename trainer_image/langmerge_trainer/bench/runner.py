@@ -47,7 +47,7 @@ from langmerge.api.merged import (
 )
 from langmerge.artifacts import AdapterManifest, BaseModelIdentity, MergeManifest
 from langmerge.fingerprint import merge_fingerprint, training_fingerprint
-from langmerge.methods import METHOD_NAMES, METHODS
+from langmerge.merge_catalogue import METHOD_NAMES, METHODS
 from langmerge.store import ObjectStore
 from langmerge.tasks import MergeTask, MergeTaskInput, TrainTask
 from langmerge_trainer.bench.workloads import LanguageData, Workload

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from langmerge_trainer.classify import HEAD_MODULES
-from langmerge_trainer.merge.methods import LoraUpdate
+from langmerge_trainer.merge.method_math import LoraUpdate
 from langmerge_trainer.merge.safetensors_io import SafetensorsReader
 
 ADAPTER_CONFIG = "adapter_config.json"

@@ -43,7 +43,7 @@ from langmerge_trainer.merge.lowrank import (
     refactor_lowrank,
 )
 from langmerge_trainer.merge.memory import PeakMemory
-from langmerge_trainer.merge.methods import (
+from langmerge_trainer.merge.method_math import (
     CPU_BLOCK_ELEMENTS,
     DEVICE_BLOCK_ELEMENTS,
     LowRankDelta,

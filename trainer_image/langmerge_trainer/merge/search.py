@@ -36,7 +36,7 @@ from langmerge.api.expert import Metrics
 from langmerge.api.merged import ABSOLUTE_GATE_METRICS, GateMetric, Search, SearchObjective
 from langmerge.artifacts import SearchCandidate, SearchRecord
 from langmerge.fingerprint import canonical_json
-from langmerge.methods import METHODS
+from langmerge.merge_catalogue import METHODS
 from langmerge_trainer.data import Example
 from langmerge_trainer.merge.adapters import LoraAdapter, load_adapter
 from langmerge_trainer.merge.engine import (
@@ -47,7 +47,7 @@ from langmerge_trainer.merge.engine import (
     merged_heads,
     plan_merge,
 )
-from langmerge_trainer.merge.methods import LoraUpdate, get_method
+from langmerge_trainer.merge.method_math import LoraUpdate, get_method
 
 log = logging.getLogger(__name__)
 

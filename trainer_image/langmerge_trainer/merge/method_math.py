@@ -40,7 +40,7 @@ from typing import Any, ClassVar, TypeVar, overload
 
 import torch
 
-from langmerge.methods import COMMON_PARAMETERS, METHODS, RESCALE_CHOICES
+from langmerge.merge_catalogue import COMMON_PARAMETERS, METHODS, RESCALE_CHOICES, KnotsMerge
 from langmerge_trainer.merge.sparsify import (
     MagnitudeSelector,
     dare_keep_mask,
@@ -165,7 +165,7 @@ PARAMETER_CHECKS: dict[str, tuple[Callable[[Any], bool], str, Callable[[Any], An
     "density": (lambda v: 0.0 < v <= 1.0, "a number in (0, 1]", float),
     "lambda_": (lambda v: 0.0 < v <= 100.0, "a number in (0, 100]", float),
     "seed": (lambda v: 0 <= v <= 2**31 - 1, "an integer in [0, 2**31-1]", int),
-    "knots_merge": (lambda v: v in ("ties", "linear"), "'ties' or 'linear'", _to_str),
+    "knots_merge": (lambda v: v in tuple(KnotsMerge), " or ".join(repr(k.value) for k in KnotsMerge), _to_str),
     "normalize": (lambda v: isinstance(v, bool), "true or false", _to_bool),
     "rescale": (lambda v: v in RESCALE_CHOICES, " or ".join(RESCALE_CHOICES), _to_str),
     "gamma": (lambda v: 0.0 <= v < 1.0, "a number in [0, 1)", float),
@@ -176,7 +176,7 @@ PARAMETER_CHECKS: dict[str, tuple[Callable[[Any], bool], str, Callable[[Any], An
 
 
 def catalogue_schema(method: str) -> dict[str, Param]:
-    """The declared parameters of a catalogued method (``langmerge.methods.METHODS``), with its defaults."""
+    """The declared parameters of a catalogued method (``langmerge.merge_catalogue.METHODS``), with its defaults."""
     out = {}
     for name, default in METHODS[method].defaults.items():
         check, requirement, convert = PARAMETER_CHECKS[name]
@@ -185,11 +185,15 @@ def catalogue_schema(method: str) -> dict[str, Param]:
 
 
 class MergeMethod(ABC):
-    """A registered merge method. Subclasses declare ``name``, ``summary``, ``low_rank_exact`` and ``schema``."""
+    """A registered merge method. Subclasses declare ``name``, ``low_rank_exact`` and ``schema``; the summary is the
+    catalogue's."""
 
     name: str
-    summary: str
     low_rank_exact: bool
+
+    @property
+    def summary(self) -> str:
+        return METHODS[self.name].summary
 
     @property
     @abstractmethod
@@ -349,11 +353,10 @@ class TaskArithmetic(MergeMethod):
     """Generalised task arithmetic: optional sparsification, optional sign consensus, optional normalisation.
 
     ``normalize`` is the default of methods without a ``normalize`` parameter; the others read it from their
-    parameters (defaults in the catalogue). The declared parameters are the catalogue's (``langmerge.methods``).
+    parameters (defaults in the catalogue). The declared parameters are the catalogue's (``langmerge.merge_catalogue``).
     """
 
     name: str
-    summary: str
     sparsify: Sparsify = Sparsify.NONE
     consensus: bool = False
     normalize: bool = False
@@ -486,72 +489,17 @@ def dense_rows(update: LoraUpdate, r0: int, r1: int) -> torch.Tensor:
     return block if update.scale == 1.0 else block.mul_(update.scale)
 
 
-register(
-    TaskArithmetic(
-        "linear", "Weighted average of the updates: sum(w_i * D_i) / sum(w_i).", normalize=True, scaled=False
-    )
-)
-register(TaskArithmetic("task_arithmetic", "Scaled weighted sum of the updates: lambda * sum(w_i * D_i)."))
-register(
-    TaskArithmetic(
-        "ties",
-        "TIES: trim to the top-density magnitudes, elect signs by weighted mass, disjoint weighted mean.",
-        sparsify=Sparsify.MAGNITUDE,
-        consensus=True,
-    )
-)
-register(
-    TaskArithmetic(
-        "dare_linear",
-        "DARE: seeded random drop (keep = density), rescale, weighted sum.",
-        sparsify=Sparsify.RANDOM,
-    )
-)
-register(
-    TaskArithmetic(
-        "dare_ties",
-        "DARE drop-and-rescale, then TIES sign election and disjoint weighted mean.",
-        sparsify=Sparsify.RANDOM,
-        consensus=True,
-    )
-)
-register(
-    TaskArithmetic(
-        "magnitude_prune", "Trim to the top-density magnitudes, then weighted sum.", sparsify=Sparsify.MAGNITUDE
-    )
-)
-register(TaskArithmetic("cat", "Exact concatenation of the adapters' ranks: B A = sum(w_i * D_i).", scaled=False))
-register(
-    TaskArithmetic(
-        "breadcrumbs",
-        "Model Breadcrumbs: drop the largest (gamma) and smallest magnitudes, weighted sum.",
-        sparsify=Sparsify.OUTLIERS,
-    )
-)
-register(
-    TaskArithmetic(
-        "breadcrumbs_ties",
-        "Model Breadcrumbs sparsification, then TIES sign election.",
-        sparsify=Sparsify.OUTLIERS,
-        consensus=True,
-    )
-)
-register(
-    TaskArithmetic(
-        "della",
-        "DELLA: magnitude-rank sampled drop (density +- epsilon), rescale, TIES sign election (seeded).",
-        sparsify=Sparsify.RANK_SAMPLED,
-        consensus=True,
-    )
-)
-register(
-    TaskArithmetic("della_linear", "DELLA sparsification, then weighted sum (seeded).", sparsify=Sparsify.RANK_SAMPLED)
-)
-
-
-class KnotsMerge(StrEnum):
-    TIES = "ties"
-    LINEAR = "linear"
+register(TaskArithmetic("linear", normalize=True, scaled=False))
+register(TaskArithmetic("task_arithmetic"))
+register(TaskArithmetic("ties", sparsify=Sparsify.MAGNITUDE, consensus=True))
+register(TaskArithmetic("dare_linear", sparsify=Sparsify.RANDOM))
+register(TaskArithmetic("dare_ties", sparsify=Sparsify.RANDOM, consensus=True))
+register(TaskArithmetic("magnitude_prune", sparsify=Sparsify.MAGNITUDE))
+register(TaskArithmetic("cat", scaled=False))
+register(TaskArithmetic("breadcrumbs", sparsify=Sparsify.OUTLIERS))
+register(TaskArithmetic("breadcrumbs_ties", sparsify=Sparsify.OUTLIERS, consensus=True))
+register(TaskArithmetic("della", sparsify=Sparsify.RANK_SAMPLED, consensus=True))
+register(TaskArithmetic("della_linear", sparsify=Sparsify.RANK_SAMPLED))
 
 
 @register
@@ -559,7 +507,6 @@ class Knots(MergeMethod):
     """KnOTS: merge the updates' coordinates in the SVD basis of their concatenation, then map back."""
 
     name = "knots"
-    summary = "KnOTS: align the updates in a shared SVD basis, merge coordinates with TIES or linear, map back."
     low_rank_exact = True
     #: Singular values below this fraction of the largest are dropped (no support).
     relative_cutoff: ClassVar[float] = 1e-7
@@ -630,7 +577,6 @@ class Sce(MergeMethod):
     """
 
     name = "sce"
-    summary = "SCE: select the entries that vary most, weight updates by their mean square, elect signs, average."
     low_rank_exact = False
 
     @property
@@ -691,7 +637,6 @@ class ModelStock(MergeMethod):
     without forming any update. Language weights weight the mean (all 1: mergekit's ``model_stock``)."""
 
     name = "model_stock"
-    summary = "Model Stock: the mean update scaled by N cos / (1 + (N-1) cos) of the updates' mean pairwise cosine."
     low_rank_exact = True
 
     @property

@@ -1,9 +1,9 @@
-"""The catalogue of merge methods: names, the parameters each accepts and their defaults.
+"""The catalogue of merge methods: names, summaries, the parameters each accepts, their choices and defaults.
 
-This is the light half of the merge-method registry. The operator validates ``MergedModel`` specs against it, fills
-in defaults from it (:func:`effective_method_parameters`), and the CRD's enum is generated from it; the trainer's
-registry (``langmerge_trainer.merge.methods``) implements exactly these methods with exactly these defaults (a test
-checks the two agree).
+This is the light half of the merge-method registry, the one place a method is described. The operator validates
+``MergedModel`` specs against it, fills in defaults from it (:func:`effective_method_parameters`), and the CRD's enum
+is generated from it; the trainer's math (``langmerge_trainer.merge.method_math``) implements exactly these methods,
+takes their summaries and defaults from here, and a test checks the two agree.
 
 Parameters that methods gained after the first release (``normalize``, ``rescale`` of the older methods) enter the
 effective parameters, and so the merge fingerprint, only when they are set: merges that do not use them keep their
@@ -14,14 +14,32 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 #: Parameters every method accepts.
 COMMON_PARAMETERS = frozenset({"weights", "include_modules", "exclude_modules"})
 
-#: DARE/DELLA rescaling of the kept entries: by the inverse of their keep probability (1/density for DARE), to keep
-#: each tensor's L1 norm (mergekit's ``rescale: true``), or not at all (mergekit's ``rescale: false``).
-RESCALE_CHOICES = ("inverse-density", "l1", "none")
+
+#: How KnOTS merges the coordinates in the shared basis (``knots_merge``).
+class KnotsMerge(StrEnum):
+    TIES = "ties"
+    LINEAR = "linear"
+
+
+class Rescale(StrEnum):
+    """How DARE and DELLA rescale the entries they keep."""
+
+    #: Divide each kept entry by its keep probability (1/density for DARE): langmerge's DARE default.
+    INVERSE_DENSITY = "inverse-density"
+    #: Scale each tensor so that its L1 norm is what it was before dropping (mergekit's ``rescale: true``).
+    L1 = "l1"
+    #: Keep the entries as they are (mergekit's ``rescale: false``).
+    NONE = "none"
+
+
+#: The values of :class:`Rescale`.
+RESCALE_CHOICES = tuple(r.value for r in Rescale)
 
 
 @dataclass(frozen=True)
