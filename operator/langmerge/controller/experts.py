@@ -17,7 +17,6 @@ from pydantic import ValidationError
 
 from langmerge import artifacts
 from langmerge.admission import Refusal, check_job_spec, check_uris
-from langmerge.api.common import OnChange
 from langmerge.api.expert import (
     AdapterRef,
     ExpertPhase,
@@ -33,7 +32,7 @@ from langmerge.api.expert import (
 from langmerge.artifacts import AdapterManifest, BaseModelIdentity, FailureRecord, ProgressRecord
 from langmerge.constants import COMPONENT_TRAINING, EXPERT_KIND, EXPERT_PLURAL, LABEL_EXPERT, TRAINJOB_KIND
 from langmerge.controller import metrics
-from langmerge.controller.attempts import decide_retry, failure_records, record_job_end
+from langmerge.controller.attempts import RetryDecision, failure_records
 from langmerge.controller.jobs import JobState, Owner, build_training_job
 from langmerge.controller.reconcile import (
     ReconcilePass,
@@ -41,8 +40,9 @@ from langmerge.controller.reconcile import (
     fmt_time,
     format_validation_error,
     object_exists,
+    reconcile_object,
 )
-from langmerge.controller.runtime import EXPERT, Key, Runtime, object_key
+from langmerge.controller.runtime import EXPERT, Key, Runtime
 from langmerge.controller.status import (
     DATA_CHANGED,
     READY,
@@ -296,7 +296,7 @@ class ExpertReconciler(ReconcilePass[LanguageExpertStatus]):
         manifest = self._manifest(prefix, fingerprint)
         if manifest is not None:
             self._ready(manifest, jobs, data_for_training)
-            self._cancel_outdated(jobs, fingerprint, only_if_restart=True)
+            self._cancel_outdated(jobs, fingerprint)
             return self.commit(min(requeue))
 
         task = TrainTask(
@@ -328,7 +328,7 @@ class ExpertReconciler(ReconcilePass[LanguageExpertStatus]):
         memo.manifest_absent = None if manifest is not None else (fingerprint, mono)
         return manifest
 
-    def _failure_records(self, prefix: str) -> dict[int, FailureRecord]:
+    def failure_records(self, prefix: str) -> dict[int, FailureRecord]:
         """Failure records change only when a Job of this fingerprint ends: without one (and with no Job event since,
         see :meth:`Controller.on_job_event`), the last listing stands."""
         memo = self.rt.memo(self.key)
@@ -426,63 +426,35 @@ class ExpertReconciler(ReconcilePass[LanguageExpertStatus]):
         self.condition(READY, True, "AdapterReady", f"adapter {manifest.adapter_digest} at {manifest.adapter_uri}")
         self.condition(TRAINING, False, "Idle")
 
-    def _cancel_outdated(self, jobs: list[JobState], fingerprint: str, *, only_if_restart: bool) -> list[JobState]:
+    def _cancel_outdated(self, jobs: list[JobState], fingerprint: str) -> list[JobState]:
         """Running Jobs for other fingerprints: cancelled under onChange=restart; returned otherwise."""
-        outdated = [j for j in jobs if j.active and j.fingerprint != fingerprint]
-        if not outdated or (only_if_restart and self.spec.on_change != OnChange.RESTART):
-            return outdated
-        if self.spec.on_change == OnChange.RESTART:
-            for job in outdated:
-                if self.rt.kube.delete_workload(job.kind, self.namespace, job.name):
-                    self.event(
-                        "Normal",
-                        "TrainingCancelled",
-                        f"cancelled {job.kind} {job.name}: its fingerprint {job.fingerprint} is outdated",
-                    )
-            return []
-        return outdated
+        message = "cancelled {job.kind} {job.name}: its fingerprint {job.fingerprint} is outdated"
+        return self.cancel_outdated(jobs, fingerprint, self.spec.on_change, "TrainingCancelled", message)
 
-    # -- desired adapter missing ---------------------------------------------------------------------------------
+    # -- desired adapter missing (the flow: ReconcilePass.converge) ---------------------------------------------
     def _converge(self, task: TrainTask, jobs: list[JobState], prefix: str) -> float | None:
-        spec = self.spec
-        mine = sorted((j for j in jobs if j.fingerprint == task.fingerprint), key=lambda j: j.attempt)
-        current = mine[-1] if mine else None
-        stopped: FailureRecord | None = None
-        if current is not None and current.active:
-            stopped = self._stop_on_user_error(current, prefix)
-            if stopped is None:
-                return self._training(current, prefix)
+        def start(attempt: int) -> float | None:
+            self.status.next_retry_at = None
+            return self._start(task.model_copy(update={"attempt": attempt}), jobs)
 
-        records = self._failure_records(prefix)
-        if stopped is not None and current is not None:
-            records[current.attempt] = stopped
-        if current is not None:
-            records = record_job_end(self.rt.store, prefix, current, records, self.now_s)
-            ended = records[current.attempt]
-            if ended.error_class == artifacts.DATA_CHANGED and self.old.active_job == current.name:
-                return self._data_changed_during_training(current, ended)
-            if ended.disruption and self.old.active_job == current.name:
-                self.event("Warning", "Disrupted", ended.message)
-                self.status.active_job = None
-        decision = decide_retry(
-            records, limit=spec.retry.limit, backoff_seconds=spec.retry.backoff_seconds, now=self.now
-        )
-        self.status.attempts = decision.attempts
-        if decision.give_up and decision.last is not None:
-            return self._failed(decision.last, decision.attempts)
-        if decision.wait_until is not None and decision.last is not None:
-            due = fmt_time(decision.wait_until)
-            self.status.next_retry_at = due
+        return self.converge(task.fingerprint, jobs, prefix, self.spec.retry, start)
+
+    def job_ended(self, job: JobState, record: FailureRecord) -> float | None:
+        if record.error_class == artifacts.DATA_CHANGED and self.old.active_job == job.name:
+            return self._data_changed_during_training(job, record)
+        if record.disruption and self.old.active_job == job.name:
+            self.event("Warning", "Disrupted", record.message)
             self.status.active_job = None
-            self.set_phase(
-                ExpertPhase.PENDING, f"attempt {decision.attempts} failed ({decision.last.message}); retry at {due}"
-            )
-            self.condition(TRAINING, False, "RetryBackoff", self.status.message or "")
-            self.condition(READY, False, "TrainingFailed", decision.last.message)
-            return (decision.wait_until - self.now).total_seconds()
-        self.status.next_retry_at = None
-        assert decision.next_attempt is not None
-        return self._start(task.model_copy(update={"attempt": decision.next_attempt}), jobs)
+        return None
+
+    def backing_off(self, decision: RetryDecision, last: FailureRecord) -> None:
+        assert decision.wait_until is not None
+        due = fmt_time(decision.wait_until)
+        self.status.next_retry_at = due
+        self.status.active_job = None
+        self.set_phase(ExpertPhase.PENDING, f"attempt {decision.attempts} failed ({last.message}); retry at {due}")
+        self.condition(TRAINING, False, "RetryBackoff", self.status.message or "")
+        self.condition(READY, False, "TrainingFailed", last.message)
 
     def _data_changed_during_training(self, job: JobState, record: FailureRecord) -> float:
         """The Job found other data than was listed, trained on what it read and committed that data's adapter
@@ -497,7 +469,7 @@ class ExpertReconciler(ReconcilePass[LanguageExpertStatus]):
         self.condition(TRAINING, False, "DataChanged", record.message)
         return 0.1
 
-    def _stop_on_user_error(self, job: JobState, prefix: str) -> FailureRecord | None:
+    def stop_hopeless_job(self, job: JobState, prefix: str) -> FailureRecord | None:
         """A TrainJob whose trainer recorded an error no retry can fix is stopped at once (its runtime may restart
         the nodes otherwise: a Job's podFailurePolicy does this for Jobs). Returns that record, else None."""
         if job.kind != TRAINJOB_KIND or job.suspended:
@@ -553,7 +525,7 @@ class ExpertReconciler(ReconcilePass[LanguageExpertStatus]):
         self.condition(READY, False, "Queued", message)
         return self.settings.resync_seconds
 
-    def _training(self, job: JobState, prefix: str) -> float:
+    def job_running(self, job: JobState, prefix: str) -> float:
         try:
             progress = self.rt.store.get_record(artifacts.join(prefix, artifacts.PROGRESS), ProgressRecord)
         except MalformedRecord as err:
@@ -579,15 +551,15 @@ class ExpertReconciler(ReconcilePass[LanguageExpertStatus]):
         self.condition(READY, False, "Training", f"training fingerprint {job.fingerprint}")
         return self.settings.progress_seconds
 
-    def _failed(self, record: FailureRecord, attempts: int) -> float:
-        message = f"training failed after {attempts} attempt(s): {record.error_class}: {record.message}"
+    def gave_up(self, last: FailureRecord, attempts: int) -> float:
+        message = f"training failed after {attempts} attempt(s): {last.error_class}: {last.message}"
         if self.old.phase != ExpertPhase.FAILED or self.old.message != truncate(message):
             self.event("Warning", "TrainingFailed", message)
             history = TrainingRecord(
-                fingerprint=record.fingerprint,
+                fingerprint=last.fingerprint,
                 result="Failed",
-                finished_at=record.at,
-                message=truncate(record.message, 256),
+                finished_at=last.at,
+                message=truncate(last.message, 256),
             )
             self.status.history = bounded(self.status.history, history, self.settings.history_limit)
         self.status.active_job = None
@@ -616,7 +588,7 @@ class ExpertReconciler(ReconcilePass[LanguageExpertStatus]):
                 READY, False, "Suspended", f"fingerprint {task.fingerprint} is not trained; spec.suspend is true"
             )
             return float(spec.schedule.poll_interval_seconds)
-        outdated = self._cancel_outdated(jobs, task.fingerprint, only_if_restart=False)
+        outdated = self._cancel_outdated(jobs, task.fingerprint)
         if outdated:
             job = outdated[0]
             self.status.active_job = job.name
@@ -641,7 +613,6 @@ class ExpertReconciler(ReconcilePass[LanguageExpertStatus]):
             return created
         name = manifest["metadata"]["name"]
         if created:
-            metrics.JOBS_LAUNCHED.labels(COMPONENT_TRAINING).inc()
             shape = self.status.training
             layout = f"; {shape.nodes} node(s), {shape.processes} process(es)" if shape and shape.processes > 1 else ""
             self.event(
@@ -670,11 +641,7 @@ class ExpertReconciler(ReconcilePass[LanguageExpertStatus]):
 def reconcile_expert(rt: Runtime, key: Key) -> float | None:
     """One pass over ``key``; returns seconds until the next pass (None: only on events)."""
     assert key[0] == EXPERT
-    body = rt.kube.get_expert(object_key(key))
-    if body is None or body["metadata"].get("deletionTimestamp"):
-        cleanup_deleted_expert(rt, key)
-        return None
-    return ExpertReconciler(rt, key, body).run()
+    return reconcile_object(rt, key, rt.kube.get_expert, cleanup_deleted_expert, ExpertReconciler)
 
 
 def cleanup_deleted_expert(rt: Runtime, key: Key) -> None:

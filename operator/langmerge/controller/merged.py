@@ -17,7 +17,6 @@ from pydantic import ValidationError
 
 from langmerge import artifacts
 from langmerge.admission import Refusal, check_job_spec, check_uris
-from langmerge.api.common import OnChange
 from langmerge.api.expert import ExpertPhase, LanguageExpertSpec, LanguageExpertStatus
 from langmerge.api.merged import (
     LanguageMetrics,
@@ -32,6 +31,7 @@ from langmerge.api.merged import (
 )
 from langmerge.artifacts import (
     BaseModelIdentity,
+    FailureRecord,
     MergeManifest,
     PublishedRevision,
     RefactorSummary,
@@ -40,7 +40,7 @@ from langmerge.artifacts import (
 )
 from langmerge.constants import COMPONENT_MERGE, LABEL_MERGED, MERGED_KIND, MERGED_PLURAL
 from langmerge.controller import metrics
-from langmerge.controller.attempts import decide_retry, failure_records, record_job_end
+from langmerge.controller.attempts import RetryDecision
 from langmerge.controller.jobs import JobState, Owner, build_merge_job
 from langmerge.controller.publish import (
     Current,
@@ -53,8 +53,14 @@ from langmerge.controller.publish import (
     read_current,
     read_revision,
 )
-from langmerge.controller.reconcile import ReconcilePass, delete_jobs_of, fmt_time, format_validation_error
-from langmerge.controller.runtime import MERGED, Key, Runtime, object_key
+from langmerge.controller.reconcile import (
+    ReconcilePass,
+    delete_jobs_of,
+    fmt_time,
+    format_validation_error,
+    reconcile_object,
+)
+from langmerge.controller.runtime import MERGED, Key, Runtime
 from langmerge.controller.status import (
     EXPERTS_READY,
     MERGING,
@@ -307,7 +313,7 @@ class MergedReconciler(ReconcilePass[MergedModelStatus]):
         manifest = store.get_record(manifest_uri, MergeManifest)
         jobs = self.jobs = self.owned_jobs(COMPONENT_MERGE)
         if manifest is not None:
-            self._cancel_outdated(jobs, fingerprint, force=False)
+            self._cancel_outdated(jobs, fingerprint)
             return self._gate_and_publish(manifest, manifest_uri, current, fingerprint)
 
         if settle_until > self.now:
@@ -501,14 +507,10 @@ class MergedReconciler(ReconcilePass[MergedModelStatus]):
         self.condition(QUALITY_GATE, True, "Passed", f"revision {record.revision} passed the quality gate when merged")
 
     # -- converging ----------------------------------------------------------------------------------------------
-    def _cancel_outdated(self, jobs: list[JobState], fingerprint: str, *, force: bool) -> list[JobState]:
-        outdated = [j for j in jobs if j.active and j.fingerprint != fingerprint]
-        if outdated and (force or self.spec.on_change == OnChange.RESTART):
-            for job in outdated:
-                if self.rt.kube.delete_workload(job.kind, self.namespace, job.name):
-                    self.event("Normal", "MergeCancelled", f"cancelled Job {job.name}: its inputs are outdated")
-            return []
-        return outdated
+    def _cancel_outdated(self, jobs: list[JobState], fingerprint: str) -> list[JobState]:
+        """Running merge Jobs for other fingerprints: cancelled under onChange=restart; returned otherwise."""
+        message = "cancelled Job {job.name}: its inputs are outdated"
+        return self.cancel_outdated(jobs, fingerprint, self.spec.on_change, "MergeCancelled", message)
 
     def _queued(self, job: JobState) -> float:
         """The merge Job waits for Kueue: for its first admission, or again after a preemption (recorded with an
@@ -535,50 +537,51 @@ class MergedReconciler(ReconcilePass[MergedModelStatus]):
         return self.settings.resync_seconds
 
     def _converge(self, task: MergeTask, jobs: list[JobState], prefix: str) -> float | None:
-        spec = self.spec
-        mine = sorted((j for j in jobs if j.fingerprint == task.fingerprint), key=lambda j: j.attempt)
-        current = mine[-1] if mine else None
-        if current is not None and current.active:
-            self.status.active_job = current.name
-            if current.suspended:
-                return self._queued(current)
-            self.set_phase(MergedPhase.MERGING, f"Job {current.name} is merging fingerprint {task.fingerprint}")
-            self.condition(MERGING, True, "JobRunning", self.status.message or "")
-            return self.settings.progress_seconds
-        records = failure_records(self.rt.store, prefix)
-        if current is not None:
-            records = record_job_end(self.rt.store, prefix, current, records, self.now_s)
-        decision = decide_retry(
-            records, limit=spec.retry.limit, backoff_seconds=spec.retry.backoff_seconds, now=self.now
+        """The desired merge is not committed (the flow: ReconcilePass.converge)."""
+        return self.converge(
+            task.fingerprint,
+            jobs,
+            prefix,
+            self.spec.retry,
+            lambda attempt: self._start(task.model_copy(update={"attempt": attempt}), jobs),
         )
-        self.status.attempts = decision.attempts
-        if decision.give_up and decision.last is not None:
-            self.status.active_job = None
-            return (
-                self.fail(
-                    "MergeFailed",
-                    f"merge failed after {decision.attempts} attempt(s): {decision.last.error_class}: {decision.last.message}",
-                    self.settings.resync_seconds,
-                )
-                or self.settings.resync_seconds
-            )
-        if decision.wait_until is not None and decision.last is not None:
-            self.status.active_job = None
-            self.set_phase(
-                MergedPhase.MERGING,
-                f"attempt {decision.attempts} failed ({decision.last.message}); retry at {fmt_time(decision.wait_until)}",
-            )
-            self.condition(MERGING, False, "RetryBackoff", self.status.message or "")
-            return (decision.wait_until - self.now).total_seconds()
-        assert decision.next_attempt is not None
-        task = task.model_copy(update={"attempt": decision.next_attempt})
 
+    def job_running(self, job: JobState, prefix: str) -> float | None:
+        self.status.active_job = job.name
+        if job.suspended:
+            return self._queued(job)
+        self.set_phase(MergedPhase.MERGING, f"Job {job.name} is merging fingerprint {job.fingerprint}")
+        self.condition(MERGING, True, "JobRunning", self.status.message or "")
+        return self.settings.progress_seconds
+
+    def gave_up(self, last: FailureRecord, attempts: int) -> float | None:
+        self.status.active_job = None
+        return (
+            self.fail(
+                "MergeFailed",
+                f"merge failed after {attempts} attempt(s): {last.error_class}: {last.message}",
+                self.settings.resync_seconds,
+            )
+            or self.settings.resync_seconds
+        )
+
+    def backing_off(self, decision: RetryDecision, last: FailureRecord) -> None:
+        assert decision.wait_until is not None
+        self.status.active_job = None
+        self.set_phase(
+            MergedPhase.MERGING,
+            f"attempt {decision.attempts} failed ({last.message}); retry at {fmt_time(decision.wait_until)}",
+        )
+        self.condition(MERGING, False, "RetryBackoff", self.status.message or "")
+
+    def _start(self, task: MergeTask, jobs: list[JobState]) -> float | None:
+        spec = self.spec
         if spec.suspend:
             self.status.active_job = None
             self.set_phase(MergedPhase.SUSPENDED, "spec.suspend is true: no new merge Jobs")
             self.condition(MERGING, False, "Suspended", self.status.message or "")
             return self.settings.resync_seconds
-        outdated = self._cancel_outdated(jobs, task.fingerprint, force=False)
+        outdated = self._cancel_outdated(jobs, task.fingerprint)
         if outdated:
             self.status.active_job = outdated[0].name
             self.set_phase(
@@ -596,7 +599,6 @@ class MergedReconciler(ReconcilePass[MergedModelStatus]):
             return created
         name = manifest["metadata"]["name"]
         if created:
-            metrics.JOBS_LAUNCHED.labels(COMPONENT_MERGE).inc()
             languages = ", ".join(f"{i.language}:{i.adapter_digest[:8]}" for i in task.inputs)
             self.event(
                 "Normal",
@@ -773,12 +775,9 @@ def _task_type_mismatch(experts: list[SelectedExpert]) -> str | None:
 
 
 def reconcile_merged(rt: Runtime, key: Key) -> float | None:
+    """One pass over ``key``; returns seconds until the next pass (None: only on events)."""
     assert key[0] == MERGED
-    body = rt.kube.get_merged(object_key(key))
-    if body is None or body["metadata"].get("deletionTimestamp"):
-        cleanup_deleted_merged(rt, key)
-        return None
-    return MergedReconciler(rt, key, body).run()
+    return reconcile_object(rt, key, rt.kube.get_merged, cleanup_deleted_merged, MergedReconciler)
 
 
 def cleanup_deleted_merged(rt: Runtime, key: Key) -> None:

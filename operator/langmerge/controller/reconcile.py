@@ -1,4 +1,6 @@
-"""What both reconcilers share: one pass over one object, with its status edited in memory and written once."""
+"""What both reconcilers share: one pass over one object, with its status edited in memory and written once, and
+the flow that converges an object on its desired fingerprint (the latest Job, its failure records, retry or back off
+or give up, start the next attempt, cancel Jobs of outdated fingerprints)."""
 
 from __future__ import annotations
 
@@ -9,9 +11,12 @@ from typing import Any, ClassVar, Generic, Protocol, TypeVar
 from pydantic import ValidationError
 
 from langmerge.admission import Refusal
-from langmerge.api.common import Condition, ConditionStatus
-from langmerge.artifacts import OwnerRecord
+from langmerge.api.common import Condition, ConditionStatus, OnChange
+from langmerge.api.expert import Retry
+from langmerge.artifacts import FailureRecord, OwnerRecord
 from langmerge.constants import API_VERSION, COMPONENT_MERGE, COMPONENT_TRAINING, LABEL_EXPERT, MERGED_KIND
+from langmerge.controller import metrics
+from langmerge.controller.attempts import RetryDecision, decide_retry, failure_records, record_job_end
 from langmerge.controller.jobs import JobState, label_value
 from langmerge.controller.runtime import Key, Runtime, object_key
 from langmerge.controller.status import DEGRADED, READY, get_condition, merge_patch_body, set_condition, truncate
@@ -31,6 +36,7 @@ class _Status(Protocol):
     observed_generation: int | None
     conditions: list[Condition]
     active_job: str | None
+    attempts: int
 
     def model_dump(self, *, mode: str, by_alias: bool) -> dict[str, Any]: ...
 
@@ -80,6 +86,28 @@ def object_exists(rt: Runtime, record: OwnerRecord, prefix: str | None = None) -
     return True
 
 
+def reconcile_object(
+    rt: Runtime,
+    key: Key,
+    read: Callable[[ObjectKey], dict[str, Any] | None],
+    cleanup: Callable[[Runtime, Key], None],
+    make_pass: Callable[[Runtime, Key, dict[str, Any]], ReconcilePass[Any]],
+) -> float | None:
+    """One pass over ``key``: read the object; gone or being deleted, ``cleanup``; else a pass of ``make_pass``.
+    Returns seconds until the next pass (None: only on events)."""
+    body = read(object_key(key))
+    if body is None or body["metadata"].get("deletionTimestamp"):
+        cleanup(rt, key)
+        return None
+    return make_pass(rt, key, body).run()
+
+
+def latest_job(jobs: list[JobState], fingerprint: str) -> JobState | None:
+    """The Job of ``fingerprint`` with the highest attempt, if any."""
+    mine = sorted((j for j in jobs if j.fingerprint == fingerprint), key=lambda j: j.attempt)
+    return mine[-1] if mine else None
+
+
 class ReconcilePass(Generic[StatusT]):
     """One pass: ``old`` is the status as read, ``status`` the one being built; :meth:`commit` writes the difference
     (nothing when nothing changed, so a pass never triggers itself) and posts the Events gathered on the way.
@@ -111,6 +139,10 @@ class ReconcilePass(Generic[StatusT]):
         self.events: list[tuple[str, str, str]] = []
         self.degraded: tuple[str, str] | None = None
         self.wants_slot = False
+
+    def run(self) -> float | None:
+        """The pass; returns seconds until the next one (None: only on events)."""
+        raise NotImplementedError
 
     def condition(self, type_: str, value: bool, reason: str, message: str = "") -> None:
         self.status.conditions = set_condition(
@@ -268,7 +300,7 @@ class ReconcilePass(Generic[StatusT]):
     ) -> bool | float | None:
         """Create a Job under the operator-wide cap of running ``component`` Jobs.
 
-        Returns whether it was created (False: it already existed), or the seconds until the next look when the
+        Returns whether it was created (False: it already existed; True counts in the launched-Jobs metric), or the seconds until the next look when the
         object has to wait: for a slot (it queues and is woken when a Job of ``component`` ends; None then, since
         no timer is needed) or because the API server refused the Job (status and an Event say why).
 
@@ -320,7 +352,78 @@ class ReconcilePass(Generic[StatusT]):
         except BaseException:
             self.rt.slots.release((namespace, name))
             raise
+        if created:
+            metrics.JOBS_LAUNCHED.labels(component).inc()
         return created
+
+    def cancel_outdated(
+        self, jobs: list[JobState], fingerprint: str, on_change: OnChange, reason: str, message: str
+    ) -> list[JobState]:
+        """Running Jobs for other fingerprints than ``fingerprint``: deleted (a Normal Event ``reason`` each, its
+        ``message`` formatted with ``job``) under ``onChange: restart`` and [] returned; otherwise returned, to finish
+        first."""
+        outdated = [j for j in jobs if j.active and j.fingerprint != fingerprint]
+        if outdated and on_change == OnChange.RESTART:
+            for job in outdated:
+                if self.rt.kube.delete_workload(job.kind, self.namespace, job.name):
+                    self.event("Normal", reason, message.format(job=job))
+            return []
+        return outdated
+
+    # -- converging on the desired fingerprint ---------------------------------------------------------------------
+    def converge(
+        self, fingerprint: str, jobs: list[JobState], prefix: str, retry: Retry, start: Callable[[int], float | None]
+    ) -> float | None:
+        """The desired artifact (``fingerprint``, under ``prefix``) is not committed: follow its latest Job while it
+        runs (:meth:`job_running`); once it ended, record how (a failure record per attempt) and decide by ``retry``:
+        give up (:meth:`gave_up`), back off (:meth:`backing_off`), or ``start`` the next attempt."""
+        current = latest_job(jobs, fingerprint)
+        stopped: FailureRecord | None = None
+        if current is not None and current.active:
+            stopped = self.stop_hopeless_job(current, prefix)
+            if stopped is None:
+                return self.job_running(current, prefix)
+        records = self.failure_records(prefix)
+        if stopped is not None and current is not None:
+            records[current.attempt] = stopped
+        if current is not None:
+            records = record_job_end(self.rt.store, prefix, current, records, self.now_s)
+            after = self.job_ended(current, records[current.attempt])
+            if after is not None:
+                return after
+        decision = decide_retry(records, limit=retry.limit, backoff_seconds=retry.backoff_seconds, now=self.now)
+        self.status.attempts = decision.attempts
+        if decision.give_up and decision.last is not None:
+            return self.gave_up(decision.last, decision.attempts)
+        if decision.wait_until is not None and decision.last is not None:
+            self.backing_off(decision, decision.last)
+            return (decision.wait_until - self.now).total_seconds()
+        assert decision.next_attempt is not None
+        return start(decision.next_attempt)
+
+    def failure_records(self, prefix: str) -> dict[int, FailureRecord]:
+        """The failure records of the attempts under ``prefix``."""
+        return failure_records(self.rt.store, prefix)
+
+    def stop_hopeless_job(self, job: JobState, prefix: str) -> FailureRecord | None:
+        """A running Job that cannot succeed is stopped here, returning its failure record (default: none is)."""
+        return None
+
+    def job_ended(self, job: JobState, record: FailureRecord) -> float | None:
+        """The latest Job ended with ``record``: the requeue delay if that settles the pass, else None (decide)."""
+        return None
+
+    def job_running(self, job: JobState, prefix: str) -> float | None:
+        """The latest Job of the desired fingerprint runs: show it; the requeue delay."""
+        raise NotImplementedError
+
+    def gave_up(self, last: FailureRecord, attempts: int) -> float | None:
+        """Every retry is spent: show the last failure; the requeue delay."""
+        raise NotImplementedError
+
+    def backing_off(self, decision: RetryDecision, last: FailureRecord) -> None:
+        """An attempt failed and the next one waits until ``decision.wait_until``: show it."""
+        raise NotImplementedError
 
     def owned_jobs(self, component: str) -> list[JobState]:
         """This object's Jobs of ``component`` (from the watch's index); Jobs of a deleted object of the same name
