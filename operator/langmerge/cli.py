@@ -39,13 +39,13 @@ def cmd_crds(args: argparse.Namespace) -> int:
 
 
 def cmd_controlplane(args: argparse.Namespace) -> int:
-    from langmerge.dev import tools
+    from langmerge.dev import binaries
     from langmerge.dev.controlplane import ControlPlane
 
     cp = ControlPlane(_state_dir(args))
     if args.action == "build":
-        tools.ensure_kube_binaries()
-        print(tools.kube_bin_dir())
+        binaries.ensure_kube_binaries()
+        print(binaries.kube_bin_dir())
         return 0
     if args.action == "start":
         endpoints = cp.start()
@@ -130,7 +130,7 @@ def _kube(args: argparse.Namespace) -> Kube:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from langmerge.constants import EXPERT_PLURAL, MERGED_PLURAL
-    from langmerge.views import experts_table, merged_table
+    from langmerge.reports import experts_table, merged_table
 
     kube = _kube(args)
     print(experts_table(kube.list_all(EXPERT_PLURAL, args.namespace)))
@@ -141,7 +141,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_history(args: argparse.Namespace) -> int:
     from langmerge.kube import ObjectKey
-    from langmerge.views import expert_history, merged_history
+    from langmerge.reports import expert_history, merged_history
 
     kube = _kube(args)
     key = ObjectKey(args.namespace or "default", args.name)
@@ -159,7 +159,7 @@ def cmd_history(args: argparse.Namespace) -> int:
 
 def cmd_cost(args: argparse.Namespace) -> int:
     from langmerge.constants import EXPERT_PLURAL, MERGED_PLURAL
-    from langmerge.views import cost_report, cost_text, read_baselines
+    from langmerge.reports import cost_report, cost_text, read_baselines
 
     kube = _kube(args)
     experts = kube.list_all(EXPERT_PLURAL, args.namespace)
@@ -428,7 +428,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     func: Callable[[argparse.Namespace], int] = args.func
-    return func(args)
+    try:
+        return func(args)
+    except ModuleNotFoundError as err:
+        if not (err.name or "").startswith("langmerge.dev"):
+            raise
+        print(
+            f"langmerge {args.command}: development tooling (langmerge.dev) is not installed here; the operator image "
+            "leaves it out: run it from a clone (make venv)",
+            file=sys.stderr,
+        )
+        return 2
 
 
 if __name__ == "__main__":

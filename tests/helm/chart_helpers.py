@@ -84,9 +84,9 @@ class HelmError(AssertionError):
 
 @functools.cache
 def helm_binary() -> str:
-    from langmerge.dev import tools
+    from langmerge.dev import binaries
 
-    return str(tools.helm())
+    return str(binaries.helm())
 
 
 def helm(*args: str, kubeconfig: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:

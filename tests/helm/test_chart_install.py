@@ -475,9 +475,9 @@ def test_documented_crd_upgrade_applies(control_plane: Endpoints) -> None:
     """The README's CRD upgrade step, as a server-side dry run against the real API server."""
     import subprocess
 
-    from langmerge.dev import tools
+    from langmerge.dev import binaries
 
-    command = [str(tools.kubectl()), "--kubeconfig", control_plane.kubeconfig, "apply", "--server-side"]
+    command = [str(binaries.kubectl()), "--kubeconfig", control_plane.kubeconfig, "apply", "--server-side"]
     command += ["--force-conflicts", "--dry-run=server", "-f", str(CHART / "crds")]
     result = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stderr

@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 import json
 import re
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -65,6 +67,37 @@ def test_installs_the_package_without_the_trainer_extra(pyproject: dict[str, Any
         assert heavy not in base
     # The build itself fails if torch or the trainer package were importable.
     assert any("find_spec('torch') is None" in rest for rest in args_of("RUN"))
+
+
+#: Run with langmerge.dev unimportable, as in the image: the operator and the CLI load; a development command says
+#: what is missing instead of a traceback.
+_WITHOUT_DEV = """
+import importlib.abc, sys
+
+class NoDev(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "langmerge.dev" or name.startswith("langmerge.dev."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+sys.meta_path.insert(0, NoDev())
+import langmerge.controller.main, langmerge.cli
+assert "langmerge.dev" not in sys.modules
+sys.exit(langmerge.cli.main(["controlplane", "status"]))
+"""
+
+
+def test_development_tooling_stays_out_of_the_image() -> None:
+    """langmerge.dev (local control plane, Job runner, sample) is removed before the install, the build fails if it
+    is importable, and what the image runs needs nothing from it."""
+    (install,) = [rest for rest in args_of("RUN") if "pip install" in rest]
+    removal = "rm -rf operator/langmerge/dev "
+    assert (ROOT / "operator" / "langmerge" / "dev").is_dir()
+    assert removal in install and install.index(removal) < install.index("pip install"), install
+    assert "find_spec('langmerge.dev') is None" in install
+    result = subprocess.run([sys.executable, "-c", _WITHOUT_DEV], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "development tooling (langmerge.dev) is not installed here" in result.stderr, result.stderr
 
 
 def test_slim_python_of_the_supported_version(pyproject: dict[str, Any]) -> None:

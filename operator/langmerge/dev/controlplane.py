@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from langmerge.dev import tools
+from langmerge.dev import binaries
 
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "seaweedfs")
 
@@ -160,7 +160,7 @@ class ControlPlane:
     # -- start ---------------------------------------------------------------------------------------------------
     def start(self, timeout: float = 90.0) -> Endpoints:
         """Start whatever is not running; idempotent. Returns the endpoints."""
-        apiserver_bin, kcm_bin = tools.ensure_kube_binaries()
+        apiserver_bin, kcm_bin = binaries.ensure_kube_binaries()
         self.dir.mkdir(parents=True, exist_ok=True)
         self.logs.mkdir(exist_ok=True)
         state = self._load()
@@ -329,7 +329,7 @@ class ControlPlane:
     def _etcd_cmd(self, state: _State) -> list[str]:
         p, peer = state.ports["etcd"], state.ports["etcd_peer"]
         return [
-            str(tools.etcd()),
+            str(binaries.etcd()),
             "--name=local",
             f"--data-dir={self.dir / 'etcd'}",
             f"--listen-client-urls=http://127.0.0.1:{p}",
@@ -385,7 +385,7 @@ class ControlPlane:
         (d / "logs").mkdir(parents=True, exist_ok=True)
         p = state.ports
         return [
-            str(tools.weed()),
+            str(binaries.weed()),
             f"-logdir={d / 'logs'}",
             "mini",
             f"-dir={d}",

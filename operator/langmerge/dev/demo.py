@@ -31,8 +31,7 @@ from langmerge.api.expert import LanguageExpertStatus
 from langmerge.api.merged import MergedModelStatus
 from langmerge.constants import API_VERSION, EXPERT_PLURAL, GROUP, MERGED_PLURAL, VERSION
 from langmerge.kube import Kube, install_crds, load_client
-from langmerge.store import ObjectStore, S3Config
-from langmerge.views import (
+from langmerge.reports import (
     changes_text,
     cost_report,
     cost_text,
@@ -41,6 +40,7 @@ from langmerge.views import (
     read_baselines,
     table,
 )
+from langmerge.store import ObjectStore, S3Config
 
 LANGUAGES = ("es", "it", "pt")
 #: The language whose data grows in the maintenance step.

@@ -1,4 +1,4 @@
-"""The read-only views: status tables and the cost report."""
+"""The CLI's read-only reports: status tables and the cost report."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from langmerge.views import cost_report, cost_text, experts_table, merged_history, merged_table
+from langmerge.reports import cost_report, cost_text, experts_table, merged_history, merged_table
 
 
 def _expert(name: str, lang: str, runs: list[tuple[str, float, int]]) -> dict[str, Any]:
@@ -91,7 +91,7 @@ def test_cost_report_uses_a_measured_joint_retrain_when_recorded() -> None:
 
 def test_read_baselines_reads_the_records_of_the_experts_tasks() -> None:
     from langmerge.artifacts import JointBaseline, baseline_uri
-    from langmerge.views import read_baselines
+    from langmerge.reports import read_baselines
 
     record = JointBaseline(task="t", languages=["de"], wall_seconds=5.0, source="test")
 

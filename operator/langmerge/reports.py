@@ -1,5 +1,6 @@
-"""Read-only views for any cluster: status tables, histories and the cost report. Pure functions over the custom
-resources as the API returns them (dicts); the CLI fetches and prints."""
+"""The CLI's reports for any cluster (``langmerge status | history | cost``): status tables, histories and the cost
+report. Read-only, pure functions over the custom resources as the API returns them (dicts); the CLI fetches and
+prints."""
 
 from __future__ import annotations
 
