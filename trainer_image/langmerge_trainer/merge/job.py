@@ -42,7 +42,7 @@ from langmerge.tasks import MergeTask
 from langmerge_trainer.data import DataError, Example, load_eval_split
 from langmerge_trainer.evaluate import pick_device
 from langmerge_trainer.failures import failure_record, report_failure, write_termination_message
-from langmerge_trainer.merge.engine import FULL_WEIGHTS, AdapterInput, MergeError, merge_adapters
+from langmerge_trainer.merge.engine import FULL_WEIGHTS, AdapterInput, MergeError, MergeReport, merge_adapters
 from langmerge_trainer.merge.evaluation import LanguageInput, evaluate_merge
 from langmerge_trainer.modelcache import ensure_model
 from langmerge_trainer.runs import delete_stale_runs
@@ -88,7 +88,10 @@ def run_merge_task(
     task: MergeTask, store: ObjectStore, *, device: str | None = None, work_dir: Path | None = None
 ) -> MergeManifest:
     """Run the task (idempotent by fingerprint); returns the committed manifest. ``store`` is used through
-    :func:`langmerge_trainer.s3retry.retrying`."""
+    :func:`langmerge_trainer.s3retry.retrying`.
+
+    Steps: download the base model and the adapters, search (``spec.search``), merge, upload, evaluate, then commit
+    the manifest (``IfNoneMatch``: the first run to commit wins)."""
     s3 = retrying(store)
     manifest_uri = artifacts.join(task.output_uri, artifacts.MANIFEST)
     existing = s3.get_json_or_none(manifest_uri)
@@ -108,19 +111,7 @@ def run_merge_task(
         _progress(s3, task, "downloading", 0, total_steps)
         t = time.monotonic()
         base_dir = ensure_model(s3, task.base_model.uri, task.base_model.digest)
-        inputs = []
-        for item in task.inputs:
-            path = _download_adapter(s3, item.adapter_uri, item.adapter_digest, root / "adapters" / item.language)
-            inputs.append(
-                AdapterInput(
-                    language=item.language,
-                    path=path,
-                    weight=item.weight,
-                    uri=item.adapter_uri,
-                    digest=item.adapter_digest,
-                    labels=tuple(item.labels) if item.labels else None,
-                )
-            )
+        inputs = _download_inputs(s3, task, root / "adapters")
         timings["download"] = time.monotonic() - t
 
         labels = task.inputs[0].labels if task.inputs[0].task_type == TaskType.SEQUENCE_CLASSIFICATION else None
@@ -137,19 +128,7 @@ def run_merge_task(
 
         _progress(s3, task, "merging", 1, total_steps)
         out_dir = root / "merged"
-        report = merge_adapters(
-            base_dir,
-            inputs,
-            method,
-            parameters,
-            task.output.format,
-            task.output.rank,
-            out_dir,
-            shard_size_mb=task.output.shard_size_mb,
-            device=torch_device,
-            max_relative_error=task.output.max_relative_error,
-            max_rank=task.output.max_rank,
-        )
+        report = _merge(task, base_dir, inputs, method, parameters, out_dir, torch_device)
         timings.update({f"merge_{k}": v for k, v in report.timings.items()})
 
         _progress(s3, task, "uploading", 2, total_steps)
@@ -162,52 +141,167 @@ def run_merge_task(
         expert_metrics: dict[str, Metrics] = {}
         if task.evaluation.enabled:
             t = time.monotonic()
-            languages = [
-                LanguageInput(
-                    language=item.language,
-                    adapter_dir=adapter.path,
-                    # with a search: the gate's part of the held-out data, never an example the search validated on
-                    examples=gate_examples[item.language]
-                    if gate_examples is not None
-                    else load_eval_split(s3, item.dataset, max_examples=task.evaluation.max_examples, labels=labels),
-                    max_seq_length=item.max_seq_length,
-                )
-                for item, adapter in zip(task.inputs, inputs, strict=True)
-            ]
-            step = {item.language: 3 + i for i, item in enumerate(task.inputs)}
-            merged_metrics, expert_metrics = evaluate_merge(
+            merged_metrics, expert_metrics = _evaluate(
+                s3,
+                task,
+                run_prefix,
                 base_dir,
                 out_dir,
                 full_weights=report.output_format == FULL_WEIGHTS,
-                languages=languages,
-                device=torch_device,
-                max_examples=task.evaluation.max_examples,
+                inputs=inputs,
+                gate_examples=gate_examples,
                 labels=labels,
-                on_language=lambda lang: _progress(s3, task, f"evaluating {lang}", step[lang], total_steps),
+                device=torch_device,
+                total_steps=total_steps,
             )
-            for item in task.inputs:
-                s3.put_json(
-                    artifacts.merge_eval_uri(run_prefix, item.language),
-                    {
-                        "language": item.language,
-                        "merged": merged_metrics[item.language].model_dump(mode="json", exclude_none=True),
-                        "expert": expert_metrics[item.language].model_dump(mode="json", exclude_none=True),
-                        "evaluated_at": utcnow(),
-                    },
-                )
-                log.info(
-                    "%s: merged eval loss %.4f, expert alone %.4f",
-                    item.language,
-                    merged_metrics[item.language].eval_loss or float("nan"),
-                    expert_metrics[item.language].eval_loss or float("nan"),
-                )
             timings["evaluate"] = time.monotonic() - t
         else:
             expert_metrics = {i.language: i.expert_metrics for i in task.inputs if i.expert_metrics is not None}
 
     wall = time.monotonic() - wall0
     gpus = 1 if torch_device.type == "cuda" else 0
-    manifest = MergeManifest(
+    cost = Cost(
+        wall_seconds=wall,
+        cpu_seconds=_cpu_seconds() - cpu0,
+        gpus=gpus,
+        gpu_seconds=gpus * wall,
+        device=device_name(torch_device),
+    )
+    manifest = _manifest(
+        task,
+        method,
+        parameters,
+        report,
+        model_uri=model_uri,
+        files=files,
+        search=search_record,
+        merged_metrics=merged_metrics,
+        expert_metrics=expert_metrics,
+        timings=timings,
+        cost=cost,
+        started_at=started_at,
+    )
+    return _commit(s3, task, manifest_uri, manifest, report, total_steps)
+
+
+def _download_inputs(s3: RetryingStore, task: MergeTask, folder: Path) -> list[AdapterInput]:
+    """Every input adapter, downloaded (digest-checked) into ``folder/<language>``."""
+    inputs = []
+    for item in task.inputs:
+        path = _download_adapter(s3, item.adapter_uri, item.adapter_digest, folder / item.language)
+        inputs.append(
+            AdapterInput(
+                language=item.language,
+                path=path,
+                weight=item.weight,
+                uri=item.adapter_uri,
+                digest=item.adapter_digest,
+                labels=tuple(item.labels) if item.labels else None,
+            )
+        )
+    return inputs
+
+
+def _merge(
+    task: MergeTask,
+    base_dir: Path,
+    inputs: Sequence[AdapterInput],
+    method: str,
+    parameters: dict[str, Any],
+    out_dir: Path,
+    device: torch.device,
+) -> MergeReport:
+    """The merge itself, in the output format, rank and shard size the task asks for."""
+    return merge_adapters(
+        base_dir,
+        inputs,
+        method,
+        parameters,
+        task.output.format,
+        task.output.rank,
+        out_dir,
+        shard_size_mb=task.output.shard_size_mb,
+        device=device,
+        max_relative_error=task.output.max_relative_error,
+        max_rank=task.output.max_rank,
+    )
+
+
+def _evaluate(
+    s3: RetryingStore,
+    task: MergeTask,
+    run_prefix: str,
+    base_dir: Path,
+    out_dir: Path,
+    *,
+    full_weights: bool,
+    inputs: Sequence[AdapterInput],
+    gate_examples: dict[str, list[Example]] | None,
+    labels: Sequence[str] | None,
+    device: torch.device,
+    total_steps: int,
+) -> tuple[dict[str, Metrics], dict[str, Metrics]]:
+    """The merged model and each expert alone on every language's held-out examples; one record per language under
+    the run's prefix. Returns (merged, expert) metrics by language."""
+    languages = [
+        LanguageInput(
+            language=item.language,
+            adapter_dir=adapter.path,
+            # with a search: the gate's part of the held-out data, never an example the search validated on
+            examples=gate_examples[item.language]
+            if gate_examples is not None
+            else load_eval_split(s3, item.dataset, max_examples=task.evaluation.max_examples, labels=labels),
+            max_seq_length=item.max_seq_length,
+        )
+        for item, adapter in zip(task.inputs, inputs, strict=True)
+    ]
+    step = {item.language: 3 + i for i, item in enumerate(task.inputs)}
+    merged_metrics, expert_metrics = evaluate_merge(
+        base_dir,
+        out_dir,
+        full_weights=full_weights,
+        languages=languages,
+        device=device,
+        max_examples=task.evaluation.max_examples,
+        labels=labels,
+        on_language=lambda lang: _progress(s3, task, f"evaluating {lang}", step[lang], total_steps),
+    )
+    for item in task.inputs:
+        s3.put_json(
+            artifacts.merge_eval_uri(run_prefix, item.language),
+            {
+                "language": item.language,
+                "merged": merged_metrics[item.language].model_dump(mode="json", exclude_none=True),
+                "expert": expert_metrics[item.language].model_dump(mode="json", exclude_none=True),
+                "evaluated_at": utcnow(),
+            },
+        )
+        log.info(
+            "%s: merged eval loss %.4f, expert alone %.4f",
+            item.language,
+            merged_metrics[item.language].eval_loss or float("nan"),
+            expert_metrics[item.language].eval_loss or float("nan"),
+        )
+    return merged_metrics, expert_metrics
+
+
+def _manifest(
+    task: MergeTask,
+    method: str,
+    parameters: dict[str, Any],
+    report: MergeReport,
+    *,
+    model_uri: str,
+    files: dict[str, tuple[int, str]],
+    search: SearchRecord | None,
+    merged_metrics: dict[str, Metrics],
+    expert_metrics: dict[str, Metrics],
+    timings: dict[str, float],
+    cost: Cost,
+    started_at: str,
+) -> MergeManifest:
+    """The record of this merge: what went in, what came out and where, how it scored, what it cost."""
+    return MergeManifest(
         fingerprint=task.fingerprint,
         namespace=task.namespace,
         name=task.name,
@@ -232,22 +326,29 @@ def run_merge_task(
         files={k: FileEntry(size=s, sha256=h) for k, (s, h) in files.items()},
         module_errors=report.module_errors,
         module_ranks=report.module_ranks,
-        search=search_record,
+        search=search,
         evaluation=merged_metrics,
         expert_metrics=expert_metrics,
         timings={k: round(v, 4) for k, v in timings.items()},
-        cost=Cost(
-            wall_seconds=wall,
-            cpu_seconds=_cpu_seconds() - cpu0,
-            gpus=gpus,
-            gpu_seconds=gpus * wall,
-            device=device_name(torch_device),
-        ),
+        cost=cost,
         versions=library_versions(),
         image=task.image,
         started_at=started_at,
         finished_at=utcnow(),
     )
+
+
+def _commit(
+    s3: RetryingStore,
+    task: MergeTask,
+    manifest_uri: str,
+    manifest: MergeManifest,
+    report: MergeReport,
+    total_steps: int,
+) -> MergeManifest:
+    """Commit ``manifest`` (``IfNoneMatch``); if another run committed first, that one stands. Returns the
+    committed manifest, after the attempt's leftovers are cleaned up."""
+    model_uri = manifest.model_uri
     try:
         s3.put_json(manifest_uri, manifest, if_none_match=True)
     except PreconditionFailed:
