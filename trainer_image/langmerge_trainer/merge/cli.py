@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from langmerge.api.merged import Search
 from langmerge.artifacts import (
@@ -35,6 +35,7 @@ from langmerge.artifacts import (
     FileEntry,
     MergeInputRecord,
     MergeManifest,
+    SearchRecord,
     Versions,
     utcnow,
 )
@@ -42,6 +43,9 @@ from langmerge.fingerprint import digest
 from langmerge.store import ObjectStore, StoreError, file_sha256, files_digest
 from langmerge_trainer.merge.adapters import AdapterError, LoraAdapter
 from langmerge_trainer.merge.config import ConfigError, MergeConfig, is_s3, load_config
+
+if TYPE_CHECKING:
+    from langmerge_trainer.merge.engine import AdapterInput, MergeReport
 
 #: Files never part of a folder's digest: hidden files and partial downloads.
 _SKIP_SUFFIXES = (".part",)
@@ -240,14 +244,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from langmerge_trainer.merge.engine import (
-        FULL_WEIGHTS,
-        AdapterInput,
-        BaseCheckpoint,
-        merge_adapters,
-        plan_merge,
-        resolve_device,
-    )
+    """``langmerge merge``: the steps are resolve the inputs (downloads cached), fingerprint (up to date: done),
+    plan (``--dry-run``), search (``--search``), merge, then commit the manifest last."""
+    from langmerge_trainer.merge.engine import AdapterInput, merge_adapters, resolve_device
 
     started_at, started = utcnow(), time.perf_counter()
     cpu_start = resource.getrusage(resource.RUSAGE_SELF)
@@ -255,33 +254,12 @@ def run(args: argparse.Namespace) -> int:
     parameters = config.effective_parameters()
     inputs = Inputs(args.cache or default_cache())
 
-    adapters: list[dict[str, Any]] = []
-    for entry in config.adapters:
-        folder = inputs.download(entry.path) if is_s3(entry.path) else Path(entry.path)
-        weight = parameters["weights"].get(entry.language, entry.weight if entry.weight is not None else 1.0)
-        adapters.append(
-            {
-                "language": entry.language,
-                "location": entry.path,
-                "folder": folder,
-                "digest": inputs.folder_digest(folder),
-                "weight": float(weight),
-            }
-        )
+    adapters = _resolve_adapters(config, parameters, inputs)
     base_location = config.base_model
     base_digest = (
         inputs.listing_digest(base_location) if is_s3(base_location) else inputs.folder_digest(Path(base_location))
     )
-    search_inputs: dict[str, Any] | None = None
-    if args.search:
-        missing = [e.language for e in config.adapters if not e.validation]
-        if missing:
-            raise ConfigError(f"--search needs `validation:` examples for every adapter; missing: {', '.join(missing)}")
-        search_inputs = {
-            "space": (config.search or Search()).model_dump(mode="json"),
-            "metric": str(config.metric),
-            "validation": {e.language: _validation_digest(inputs, str(e.validation)) for e in config.adapters},
-        }
+    search_inputs = _search_inputs(config, inputs) if args.search else None
     inputs.save()
     fp = fingerprint(config, parameters, adapters, base_digest, search_inputs)
     out: Path = args.out
@@ -301,60 +279,14 @@ def run(args: argparse.Namespace) -> int:
     ]
     device = resolve_device(args.device)
     if args.dry_run:
-        base = None if is_s3(base_location) else BaseCheckpoint(Path(base_location))
-        opened = [LoraAdapter(a.path, a.language) for a in adapter_inputs]
-        try:
-            plan = plan_merge(
-                opened,
-                adapter_inputs,
-                config.method,
-                parameters,
-                config.output.format,
-                config.output.rank,
-                base=base,
-                shard_size_mb=config.output.shard_size_mb,
-                device=str(device),
-                max_relative_error=config.output.max_relative_error,
-                max_rank=config.output.max_rank,
-            )
-        finally:
-            for a in opened:
-                a.close()
-        print(plan.describe())
-        print(f"fingerprint: {fp}")
-        print(f"output:      {out}{' (exists: would be replaced)' if out.exists() else ''}")
-        if base is None:
-            print(f"note:        base model {base_location} not downloaded for a dry run; shapes not checked")
-        return 0
+        return _dry_run(config, parameters, adapter_inputs, base_location, str(device), fp, out)
 
     base_dir = inputs.download(base_location) if is_s3(base_location) else Path(base_location)
     method, search_record = config.method, None
     if search_inputs is not None:
-        from langmerge_trainer.merge.search import CandidateEvaluator, describe, run_search
-
-        validation = {e.language: read_validation(inputs, str(e.validation), config.labels) for e in config.adapters}
-        space = config.search or Search()
-        validation = {lang: examples[: space.validation_examples] for lang, examples in validation.items()}
-        evaluator = CandidateEvaluator(
-            base_dir,
-            adapter_inputs,
-            validation,
-            device=device,
-            labels=config.labels,
-            max_seq_length=dict.fromkeys(validation, config.max_seq_length),
-            include_modules=parameters.get("include_modules") or [],
-            exclude_modules=parameters.get("exclude_modules") or [],
+        method, parameters, search_record = _search(
+            config, inputs, base_dir, adapter_inputs, parameters, search_inputs, device
         )
-        try:
-            result = run_search(evaluator, config.method, parameters, space, str(config.metric))
-        finally:
-            evaluator.close()
-        result.validation = {
-            lang: {"examples": len(v), "source": search_inputs["validation"][lang]} for lang, v in validation.items()
-        }
-        _log(describe(result))
-        method, parameters = result.chosen.candidate.method, dict(result.chosen.candidate.parameters)
-        search_record = result.record()
         adapter_inputs = [replace(a, weight=None) for a in adapter_inputs]  # the chosen weights are in parameters
     report = merge_adapters(
         base_dir,
@@ -372,10 +304,45 @@ def run(args: argparse.Namespace) -> int:
     )
     cpu_end = resource.getrusage(resource.RUSAGE_SELF)
     wall = time.perf_counter() - started
-    manifest = MergeManifest(
+    manifest = _manifest(
+        fp,
+        config.name or args.config.stem,
+        method,
+        parameters,
+        search_record,
+        adapters,
+        report,
+        base=BaseModelIdentity(uri=base_location, digest=base_digest),
+        out=out,
+        wall=wall,
+        cpu_seconds=(cpu_end.ru_utime - cpu_start.ru_utime) + (cpu_end.ru_stime - cpu_start.ru_stime),
+        started_at=started_at,
+    )
+    _commit(out, manifest)
+    print(_summary(out, method, len(adapters), report, wall, fp))
+    return 0
+
+
+def _manifest(
+    fp: str,
+    model_name: str,
+    method: str,
+    parameters: dict[str, Any],
+    search_record: SearchRecord | None,
+    adapters: list[dict[str, Any]],
+    report: MergeReport,
+    *,
+    base: BaseModelIdentity,
+    out: Path,
+    wall: float,
+    cpu_seconds: float,
+    started_at: str,
+) -> MergeManifest:
+    """The output's record: what went in, what came out, what it cost."""
+    return MergeManifest(
         fingerprint=fp,
         namespace="local",
-        name=config.name or args.config.stem,
+        name=model_name,
         method=method,
         parameters=parameters,
         search=search_record,
@@ -390,7 +357,7 @@ def run(args: argparse.Namespace) -> int:
             )
             for a, w, r in zip(adapters, [i["weight"] for i in report.inputs], report.inputs, strict=True)
         ],
-        base_model=BaseModelIdentity(uri=base_location, digest=base_digest),
+        base_model=base,
         output_format=report.output_format,
         output_rank=report.output_rank,
         model_uri=str(out.resolve()),
@@ -401,10 +368,7 @@ def run(args: argparse.Namespace) -> int:
         timings={**report.timings, "wall": round(wall, 6)},
         cost=Cost(
             wall_seconds=round(wall, 3),
-            cpu_seconds=round(
-                (cpu_end.ru_utime - cpu_start.ru_utime) + (cpu_end.ru_stime - cpu_start.ru_stime),
-                3,
-            ),
+            cpu_seconds=round(cpu_seconds, 3),
             gpus=1 if report.device.startswith("cuda") else 0,
             device=report.device,
         ),
@@ -412,16 +376,131 @@ def run(args: argparse.Namespace) -> int:
         started_at=started_at,
         finished_at=utcnow(),
     )
+
+
+def _resolve_adapters(config: MergeConfig, parameters: dict[str, Any], inputs: Inputs) -> list[dict[str, Any]]:
+    """Each adapter's language, location, local folder (downloaded into the cache), digest and weight."""
+    adapters: list[dict[str, Any]] = []
+    for entry in config.adapters:
+        folder = inputs.download(entry.path) if is_s3(entry.path) else Path(entry.path)
+        weight = parameters["weights"].get(entry.language, entry.weight if entry.weight is not None else 1.0)
+        adapters.append(
+            {
+                "language": entry.language,
+                "location": entry.path,
+                "folder": folder,
+                "digest": inputs.folder_digest(folder),
+                "weight": float(weight),
+            }
+        )
+    return adapters
+
+
+def _search_inputs(config: MergeConfig, inputs: Inputs) -> dict[str, Any]:
+    """What a search adds to the fingerprint: its space, its metric and each language's validation data."""
+    missing = [e.language for e in config.adapters if not e.validation]
+    if missing:
+        raise ConfigError(f"--search needs `validation:` examples for every adapter; missing: {', '.join(missing)}")
+    return {
+        "space": (config.search or Search()).model_dump(mode="json"),
+        "metric": str(config.metric),
+        "validation": {e.language: _validation_digest(inputs, str(e.validation)) for e in config.adapters},
+    }
+
+
+def _dry_run(
+    config: MergeConfig,
+    parameters: dict[str, Any],
+    adapter_inputs: Sequence[AdapterInput],
+    base_location: str,
+    device: str,
+    fp: str,
+    out: Path,
+) -> int:
+    """``--dry-run``: the plan (shapes, ranks, memory), the fingerprint and where the output would go."""
+    from langmerge_trainer.merge.engine import BaseCheckpoint, plan_merge
+
+    base = None if is_s3(base_location) else BaseCheckpoint(Path(base_location))
+    opened = [LoraAdapter(a.path, a.language) for a in adapter_inputs]
+    try:
+        plan = plan_merge(
+            opened,
+            adapter_inputs,
+            config.method,
+            parameters,
+            config.output.format,
+            config.output.rank,
+            base=base,
+            shard_size_mb=config.output.shard_size_mb,
+            device=device,
+            max_relative_error=config.output.max_relative_error,
+            max_rank=config.output.max_rank,
+        )
+    finally:
+        for a in opened:
+            a.close()
+    print(plan.describe())
+    print(f"fingerprint: {fp}")
+    print(f"output:      {out}{' (exists: would be replaced)' if out.exists() else ''}")
+    if base is None:
+        print(f"note:        base model {base_location} not downloaded for a dry run; shapes not checked")
+    return 0
+
+
+def _search(
+    config: MergeConfig,
+    inputs: Inputs,
+    base_dir: Path,
+    adapter_inputs: Sequence[AdapterInput],
+    parameters: dict[str, Any],
+    search_inputs: dict[str, Any],
+    device: Any,
+) -> tuple[str, dict[str, Any], SearchRecord]:
+    """``--search``: candidates scored on the validation examples; returns the chosen method and parameters and the
+    search's record."""
+    from langmerge_trainer.merge.search import CandidateEvaluator, describe, run_search
+
+    validation = {e.language: read_validation(inputs, str(e.validation), config.labels) for e in config.adapters}
+    space = config.search or Search()
+    validation = {lang: examples[: space.validation_examples] for lang, examples in validation.items()}
+    evaluator = CandidateEvaluator(
+        base_dir,
+        adapter_inputs,
+        validation,
+        device=device,
+        labels=config.labels,
+        max_seq_length=dict.fromkeys(validation, config.max_seq_length),
+        include_modules=parameters.get("include_modules") or [],
+        exclude_modules=parameters.get("exclude_modules") or [],
+    )
+    try:
+        result = run_search(evaluator, config.method, parameters, space, str(config.metric))
+    finally:
+        evaluator.close()
+    result.validation = {
+        lang: {"examples": len(v), "source": search_inputs["validation"][lang]} for lang, v in validation.items()
+    }
+    _log(describe(result))
+    return result.chosen.candidate.method, dict(result.chosen.candidate.parameters), result.record()
+
+
+def _commit(out: Path, manifest: MergeManifest) -> None:
+    """The manifest, written last (atomically): the output is complete once it is there."""
     tmp = out / f".{MANIFEST}.tmp"
     tmp.write_text(manifest.to_json() + "\n")
     tmp.replace(out / MANIFEST)  # the commit: written last
+
+
+def _summary(out: Path, method: str, adapters: int, report: MergeReport, wall: float, fp: str) -> str:
+    """The one line ``langmerge merge`` prints when it is done."""
+    from langmerge_trainer.merge.engine import FULL_WEIGHTS
+
     ranks = sorted(set(report.module_ranks.values()))
     shown = f"{ranks[0]}" if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]}" if ranks else "?"
     kind = f"adapter of rank {shown}" if report.output_format != FULL_WEIGHTS else "full weights"
-    print(
-        f"{out}: {method} merge of {len(adapters)} adapters -> {kind}; {len(report.modules)} modules, "
+    return (
+        f"{out}: {method} merge of {adapters} adapters -> {kind}; {len(report.modules)} modules, "
         f"max relative error {report.max_error:.3g}, {wall:.1f} s"
         + (f", peak +{report.peak_rss_bytes / 2**20:.0f} MiB" if report.peak_rss_bytes is not None else "")
         + f"; fingerprint {fp}"
     )
-    return 0
