@@ -483,25 +483,15 @@ def up(
     quick: bool = False,
 ) -> int:
     """``quick``: the same story on a smaller sample (a shorter pre-training of a narrower base model, 2 epochs per
-    expert), for CI; the figures are worse."""
-    from langmerge.dev.controlplane import ControlPlane
+    expert), for CI; the figures are worse.
 
+    Steps: a cluster (the local control plane unless ``kubeconfig``), S3 and the Secret, the operator and the local
+    Job runner, the sample applied, then the story: revision 1, new data for one language, revision 2."""
     state = state.resolve()
     state.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     env = dict(os.environ)
-    if kubeconfig is None:
-        print("starting the local control plane (kube-apiserver, etcd, kube-controller-manager, SeaweedFS S3) ...")
-        endpoints = ControlPlane(state).start()
-        env.update(endpoints.env())
-        kubeconfig = endpoints.kubeconfig
-        local = True
-    else:
-        env["KUBECONFIG"] = kubeconfig
-        local = False
-        for var in ("LANGMERGE_S3_ENDPOINT", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-            if var not in env and var != "LANGMERGE_S3_ENDPOINT":
-                raise DemoError(f"{var} must be set to reach S3 when using --kubeconfig")
+    kubeconfig, local = _cluster(state, kubeconfig, env)
     kube = Kube(load_client(kubeconfig))
     install_crds(kube.api)
     store = ObjectStore.from_config(
@@ -512,7 +502,43 @@ def up(
     demo = Demo(state=state, kube=kube, store=store, env=env, namespace=namespace)
     demo.prepare_storage()
     demo.ensure_secret()
+    _start_services(
+        state, env, kubeconfig, namespace=namespace, parallel=parallel, run_operator=run_operator, local=local
+    )
+    print(f"operator and local Job runner running (logs in {state / 'logs'})")
+    _apply_sample(demo, quick)
+    _story(demo, timeout, t0)
+    return 0
 
+
+def _cluster(state: Path, kubeconfig: str | None, env: dict[str, str]) -> tuple[str, bool]:
+    """The kubeconfig to use and whether it is the local control plane (started here; its endpoints go into
+    ``env``)."""
+    from langmerge.dev.controlplane import ControlPlane
+
+    if kubeconfig is None:
+        print("starting the local control plane (kube-apiserver, etcd, kube-controller-manager, SeaweedFS S3) ...")
+        endpoints = ControlPlane(state).start()
+        env.update(endpoints.env())
+        return endpoints.kubeconfig, True
+    env["KUBECONFIG"] = kubeconfig
+    for var in ("LANGMERGE_S3_ENDPOINT", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        if var not in env and var != "LANGMERGE_S3_ENDPOINT":
+            raise DemoError(f"{var} must be set to reach S3 when using --kubeconfig")
+    return kubeconfig, False
+
+
+def _start_services(
+    state: Path,
+    env: dict[str, str],
+    kubeconfig: str,
+    *,
+    namespace: str,
+    parallel: int,
+    run_operator: bool,
+    local: bool,
+) -> None:
+    """The operator (unless ``run_operator`` is false) and, on the local control plane, the local Job runner."""
     services = Services(state)
     operator_env = {
         **env,
@@ -560,8 +586,10 @@ def up(
             ],
             {**env, "PYTHONUNBUFFERED": "1"},
         )
-    print(f"operator and local Job runner running (logs in {state / 'logs'})")
 
+
+def _apply_sample(demo: Demo, quick: bool) -> None:
+    """The sample's data, its LanguageExperts and its MergedModel."""
     demo.seed(*(QUICK_SEED_ARGS if quick else ()))
     for doc in sample_experts():
         if quick:
@@ -572,6 +600,9 @@ def up(
         f"applied {len(LANGUAGES)} LanguageExperts ({', '.join(LANGUAGES)}) and MergedModel {sample_merged()['metadata']['name']}"
     )
 
+
+def _story(demo: Demo, timeout: float, t0: float) -> None:
+    """Revision 1 from three experts; new data for one language; revision 2 from one retrained expert."""
     demo.watch(lambda: demo.revision() >= 1, "training 3 language experts, then merging (revision 1)", timeout)
     trained_before = len(demo.training_jobs())
     merges_before = len(demo.merge_jobs())
@@ -598,7 +629,6 @@ def up(
             f"\nthe sample ran before: this run started {new_training} training and {new_merges} merge Job(s) "
             f"(everything came back from etcd and S3); total time {time.monotonic() - t0:.0f}s"
         )
-    return 0
 
 
 def down(state: Path) -> int:
