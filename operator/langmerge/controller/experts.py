@@ -82,6 +82,16 @@ def split_combined(value: str) -> tuple[str, str | None]:
     return data, evaluation or None
 
 
+@dataclass(frozen=True)
+class Settled:
+    """What the settle window leaves to train: the data (its combined digest), the seconds until new data has
+    settled (None: nothing settling), and ``hold_until``: the pass stops for that long (nothing trained yet)."""
+
+    data: str
+    wait: float | None
+    hold_until: float | None = None
+
+
 class ExpertReconciler(ReconcilePass[LanguageExpertStatus]):
     """One reconcile pass over one LanguageExpert."""
 
@@ -205,8 +215,9 @@ class ExpertReconciler(ReconcilePass[LanguageExpertStatus]):
         return None
 
     def _run(self) -> float | None:
+        """The pass: the base model and the data (listed at the poll interval), the settle window, the desired
+        fingerprint; its adapter committed: Ready; else converge on it (a training Job)."""
         spec = self.spec
-        store = self.rt.store
         memo = self.rt.memo(self.key)
         spec_changed = self.old.observed_generation != self.generation
         poll = float(spec.schedule.poll_interval_seconds)
@@ -216,68 +227,14 @@ class ExpertReconciler(ReconcilePass[LanguageExpertStatus]):
         base_digest, base_count = self._base_digest(spec_changed, poll)
         if base_count == 0:
             return self._blocked("BaseModelMissing", f"no objects under the base model URI {spec.base_model.uri}", poll)
-
-        # The data: one paginated listing of the prefix, digested over (key, size, ETag) of *.jsonl objects.
-        due = spec_changed or self.status.data_digest is None or mono - memo.last_poll >= poll
-        if due:
-            data_digest, count = store.prefix_digest(spec.dataset.uri, suffix=".jsonl")
-            eval_digest = None
-            if spec.dataset.eval_uri:
-                eval_digest, eval_count = store.prefix_digest(spec.dataset.eval_uri, suffix=".jsonl")
-                if eval_count == 0:
-                    return self._blocked("EvalDatasetEmpty", f"no *.jsonl objects under {spec.dataset.eval_uri}", poll)
-            memo.last_poll = mono
-            if count == 0:
-                return self._blocked("DatasetEmpty", f"no *.jsonl objects under {spec.dataset.uri}", poll)
-            observed = DataView(data_digest, eval_digest, count).combined
-            first = self.status.data_digest is None
-            if observed != self.status.data_digest:
-                if not first:
-                    self.event("Normal", "DataChanged", f"data under {spec.dataset.uri} changed (digest {observed})")
-                self.status.data_digest = observed
-                self.status.data_changed_at = self.now_s
-                if first:
-                    self.status.data_changed_at = None  # the first sighting is settled by definition
+        blocked = self._poll_data(spec_changed, poll, mono)
+        if blocked is not None:
+            return blocked
         next_poll = max(1.0, poll - (mono - memo.last_poll))
-
-        # The settle window: train on new data only once it has been stable for settleSeconds.
-        assert self.status.data_digest is not None
-        data_for_training = self.status.data_digest
-        changed_at = artifacts.parse_time(self.status.data_changed_at)
-        settle_wait: float | None = None
-        trained_data = self.status.adapter.data_digest if self.status.adapter else None
-        if changed_at is not None and not spec_changed and data_for_training != trained_data:
-            settle_until = changed_at + timedelta(seconds=spec.schedule.settle_seconds)
-            # Nothing to wait for when the adapter of the new data exists already (a Job that read the data after
-            # it changed committed it, or the data went back to what was trained before): adopt it now.
-            if settle_until > self.now and not self._committed_for(data_for_training, base_digest):
-                settle_wait = (settle_until - self.now).total_seconds()
-                if trained_data is None:
-                    # Nothing trained yet: wait for the settle window before the first Job.
-                    self.condition(
-                        DATA_CHANGED,
-                        True,
-                        "Settling",
-                        f"data changed; training starts at {fmt_time(settle_until)} unless it changes again",
-                    )
-                    self.set_phase(
-                        ExpertPhase.PENDING, f"waiting for the data to settle until {fmt_time(settle_until)}"
-                    )
-                    return self.commit(min(settle_wait, next_poll))
-                data_for_training = trained_data
-        if settle_wait is not None:
-            self.condition(
-                DATA_CHANGED,
-                True,
-                "Settling",
-                f"data changed at {self.status.data_changed_at}; retraining starts after {spec.schedule.settle_seconds}s without further changes",
-            )
-        elif self.status.adapter is None:
-            self.condition(DATA_CHANGED, False, "NoAdapter", "no adapter has been trained yet")
-        elif data_for_training == trained_data:
-            self.condition(DATA_CHANGED, False, "UpToDate", "the adapter was trained on the current data")
-        else:
-            self.condition(DATA_CHANGED, True, "Retraining", "the data differs from the adapter's training data")
+        settled = self._settle(spec_changed, base_digest)
+        if settled.hold_until is not None:
+            return self.commit(min(settled.hold_until, next_poll))
+        data_for_training, settle_wait = settled.data, settled.wait
 
         data_digest, eval_digest = split_combined(data_for_training)
         fingerprint = training_fingerprint(
@@ -316,6 +273,79 @@ class ExpertReconciler(ReconcilePass[LanguageExpertStatus]):
         converge = self._converge(task, jobs, prefix)
         return self.commit(min([*requeue, *([converge] if converge is not None else [])]))
 
+    def _poll_data(self, spec_changed: bool, poll: float, mono: float) -> float | None:
+        """The data: one paginated listing of the prefix, digested over (key, size, ETag) of *.jsonl objects, when
+        the poll is due. A change is recorded (status.dataDigest, dataChangedAt, an Event). Returns the requeue
+        delay when the pass stops here (no data), else None."""
+        spec = self.spec
+        memo = self.rt.memo(self.key)
+        due = spec_changed or self.status.data_digest is None or mono - memo.last_poll >= poll
+        if not due:
+            return None
+        data_digest, count = self.rt.store.prefix_digest(spec.dataset.uri, suffix=".jsonl")
+        eval_digest = None
+        if spec.dataset.eval_uri:
+            eval_digest, eval_count = self.rt.store.prefix_digest(spec.dataset.eval_uri, suffix=".jsonl")
+            if eval_count == 0:
+                return self._blocked("EvalDatasetEmpty", f"no *.jsonl objects under {spec.dataset.eval_uri}", poll)
+        memo.last_poll = mono
+        if count == 0:
+            return self._blocked("DatasetEmpty", f"no *.jsonl objects under {spec.dataset.uri}", poll)
+        observed = DataView(data_digest, eval_digest, count).combined
+        first = self.status.data_digest is None
+        if observed != self.status.data_digest:
+            if not first:
+                self.event("Normal", "DataChanged", f"data under {spec.dataset.uri} changed (digest {observed})")
+            self.status.data_digest = observed
+            self.status.data_changed_at = self.now_s
+            if first:
+                self.status.data_changed_at = None  # the first sighting is settled by definition
+        return None
+
+    def _settle(self, spec_changed: bool, base_digest: str) -> Settled:
+        """The settle window: train on new data only once it has been stable for settleSeconds. Until then the
+        adapter's data stays the one to train (or, with nothing trained yet, the pass holds). Sets the DataChanged
+        condition."""
+        spec = self.spec
+        assert self.status.data_digest is not None
+        data_for_training = self.status.data_digest
+        changed_at = artifacts.parse_time(self.status.data_changed_at)
+        settle_wait: float | None = None
+        trained_data = self.status.adapter.data_digest if self.status.adapter else None
+        if changed_at is not None and not spec_changed and data_for_training != trained_data:
+            settle_until = changed_at + timedelta(seconds=spec.schedule.settle_seconds)
+            # Nothing to wait for when the adapter of the new data exists already (a Job that read the data after
+            # it changed committed it, or the data went back to what was trained before): adopt it now.
+            if settle_until > self.now and not self._committed_for(data_for_training, base_digest):
+                settle_wait = (settle_until - self.now).total_seconds()
+                if trained_data is None:
+                    # Nothing trained yet: wait for the settle window before the first Job.
+                    self.condition(
+                        DATA_CHANGED,
+                        True,
+                        "Settling",
+                        f"data changed; training starts at {fmt_time(settle_until)} unless it changes again",
+                    )
+                    self.set_phase(
+                        ExpertPhase.PENDING, f"waiting for the data to settle until {fmt_time(settle_until)}"
+                    )
+                    return Settled(data_for_training, settle_wait, hold_until=settle_wait)
+                data_for_training = trained_data
+        if settle_wait is not None:
+            self.condition(
+                DATA_CHANGED,
+                True,
+                "Settling",
+                f"data changed at {self.status.data_changed_at}; retraining starts after {spec.schedule.settle_seconds}s without further changes",
+            )
+        elif self.status.adapter is None:
+            self.condition(DATA_CHANGED, False, "NoAdapter", "no adapter has been trained yet")
+        elif data_for_training == trained_data:
+            self.condition(DATA_CHANGED, False, "UpToDate", "the adapter was trained on the current data")
+        else:
+            self.condition(DATA_CHANGED, True, "Retraining", "the data differs from the adapter's training data")
+        return Settled(data_for_training, settle_wait)
+
     def _manifest(self, prefix: str, fingerprint: str) -> AdapterManifest | None:
         """The committed manifest of ``fingerprint``. A look that found none stands while no Job of this expert
         appears, changes or goes (any Job event forgets it, see :meth:`Controller.on_job_event`): a queued expert
@@ -351,8 +381,9 @@ class ExpertReconciler(ReconcilePass[LanguageExpertStatus]):
         prefix = artifacts.expert_prefix(self.settings.artifacts_uri, self.namespace, self.name, fingerprint)
         return self.rt.store.exists(artifacts.join(prefix, artifacts.MANIFEST))
 
-    def _blocked(self, reason: str, message: str, retry: float) -> float | None:
-        """Inputs missing in S3: report, keep any existing adapter, look again at the next poll."""
+    def _blocked(self, reason: str, message: str, retry: float) -> float:
+        """Inputs missing in S3: report, keep any existing adapter, look again at the next poll (``retry`` seconds:
+        the pass is committed and ends)."""
         if self.old.message != message:
             self.event("Warning", reason, message)
         self.degrade(reason, message)
@@ -361,7 +392,8 @@ class ExpertReconciler(ReconcilePass[LanguageExpertStatus]):
             self.set_phase(ExpertPhase.PENDING, message)
         else:
             self.status.message = message
-        return self.commit(retry)
+        self.commit(retry)
+        return retry
 
     # -- desired adapter exists ----------------------------------------------------------------------------------
     def _ready(self, manifest: AdapterManifest, jobs: list[JobState], data_combined: str) -> None:
