@@ -55,6 +55,7 @@ from langmerge.controller.publish import (
 )
 from langmerge.controller.reconcile import (
     ReconcilePass,
+    Stop,
     delete_jobs_of,
     fmt_time,
     format_validation_error,
@@ -207,72 +208,15 @@ class MergedReconciler(ReconcilePass[MergedModelStatus]):
         resync = self.settings.resync_seconds
 
         experts = self._select()
-        if not experts:
-            what = (
-                f"selector {spec.experts.selector.to_query()}"
-                if spec.experts.selector is not None
-                else f"names {', '.join(spec.experts.names or [])}"
-            )
-            return self._waiting("NoExperts", f"no LanguageExpert in namespace {self.namespace} matches {what}", resync)
-        for expert in experts:
-            if expert.spec is None:
-                continue
-            if (expert.spec.base_model.uri, expert.spec.base_model.revision) != (
-                spec.base_model.uri,
-                spec.base_model.revision,
-            ):
-                return self.fail(
-                    "BaseModelMismatch",
-                    f"LanguageExpert {expert.name} is trained on {expert.spec.base_model.identity()}, but this "
-                    f"MergedModel merges onto {spec.base_model.identity()}; fix one of them or deselect the expert",
-                )
-
-        mismatch = _task_type_mismatch(experts)
-        if mismatch is not None:
-            return self.fail("TaskTypeMismatch", mismatch)
-
+        stop = self._check_selection(experts)
+        if stop is not None:
+            return stop.requeue
         if spec.pin_revision is not None:
             return self._pinned(spec.pin_revision, current)
-
         ready = [e for e in experts if e.ready]
-        missing = sorted(e.name for e in experts if not e.ready)
-        self.status.missing_experts = missing
-        languages: dict[str, str] = {}
-        for expert in ready:
-            assert expert.spec is not None
-            other = languages.setdefault(expert.spec.language, expert.name)
-            if other != expert.name:
-                return self.fail(
-                    "DuplicateLanguage",
-                    f"LanguageExperts {other} and {expert.name} both serve language {expert.spec.language}; "
-                    "select one expert per language",
-                )
-        if missing and (spec.require_all_experts or not ready):
-            self.condition(EXPERTS_READY, False, "ExpertsNotReady", f"waiting for: {', '.join(missing)}")
-            return self._waiting("ExpertsNotReady", f"waiting for experts to be Ready: {', '.join(missing)}", resync)
-        served = {e.spec.language for e in experts if e.spec is not None}
-        unknown = sorted(set(spec.parameters.weights) - served)
-        if unknown:
-            return self.fail(
-                "WeightsWithoutExpert",
-                f"parameters.weights names language(s) {', '.join(unknown)} that no selected LanguageExpert serves "
-                f"(they serve: {', '.join(sorted(served)) or 'none'})",
-            )
-        # Weights of selected experts that are not Ready (requireAllExperts: false) do not apply to this merge.
-        present = {e.spec.language for e in ready if e.spec is not None}
-        ignored = sorted(set(spec.parameters.weights) - present)
-        merge_spec = spec
-        if ignored:
-            weights = {k: v for k, v in spec.parameters.weights.items() if k in present}
-            merge_spec = spec.model_copy(update={"parameters": spec.parameters.model_copy(update={"weights": weights})})
-        self.condition(
-            EXPERTS_READY,
-            True,
-            "AllReady" if not missing else "PartiallyReady",
-            f"{len(ready)} expert(s) ready"
-            + (f"; merging without: {', '.join(missing)}" if missing else "")
-            + (f"; weights of {', '.join(ignored)} ignored (no Ready expert)" if ignored else ""),
-        )
+        merge_spec = self._merge_spec(experts, ready)
+        if isinstance(merge_spec, Stop):
+            return merge_spec.requeue
 
         inputs = self._inputs(ready)
         if all(i.weight == 0 for i in inputs):
@@ -341,6 +285,87 @@ class MergedReconciler(ReconcilePass[MergedModelStatus]):
             search=spec.search,
         )
         return self.commit(self._converge(task, jobs, prefix))
+
+    def _check_selection(self, experts: list[SelectedExpert]) -> Stop | None:
+        """The selected experts can be merged at all: at least one, on this MergedModel's base model, of one task
+        type. Stop (status and Event say why) or None."""
+        spec = self.spec
+        if not experts:
+            what = (
+                f"selector {spec.experts.selector.to_query()}"
+                if spec.experts.selector is not None
+                else f"names {', '.join(spec.experts.names or [])}"
+            )
+            message = f"no LanguageExpert in namespace {self.namespace} matches {what}"
+            return Stop(self._waiting("NoExperts", message, self.settings.resync_seconds))
+        for expert in experts:
+            if expert.spec is None:
+                continue
+            if (expert.spec.base_model.uri, expert.spec.base_model.revision) != (
+                spec.base_model.uri,
+                spec.base_model.revision,
+            ):
+                return Stop(
+                    self.fail(
+                        "BaseModelMismatch",
+                        f"LanguageExpert {expert.name} is trained on {expert.spec.base_model.identity()}, but this "
+                        f"MergedModel merges onto {spec.base_model.identity()}; fix one of them or deselect the expert",
+                    )
+                )
+        mismatch = _task_type_mismatch(experts)
+        if mismatch is not None:
+            return Stop(self.fail("TaskTypeMismatch", mismatch))
+        return None
+
+    def _merge_spec(self, experts: list[SelectedExpert], ready: list[SelectedExpert]) -> MergedModelSpec | Stop:
+        """The spec this merge runs with: the Ready experts (one per language; all of them with requireAllExperts),
+        weights only for languages a selected expert serves, those of experts not Ready dropped. Sets the
+        ExpertsReady condition; Stop when the merge cannot run (yet)."""
+        spec = self.spec
+        missing = sorted(e.name for e in experts if not e.ready)
+        self.status.missing_experts = missing
+        languages: dict[str, str] = {}
+        for expert in ready:
+            assert expert.spec is not None
+            other = languages.setdefault(expert.spec.language, expert.name)
+            if other != expert.name:
+                return Stop(
+                    self.fail(
+                        "DuplicateLanguage",
+                        f"LanguageExperts {other} and {expert.name} both serve language {expert.spec.language}; "
+                        "select one expert per language",
+                    )
+                )
+        if missing and (spec.require_all_experts or not ready):
+            self.condition(EXPERTS_READY, False, "ExpertsNotReady", f"waiting for: {', '.join(missing)}")
+            message = f"waiting for experts to be Ready: {', '.join(missing)}"
+            return Stop(self._waiting("ExpertsNotReady", message, self.settings.resync_seconds))
+        served = {e.spec.language for e in experts if e.spec is not None}
+        unknown = sorted(set(spec.parameters.weights) - served)
+        if unknown:
+            return Stop(
+                self.fail(
+                    "WeightsWithoutExpert",
+                    f"parameters.weights names language(s) {', '.join(unknown)} that no selected LanguageExpert "
+                    f"serves (they serve: {', '.join(sorted(served)) or 'none'})",
+                )
+            )
+        # Weights of selected experts that are not Ready (requireAllExperts: false) do not apply to this merge.
+        present = {e.spec.language for e in ready if e.spec is not None}
+        ignored = sorted(set(spec.parameters.weights) - present)
+        merge_spec = spec
+        if ignored:
+            weights = {k: v for k, v in spec.parameters.weights.items() if k in present}
+            merge_spec = spec.model_copy(update={"parameters": spec.parameters.model_copy(update={"weights": weights})})
+        self.condition(
+            EXPERTS_READY,
+            True,
+            "AllReady" if not missing else "PartiallyReady",
+            f"{len(ready)} expert(s) ready"
+            + (f"; merging without: {', '.join(missing)}" if missing else "")
+            + (f"; weights of {', '.join(ignored)} ignored (no Ready expert)" if ignored else ""),
+        )
+        return merge_spec
 
     # -- reading -------------------------------------------------------------------------------------------------
     def _select(self) -> list[SelectedExpert]:

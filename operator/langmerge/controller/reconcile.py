@@ -5,6 +5,7 @@ or give up, start the next attempt, cancel Jobs of outdated fingerprints)."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
@@ -84,6 +85,13 @@ def object_exists(rt: Runtime, record: OwnerRecord, prefix: str | None = None) -
         output = ((body.get("spec") or {}).get("output") or {}).get("uri")
         return isinstance(output, str) and output.rstrip("/") == prefix.rstrip("/")
     return True
+
+
+@dataclass(frozen=True)
+class Stop:
+    """A step of a pass ended it (the status is committed): the pass returns ``requeue``."""
+
+    requeue: float | None
 
 
 def reconcile_object(
