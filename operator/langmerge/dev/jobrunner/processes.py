@@ -7,8 +7,24 @@ import os
 import signal
 import subprocess
 from pathlib import Path
+from typing import IO
 
 _HAVE_WAITID = hasattr(os, "waitid") and hasattr(os, "WNOWAIT")
+
+
+def _spawn(argv: list[str], *, cwd: Path, env: dict[str, str], out: IO[bytes]) -> subprocess.Popen[bytes]:
+    """A child in its own session and process group (killed as a whole), stdin closed, stdout and stderr to
+    ``out``."""
+    return subprocess.Popen(
+        argv,
+        cwd=cwd,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        close_fds=True,
+    )
 
 
 def _killpg(pgid: int, sig: int) -> None:

@@ -55,7 +55,14 @@ from langmerge.dev.jobrunner.mapping import (
     trainjob_container,
     trainjob_layout,
 )
-from langmerge.dev.jobrunner.processes import _exit_description, _exited, _killpg, _proc_start_ticks, _with_last_words
+from langmerge.dev.jobrunner.processes import (
+    _exit_description,
+    _exited,
+    _killpg,
+    _proc_start_ticks,
+    _spawn,
+    _with_last_words,
+)
 from langmerge.dev.jobrunner.status import (
     MESSAGE_TRAINJOB_COMPLETE,
     MESSAGE_TRAINJOB_RESUMED,
@@ -144,8 +151,9 @@ class _Worker:
         finally:
             self.runner._worker_done(self, closed)
 
-    def _run(self) -> bool:
-        """Run the Job to its end; True when it is finished (or gone) for this runner."""
+    def _refresh(self) -> bool | None:
+        """Read the Job again (:class:`_Gone` if it was deleted or replaced): True if it is finished, False if it
+        does not want to run (suspended), None to go on."""
         job = self._call(self._read)
         if job is None or job["metadata"].get("uid") != self.uid:
             raise _Gone
@@ -154,6 +162,14 @@ class _Worker:
             return True
         if not wants_to_run(job):
             return False
+        return None
+
+    def _run(self) -> bool:
+        """Run the Job to its end; True when it is finished (or gone) for this runner."""
+        settled = self._refresh()
+        if settled is not None:
+            return settled
+        job = self.job
         problem = unsupported_reason(job)
         if problem:
             self._fail(REASON_UNSUPPORTED, problem)
@@ -266,22 +282,11 @@ class _Worker:
         log.info("Job %s/%s: attempt %d runs %s (log %s)", self.namespace, self.name, attempt, argv, log_path)
         with log_path.open("ab") as out:
             try:
-                proc = subprocess.Popen(
-                    argv,
-                    cwd=workdir,
-                    env=env,
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                    close_fds=True,
-                )
+                proc = _spawn(argv, cwd=workdir, env=env, out=out)
             except OSError as err:
                 out.write(f"langmerge jobrunner: cannot start {argv[0]!r}: {err}\n".encode())
                 return 126 if isinstance(err, PermissionError) else 127
-        pid_file = self.runner._pids_dir / f"{self.namespace}_{self.name}_{attempt}.json"
-        pid_file.parent.mkdir(parents=True, exist_ok=True)
-        pid_file.write_text(json.dumps({"pid": proc.pid, "start": _proc_start_ticks(proc.pid)}))
+        pid_file = self._record_pid(self.name, attempt, proc)
         try:
             while True:
                 if _exited(proc):
@@ -306,6 +311,14 @@ class _Worker:
                 self._cancel.wait(self.config.poll_seconds)
         finally:
             pid_file.unlink(missing_ok=True)
+
+    def _record_pid(self, name: str, attempt: int, proc: subprocess.Popen[bytes]) -> Path:
+        """The process's pid and start time in the runner's pid folder, so that a later runner can kill what a
+        crashed one left behind."""
+        pid_file = self.runner._pids_dir / f"{self.namespace}_{name}_{attempt}.json"
+        pid_file.parent.mkdir(parents=True, exist_ok=True)
+        pid_file.write_text(json.dumps({"pid": proc.pid, "start": _proc_start_ticks(proc.pid)}))
+        return pid_file
 
     def _terminate(self, proc: subprocess.Popen[bytes]) -> None:
         """SIGTERM to the process group, SIGKILL after the grace period, then reap."""
@@ -349,10 +362,9 @@ class _Worker:
             delay = min(delay * 2, 5.0)
 
     def _read(self) -> dict[str, Any] | None:
+        """The Job as the API server has it, or None if it is gone."""
         try:
-            resp = self.runner._batch.read_namespaced_job(
-                self.name, self.namespace, _preload_content=False, _request_timeout=self.config.request_timeout_seconds
-            )
+            resp = self._get_object()
         except ApiException as err:
             if err.status == 404:
                 return None
@@ -362,17 +374,11 @@ class _Worker:
 
     def _patch(self, status: dict[str, Any]) -> None:
         """Merge-patch the Job's status (guarded by its uid); :class:`_Gone` if the Job is no longer there."""
+        body = {"metadata": {"uid": self.uid}, "status": status}
 
         def call() -> dict[str, Any]:
             try:
-                resp = self.runner._batch.patch_namespaced_job_status(
-                    self.name,
-                    self.namespace,
-                    {"metadata": {"uid": self.uid}, "status": status},
-                    _content_type="application/merge-patch+json",
-                    _preload_content=False,
-                    _request_timeout=self.config.request_timeout_seconds,
-                )
+                resp = self._patch_status(body)
             except ApiException as err:
                 if err.status == 404 or (err.status == 422 and "metadata.uid" in str(err.body)):
                     raise _Gone from err
@@ -381,6 +387,23 @@ class _Worker:
             return obj
 
         self.job = self._call(call)
+
+    def _get_object(self) -> Any:
+        """GET of the Job (an unparsed response)."""
+        return self.runner._batch.read_namespaced_job(
+            self.name, self.namespace, _preload_content=False, _request_timeout=self.config.request_timeout_seconds
+        )
+
+    def _patch_status(self, body: dict[str, Any]) -> Any:
+        """Merge-patch of the Job's /status with ``body`` (an unparsed response)."""
+        return self.runner._batch.patch_namespaced_job_status(
+            self.name,
+            self.namespace,
+            body,
+            _content_type="application/merge-patch+json",
+            _preload_content=False,
+            _request_timeout=self.config.request_timeout_seconds,
+        )
 
     def _fail(self, reason: str, message: str, *, failed: int | None = None) -> None:
         log.info("Job %s/%s failed: %s: %s", self.namespace, self.name, reason, message)
@@ -400,46 +423,29 @@ class _TrainJobWorker(_Worker):
         self._culprit: int | None = None
 
     # -- API
-    def _read(self) -> dict[str, Any] | None:
-        try:
-            resp = self.runner._custom.get_namespaced_custom_object(
-                TRAINER_GROUP,
-                TRAINER_VERSION,
-                self.namespace,
-                TRAINJOB_PLURAL,
-                self.name,
-                _preload_content=False,
-                _request_timeout=self.config.request_timeout_seconds,
-            )
-        except ApiException as err:
-            if err.status == 404:
-                return None
-            raise
-        job: dict[str, Any] = json.loads(resp.data)
-        return job
+    def _get_object(self) -> Any:
+        return self.runner._custom.get_namespaced_custom_object(
+            TRAINER_GROUP,
+            TRAINER_VERSION,
+            self.namespace,
+            TRAINJOB_PLURAL,
+            self.name,
+            _preload_content=False,
+            _request_timeout=self.config.request_timeout_seconds,
+        )
 
-    def _patch(self, status: dict[str, Any]) -> None:
-        def call() -> dict[str, Any]:
-            try:
-                resp = self.runner._custom.patch_namespaced_custom_object_status(
-                    TRAINER_GROUP,
-                    TRAINER_VERSION,
-                    self.namespace,
-                    TRAINJOB_PLURAL,
-                    self.name,
-                    {"metadata": {"uid": self.uid}, "status": status},
-                    _content_type="application/merge-patch+json",
-                    _preload_content=False,
-                    _request_timeout=self.config.request_timeout_seconds,
-                )
-            except ApiException as err:
-                if err.status == 404 or (err.status == 422 and "metadata.uid" in str(err.body)):
-                    raise _Gone from err
-                raise
-            obj: dict[str, Any] = json.loads(resp.data)
-            return obj
-
-        self.job = self._call(call)
+    def _patch_status(self, body: dict[str, Any]) -> Any:
+        return self.runner._custom.patch_namespaced_custom_object_status(
+            TRAINER_GROUP,
+            TRAINER_VERSION,
+            self.namespace,
+            TRAINJOB_PLURAL,
+            self.name,
+            body,
+            _content_type="application/merge-patch+json",
+            _preload_content=False,
+            _request_timeout=self.config.request_timeout_seconds,
+        )
 
     def _condition(self, kind: str, value: str, reason: str, message: str) -> None:
         self._patch({"conditions": trainjob_condition(self._status, kind, value, reason, message, rfc3339())})
@@ -450,14 +456,10 @@ class _TrainJobWorker(_Worker):
 
     # -- main
     def _run(self) -> bool:
-        job = self._call(self._read)
-        if job is None or job["metadata"].get("uid") != self.uid:
-            raise _Gone
-        self.job = job
-        if job_finished(job) is not None:
-            return True
-        if not wants_to_run(job):
-            return False
+        settled = self._refresh()
+        if settled is not None:
+            return settled
+        job = self.job
         container = trainjob_container(job)
         try:
             _, argv = plan_command(container, self.config)
@@ -563,21 +565,9 @@ class _TrainJobWorker(_Worker):
                     "TrainJob %s/%s: attempt %d node %d runs %s (log %s)", *self._id(attempt), rank, argv, log_path
                 )
                 with log_path.open("ab") as out:
-                    proc = subprocess.Popen(
-                        argv,
-                        cwd=workdir,
-                        env=env,
-                        stdin=subprocess.DEVNULL,
-                        stdout=out,
-                        stderr=subprocess.STDOUT,
-                        start_new_session=True,
-                        close_fds=True,
-                    )
+                    proc = _spawn(argv, cwd=workdir, env=env, out=out)
                 procs.append(proc)
-                pid_file = self.runner._pids_dir / f"{self.namespace}_{node}_{attempt}.json"
-                pid_file.parent.mkdir(parents=True, exist_ok=True)
-                pid_file.write_text(json.dumps({"pid": proc.pid, "start": _proc_start_ticks(proc.pid)}))
-                pid_files.append(pid_file)
+                pid_files.append(self._record_pid(node, attempt, proc))
             while True:
                 done = [_exited(p) for p in procs]
                 failed = [rank for rank, (d, p) in enumerate(zip(done, procs, strict=True)) if d and p.poll() != 0]
