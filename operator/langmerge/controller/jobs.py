@@ -277,18 +277,23 @@ def _job(
     }
 
 
-def build_training_job(owner: Owner, task: TrainTask, settings: Settings) -> dict[str, Any]:
-    """The training Job of one attempt at one fingerprint of a LanguageExpert."""
-    assert owner.kind == EXPERT_KIND
-    spec = task.spec
-    labels = {
+def training_labels(owner: Owner, task: TrainTask) -> dict[str, str]:
+    """The labels of a training run (Job or TrainJob, and their pods): component, expert, fingerprint, language, task."""
+    return {
         LABEL_MANAGED_BY: MANAGED_BY,
         LABEL_COMPONENT: COMPONENT_TRAINING,
         LABEL_EXPERT: label_value(owner.name),
         LABEL_FINGERPRINT: task.fingerprint,
-        LABEL_LANGUAGE: label_value(spec.language),
-        LABEL_TASK: label_value(spec.task),
+        LABEL_LANGUAGE: label_value(task.spec.language),
+        LABEL_TASK: label_value(task.spec.task),
     }
+
+
+def build_training_job(owner: Owner, task: TrainTask, settings: Settings) -> dict[str, Any]:
+    """The training Job of one attempt at one fingerprint of a LanguageExpert."""
+    assert owner.kind == EXPERT_KIND
+    spec = task.spec
+    labels = training_labels(owner, task)
     return _job(
         name=job_name(owner, COMPONENT_TRAINING, task.fingerprint, task.attempt),
         owner=owner,

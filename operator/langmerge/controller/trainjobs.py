@@ -23,15 +23,8 @@ from langmerge.constants import (
     ANNOTATION_ATTEMPT,
     ANNOTATION_DATA_DIGEST,
     ANNOTATION_POD_FAILURE_POLICY,
-    COMPONENT_TRAINING,
     EXPERT_KIND,
-    LABEL_COMPONENT,
-    LABEL_EXPERT,
     LABEL_FINGERPRINT,
-    LABEL_LANGUAGE,
-    LABEL_MANAGED_BY,
-    LABEL_TASK,
-    MANAGED_BY,
     TRAINER_COMMAND,
     TRAINER_GROUP,
     TRAINER_VERSION,
@@ -48,12 +41,12 @@ from langmerge.controller.jobs import (
     _time,
     container_security_context,
     kueue_labels,
-    label_value,
     owner_hash,
     pod_failure_policy,
     pod_security_context,
     pod_volumes,
     train_args,
+    training_labels,
     volume_mounts,
 )
 from langmerge.settings import Settings
@@ -113,14 +106,7 @@ def build_trainjob(owner: Owner, task: TrainTask, settings: Settings) -> dict[st
     assert owner.kind == EXPERT_KIND
     spec = task.spec
     resources = spec.resources
-    pod_labels = {
-        LABEL_MANAGED_BY: MANAGED_BY,
-        LABEL_COMPONENT: COMPONENT_TRAINING,
-        LABEL_EXPERT: label_value(owner.name),
-        LABEL_FINGERPRINT: task.fingerprint,
-        LABEL_LANGUAGE: label_value(spec.language),
-        LABEL_TASK: label_value(spec.task),
-    }
+    pod_labels = training_labels(owner, task)
     labels = kueue_labels(pod_labels, settings)  # the queue-name label on the TrainJob only, not on its pods
     policy = pod_failure_policy(TRAINJOB_CONTAINER)
     annotations = {
