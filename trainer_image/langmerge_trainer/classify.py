@@ -105,38 +105,91 @@ def macro_f1(gold: Sequence[int], predicted: Sequence[int]) -> float:
     return sum(scores) / len(scores)
 
 
-def evaluate_labelled_items(
+@dataclass(frozen=True)
+class LabelScores:
+    """Per-example figures of a classifier, in the order the examples were given: what :class:`Metrics` are computed
+    from, kept so that models can be compared example by example (paired, e.g. a bootstrap)."""
+
+    #: Gold class index of each example.
+    gold: tuple[int, ...]
+    #: Predicted class index (argmax) of each example.
+    predicted: tuple[int, ...]
+    #: Cross-entropy of each example.
+    losses: tuple[float, ...]
+
+    def metrics(self, labels: Sequence[str] | None = None) -> Metrics:
+        """Loss, accuracy, macro-F1 and (with ``labels``) how often each label was predicted."""
+        n = len(self.gold)
+        if n == 0:
+            return Metrics(examples=0)
+        loss = math.fsum(self.losses) / n
+        predictions = None
+        if labels is not None:
+            predictions = {label: 0 for label in labels}
+            for p in self.predicted:
+                predictions[labels[p]] += 1
+        return Metrics(
+            eval_loss=loss,
+            perplexity=math.exp(min(loss, 700.0)),
+            accuracy=sum(1 for g, p in zip(self.gold, self.predicted, strict=True) if g == p) / n,
+            macro_f1=macro_f1(self.gold, self.predicted),
+            examples=n,
+            predictions=predictions,
+        )
+
+
+def score_labelled_items(
     model: nn.Module, items: Sequence[LabelledItem], *, pad_token_id: int, batch_size: int = 16
-) -> Metrics:
-    """Loss, accuracy and macro-F1 over encoded examples (batched, no gradients, length-sorted)."""
-    if not items:
-        return Metrics(examples=0)
+) -> LabelScores:
+    """Per-example gold label, prediction and loss (batched, no gradients, length-sorted)."""
     device = next(model.parameters()).device
     order = sorted(range(len(items)), key=lambda i: (len(items[i]), i))
-    loss_sum = 0.0
-    gold: list[int] = []
-    predicted: list[int] = []
+    predicted = [0] * len(items)
+    losses = [0.0] * len(items)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad(), autocast_context(device):
             for start in range(0, len(order), batch_size):
-                chosen = [items[i] for i in order[start : start + batch_size]]
-                batch = pad_labelled(chosen, pad_token_id).to(device)
+                indices = order[start : start + batch_size]
+                batch = pad_labelled([items[i] for i in indices], pad_token_id).to(device)
                 logits = classifier_logits(model, batch)
-                loss_sum += float(F.cross_entropy(logits, batch.labels, reduction="sum"))
-                predicted.extend(int(p) for p in logits.argmax(dim=-1).tolist())
-                gold.extend(int(g) for g in batch.labels.tolist())
+                row_losses = F.cross_entropy(logits, batch.labels, reduction="none").tolist()
+                for j, (i, p) in enumerate(zip(indices, logits.argmax(dim=-1).tolist(), strict=True)):
+                    predicted[i] = int(p)
+                    losses[i] = float(row_losses[j])
     finally:
         model.train(was_training)
-    loss = loss_sum / len(items)
-    return Metrics(
-        eval_loss=loss,
-        perplexity=math.exp(min(loss, 700.0)),
-        accuracy=sum(1 for g, p in zip(gold, predicted, strict=True) if g == p) / len(items),
-        macro_f1=macro_f1(gold, predicted),
-        examples=len(items),
-    )
+    return LabelScores(gold=tuple(item.label for item in items), predicted=tuple(predicted), losses=tuple(losses))
+
+
+def evaluate_labelled_items(
+    model: nn.Module,
+    items: Sequence[LabelledItem],
+    *,
+    pad_token_id: int,
+    batch_size: int = 16,
+    labels: Sequence[str] | None = None,
+) -> Metrics:
+    """Loss, accuracy and macro-F1 over encoded examples (:func:`score_labelled_items`); with ``labels``, also how
+    often each label was predicted."""
+    if not items:
+        return Metrics(examples=0)
+    return score_labelled_items(model, items, pad_token_id=pad_token_id, batch_size=batch_size).metrics(labels)
+
+
+def score_labelled(
+    model: nn.Module,
+    tokenizer: Any,
+    examples: Sequence[Example],
+    labels: Sequence[str],
+    *,
+    max_seq_length: int = 512,
+    batch_size: int = 16,
+) -> LabelScores:
+    """Per-example figures of a classifier on ``examples``, in their order."""
+    items = encode_labelled(tokenizer, examples, labels, max_seq_length)
+    return score_labelled_items(model, items, pad_token_id=pad_token(tokenizer), batch_size=batch_size)
 
 
 def evaluate_labelled(
@@ -152,7 +205,9 @@ def evaluate_labelled(
     """Metrics of a classifier on ``examples`` (at most ``max_examples``, chosen by content hash)."""
     chosen = limit_examples(examples, max_examples)
     items = encode_labelled(tokenizer, chosen, labels, max_seq_length)
-    return evaluate_labelled_items(model, items, pad_token_id=pad_token(tokenizer), batch_size=batch_size)
+    return evaluate_labelled_items(
+        model, items, pad_token_id=pad_token(tokenizer), batch_size=batch_size, labels=labels
+    )
 
 
 def pad_token(tokenizer: Any) -> int:

@@ -291,44 +291,73 @@ def load_for_eval(
 
 
 # -- metrics ------------------------------------------------------------------------------------------------------------
-def evaluate_encoded(model: nn.Module, items: Sequence[Encoded], *, pad_token_id: int, batch_size: int = 8) -> Metrics:
-    """Metrics over already encoded examples (batched, no gradients, length-sorted to pad little)."""
+@dataclass(frozen=True)
+class CompletionScores:
+    """Per-example figures on completion tokens, in the order the examples were given: what :class:`Metrics` are
+    computed from, kept so that models can be compared example by example (paired, e.g. a bootstrap)."""
+
+    #: Summed cross-entropy over each example's completion tokens.
+    loss_sums: tuple[float, ...]
+    #: Completion tokens of each example.
+    tokens: tuple[int, ...]
+    #: Completion tokens predicted right (teacher forcing, argmax) per example.
+    correct: tuple[int, ...]
+
+    def metrics(self) -> Metrics:
+        examples = len(self.tokens)
+        tokens = sum(self.tokens)
+        if tokens == 0:
+            return Metrics(examples=examples)
+        loss = math.fsum(self.loss_sums) / tokens
+        return Metrics(
+            eval_loss=loss,
+            perplexity=math.exp(min(loss, 700.0)),
+            token_accuracy=sum(self.correct) / tokens,
+            exact_match=sum(1 for c, t in zip(self.correct, self.tokens, strict=True) if c == t) / examples,
+            examples=examples,
+        )
+
+
+def score_encoded(
+    model: nn.Module, items: Sequence[Encoded], *, pad_token_id: int, batch_size: int = 8
+) -> CompletionScores:
+    """Per-example loss sums, token counts and right tokens (batched, no gradients, length-sorted to pad little)."""
     device = next(model.parameters()).device
     order = sorted(range(len(items)), key=lambda i: (len(items[i]), i))
-    loss_sum = 0.0
-    tokens = 0
-    correct = 0
-    exact = 0
+    loss_sums = [0.0] * len(items)
+    tokens = [0] * len(items)
+    correct = [0] * len(items)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad(), autocast_context(device):
             for start in range(0, len(order), batch_size):
-                chosen = [items[i] for i in order[start : start + batch_size]]
-                batch = pad_batch(chosen, pad_token_id).to(device)
+                indices = order[start : start + batch_size]
+                batch = pad_batch([items[i] for i in indices], pad_token_id).to(device)
                 inputs = completion_hidden(model, batch)
-                wrong_rows = torch.zeros(len(chosen), dtype=torch.long, device=device)
+                row_loss = torch.zeros(len(indices), dtype=torch.float64, device=device)
+                row_hits = torch.zeros(len(indices), dtype=torch.long, device=device)
+                row_tokens = torch.zeros(len(indices), dtype=torch.long, device=device)
                 for lo in range(0, inputs.targets.numel(), HEAD_CHUNK_ROWS):
                     logits = inputs.head(inputs.hidden[lo : lo + HEAD_CHUNK_ROWS]).float()
                     targets = inputs.targets[lo : lo + HEAD_CHUNK_ROWS]
-                    loss_sum += float(F.cross_entropy(logits, targets, reduction="sum"))
-                    hit = logits.argmax(dim=-1) == targets
-                    correct += int(hit.sum())
-                    wrong_rows.index_add_(0, inputs.rows[lo : lo + HEAD_CHUNK_ROWS], (~hit).long())
-                tokens += int(inputs.targets.numel())
-                exact += int((wrong_rows == 0).sum())
+                    rows = inputs.rows[lo : lo + HEAD_CHUNK_ROWS]
+                    losses = F.cross_entropy(logits, targets, reduction="none")
+                    row_loss.index_add_(0, rows, losses.double())
+                    row_hits.index_add_(0, rows, (logits.argmax(dim=-1) == targets).long())
+                    row_tokens.index_add_(0, rows, torch.ones_like(rows))
+                for j, i in enumerate(indices):
+                    loss_sums[i] = float(row_loss[j])
+                    tokens[i] = int(row_tokens[j])
+                    correct[i] = int(row_hits[j])
     finally:
         model.train(was_training)
-    if tokens == 0:
-        return Metrics(examples=len(items))
-    loss = loss_sum / tokens
-    return Metrics(
-        eval_loss=loss,
-        perplexity=math.exp(min(loss, 700.0)),
-        token_accuracy=correct / tokens,
-        exact_match=exact / len(items),
-        examples=len(items),
-    )
+    return CompletionScores(loss_sums=tuple(loss_sums), tokens=tuple(tokens), correct=tuple(correct))
+
+
+def evaluate_encoded(model: nn.Module, items: Sequence[Encoded], *, pad_token_id: int, batch_size: int = 8) -> Metrics:
+    """Metrics over already encoded examples (:func:`score_encoded`, summed)."""
+    return score_encoded(model, items, pad_token_id=pad_token_id, batch_size=batch_size).metrics()
 
 
 def evaluate_examples(
@@ -344,6 +373,14 @@ def evaluate_examples(
     chosen = limit_examples(examples, max_examples)
     items = encode_examples(tokenizer, chosen, max_seq_length)
     return evaluate_encoded(model, items, pad_token_id=pad_id(tokenizer), batch_size=batch_size)
+
+
+def score_examples(
+    model: nn.Module, tokenizer: Any, examples: Sequence[Example], *, max_seq_length: int = 1024, batch_size: int = 8
+) -> CompletionScores:
+    """Per-example figures of ``model`` on ``examples``, in their order."""
+    items = encode_examples(tokenizer, examples, max_seq_length)
+    return score_encoded(model, items, pad_token_id=pad_id(tokenizer), batch_size=batch_size)
 
 
 @dataclass

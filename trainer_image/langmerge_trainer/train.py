@@ -595,6 +595,8 @@ class Prepared:
     objective: Objective
     eval_batch_size: int
     classifier: bool
+    #: A classifier's labels, in class order (None for a causal LM).
+    labels: list[str] | None = None
 
     def evaluate(self, model: nn.Module) -> Metrics:
         """Metrics of ``model`` on the held-out items (causal LM: completion tokens; classifier: labels)."""
@@ -602,7 +604,11 @@ class Prepared:
             from langmerge_trainer.classify import evaluate_labelled_items
 
             return evaluate_labelled_items(
-                model, self.eval_items, pad_token_id=self.pad_token_id, batch_size=self.eval_batch_size
+                model,
+                self.eval_items,
+                pad_token_id=self.pad_token_id,
+                batch_size=self.eval_batch_size,
+                labels=self.labels,
             )
         return evaluate_encoded(model, self.eval_items, pad_token_id=self.pad_token_id, batch_size=self.eval_batch_size)
 
@@ -639,6 +645,7 @@ def prepare_training(
             objective=objective,
             eval_batch_size=eval_batch,
             classifier=True,
+            labels=labels,
         )
     model = load_causal_lm(base_dir, device, default_dtype(device))
     model = attach_lora(model, spec.lora, gradient_checkpointing=training.gradient_checkpointing)

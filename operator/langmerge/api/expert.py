@@ -402,6 +402,14 @@ class Metrics(StatusModel):
         ),
     ] = None
     examples: Annotated[int | None, Field(default=None, description="Number of evaluation examples.")] = None
+    predictions: Annotated[
+        dict[str, int] | None,
+        Field(
+            default=None,
+            description="sequence-classification: how many evaluation examples were predicted as each label (a model "
+            "that predicts one label for almost every input has collapsed).",
+        ),
+    ] = None
 
 
 class TrainingShape(StatusModel):
