@@ -390,6 +390,8 @@ def write_fake_adapter(
         files={k: FileEntry(size=s, sha256=h) for k, (s, h) in files.items()},
         lora=task.spec.lora.model_dump(mode="json"),
         training=task.spec.training.model_dump(mode="json"),
+        labels=task.spec.labels if task.spec.is_classifier else None,
+        label_counts=_label_counts(store, task) if task.spec.is_classifier else None,
         metrics=Metrics(eval_loss=eval_loss, perplexity=7.39, token_accuracy=0.4, exact_match=0.1, examples=10),
         examples_train=90,
         examples_eval=10,
@@ -403,6 +405,21 @@ def write_fake_adapter(
     )
     store.put_json(artifacts.join(task.output_uri, artifacts.MANIFEST), manifest, if_none_match=True)
     return manifest
+
+
+def _label_counts(store: ObjectStore, task: TrainTask) -> dict[str, int]:
+    """A classifier's examples per label in its data (every ``*.jsonl`` under the dataset URI), as the trainer records
+    them (the simulation does not split off an eval share)."""
+    counts = dict.fromkeys(task.spec.labels or [], 0)
+    bucket = task.spec.dataset.uri.removeprefix("s3://").split("/", 1)[0]
+    for info in store.list_objects(task.spec.dataset.uri):
+        if not info.key.endswith(".jsonl"):
+            continue
+        for line in store.get_bytes(f"s3://{bucket}/{info.key}")[0].decode().splitlines():
+            if line.strip():
+                label = json.loads(line)["label"]
+                counts[label] = counts.get(label, 0) + 1
+    return counts
 
 
 def write_adapter_of_read_data(store: ObjectStore, task: TrainTask) -> AdapterManifest:

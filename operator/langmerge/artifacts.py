@@ -200,6 +200,9 @@ class AdapterManifest(Record):
     #: causal-lm or sequence-classification; a classifier's adapter carries its head (PEFT modules_to_save).
     task_type: str = "causal-lm"
     labels: list[str] | None = None
+    #: A classifier's training examples per label (every label listed, 0 where the data has none); None for a causal
+    #: LM and for adapters committed before manifests recorded it. The merge weighs each label's head row by it.
+    label_counts: dict[str, int] | None = None
     base_model: BaseModelIdentity
     data_digest: str
     eval_data_digest: str | None = None
@@ -321,6 +324,10 @@ class MergeManifest(Record):
     module_ranks: dict[str, int] = Field(default_factory=dict)
     #: spec.search: what the search evaluated and chose (method and parameters above are the chosen ones).
     search: SearchRecord | None = None
+    #: Classifier heads merged by label support: per label, the languages whose head rows went into that label's row,
+    #: with their training examples of it (``{}``: no expert had one, so the row is the language-weighted average).
+    #: None when the heads are the language-weighted average (no heads, or an expert without label counts).
+    head_support: dict[str, dict[str, int]] | None = None
     #: Per-language evaluation of the merged model.
     evaluation: dict[str, Metrics] = Field(default_factory=dict)
     #: Each language's expert alone on the same data (from the expert's adapter manifest), for the quality gate.

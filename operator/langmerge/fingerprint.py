@@ -89,9 +89,15 @@ def merge_fingerprint(
     base_model_digest: str,
     image: str,
     validation: Iterable[tuple[str, str | None]] = (),
+    label_counts: Iterable[tuple[str, dict[str, int] | None]] = (),
 ) -> str:
     """hash(method, parameters, sorted (language, adapter digest, weight), base model digest, output format, gate;
-    with spec.search, the search space and each language's validation data location).
+    with spec.search, the search space and each language's validation data location; for classifiers whose label
+    counts are known, each language's counts).
+
+    Label counts come with the adapter (its manifest), but an expert's status may show them only after the merge
+    first ran without them (an adapter adopted by an older operator): a merge whose head rows were averaged by the
+    language weights alone is then not taken for the one merged by label support.
 
     The evaluation settings are part of it: a merge Job also evaluates, and its manifest carries those figures. A
     search's chosen parameters are not: they are recorded in the manifest (and status), so the merge can be rerun
@@ -118,4 +124,7 @@ def merge_fingerprint(
     if spec.search is not None:
         value["search"] = spec.search.model_dump(mode="json")
         value["validation"] = sorted([lang, uri] for lang, uri in validation)
+    counts = sorted([lang, dict(sorted(c.items()))] for lang, c in label_counts if c is not None)
+    if counts:  # merges without label counts keep the fingerprints they always had
+        value["labelCounts"] = counts
     return digest(value)

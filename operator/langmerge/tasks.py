@@ -56,6 +56,9 @@ class MergeTaskInput(Task):
     #: The expert's taskType and, for a sequence classifier, its label set (evaluation and head merging use them).
     task_type: TaskType = TaskType.CAUSAL_LM
     labels: list[str] | None = None
+    #: A classifier's training examples per label (from its adapter manifest; 0: the expert never saw the label):
+    #: the merge weighs each label's head row by them. None: unknown (an older adapter), heads average by weight.
+    label_counts: dict[str, int] | None = None
 
 
 class MergeTask(Task):

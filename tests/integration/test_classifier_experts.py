@@ -1,9 +1,11 @@
 """Sequence-classification experts through the operator, on the real API server + S3 with the real trainer.
 
 Two classifier LanguageExperts (a tiny encoder, topic labels) train in training Jobs, a MergedModel merges them and
-gates on accuracy (in absolute points), revision 1 is published with per-language accuracy and macro-F1; then an
-expert with a different label list is refused by the MergedModel, and an expert whose data has a label outside its
-set fails with the file and line in its status and an Event.
+gates on accuracy (in absolute points), revision 1 is published with per-language accuracy and macro-F1. The ja
+expert's data has no "science" example: it is Ready with its label counts, a LabelsMissing condition and Event, and
+the merge takes the science row of the head from it alone. Then an expert with a different label list is refused by
+the MergedModel, and an expert whose data has a label outside its set fails with the file and line in its status
+and an Event.
 """
 
 from __future__ import annotations
@@ -88,8 +90,10 @@ def test_classifier_experts_merge_and_gate_on_accuracy(
     _s3_secret(kube, namespace)
     texts = [r["text"] for lang in ("it", "ja") for r in topic_data(lang, LABELS).train]
     s3.upload_dir(build_tiny_bert(tmp_path / "tiny-bert", texts), f"s3://{bucket}/models/tiny-bert")
-    for lang in ("it", "ja"):
-        put_jsonl(s3, f"s3://{bucket}/data/{lang}/part-0.jsonl", topic_data(lang, LABELS).train[:60])
+    put_jsonl(s3, f"s3://{bucket}/data/it/part-0.jsonl", topic_data("it", LABELS).train[:60])
+    # ja has money only (as the benchmark's nl expert had no psychology)
+    ja_rows = [r for r in topic_data("ja", LABELS).train[:60] if r["label"] == "money"]
+    put_jsonl(s3, f"s3://{bucket}/data/ja/part-0.jsonl", ja_rows)
     merged_uri = f"s3://{bucket}/merged/topic"
 
     runner = LocalJobRunner(
@@ -157,6 +161,19 @@ def test_classifier_experts_merge_and_gate_on_accuracy(
         gate = condition(get_merged(kube, namespace, "topic"), "QualityGate")
         assert gate is not None and gate["status"] == "True"
 
+        # Label coverage: ja's counts show science at 0, its condition and one Event say so; it covers both labels.
+        ja = get_expert(kube, namespace, "topic-ja")
+        ja_counts = status_of(ja)["adapter"]["labelCounts"]
+        assert ja_counts["science"] == 0 and 0 < ja_counts["money"] <= len(ja_rows), ja_counts
+        covered = condition(ja, "LabelsCovered")
+        assert covered is not None and covered["status"] == "False" and covered["reason"] == "LabelsMissing"
+        missing = [e.message for e in events(kube, namespace, "topic-ja") if e.reason == "LabelsMissing"]
+        assert len(missing) == 1 and "'science'" in missing[0], missing
+        it_counts = status_of(get_expert(kube, namespace, "topic-it"))["adapter"]["labelCounts"]
+        assert it_counts["science"] > 0 and it_counts["money"] > 0
+        assert condition(get_expert(kube, namespace, "topic-it"), "LabelsCovered")["status"] == "True"  # type: ignore[index]
+        assert condition(get_merged(kube, namespace, "topic"), "LabelsCovered")["status"] == "True"  # type: ignore[index]
+
         # An expert with another label list under the same selector: the merge is refused, with the reason.
         apply_expert(kube, namespace, "topic-ko", _expert(bucket, "ko", "data", ["science", "money"]), labels=TASK)
 
@@ -191,4 +208,9 @@ def test_classifier_experts_merge_and_gate_on_accuracy(
     current = PublishedRevision.model_validate(s3.get_json(artifacts.current_uri(merged_uri)))
     manifest = MergeManifest.model_validate(s3.get_json(current.manifest_uri))
     assert sorted(manifest.evaluation) == ["it", "ja"]
+    # the science row of the merged head is it's alone; money's is both experts'
+    assert manifest.head_support == {
+        "money": {"it": it_counts["money"], "ja": ja_counts["money"]},
+        "science": {"it": it_counts["science"]},
+    }
     assert all(m.accuracy is not None and m.macro_f1 is not None for m in manifest.evaluation.values())

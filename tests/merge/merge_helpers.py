@@ -143,3 +143,51 @@ def model_with_deltas(base_dir: Path, deltas: dict[str, torch.Tensor]) -> Any:
             weight = modules[name].weight
             weight.copy_((weight.double() + delta.double()).to(weight.dtype))
     return model.eval()
+
+
+def make_tiny_encoder(out_dir: Path, kind: str = "bert", hidden: int = 16) -> Path:
+    """A bare tiny encoder (``BertModel`` or ``RobertaModel``) saved with ``save_pretrained``: a classifier's base."""
+    from transformers import BertConfig, BertModel, RobertaConfig, RobertaModel
+
+    sizes: dict[str, Any] = {
+        "vocab_size": 64,
+        "hidden_size": hidden,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "intermediate_size": hidden * 2,
+        "max_position_embeddings": 40,
+    }
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(**sizes)) if kind == "bert" else RobertaModel(RobertaConfig(pad_token_id=1, **sizes))
+    model.save_pretrained(out_dir)
+    return out_dir
+
+
+def make_classifier_adapters(
+    base_dir: Path, out_dir: Path, languages: Sequence[str], num_labels: int, gain: float = 5.0
+) -> dict[str, Path]:
+    """Random LoRA adapters with a trained-looking classifier head (PEFT ``modules_to_save``), one per language."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    paths = {}
+    for i, language in enumerate(languages):
+        torch.manual_seed(200 + i)
+        model = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=num_labels)
+        config = LoraConfig(
+            r=4,
+            lora_alpha=8,
+            target_modules=["query", "value"],
+            modules_to_save=["classifier"],
+            init_lora_weights=False,
+        )
+        peft_model = get_peft_model(model, config)
+        with torch.no_grad():
+            for name, p in peft_model.named_parameters():
+                if "lora_B" in name:
+                    p.mul_(gain)
+                if "modules_to_save" in name:  # every expert's head differs (as trained heads do)
+                    p.copy_(torch.randn_like(p))
+        paths[language] = out_dir / language
+        peft_model.save_pretrained(paths[language])
+    return paths

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from merge_helpers import PEFT_DEPRECATION, make_adapters
+from merge_helpers import PEFT_DEPRECATION, make_adapters, make_classifier_adapters, make_tiny_encoder
 
 from langmerge.artifacts import MANIFEST, MergeManifest
 from langmerge.store import ObjectStore
@@ -116,6 +116,14 @@ def test_a_bad_config_is_refused_with_a_message(
         ({**base, "methd": "ties"}, "methd: Extra inputs are not permitted"),
         ({**base, "parameters": {"weights": {"fr": 1.0}}}, "without an adapter: fr"),
         ({**base, "method": "slerp"}, "unknown method"),
+        (
+            {**base, "adapters": [{"language": "es", "path": str(tmp_path), "labelCounts": {"a": 1}}]},
+            "labelCounts needs `labels:`",
+        ),
+        (
+            {**base, "labels": ["a", "b"], "adapters": [{"language": "es", "path": ".", "labelCounts": {"c": 1}}]},
+            "es: labelCounts names labels not in `labels:`: c",
+        ),
         ({**base, "adapters": [{"language": "es", "path": str(tmp_path)}]}, "not a PEFT adapter folder"),
     ]
     for i, (config, message) in enumerate(cases):
@@ -168,3 +176,47 @@ def test_merge_local_search_chooses_on_validation_files(
     bad = write_config(tmp_path / "bad.yaml", base_config)
     assert main([str(bad), str(tmp_path / "bad"), "--search", "--no-progress"]) == 2
     assert "missing: es" in capsys.readouterr().err
+
+
+def test_merge_local_merges_classifier_head_rows_by_the_label_counts_given(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`labels:` and each adapter's `labelCounts:` (its manifest's label_counts): the head row of a label an adapter
+    never saw comes from the others, the manifest says which, the dry run too, and the counts are in the fingerprint."""
+    from safetensors.torch import load_file
+
+    base = make_tiny_encoder(tmp_path / "bert")
+    adapters = make_classifier_adapters(base, tmp_path / "adapters", ["en", "nl"], 2)
+    counts = {"en": {"art": 5, "money": 3}, "nl": {"art": 4, "money": 0}}
+    config = {
+        "baseModel": str(base),
+        "labels": ["art", "money"],
+        "adapters": [
+            {"language": lang, "path": str(path), "labelCounts": counts[lang]} for lang, path in adapters.items()
+        ],
+        "method": "linear",
+        "output": {"format": "full-weights"},
+    }
+    path = write_config(tmp_path / "merge.yaml", config)
+    assert main([str(path), str(tmp_path / "out"), "--dry-run", "--no-progress"]) == 0
+    assert "label 'money': head row from en only" in capsys.readouterr().out
+    assert main([str(path), str(tmp_path / "out"), "--no-progress"]) == 0
+    manifest = MergeManifest.model_validate_json((tmp_path / "out" / MANIFEST).read_text())
+    assert manifest.head_support == {"art": {"en": 5, "nl": 4}, "money": {"en": 3}}
+    merged = load_file(str(next((tmp_path / "out").glob("*.safetensors"))))["classifier.weight"]
+    en = load_file(str(adapters["en"] / "adapter_model.safetensors"))
+    en_head = next(v for k, v in en.items() if k.endswith("classifier.weight"))
+    assert merged[1].equal(en_head[1])  # money: en's row alone
+
+    # other counts, another fingerprint; without counts, yet another (the one such a config always had)
+    config["adapters"][1]["labelCounts"]["art"] = 7
+    changed = write_config(tmp_path / "changed.yaml", config)
+    plain = write_config(
+        tmp_path / "plain.yaml",
+        {**config, "adapters": [{k: v for k, v in a.items() if k != "labelCounts"} for a in config["adapters"]]},
+    )
+    capsys.readouterr()
+    for p in (path, changed, plain):
+        assert main([str(p), str(tmp_path / "out"), "--dry-run"]) == 0
+    fingerprints = [line for line in capsys.readouterr().out.splitlines() if line.startswith("fingerprint:")]
+    assert len(set(fingerprints)) == 3

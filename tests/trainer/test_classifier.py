@@ -96,6 +96,10 @@ def test_classifier_expert_trains_and_its_adapter_loads_with_automodel(
 
     _task, manifest = experts[0]
     assert manifest.task_type == "sequence-classification" and manifest.labels == LABELS
+    # training examples per label, every label listed
+    train = topic_data("it", LABELS).train
+    assert manifest.label_counts == {label: sum(r["label"] == label for r in train) for label in LABELS}
+    assert manifest.examples_train == sum(manifest.label_counts.values())
     m, base_m = manifest.metrics, manifest.base_metrics
     assert base_m is not None and m.accuracy is not None and m.macro_f1 is not None and m.eval_loss is not None
     assert m.examples == len(topic_data("it", LABELS).train)
@@ -133,16 +137,26 @@ def test_a_label_outside_the_set_fails_naming_file_and_line(
 
 
 def _merge_task(
-    bucket: str, base: BaseModelIdentity, experts: list[tuple[TrainTask, AdapterManifest]], fp: str, fmt: str
+    bucket: str,
+    base: BaseModelIdentity,
+    experts: list[tuple[TrainTask, AdapterManifest]],
+    fp: str,
+    fmt: str,
+    *,
+    weights: dict[str, float] | None = None,
+    label_counts: bool = False,
 ) -> MergeTask:
+    """The task the operator builds; ``label_counts``: with each expert's counts (from its manifest) as the operator
+    passes them, else as an operator that did not know them."""
     output = Output(uri=f"s3://{bucket}/merged/topic", format=fmt, rank=8)
+    weights = weights or {"it": 3.0, "ja": 1.0}
     return MergeTask(
         fingerprint=fp,
         output_uri=artifacts.merge_prefix(output.uri, fp),
         namespace="default",
         name="topic",
         method="linear",
-        parameters={"weights": {"it": 3.0, "ja": 1.0}, "include_modules": [], "exclude_modules": []},
+        parameters={"weights": weights, "include_modules": [], "exclude_modules": []},
         base_model=base,
         inputs=[
             MergeTaskInput(
@@ -150,11 +164,12 @@ def _merge_task(
                 language=t.spec.language,
                 adapter_uri=m.adapter_uri,
                 adapter_digest=m.adapter_digest,
-                weight={"it": 3.0, "ja": 1.0}[t.spec.language],
+                weight=weights[t.spec.language],
                 dataset=t.spec.dataset,
                 max_seq_length=48,
                 task_type=t.spec.task_type,
                 labels=t.spec.labels,
+                label_counts=m.label_counts if label_counts else None,
             )
             for t, m in experts
         ],
@@ -226,6 +241,53 @@ def test_merging_refuses_different_label_sets(
     with pytest.raises(MergeError, match="different label sets"):
         merge_adapters(tiny_bert, inputs, "ties", {"density": 1.0}, "peft-adapter", None, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_an_expert_without_a_label_records_it_and_the_merge_job_takes_that_row_from_the_others(
+    s3: ObjectStore,
+    env: tuple[str, BaseModelIdentity],
+    experts: list[tuple[TrainTask, AdapterManifest]],
+    tmp_path: Path,
+) -> None:
+    """An expert whose data has no "science" example commits label_counts with science 0; the merge Job, given every
+    expert's counts, builds the science row of the merged head from the experts that saw science only (weighted by
+    weight x examples), and says so in its manifest."""
+    import torch
+    from safetensors.torch import load_file
+
+    bucket, base = env
+    money_only = topic_data("ko", ["money"]).train
+    put_jsonl(s3, f"s3://{bucket}/data/ko/part-0.jsonl", money_only)
+    put_jsonl(s3, f"s3://{bucket}/test/ko/part-0.jsonl", money_only)
+    ko_task = classifier_task(bucket, base, "ko", "cls0000000000ko")
+    ko = run_train_task(ko_task, s3, device="cpu")
+    assert ko.label_counts == {"money": len(money_only), "science": 0}
+
+    everyone = [*experts, (ko_task, ko)]
+    weights = {"it": 1.0, "ja": 1.0, "ko": 2.0}
+    manifest = run_merge_task(
+        _merge_task(bucket, base, everyone, "mcls00000000000s", "full-weights", weights=weights, label_counts=True),
+        s3,
+    )
+    counts = {t.spec.language: m.label_counts or {} for t, m in everyone}
+    assert manifest.head_support == {
+        "money": {lang: counts[lang]["money"] for lang in ("it", "ja", "ko")},
+        "science": {lang: counts[lang]["science"] for lang in ("it", "ja")},
+    }
+    heads = {
+        t.spec.language: load_file(
+            str(_download(s3, m.adapter_uri, tmp_path / t.spec.language) / "adapter_model.safetensors")
+        )
+        for t, m in everyone
+    }
+    merged_dir = _download(s3, manifest.model_uri, tmp_path / "merged")
+    merged = {k: v for shard in merged_dir.glob("*.safetensors") for k, v in load_file(str(shard)).items()}
+    key = "classifier.weight"
+    heads = {lang: {key: next(v for k, v in h.items() if k.endswith(key))} for lang, h in heads.items()}
+    science = LABELS.index("science")
+    support = {lang: weights[lang] * counts[lang]["science"] for lang in weights}
+    expected = sum(support[lang] / sum(support.values()) * heads[lang][key][science] for lang in weights)
+    assert torch.allclose(merged[key][science], expected, atol=1e-6)
 
 
 @pytest.mark.parametrize("method", ["ties", "dare_ties", "magnitude_prune", "cat", "knots", "task_arithmetic"])

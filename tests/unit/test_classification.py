@@ -136,3 +136,48 @@ def test_merging_refuses_different_label_sets_and_task_types() -> None:
     causal = LanguageExpertSpec.model_validate(expert(language="it")["spec"])
     message = _task_type_mismatch([same[0], _selected("c", causal)])
     assert message is not None and "causal-lm" in message and "one task type" in message
+
+
+def test_label_counts_list_every_label_and_older_records_still_parse() -> None:
+    from langmerge.api.expert import AdapterRef
+    from langmerge.artifacts import AdapterManifest
+    from langmerge_trainer.data import Example, label_counts
+
+    rows = [Example("a", "food"), Example("b", "ai"), Example("c", "food")]
+    assert label_counts(rows, LABELS) == {"ai": 1, "food": 2, "sports": 0}
+    assert list(label_counts([], LABELS)) == LABELS  # in the label list's order
+    ref = AdapterRef(uri="s3://b/a", digest="d", fingerprint="f", label_counts={"ai": 0, "food": 3})
+    assert ref.to_api()["labelCounts"] == {"ai": 0, "food": 3}
+    assert AdapterRef.model_validate({"uri": "s3://b/a", "digest": "d", "fingerprint": "f"}).label_counts is None
+    assert "label_counts" in AdapterManifest.model_fields
+    assert AdapterManifest.model_fields["label_counts"].default is None  # manifests written before still parse
+
+
+def test_label_counts_enter_the_merge_fingerprint_only_when_known() -> None:
+    from api_cases import merged
+    from langmerge.api import MergedModelSpec
+    from langmerge.fingerprint import merge_fingerprint
+
+    spec = MergedModelSpec.model_validate(merged()["spec"])
+    inputs = [("en", "aaaa", 1.0), ("nl", "bbbb", 1.0)]
+
+    def fp(counts: list[tuple[str, dict[str, int] | None]]) -> str:
+        return merge_fingerprint(spec, inputs=inputs, base_model_digest="d", image="i", label_counts=counts)
+
+    plain = merge_fingerprint(spec, inputs=inputs, base_model_digest="d", image="i")
+    assert fp([]) == plain == fp([("en", None), ("nl", None)])  # causal LMs and older adapters: as before
+    known = fp([("en", {"ai": 3, "food": 1}), ("nl", {"ai": 2, "food": 0})])
+    assert known != plain
+    assert known == fp([("nl", {"food": 0, "ai": 2}), ("en", {"food": 1, "ai": 3})])  # order does not matter
+    assert known != fp([("en", {"ai": 3, "food": 1}), ("nl", {"ai": 2, "food": 1})])
+
+
+def test_missing_labels_and_the_message_an_expert_shows() -> None:
+    from langmerge.controller.experts import labels_missing_message
+    from langmerge.controller.status import missing_labels
+
+    assert missing_labels(LABELS, {"ai": 3, "food": 0}) == ["food", "sports"]
+    assert missing_labels(LABELS, dict.fromkeys(LABELS, 1)) == []
+    message = labels_missing_message(["food", "sports"], 3, "abc123")
+    assert "'food', 'sports' (2 of 3 labels)" in message and "adapter abc123" in message
+    assert "head rows from the experts that have examples of them" in message

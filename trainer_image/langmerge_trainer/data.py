@@ -277,6 +277,16 @@ def examples_digest(examples: Iterable[Example]) -> str:
     return h.hexdigest()[:16]
 
 
+def label_counts(examples: Iterable[Example], labels: Sequence[str]) -> dict[str, int]:
+    """Examples per label, every label of ``labels`` listed in its order (0 where the examples have none): what a
+    classifier expert's head saw of each label, recorded in its adapter manifest for the merge."""
+    counts = dict.fromkeys(labels, 0)
+    for example in examples:
+        if example.label in counts:
+            counts[example.label] += 1
+    return counts
+
+
 def load_dataset(store: ObjectStore, dataset: Dataset, *, labels: Sequence[str] | None = None) -> LoadedData:
     """Read and split a language's data (classification rows when ``labels`` is given). Raises :class:`DataError`
     for bad lines, no data or an empty split."""

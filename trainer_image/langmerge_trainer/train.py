@@ -86,7 +86,7 @@ from langmerge.artifacts import (
 from langmerge.fingerprint import training_fingerprint
 from langmerge.store import ObjectStore, PreconditionFailed, file_sha256, files_digest
 from langmerge.tasks import TrainTask
-from langmerge_trainer.data import DataError, LoadedData, limit_examples, load_dataset
+from langmerge_trainer.data import DataError, LoadedData, label_counts, limit_examples, load_dataset
 from langmerge_trainer.distributed import (
     SINGLE,
     PeerFailed,
@@ -915,6 +915,7 @@ class _Run:
                     data_counts=(len(data.train), len(eval_examples), data.skipped_lines),
                     loop=loop,
                     resumed_from=resumed_from,
+                    label_counts=label_counts(data.train, spec.labels) if spec.is_classifier and spec.labels else None,
                 ),
                 what="committing the adapter",
             )
@@ -1019,6 +1020,7 @@ class _Run:
         data_counts: tuple[int, int, int],
         loop: TrainingLoop,
         resumed_from: int | None,
+        label_counts: dict[str, int] | None = None,
     ) -> AdapterManifest:
         task, spec = self.task, self.task.spec
         manifest_uri = join(self.prefix, MANIFEST)
@@ -1045,6 +1047,7 @@ class _Run:
             task=spec.task,
             task_type=str(spec.task_type),
             labels=list(spec.labels) if spec.labels else None,
+            label_counts=label_counts,
             base_model=task.base_model,
             data_digest=self.data_digests[0],
             eval_data_digest=self.data_digests[1],

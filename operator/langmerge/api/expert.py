@@ -455,6 +455,15 @@ class AdapterRef(StatusModel):
     fingerprint: Annotated[str, Field(description="Training fingerprint it was trained for.")]
     data_digest: Annotated[str | None, Field(default=None, description="Digest of the data it was trained on.")] = None
     metrics: Annotated[Metrics | None, Field(default=None, description="Evaluation on the held-out split.")] = None
+    label_counts: Annotated[
+        dict[str, int] | None,
+        Field(
+            default=None,
+            description="sequence-classification: training examples per label; a label at 0 is not covered (the "
+            "adapter never learned to predict it, and merges take that label's head row from experts that have "
+            "examples of it).",
+        ),
+    ] = None
     trained_at: Annotated[str | None, Field(default=None, description="When the adapter was committed.")] = None
 
 
@@ -492,7 +501,12 @@ class LanguageExpertStatus(StatusModel):
     phase: Annotated[ExpertPhase | None, Field(default=None, description="Summary of the expert's state.")] = None
     observed_generation: Annotated[int | None, Field(default=None, description="Generation last reconciled.")] = None
     conditions: Annotated[
-        list[Condition], Field(default_factory=list, description="Ready, Training, DataChanged, Degraded.")
+        list[Condition],
+        Field(
+            default_factory=list,
+            description="Ready, Training, DataChanged, Degraded; LabelsCovered for a sequence classifier (False, "
+            "reason LabelsMissing: its training data has no example of some labels).",
+        ),
     ]
     data_digest: Annotated[str | None, Field(default=None, description="Digest of the data seen in S3.")] = None
     data_changed_at: Annotated[

@@ -542,7 +542,12 @@ class MergedModelStatus(StatusModel):
     phase: Annotated[MergedPhase | None, Field(default=None, description="Summary of the merged model's state.")] = None
     observed_generation: Annotated[int | None, Field(default=None, description="Generation last reconciled.")] = None
     conditions: Annotated[
-        list[Condition], Field(default_factory=list, description="Ready, Merging, QualityGate, ExpertsReady, Degraded.")
+        list[Condition],
+        Field(
+            default_factory=list,
+            description="Ready, Merging, QualityGate, ExpertsReady, Degraded; LabelsCovered for sequence classifiers "
+            "(False, reason LabelNotCovered: no selected expert has a training example of some labels).",
+        ),
     ]
     revision: Annotated[int | None, Field(default=None, description="Published revision (current.json).")] = None
     fingerprint: Annotated[

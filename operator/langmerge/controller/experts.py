@@ -45,10 +45,13 @@ from langmerge.controller.reconcile import (
 from langmerge.controller.runtime import EXPERT, Key, Runtime
 from langmerge.controller.status import (
     DATA_CHANGED,
+    LABELS_COVERED,
     READY,
     TRAINING,
     bounded,
+    get_condition,
     is_true,
+    missing_labels,
     truncate,
 )
 from langmerge.controller.trainjobs import build_trainjob
@@ -60,8 +63,22 @@ from langmerge.tasks import TrainTask
 log = logging.getLogger(__name__)
 
 
+#: Event and condition reason: a classifier expert's training data has no example of some of its labels.
+LABELS_MISSING = "LabelsMissing"
+
+
 def parse_expert_spec(raw: dict[str, Any]) -> LanguageExpertSpec:
     return LanguageExpertSpec.model_validate(raw)
+
+
+def labels_missing_message(missing: list[str], total: int, adapter_digest: str) -> str:
+    """What the expert's status and its ``LabelsMissing`` Event say about labels its data has no example of."""
+    named = ", ".join(repr(label) for label in missing)
+    return (
+        f"the training data of adapter {adapter_digest} has no example of label(s) {named} ({len(missing)} of "
+        f"{total} labels): this expert never learned to predict them (its head only learned to push them down); "
+        "a merge takes those labels' head rows from the experts that have examples of them"
+    )
 
 
 @dataclass
@@ -444,8 +461,10 @@ class ExpertReconciler(ReconcilePass[LanguageExpertStatus]):
             fingerprint=fingerprint,
             data_digest=data_combined,
             metrics=manifest.metrics,
+            label_counts=manifest.label_counts,
             trained_at=manifest.finished_at,
         )
+        self._label_coverage(manifest)
         self.status.trained_fingerprint = fingerprint
         if self.status.data_digest == data_combined:
             self.condition(DATA_CHANGED, False, "UpToDate", "the adapter was trained on the current data")
@@ -457,6 +476,35 @@ class ExpertReconciler(ReconcilePass[LanguageExpertStatus]):
         self.set_phase(ExpertPhase.READY)
         self.condition(READY, True, "AdapterReady", f"adapter {manifest.adapter_digest} at {manifest.adapter_uri}")
         self.condition(TRAINING, False, "Idle")
+
+    def _label_coverage(self, manifest: AdapterManifest) -> None:
+        """A classifier's LabelsCovered condition, from the label counts its adapter manifest records. Labels its data
+        has no example of do not fail the expert: the condition says which, and a ``LabelsMissing`` Warning Event
+        says it once per adapter (not again on the next pass, after an operator restart that finds the condition, or
+        after someone removed the status)."""
+        counts = manifest.label_counts
+        if not self.spec.is_classifier or not self.spec.labels or counts is None:
+            self.drop_condition(LABELS_COVERED)  # a causal LM, or an adapter committed before counts were recorded
+            return
+        labels = self.spec.labels
+        missing = missing_labels(labels, counts)
+        if not missing:
+            shown = ", ".join(f"{label} {counts.get(label, 0)}" for label in labels)
+            self.condition(LABELS_COVERED, True, "AllLabelsCovered", f"training examples per label: {shown}")
+            return
+        message = labels_missing_message(missing, len(labels), manifest.adapter_digest)
+        self.condition(LABELS_COVERED, False, LABELS_MISSING, message)
+        memo = self.rt.memo(self.key)
+        old = get_condition(self.old.conditions, LABELS_COVERED)
+        shown_before = (
+            old is not None
+            and old.reason == LABELS_MISSING
+            and self.old.adapter is not None
+            and self.old.adapter.digest == manifest.adapter_digest
+        )
+        if memo.labels_warned != manifest.adapter_digest and not shown_before:
+            self.event("Warning", LABELS_MISSING, message)
+        memo.labels_warned = manifest.adapter_digest
 
     def _cancel_outdated(self, jobs: list[JobState], fingerprint: str) -> list[JobState]:
         """Running Jobs for other fingerprints: cancelled under onChange=restart; returned otherwise."""

@@ -17,7 +17,8 @@ from pydantic import ValidationError
 
 from langmerge import artifacts
 from langmerge.admission import Refusal, check_job_spec, check_uris
-from langmerge.api.expert import ExpertPhase, LanguageExpertSpec, LanguageExpertStatus
+from langmerge.api.common import ConditionStatus
+from langmerge.api.expert import ExpertPhase, LanguageExpertSpec, LanguageExpertStatus, TaskType
 from langmerge.api.merged import (
     LanguageMetrics,
     MergedModelSpec,
@@ -64,15 +65,20 @@ from langmerge.controller.reconcile import (
 from langmerge.controller.runtime import MERGED, Key, Runtime
 from langmerge.controller.status import (
     EXPERTS_READY,
+    LABELS_COVERED,
     MERGING,
     QUALITY_GATE,
     READY,
+    get_condition,
     truncate,
 )
 from langmerge.fingerprint import merge_fingerprint
 from langmerge.tasks import MergeTask, MergeTaskInput
 
 log = logging.getLogger(__name__)
+
+#: Event and condition reason: no expert of a classifier merge has a training example of some labels.
+LABEL_NOT_COVERED = "LabelNotCovered"
 
 
 @dataclass(frozen=True)
@@ -219,6 +225,7 @@ class MergedReconciler(ReconcilePass[MergedModelStatus]):
             return merge_spec.requeue
 
         inputs = self._inputs(ready)
+        self._label_coverage(inputs)
         if all(i.weight == 0 for i in inputs):
             zero_weighted = ", ".join(i.language for i in inputs)
             return self.fail(
@@ -235,6 +242,7 @@ class MergedReconciler(ReconcilePass[MergedModelStatus]):
             base_model_digest=base_digest,
             image=self.image,
             validation=[(i.language, i.dataset.validation_uri) for i in inputs],
+            label_counts=[(i.language, i.label_counts) for i in inputs],
         )
         if current.record is not None and current.record.fingerprint == fingerprint:
             self.status.desired_fingerprint = fingerprint
@@ -401,9 +409,51 @@ class MergedReconciler(ReconcilePass[MergedModelStatus]):
                     max_seq_length=e.spec.training.max_seq_length,
                     task_type=e.spec.task_type,
                     labels=e.spec.labels,
+                    label_counts=e.status.adapter.label_counts if e.spec.is_classifier else None,
                 )
             )
         return sorted(inputs, key=lambda i: i.language)
+
+    def _label_coverage(self, inputs: list[MergeTaskInput]) -> None:
+        """Classifiers: the LabelsCovered condition over the experts being merged. A label no expert (of weight above
+        0) has a training example of does not stop the merge: the condition and a ``LabelNotCovered`` Warning Event
+        (once per message) say that the merged model will hardly predict it."""
+        labels = inputs[0].labels if inputs and inputs[0].task_type == TaskType.SEQUENCE_CLASSIFICATION else None
+        if not labels:
+            self.drop_condition(LABELS_COVERED)
+            return
+        unknown = [i.language for i in inputs if i.label_counts is None]
+        if unknown:
+            self.condition(
+                LABELS_COVERED,
+                ConditionStatus.UNKNOWN,
+                "LabelCountsUnknown",
+                f"the adapters of {', '.join(unknown)} do not record their label counts (trained by an older "
+                "trainer): head rows are the language-weighted average",
+            )
+            return
+        uncovered = [
+            label
+            for label in labels
+            if not any(i.weight > 0 and (i.label_counts or {}).get(label, 0) > 0 for i in inputs)
+        ]
+        if not uncovered:
+            self.condition(LABELS_COVERED, True, "AllLabelsCovered", "every label has training examples in an expert")
+            return
+        named = ", ".join(repr(label) for label in uncovered)
+        message = (
+            f"no selected expert has a training example of label(s) {named} (experts: "
+            f"{', '.join(f'{i.expert} ({i.language})' for i in inputs if i.weight > 0)}): the merged model has no "
+            "head row trained to predict them and will hardly ever predict them; add training data with these "
+            "labels to an expert"
+        )
+        self.condition(LABELS_COVERED, False, LABEL_NOT_COVERED, message)
+        memo = self.rt.memo(self.key)
+        old = get_condition(self.old.conditions, LABELS_COVERED)
+        shown_before = old is not None and old.reason == LABEL_NOT_COVERED and old.message == truncate(message)
+        if memo.labels_warned != message and not shown_before:
+            self.event("Warning", LABEL_NOT_COVERED, message)
+        memo.labels_warned = message
 
     def _observe(self, current: Current) -> None:
         """S3 is the record: status (revision, inputs, metrics, history), the ``Published`` Events and garbage

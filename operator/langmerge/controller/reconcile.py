@@ -20,7 +20,15 @@ from langmerge.controller import metrics
 from langmerge.controller.attempts import RetryDecision, decide_retry, failure_records, record_job_end
 from langmerge.controller.jobs import JobState, label_value
 from langmerge.controller.runtime import Key, Runtime, object_key
-from langmerge.controller.status import DEGRADED, READY, get_condition, merge_patch_body, set_condition, truncate
+from langmerge.controller.status import (
+    DEGRADED,
+    READY,
+    get_condition,
+    merge_patch_body,
+    set_condition,
+    truncate,
+    without_condition,
+)
 from langmerge.kube import Forbidden, ObjectKey, Rejected
 from langmerge.ownership import Claim, claim_prefix
 from langmerge.store import BucketNotFound, MalformedRecord, StorageUnavailable, StoreError
@@ -152,10 +160,13 @@ class ReconcilePass(Generic[StatusT]):
         """The pass; returns seconds until the next one (None: only on events)."""
         raise NotImplementedError
 
-    def condition(self, type_: str, value: bool, reason: str, message: str = "") -> None:
+    def condition(self, type_: str, value: bool | ConditionStatus, reason: str, message: str = "") -> None:
         self.status.conditions = set_condition(
             self.status.conditions, type_, value, reason, truncate(message), generation=self.generation, now=self.now_s
         )
+
+    def drop_condition(self, type_: str) -> None:
+        self.status.conditions = without_condition(self.status.conditions, type_)
 
     def degrade(self, reason: str, message: str) -> None:
         """Something is wrong that the user (or time) must fix: ``Degraded=True`` with ``reason``."""

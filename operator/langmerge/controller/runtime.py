@@ -51,6 +51,9 @@ class Memo:
     observed_revision: int | None = None
     #: (artifact prefix, object uid, monotonic time) of the last claim of the prefix that found it ours.
     claimed: tuple[str, str | None, float] | None = None
+    #: What the last label-coverage Warning Event was about (an expert's adapter digest, a MergedModel's message):
+    #: posted once, not again on the next pass nor after someone removed the status.
+    labels_warned: str | None = None
 
 
 @dataclass

@@ -17,6 +17,9 @@ DEGRADED = "Degraded"
 MERGING = "Merging"
 QUALITY_GATE = "QualityGate"
 EXPERTS_READY = "ExpertsReady"
+#: Sequence classifiers only: every label has training examples (an expert's own data; a MergedModel's experts
+#: together).
+LABELS_COVERED = "LabelsCovered"
 
 
 def set_condition(
@@ -63,6 +66,16 @@ def set_condition(
             )
         )
     return out
+
+
+def without_condition(conditions: Sequence[Condition], type_: str) -> list[Condition]:
+    """``conditions`` without ``type_`` (a condition that no longer applies, e.g. after a spec change)."""
+    return [c for c in conditions if c.type != type_]
+
+
+def missing_labels(labels: Sequence[str], counts: dict[str, int]) -> list[str]:
+    """The labels of ``labels`` (in order) with no training example in ``counts``."""
+    return [label for label in labels if counts.get(label, 0) <= 0]
 
 
 def get_condition(conditions: Sequence[Condition], type_: str) -> Condition | None:

@@ -7,8 +7,9 @@ for embeddings and ``fan_in_fan_out`` layers PEFT's update is ``(B A)^T``, so th
 
 Only plain LoRA can be merged as updates; DoRA magnitudes, LoRA biases, trainable tokens, ``target_parameters`` and
 base-mutating initialisations (PiSSA, OLoRA, CorDA) are refused with a message. ``modules_to_save`` copies are read as
-*heads* (:attr:`LoraAdapter.heads`): a sequence classifier's head trains fully and is merged by weighted averaging
-(see :mod:`langmerge_trainer.classify`); only modules named as classifier heads are accepted.
+*heads* (:attr:`LoraAdapter.heads`): a sequence classifier's head trains fully and is merged by weighted averaging,
+row by row by label support (see :func:`langmerge_trainer.merge.engine.merged_heads`); only modules named as
+classifier heads are accepted.
 """
 
 from __future__ import annotations

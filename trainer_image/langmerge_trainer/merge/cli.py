@@ -162,9 +162,12 @@ def fingerprint(
 ) -> str:
     from langmerge_trainer.merge.engine import ENGINE_VERSION
 
+    counts = {a.language: a.label_counts for a in config.adapters if a.label_counts is not None}
     return digest(
         {
             **({"search": search} if search is not None else {}),
+            # configs without label counts keep their fingerprints
+            **({"labelCounts": counts, "labels": config.labels} if counts else {}),
             "v": 1,
             "engine": ENGINE_VERSION,
             "langmerge": version("langmerge"),
@@ -267,6 +270,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{out}: up to date (fingerprint {fp}); nothing to do")
         return 0
 
+    counted = any(a.label_counts is not None for a in config.adapters)
     adapter_inputs = [
         AdapterInput(
             language=a["language"],
@@ -274,6 +278,9 @@ def run(args: argparse.Namespace) -> int:
             weight=config.adapters[i].weight,
             uri=a["location"] if is_s3(a["location"]) else None,
             digest=a["digest"],
+            # the label list orders the head rows the counts weigh (the config requires it with counts)
+            labels=tuple(config.labels) if config.labels and counted else None,
+            label_counts=config.adapters[i].label_counts,
         )
         for i, a in enumerate(adapters)
     ]
@@ -365,6 +372,7 @@ def _manifest(
         files={name: FileEntry(size=size, sha256=sha) for name, (size, sha) in sorted(report.files.items())},
         module_errors=report.module_errors,
         module_ranks=report.module_ranks,
+        head_support=report.head_support,
         timings={**report.timings, "wall": round(wall, 6)},
         cost=Cost(
             wall_seconds=round(wall, 3),

@@ -12,6 +12,8 @@ Example (keys in camelCase or snake_case)::
     output: {format: peft-adapter, rank: auto, maxRelativeError: 0.01}  # or {format: full-weights}
     # with --search: each adapter's `validation: <.jsonl file | folder | s3:// prefix>`, and optionally
     # search: {methods: [ties, linear], maxCandidates: 20}, metric: evalLoss | accuracy, labels: [...]
+    # classifier adapters: `labels: [...]` and each adapter's `labelCounts: {label: examples}` (from its manifest)
+    # merge each label's head row by label support (see langmerge_trainer.merge.engine.merged_heads)
 
 ``parameters`` is the API's ``MergeParameters`` and is checked against the method exactly as a ``MergedModel`` spec is
 (:meth:`MergeConfig.spec` builds one), so a parameter that does not apply to the method is an error, not ignored.
@@ -62,6 +64,15 @@ class AdapterEntry(_ConfigModel):
             "prefix (the same line formats as an expert's data).",
         ),
     ] = None
+    label_counts: Annotated[
+        dict[str, Annotated[int, Field(ge=0)]] | None,
+        Field(
+            default=None,
+            description="A classifier adapter's training examples per label (its adapter manifest's label_counts; "
+            "needs `labels:`). With every adapter's counts, each label's head row is the average of the adapters' "
+            "rows weighted by weight x examples of that label.",
+        ),
+    ] = None
 
 
 class OutputEntry(_ConfigModel):
@@ -83,7 +94,7 @@ class MergeConfig(_ConfigModel):
     search: Annotated[Search | None, Field(default=None)] = None
     #: --search: the search's metric (evalLoss for causal LMs; accuracy or macroF1 for classifiers).
     metric: GateMetric = GateMetric.EVAL_LOSS
-    #: --search: a sequence classifier's labels (the adapters' experts' label list).
+    #: --search and labelCounts: a sequence classifier's labels (the adapters' experts' label list).
     labels: Annotated[list[str] | None, Field(default=None, min_length=2)] = None
     #: --search: validation examples are truncated to this many tokens, as the experts' training did.
     max_seq_length: Annotated[int, Field(default=1024, ge=8, le=131072)] = 1024
@@ -97,6 +108,13 @@ class MergeConfig(_ConfigModel):
         unknown = sorted(set(self.parameters.weights) - set(languages))
         if unknown:
             raise ValueError(f"parameters.weights names languages without an adapter: {', '.join(unknown)}")
+        counted = [a for a in self.adapters if a.label_counts is not None]
+        if counted and not self.labels:
+            raise ValueError("adapters[].labelCounts needs `labels:` (the order of the classifier head's rows)")
+        for a in counted:
+            strange = sorted(set(a.label_counts or {}) - set(self.labels or []))
+            if strange:
+                raise ValueError(f"{a.language}: labelCounts names labels not in `labels:`: {', '.join(strange)}")
         self.spec()  # the API's own checks: method known, parameters fit the method
         return self
 

@@ -89,6 +89,9 @@ class AdapterInput:
     digest: str | None = None
     #: A sequence classifier's label list: adapters with heads merge only when their lists are identical.
     labels: tuple[str, ...] | None = None
+    #: A sequence classifier's training examples per label (the adapter manifest's ``label_counts``; 0: the expert
+    #: never saw the label). With every adapter's counts, head rows merge by label support (:func:`merged_heads`).
+    label_counts: Mapping[str, int] | None = None
 
 
 # -- the base checkpoint ---------------------------------------------------------------------------------------------
@@ -198,6 +201,8 @@ class MergePlan:
     auto_rank: bool = False
     max_relative_error: float = 0.01
     max_rank: int | None = None
+    #: Classifier heads: the label support their rows merge by (None: the language-weighted average).
+    head_support: HeadSupport | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -215,6 +220,9 @@ class MergePlan:
             ],
             "excluded_modules": self.excluded,
             "low_rank_exact": self.low_rank_exact,
+            "head_support": self.head_support.contributors(self.languages, self.weights)
+            if self.head_support is not None
+            else None,
             "estimated_peak_bytes": self.estimated_peak_bytes,
             "estimated_output_bytes": self.estimated_output_bytes,
             "notes": self.notes,
@@ -312,17 +320,91 @@ def check_heads(adapters: Sequence[LoraAdapter], inputs: Sequence[AdapterInput])
             )
 
 
-def merged_heads(adapters: Sequence[LoraAdapter], weights: Sequence[float]) -> dict[str, torch.Tensor]:
-    """The classifier head of the merge: the weighted average of the adapters' heads (weights normalised), in
-    float32, whatever the merge method. Empty for adapters without heads."""
+@dataclass(frozen=True)
+class HeadSupport:
+    """Which training examples stand behind each row of a classifier head: ``counts[i][k]`` is adapter ``i``'s
+    training examples of ``labels[k]`` (row ``k`` of the head's output layer)."""
+
+    labels: tuple[str, ...]
+    counts: tuple[tuple[int, ...], ...]
+
+    def row_weights(self, weights: Sequence[float]) -> torch.Tensor:
+        """``[adapters, labels]``: adapter ``i``'s share of row ``k``, ``w_i n_ik / sum_j w_j n_jk``; the language
+        weights ``w_i / sum_j w_j`` for a row no adapter of weight above 0 has an example of."""
+        w = torch.tensor(weights, dtype=torch.float64)
+        n = torch.tensor(self.counts, dtype=torch.float64)
+        support = w[:, None] * n
+        totals = support.sum(dim=0)
+        fallback = (w / w.sum())[:, None].expand_as(support)
+        shares = torch.where(totals > 0, support / totals.clamp(min=1e-300), fallback)
+        return shares.to(torch.float32)
+
+    def contributors(self, languages: Sequence[str], weights: Sequence[float]) -> dict[str, dict[str, int]]:
+        """Per label, the languages whose head rows went into it, with their examples (``{}``: no adapter of weight
+        above 0 saw the label; its row is the language-weighted average)."""
+        return {
+            label: {
+                lang: counts[k]
+                for lang, counts, w in zip(languages, self.counts, weights, strict=True)
+                if counts[k] > 0 and w > 0
+            }
+            for k, label in enumerate(self.labels)
+        }
+
+
+def head_support(inputs: Sequence[AdapterInput]) -> HeadSupport | None:
+    """The label support of the inputs' heads, or None when some input has no label counts (an adapter committed
+    before manifests recorded them: whether it saw a label is unknown, so heads average with the language weights).
+    Raises :class:`MergeError` for counts that do not fit the label list."""
+    if not inputs or any(a.label_counts is None for a in inputs):
+        return None
+    labels = next((a.labels for a in inputs if a.labels), None)
+    if not labels:
+        raise MergeError("label counts were given without the label list: the head rows they count are unknown")
+    counts = []
+    for a in inputs:
+        given = dict(a.label_counts or {})
+        unknown = sorted(set(given) - set(labels))
+        if unknown:
+            raise MergeError(
+                f"{a.language}: label counts name {', '.join(repr(u) for u in unknown)}, not in the labels "
+                f"{list(labels)}"
+            )
+        if any(int(v) < 0 for v in given.values()):
+            raise MergeError(f"{a.language}: label counts must be >= 0, got {given}")
+        counts.append(tuple(int(given.get(label, 0)) for label in labels))
+    return HeadSupport(labels=tuple(labels), counts=tuple(counts))
+
+
+def merged_heads(
+    adapters: Sequence[LoraAdapter], weights: Sequence[float], support: HeadSupport | None = None
+) -> dict[str, torch.Tensor]:
+    """The classifier head of the merge, in float32, whatever the merge method. Empty for adapters without heads.
+
+    A head tensor with one row per label (``classifier.weight`` and ``classifier.bias`` of an encoder, ``score.weight``
+    of a decoder, a RoBERTa head's ``out_proj``) merges row by row when every adapter's label counts are known
+    (``support``): row ``k`` is the average of the adapters' rows ``k`` weighted by ``w_i * n_ik``, the merge's
+    language weight times the adapter's training examples of label ``k``, normalised per row. An expert that never
+    saw label ``k`` trained its row ``k`` only to push ``k`` down; with the language weights alone that row would
+    drag the label out of the merged model for every language. So it has no say on that row, and an expert with
+    more examples of a label has more. A row no adapter (of weight above 0) has an example of, every row without
+    ``support``, and every other head tensor (e.g. the dense layer of a RoBERTa head) is the weighted average with
+    the language weights (normalised to sum 1): each head's update from the shared initialisation is averaged, like
+    a linear merge. Only the first dimension identifies a row-per-label tensor, so a dense layer whose width equals
+    the number of labels would be merged row by row too."""
     if not adapters or not adapters[0].heads:
         return {}
     total = float(sum(weights))
+    shares = support.row_weights(weights) if support is not None else None
     out: dict[str, torch.Tensor] = {}
     for name in sorted(adapters[0].heads):
         acc: torch.Tensor | None = None
-        for adapter, weight in zip(adapters, weights, strict=True):
-            value = adapter.reader.read(adapter.heads[name]).to(torch.float32) * (weight / total)
+        for index, (adapter, weight) in enumerate(zip(adapters, weights, strict=True)):
+            value = adapter.reader.read(adapter.heads[name]).to(torch.float32)
+            if shares is not None and value.dim() >= 1 and value.shape[0] == shares.shape[1]:
+                value = value * shares[index].view(-1, *([1] * (value.dim() - 1)))
+            else:
+                value = value * (weight / total)
             acc = value if acc is None else acc + value
         assert acc is not None
         out[name] = acc
@@ -366,6 +448,7 @@ def plan_merge(
                 )
             existing.inputs.append((index, info.rank))
     check_heads(adapters, inputs)
+    support = head_support(inputs) if adapters[0].heads else None
     kept, excluded = select_modules(
         sorted(modules), parameters.get("include_modules") or [], parameters.get("exclude_modules") or []
     )
@@ -425,6 +508,7 @@ def plan_merge(
                     "range finder; the relative error per module is measured and reported"
                 )
         notes.append(f"a module whose relative error exceeds {max_relative_error:g} fails the merge")
+    notes.extend(_head_notes(adapters, inputs, weights, support))
     rank = fixed
     plan = MergePlan(
         method=method,
@@ -445,9 +529,51 @@ def plan_merge(
         auto_rank=output_format == PEFT_ADAPTER and auto,
         max_relative_error=max_relative_error,
         max_rank=max_rank,
+        head_support=support,
     )
     plan.estimated_peak_bytes, plan.estimated_output_bytes = _estimate(plan, impl, adapters, base)
     return plan
+
+
+def _head_notes(
+    adapters: Sequence[LoraAdapter],
+    inputs: Sequence[AdapterInput],
+    weights: Sequence[float],
+    support: HeadSupport | None,
+) -> list[str]:
+    """What the plan says about classifier heads; a :class:`MergeError` when the counts do not fit the heads."""
+    if not adapters[0].heads:
+        return []
+    if support is None:
+        without = [a.language for a in inputs if a.label_counts is None]
+        return [
+            "classifier heads: the language-weighted average"
+            + (f" (no label counts for {', '.join(without)})" if len(without) < len(inputs) else "")
+        ]
+    rows = {
+        name: adapters[0].reader.tensors[key].shape[0]
+        for name, key in adapters[0].heads.items()
+        if adapters[0].reader.tensors[key].shape
+    }
+    if not any(n == len(support.labels) for n in rows.values()):
+        raise MergeError(
+            f"the classifier heads have no tensor with one row per label ({len(support.labels)} labels; head "
+            f"tensors {rows}): the label counts do not fit these heads"
+        )
+    languages = [a.language for a in inputs]
+    by_label = support.contributors(languages, weights)
+    partial = {label: langs for label, langs in by_label.items() if 0 < len(langs) < sum(w > 0 for w in weights)}
+    notes = ["classifier heads: rows merged by label support (language weight x training examples of the label)"]
+    notes.extend(
+        f"label {label!r}: head row from {', '.join(langs)} only (the other adapters have no example of it)"
+        for label, langs in partial.items()
+    )
+    notes.extend(
+        f"label {label!r}: no adapter has an example of it; its head row is the language-weighted average"
+        for label, langs in by_label.items()
+        if not langs
+    )
+    return notes
 
 
 def _estimate(
@@ -530,6 +656,10 @@ class MergeReport:
     estimated_peak_bytes: int | None = None
     #: PEFT adapter output: the rank of each module (they differ with rank auto).
     module_ranks: dict[str, int] = field(default_factory=dict)
+    #: Classifier heads merged by label support: per label, the languages whose head rows went into its row, with
+    #: their training examples of it (``{}``: none had one; the row is the language-weighted average). None when
+    #: the heads are the language-weighted average (no heads, or an adapter without label counts).
+    head_support: dict[str, dict[str, int]] | None = None
 
     @property
     def max_error(self) -> float:
@@ -548,6 +678,7 @@ class MergeReport:
             "excluded_modules": self.excluded_modules,
             "module_errors": self.module_errors,
             "module_ranks": self.module_ranks,
+            "head_support": self.head_support,
             "max_error": self.max_error,
             "timings": self.timings,
             "files": {k: {"size": s, "sha256": h} for k, (s, h) in sorted(self.files.items())},
@@ -702,7 +833,7 @@ def _write_adapter(
         a_key, b_key = _adapter_keys(m)
         lora_A, lora_B = factors[m.name]
         entries += [(a_key, dtype, tuple(lora_A.shape)), (b_key, dtype, tuple(lora_B.shape))]
-    heads = merged_heads(adapters, plan.weights)
+    heads = merged_heads(adapters, plan.weights, plan.head_support)
     head_dtypes = {name: adapters[0].reader.tensors[key].dtype for name, key in adapters[0].heads.items()}
     entries += [(f"{PREFIX}{name}", head_dtypes[name], tuple(t.shape)) for name, t in heads.items()]
     writer = SafetensorsWriter(out / ADAPTER_WEIGHTS, entries, {"format": "pt"})
@@ -792,7 +923,7 @@ def _write_full(
         raise MergeError("the adapters' module names match the base checkpoint's only partly; cannot name the output")
     shards = _shard_plan(base, int(plan.shard_size_mb * 2**20))
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    heads = merged_heads(adapters, plan.weights)
+    heads = merged_heads(adapters, plan.weights, plan.head_support)
     clash = sorted(set(heads) & set(base.by_name))
     if clash:
         raise MergeError(f"the base model already has classifier head tensors {clash}; merge onto a base without one")
@@ -962,4 +1093,7 @@ def merge_adapters(
         peak_cuda_bytes=torch.cuda.max_memory_allocated(torch_device) if torch_device.type == "cuda" else None,
         estimated_peak_bytes=plan.estimated_peak_bytes,
         module_ranks=ranks,
+        head_support=plan.head_support.contributors(plan.languages, plan.weights)
+        if plan.head_support is not None
+        else None,
     )

@@ -197,6 +197,7 @@ def _download_inputs(s3: RetryingStore, task: MergeTask, folder: Path) -> list[A
                 uri=item.adapter_uri,
                 digest=item.adapter_digest,
                 labels=tuple(item.labels) if item.labels else None,
+                label_counts=item.label_counts,
             )
         )
     return inputs
@@ -326,6 +327,7 @@ def _manifest(
         files={k: FileEntry(size=s, sha256=h) for k, (s, h) in files.items()},
         module_errors=report.module_errors,
         module_ranks=report.module_ranks,
+        head_support=report.head_support,
         search=search,
         evaluation=merged_metrics,
         expert_metrics=expert_metrics,

@@ -145,6 +145,8 @@ class CandidateEvaluator:
         base = BaseCheckpoint(base_dir)
         common = {"weights": {}, "include_modules": list(include_modules), "exclude_modules": list(exclude_modules)}
         plan = plan_merge(self.opened, self.inputs, "linear", common, PEFT_ADAPTER, "auto", base=base)
+        #: Head rows merge by label support in every candidate, as in the merge itself.
+        self.head_support = plan.head_support
         self.model: Any = load_model(base_dir, device, self.labels)
         self.tokenizer = load_tokenizer(base_dir)
         parameters = dict(self.model.named_parameters())
@@ -188,7 +190,7 @@ class CandidateEvaluator:
             param.data.copy_(original)
             if any(u.weight for u in updates):
                 impl.merge(name, updates, resolved).add_to(param.data)
-        for name, tensor in merged_heads(self.opened, weights).items():
+        for name, tensor in merged_heads(self.opened, weights, self.head_support).items():
             self.heads[name].data.copy_(tensor.to(self.heads[name].dtype))
 
     @torch.no_grad()
