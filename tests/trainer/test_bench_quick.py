@@ -34,30 +34,59 @@ def test_quick_run_writes_a_consistent_record_report_and_plots(quick_run: Path) 
         assert w["runs"] and [r["seed"] for r in w["runs"]] == record["run"]["seeds"]
         methods = w["methods"]
         assert methods[0].startswith("ties") and methods[1].startswith("search") and len(methods) == 2
+        up = w["data"][w["updated_language"]]
+        assert up["update"] == round(0.25 * up["train"]) and w["update"]["actual_share"] == round(
+            up["update"] / up["train"], 4
+        )
+        assert all("removed_translations" in d for d in w["data"].values())
+        assert set(w["base"]["languages"]) == {*w["languages"], w["new_language"]}
         for run in w["runs"]:
-            assert set(run["quality"]) == set(w["languages"])
-            for q in run["quality"].values():
-                assert {"base", "joint", "expert", "merged"} <= set(q) and set(q["merged"]) == set(methods)
-                for metric in w["metrics"]:
-                    assert isinstance(q["joint"][metric], float) and isinstance(q["merged"][methods[0]][metric], float)
-            assert set(run["cost"]["experts"]) == set(w["languages"])
-            assert run["cost"]["joint"]["wall_seconds"] > 0 and run["maintenance"]["remerge"]["wall_seconds"] > 0
-            assert run["new_language"]["language"] == w["new_language"]
+            # every training role: its attempts, each with its verdict and cost
+            assert {"joint", "joint-update", "joint-new"} <= set(run["trained"])
+            for t in run["trained"].values():
+                assert t["attempts"] and all(
+                    isinstance(a["collapsed"], bool) and a["cpu_seconds"] > 0 for a in t["attempts"]
+                )
+            models = run["models"]
+            assert {"joint", "expert", *(f"merged:{m}" for m in methods)} <= set(models)
+            for key in ("joint", *(f"merged:{m}" for m in methods)):
+                assert set(models[key]["languages"]) == set(w["languages"])
+                for lang, scores in models[key]["scores"].items():
+                    # every test example's own figures, for the paired intervals
+                    n = len(scores.get("gold") or scores["tokens"])
+                    assert n == w["data"][lang]["test"] == models[key]["languages"][lang]["examples"]
+            for scenario in ("maintenance", "new_language"):
+                part = run[scenario]
+                assert {f"merged:{m}" for m in methods} <= set(part["models"]) and set(part["cost"]["merges"]) == set(
+                    methods
+                )
+            for cost in (run["cost"]["merges"], run["maintenance"]["cost"]["merges"]):
+                for c in cost.values():
+                    # the merge Job and the evaluation it runs before publishing, both counted
+                    assert c["cpu_seconds"] == pytest.approx(
+                        c["merge"]["cpu_seconds"] + c["evaluation"]["cpu_seconds"], abs=0.01
+                    )
+                    assert c["evaluation"]["cpu_seconds"] > 0
             # the search chose on the validation split (never the test split) within its budget, and says what
             searched = run["cost"]["merges"][methods[1]]["search"]
             assert 1 <= searched["candidates"] <= 3 and all(n > 0 for n in searched["validation_examples"].values())
             assert set(searched["validation_examples"]) == set(w["languages"])
         # The report shows exactly the record's summary (recomputed from the runs, nothing typed in).
-        assert w["summary"] == json.loads(json.dumps(report.summarize(w), default=str))
+        assert w["summary"] == json.loads(report.dump_json(report.summarize(w)))
         assert report.quality_table(w, w["summary"], w["metric"]) in text
+        assert report.difference_table(w, w["summary"], w["metric"]) in text
         assert report.cost_table(w, w["summary"]) in text
+        assert report.collapse_statement(w, w["summary"]) in text
         for lang in w["languages"]:
             assert f"| {lang} |" in text
         for kind in ("quality", "cost"):
             png = quick_run / f"{w['name']}-{kind}.png"
             assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    # the dialog runs of a quick run learn: their differences carry intervals
+    dialog = next(w for w in record["workloads"] if w["name"] == "dialog")
+    assert "mean" in dialog["summary"]["differences"]["initial"]["eval_loss"][f"merged:{dialog['methods'][0]} - joint"]
     assert "up to 50% less" in text and "more than 60% less" in text
-    assert text.count("**Merge search.**") == 2 and "Chosen on the validation split: seed 0: " in text
+    assert text.count("**Merge search.**") == 2 and "Merge search, chosen on the validation split" in text
 
 
 def test_quick_run_refreshes_the_readme_block_only(quick_run: Path) -> None:

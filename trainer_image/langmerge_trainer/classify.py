@@ -7,9 +7,12 @@ decoders). The pooler and the head are never LoRA targets: a ``targetModules`` e
 match ``bert.pooler.dense``, so those modules are excluded by name.
 
 The head is initialised from a seed derived from the label set (:func:`head_seed`), not from the training seed, so
-every expert of one label set starts from the same head. The merge combines heads as the weighted average of the
-experts' heads (the merge's language weights, normalised to sum 1), whatever the method: each head's update from the
-shared initialisation is then averaged, like a linear merge. Experts with different label lists are never merged.
+every expert of one label set starts from the same head. The merge combines heads whatever the method,
+averaging each head's update from the shared initialisation like a linear merge: a head tensor with one row per label
+merges row by row, row k weighted by each expert's language weight times its training examples of label k (the
+adapter manifest's ``label_counts``), so an expert that never saw a label has no say on its row; rows no expert saw,
+other head tensors, and merges where an expert's counts are unknown use the language weights, normalised to sum 1
+(:func:`langmerge_trainer.merge.engine.merged_heads`). Experts with different label lists are never merged.
 
 Metrics (:class:`langmerge.api.expert.Metrics`): cross-entropy over the labels (``evalLoss``), accuracy, and macro-F1
 (F1 averaged over the labels that occur in the gold labels or the predictions), per language.

@@ -2,12 +2,15 @@
 
     langmerge bench                                  # the full benchmark (what the README's Results show)
     langmerge bench --quick                          # a few minutes: tiny data, one seed, TIES and a small merge search (CI runs it)
-    langmerge bench --languages th,tr,uk --new-language ru --seeds 0,1
+    langmerge bench --languages en,zh-Hant,ko --new-language ja --seeds 0,1
     langmerge bench --workloads topic --methods 'ties(density=1.0),linear,dare_ties(density=0.5)'
+    langmerge bench --methods all                    # every registered method and the merge search
     langmerge bench --device cuda                    # bf16 on one GPU
     langmerge bench --report-only results/bench.json --readme README.md   # re-render from a JSON record
+    langmerge bench --find-translations              # recompute the shipped translation groups (minutes)
 
-Outputs in ``--output`` (default ``results/``): ``bench.json`` (schema ``langmerge-bench/1``), ``report.md``, PNG plots.
+Every option is checked before anything trains (languages, topics, names, data, methods, device). Outputs in
+``--output`` (default ``results/``): ``bench.json`` (schema ``langmerge-bench/2``), ``report.md``, PNG plots.
 """
 
 from __future__ import annotations
@@ -24,24 +27,37 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from langmerge_trainer.bench import report
+from langmerge_trainer.bench.corpus import CORPUS_FOLDERS, topics
+from langmerge_trainer.bench.errors import BenchError
 from langmerge_trainer.bench.runner import (
-    BenchError,
+    MAX_ATTEMPTS,
+    RERUN_SEED_STEP,
+    SEARCH,
     Context,
     Evaluator,
     MethodSpec,
+    SeedRun,
     WorkloadRun,
+    evaluate_base,
+    object_name,
     parse_methods,
-    run_seed,
-    run_training,
+    train_all,
     trainer_env,
 )
-from langmerge_trainer.bench.workloads import TOPIC_LABELS, Workload, cap_rows, dialog_data, topic_data
+from langmerge_trainer.bench.workloads import (
+    TOPIC_LABELS,
+    UPDATE_SHARE,
+    Workload,
+    cap_rows,
+    dialog_data,
+    topic_data,
+)
 
 log = logging.getLogger("langmerge_trainer.bench")
 
@@ -53,10 +69,16 @@ QUICK = {
     "topic": {"languages": "it,ja", "new": "ko", "updated": "it"},
     "dialog": {"languages": "es,it", "new": "pt", "updated": "it"},
 }
+#: The default merge configurations: TIES with density 1.0 (the paper's best) and the plain average. ``all`` opts in
+#: to every registered method and the merge search (several times longer).
+DEFAULT_METHODS = "ties(density=1.0),linear"
 QUICK_METHODS = "ties(density=1.0),search(maxCandidates=3)"
-#: Training examples per language in the full topic workload: sized so that the default benchmark (3 seeds, both
-#: workloads, every method) fits in an hour on a 2-core CPU machine.
+DEFAULT_SEEDS = "0,1,2,3,4"
+#: Training examples per language in the full topic workload: sized so that the default benchmark (5 seeds, both
+#: workloads, the default methods) fits in an hour on a 2-core CPU machine.
 TOPIC_MAX_TRAIN = 200
+#: Fewest training and test rows a language needs in a workload (per topic, for the topic workload).
+MIN_ROWS = {"train": 1, "test": 1}
 
 
 @dataclass
@@ -77,6 +99,13 @@ class Options:
     output: Path
     command: str
     via_operator: bool = False
+    #: Topic labels asked for (None: the default topics every chosen language has).
+    topics: list[str] | None = None
+    update_share: float = UPDATE_SHARE
+    #: Training attempts per role (reruns of collapsed runs with the next seeds).
+    max_attempts: int = MAX_ATTEMPTS
+    #: The workloads, built (and checked) before anything runs.
+    built: dict[str, Workload] = field(default_factory=dict)
 
 
 def _csv(text: str) -> list[str]:
@@ -94,17 +123,41 @@ def build_parser() -> argparse.ArgumentParser:
         "--quick", action="store_true", help="tiny data, one seed, TIES and a 3-candidate merge search (a few minutes)"
     )
     p.add_argument("--workloads", default="topic,dialog", help="topic (classification), dialog (causal LM)")
-    p.add_argument("--languages", help=f"topic languages (default {DEFAULTS['topic']['languages']})")
+    p.add_argument(
+        "--languages",
+        help=f"topic languages (default {DEFAULTS['topic']['languages']}; any of {', '.join(CORPUS_FOLDERS)})",
+    )
     p.add_argument("--new-language", help=f"topic: the language added later (default {DEFAULTS['topic']['new']}; none)")
-    p.add_argument("--updated-language", help="topic: the language that gets +25%% data (default: the first)")
+    p.add_argument("--updated-language", help="topic: the language that gets more data (default: the first)")
+    p.add_argument(
+        "--topics",
+        help=f"topic: the topics to classify (default: those of {','.join(TOPIC_LABELS)} that every language has)",
+    )
     p.add_argument("--dialog-languages", help=f"dialog languages (default {DEFAULTS['dialog']['languages']})")
     p.add_argument(
         "--dialog-new-language", help=f"dialog: the language added later (default {DEFAULTS['dialog']['new']})"
     )
-    p.add_argument("--dialog-updated-language", help="dialog: the language that gets +25%% data")
-    p.add_argument("--seeds", default=None, help="training seeds (default 0,1,2; --quick: 0)")
-    p.add_argument("--methods", default=None, help="merge configs, e.g. 'ties(density=1.0),linear'; 'all' (default)")
+    p.add_argument("--dialog-updated-language", help="dialog: the language that gets more data")
+    p.add_argument(
+        "--update-share",
+        type=float,
+        default=UPDATE_SHARE,
+        help="the maintenance update's size, as a share of the updated language's initial data (default 0.25: +25%%)",
+    )
+    p.add_argument("--seeds", default=None, help=f"training seeds (default {DEFAULT_SEEDS}; --quick: 0)")
+    p.add_argument(
+        "--methods",
+        default=None,
+        help=f"merge configs, e.g. 'ties(density=1.0),linear,search' (default {DEFAULT_METHODS}); 'all': every method "
+        "and the merge search",
+    )
     p.add_argument("--epochs", type=int, help="epochs of every training run (default 4)")
+    p.add_argument(
+        "--max-attempts",
+        type=int,
+        help=f"training attempts per run: a collapsed run is trained again with the next seed (default {MAX_ATTEMPTS}; "
+        "--quick: 1, its tiny runs are expected to collapse)",
+    )
     p.add_argument("--max-train", type=int, help="at most this many training examples per language")
     p.add_argument("--max-test", type=int, help="at most this many test examples per language")
     p.add_argument("--device", default="cpu", help="cpu or cuda (bf16 on CUDA)")
@@ -120,6 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--readme", help="also refresh the Results block of this README from the record")
     p.add_argument("--report-only", metavar="JSON", help="only re-render report, plots (and --readme) from a record")
     p.add_argument(
+        "--find-translations",
+        action="store_true",
+        help="recompute which corpus conversations are translations of each other (multilingual-e5 embeddings of "
+        "every conversation: minutes) and write the shipped translations.json",
+    )
+    p.add_argument(
         "--record-baseline",
         metavar="ARTIFACTS_URI",
         help="write each workload's measured joint retrain to ARTIFACTS_URI/baselines/<namespace>/<workload>.json "
@@ -129,12 +188,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _positive(name: str, value: int | None, problems: list[str]) -> None:
+    if value is not None and value < 1:
+        problems.append(f"--{name} must be at least 1 (got {value})")
+
+
 def options_from_args(args: argparse.Namespace, argv: Sequence[str]) -> Options:
+    """The options, every one checked before anything runs (all problems reported at once), and the workloads built
+    (data, topics, names): BenchError otherwise."""
+    problems: list[str] = []
     defaults = QUICK if args.quick else DEFAULTS
     workloads = _csv(args.workloads)
     unknown = sorted(set(workloads) - set(DEFAULTS))
-    if unknown:
-        raise BenchError(f"unknown workload(s) {', '.join(unknown)}; known: {', '.join(DEFAULTS)}")
+    if unknown or not workloads:
+        raise BenchError(f"unknown workload(s) {', '.join(unknown) or '(none given)'}; known: {', '.join(DEFAULTS)}")
     languages = {
         "topic": _csv(args.languages or defaults["topic"]["languages"]),
         "dialog": _csv(args.dialog_languages or defaults["dialog"]["languages"]),
@@ -151,25 +218,66 @@ def options_from_args(args: argparse.Namespace, argv: Sequence[str]) -> Options:
         or (defaults["dialog"]["updated"] if not args.dialog_languages else languages["dialog"][0]),
     }
     for name in workloads:
-        if updated[name] not in languages[name]:
-            raise BenchError(f"{name}: the updated language {updated[name]} is not one of {','.join(languages[name])}")
-        if new[name] in languages[name]:
-            raise BenchError(f"{name}: the new language {new[name]} is already one of the languages")
-        if len(languages[name]) < 2:
-            raise BenchError(f"{name}: merging needs at least two languages")
-    seeds = [int(s) for s in _csv(args.seeds or ("0" if args.quick else "0,1,2"))]
-    methods = parse_methods(args.methods or (QUICK_METHODS if args.quick else "all"))
+        langs = languages[name]
+        every = [*langs, *([new[name]] if new[name] else [])]
+        unknown = [lang for lang in every if lang not in CORPUS_FOLDERS]
+        if unknown:
+            problems.append(
+                f"{name}: language(s) {', '.join(unknown)} not in the corpus; known: {', '.join(CORPUS_FOLDERS)}"
+            )
+        repeated = sorted({lang for lang in every if every.count(lang) > 1})
+        if repeated:
+            problems.append(f"{name}: language(s) {', '.join(repeated)} given twice (or also as the new language)")
+        if updated[name] not in langs:
+            problems.append(f"{name}: the updated language {updated[name]} is not one of {','.join(langs)}")
+        if len(langs) < 2:
+            problems.append(f"{name}: merging needs at least two languages (got {','.join(langs) or 'none'})")
+    try:
+        seeds = [int(s) for s in _csv(args.seeds or ("0" if args.quick else DEFAULT_SEEDS))]
+    except ValueError:
+        raise BenchError(f"--seeds must be comma-separated integers (got {args.seeds!r})") from None
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        problems.append(f"--seeds must be distinct non-negative integers (got {args.seeds})")
+    elif max(seeds) >= RERUN_SEED_STEP:
+        problems.append(
+            f"--seeds must be below {RERUN_SEED_STEP} (reruns of collapsed runs use seed + {RERUN_SEED_STEP})"
+        )
+    methods = parse_methods(args.methods or (QUICK_METHODS if args.quick else DEFAULT_METHODS))
+    if not methods:
+        problems.append("--methods names no merge method")
+    for name, value in (("epochs", args.epochs), ("max-train", args.max_train), ("max-test", args.max_test)):
+        _positive(name, value, problems)
+    for name, value in (("parallel", args.parallel), ("threads", args.threads), ("max-attempts", args.max_attempts)):
+        _positive(name, value, problems)
+    if not 0.0 < args.update_share <= 1.0:
+        problems.append(f"--update-share must be in (0, 1] (got {args.update_share})")
+    cuda = args.device.startswith("cuda")
+    if args.device != "cpu" and not cuda:
+        problems.append(f"--device must be cpu or cuda[:N] (got {args.device})")
+    elif cuda:
+        import torch
+
+        if not torch.cuda.is_available():
+            problems.append("--device cuda: no CUDA device is available here")
+    if args.via_operator and any(m.method == SEARCH for m in methods[:1]):
+        problems.append("--via-operator runs the first method only, and a MergedModel's search is not a method")
     epochs = {"topic": args.epochs or (1 if args.quick else 4), "dialog": args.epochs or (1 if args.quick else 4)}
     max_train = {
         "topic": args.max_train or (40 if args.quick else TOPIC_MAX_TRAIN),
         "dialog": args.max_train or (64 if args.quick else None),
     }
-    cuda = args.device.startswith("cuda")
     # On a GPU the runs are short and their start (imports, loading the base) is CPU work: four share the device.
     parallel = args.parallel or (4 if cuda else 2)
     cores = os.cpu_count() or 1
     threads = args.threads or max(1, cores // parallel)
-    return Options(
+    output = Path(args.output)
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        problems.append(f"--output {output}: {err}")
+    if problems:
+        raise BenchError("; ".join(problems))
+    opts = Options(
         workloads=workloads,
         languages=languages,
         new_language=new,
@@ -183,21 +291,67 @@ def options_from_args(args: argparse.Namespace, argv: Sequence[str]) -> Options:
         parallel=parallel,
         threads=threads,
         quick=args.quick,
-        output=Path(args.output),
+        output=output,
         via_operator=args.via_operator,
         command="langmerge bench " + " ".join(shlex.quote(a) for a in argv) if argv else "langmerge bench",
+        topics=_csv(args.topics) if args.topics else None,
+        update_share=args.update_share,
+        max_attempts=args.max_attempts or (1 if args.quick else MAX_ATTEMPTS),
     )
+    opts.built = {name: build_workload(name, opts) for name in workloads}
+    return opts
 
 
 # -- workloads ----------------------------------------------------------------------------------------------------------
+def choose_topics(languages: Sequence[str], asked: Sequence[str] | None) -> tuple[list[str], str | None]:
+    """The topic labels of a run and what the report should say about the choice: the topics asked for (each must be
+    in every language), else the default topics every language has; BenchError when fewer than two remain."""
+    have = {lang: set(topics(lang)) for lang in languages}
+    if asked:
+        missing = {lang: sorted(set(asked) - t) for lang, t in have.items() if set(asked) - t}
+        if missing:
+            raise BenchError(
+                "topic: --topics not in every language: "
+                + "; ".join(f"{lang} lacks {', '.join(m)}" for lang, m in missing.items())
+            )
+        return list(asked), None
+    chosen = [t for t in TOPIC_LABELS if all(t in h for h in have.values())]
+    if len(chosen) < 2:
+        common = sorted(set.intersection(*have.values())) if have else []
+        raise BenchError(
+            f"topic: {', '.join(languages)} share {len(chosen)} of the default topics ({', '.join(chosen) or 'none'}); "
+            "classification needs at least two. Topics per language: "
+            + "; ".join(f"{lang}: {', '.join(sorted(h))}" for lang, h in have.items())
+            + (f". Topics all of them have: {', '.join(common)} (choose with --topics)" if common else "")
+        )
+    if len(chosen) == len(TOPIC_LABELS):
+        return chosen, None
+    left = [t for t in TOPIC_LABELS if t not in chosen]
+    lacking = {t: [lang for lang, h in have.items() if t not in h] for t in left}
+    note = (
+        "Topics: "
+        + ", ".join(chosen)
+        + " (left out: "
+        + "; ".join(f"{t}, which {', '.join(ls)} lack(s)" for t, ls in lacking.items())
+        + ")."
+    )
+    return chosen, note
+
+
 def build_workload(name: str, opts: Options) -> Workload:
+    """A workload's data and settings; BenchError when a language lacks data or a name would not be valid."""
     languages = opts.languages[name]
     new = opts.new_language[name]
     updated = opts.updated_language[name]
     every = [*languages, *([new] if new else [])]
     cap = opts.max_train[name]
+    share = opts.update_share
+    labels_note = None
     if name == "topic":
-        data = {lang: topic_data(lang, updated=lang == updated, max_train=cap) for lang in every}
+        labels, labels_note = choose_topics(every, opts.topics)
+        data = {
+            lang: topic_data(lang, labels, updated=lang == updated, update_share=share, max_train=cap) for lang in every
+        }
         workload = Workload(
             name="topic",
             task_type="sequence-classification",
@@ -205,7 +359,7 @@ def build_workload(name: str, opts: Options) -> Workload:
             languages=languages,
             new_language=new,
             updated_language=updated,
-            labels=list(TOPIC_LABELS),
+            labels=labels,
             data=data,
             lora={"rank": 8, "alpha": 16, "dropout": 0.05, "targetModules": ["query", "key", "value", "dense"]},
             # Batch 8 and lr 2e-3: with ~200 examples per language an expert gets ~100 optimiser steps in 4 epochs
@@ -220,9 +374,11 @@ def build_workload(name: str, opts: Options) -> Workload:
             metric="accuracy",
             higher_is_better=True,
             metrics=["accuracy", "macro_f1"],
+            update_share=share,
+            labels_note=labels_note,
         )
     else:
-        data = {lang: dialog_data(lang, updated=lang == updated, max_train=cap) for lang in every}
+        data = {lang: dialog_data(lang, updated=lang == updated, update_share=share, max_train=cap) for lang in every}
         workload = Workload(
             name="dialog",
             task_type="causal-lm",
@@ -237,14 +393,45 @@ def build_workload(name: str, opts: Options) -> Workload:
             metric="eval_loss",
             higher_is_better=False,
             metrics=["eval_loss", "token_accuracy"],
+            update_share=share,
         )
     if opts.max_test:
         for d in workload.data.values():
             d.test = cap_rows(d.test, opts.max_test)
-    for lang, d in workload.data.items():
-        if not d.train or not d.test:
-            raise BenchError(f"{name}: language {lang} has no {'training' if not d.train else 'test'} data")
+            d.validation = cap_rows(d.validation, opts.max_test)
+    check_workload(workload, opts)
     return workload
+
+
+def check_workload(w: Workload, opts: Options) -> None:
+    """Everything about a built workload that would otherwise fail late: data per language (and per topic), the
+    update, validation data for a search, the names of every object the run makes."""
+    problems: list[str] = []
+    for lang in w.all_languages:
+        d = w.data[lang]
+        for split, rows in (("training", d.train), ("test", d.test)):
+            if not rows:
+                problems.append(f"{lang} has no {split} data")
+        if w.labels:
+            for split, rows in (("training", d.train), ("test", d.test)):
+                have = {r["label"] for r in rows}
+                lacking = [label for label in w.labels if label not in have]
+                if lacking and rows:
+                    problems.append(f"{lang} has no {split} example of topic(s) {', '.join(lacking)}")
+        if lang == w.updated_language and not d.update:
+            problems.append(f"{lang} (the updated language) has no rows left for its update")
+        if any(m.method == SEARCH for m in opts.methods) and not d.validation:
+            problems.append(f"{lang} has no validation data, which a merge search needs")
+    try:
+        last = RERUN_SEED_STEP * (opts.max_attempts - 1)
+        wr_names = [object_name(w.name, lang, f"s{seed + last}") for lang in w.all_languages for seed in opts.seeds]
+        wr_names.append(object_name(w.name, f"{w.updated_language}-updated", f"s{max(opts.seeds) + last}"))
+        if len(set(wr_names)) != len(wr_names):
+            problems.append(f"two languages give the same object name ({', '.join(w.all_languages)})")
+    except BenchError as err:
+        problems.append(str(err))
+    if problems:
+        raise BenchError(f"{w.name}: " + "; ".join(problems))
 
 
 def build_base(workload: Workload, opts: Options, work: Path) -> Path:
@@ -332,9 +519,12 @@ def run(opts: Options) -> dict[str, Any]:
     started = datetime.now(UTC)
     t0 = time.monotonic()
     info = machine()
-    workloads = [build_workload(name, opts) for name in opts.workloads]
-    # units: per seed and workload: every training, every merge (+2 re-merges), evaluations (~6 + methods)
-    per_seed = sum(len(w.languages) + 3 + 2 * len(opts.methods) + 3 + (3 if w.new_language else 0) for w in workloads)
+    workloads = [opts.built[name] for name in opts.workloads]
+    # units per seed and workload: every training role, every merge, the joint model's evaluation per scenario
+    per_seed = sum(
+        (len(w.languages) + (4 if w.new_language else 2)) + (len(opts.methods) + 1) * (3 if w.new_language else 2)
+        for w in workloads
+    )
     if opts.via_operator:
         opts.methods = opts.methods[:1]
         per_seed = sum(3 if w.new_language else 2 for w in workloads)
@@ -357,6 +547,8 @@ def run(opts: Options) -> dict[str, Any]:
             "versions": versions(),
             "seeds": opts.seeds,
             "via_operator": opts.via_operator,
+            "max_attempts": opts.max_attempts,
+            "rerun_seed_step": RERUN_SEED_STEP,
         },
         "workloads": [],
     }
@@ -401,22 +593,25 @@ def run(opts: Options) -> dict[str, Any]:
             base_dir = build_base(w, opts, work)
             wr = WorkloadRun(ctx, w, base_dir, opts.methods)
             wr.upload()
-            if opts.via_operator:
-                story = OperatorStory(
-                    ctx, wr, Evaluator(ctx, w, base_dir), kube, lambda d, w=w: progress(f"{w.name}: {d}")
-                )
-                runs = [story.run_seed(seed, opts.methods[0]) for seed in opts.seeds]
-                record["workloads"].append(workload_record(w, opts, runs))
-                continue
-            tasks = {(seed, role): t for seed in opts.seeds for role, t in wr.plan(seed).items()}
-            flat = {f"{seed}|{role}": t for (seed, role), t in tasks.items()}
-            done = run_training(ctx, flat, lambda role, w=w: progress(f"{w.name}: trained {role.split('|')[1]}"))
             evaluator = Evaluator(ctx, w, base_dir)
-            runs = []
-            for seed in opts.seeds:
-                mine = {role.split("|", 1)[1]: r for role, r in done.items() if role.startswith(f"{seed}|")}
-                runs.append(run_seed(wr, evaluator, seed, mine, lambda d, w=w, s=seed: progress(f"{w.name} s{s}: {d}")))
-            record["workloads"].append(workload_record(w, opts, runs))
+            base = evaluate_base(evaluator, w.all_languages)
+            if opts.via_operator:
+                story = OperatorStory(ctx, wr, evaluator, kube, lambda d, w=w: progress(f"{w.name}: {d}"))
+                runs = [story.run_seed(seed, opts.methods[0]) for seed in opts.seeds]
+                record["workloads"].append(workload_record(w, opts, runs, base.record()))
+                continue
+            trained = train_all(
+                wr, opts.seeds, lambda role, w=w: progress(f"{w.name}: trained {role}"), max_attempts=opts.max_attempts
+            )
+            _set_threads(opts, evaluating=True)  # no trainer runs now: merges and evaluations use every core
+            runs = [
+                SeedRun(
+                    wr, evaluator, base, seed, trained[seed], lambda d, w=w, s=seed: progress(f"{w.name} s{s}: {d}")
+                ).record()
+                for seed in opts.seeds
+            ]
+            record["workloads"].append(workload_record(w, opts, runs, base.record()))
+            _set_threads(opts)
     finally:
         progress.close()
         if runner is not None:
@@ -431,22 +626,29 @@ def run(opts: Options) -> dict[str, Any]:
     return record
 
 
-def _set_threads(opts: Options) -> None:
+def _set_threads(opts: Options, *, evaluating: bool = False) -> None:
+    """Torch threads of this process: its share of the cores while trainer processes run beside it, every core when
+    it merges and evaluates alone (or on a GPU)."""
     import torch
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # no load reports or weight-loading bars over the benchmark's progress bar
     hf_logging.disable_progress_bar()
 
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) if opts.device.startswith("cuda") else opts.threads))
+    alone = evaluating or opts.device.startswith("cuda")
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) if alone else opts.threads))
 
 
-def workload_record(w: Workload, opts: Options, runs: list[dict[str, Any]]) -> dict[str, Any]:
+def workload_record(w: Workload, opts: Options, runs: list[dict[str, Any]], base: dict[str, Any]) -> dict[str, Any]:
+    from langmerge_trainer.bench.translations import load as load_translations
+
     description = (
         f"topic classification ({len(w.labels or [])} topics) from chatterbot-corpus"
         if w.labels
         else "dialog (utterance -> reply) from chatterbot-corpus, a causal LM"
     )
+    translations = load_translations()
+    up = w.data[w.updated_language]
     return {
         "name": w.name,
         "description": description,
@@ -456,6 +658,7 @@ def workload_record(w: Workload, opts: Options, runs: list[dict[str, Any]]) -> d
         "new_language": w.new_language,
         "updated_language": w.updated_language,
         "labels": w.labels,
+        "labels_note": w.labels_note,
         "metric": w.metric,
         "higher_is_better": w.higher_is_better,
         "metrics": w.metrics,
@@ -464,6 +667,14 @@ def workload_record(w: Workload, opts: Options, runs: list[dict[str, Any]]) -> d
         "training": w.training,
         "training_summary": _training_summary(w),
         "data": {lang: d.counts() for lang, d in w.data.items()},
+        "update": {
+            "share": w.update_share,
+            "initial_rows": len(up.train),
+            "update_rows": len(up.update),
+            "actual_share": round(len(up.update) / len(up.train), 4) if up.train else None,
+        },
+        "split": {"by": "translation group", **translations.detector},
+        "base": base,
         "runs": runs,
     }
 
@@ -476,7 +687,7 @@ def record_baselines(record: dict[str, Any], artifacts_uri: str, namespace: str)
     store = ObjectStore.from_config()
     written = []
     for w in record["workloads"]:
-        runs = [r["maintenance"]["joint_retrain"] for r in w["runs"]]
+        runs = [r["maintenance"]["cost"]["joint"] for r in w["runs"] if "maintenance" in r]
         if not runs:
             continue
         baseline = JointBaseline(
@@ -505,6 +716,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     out = Path(args.output)
+    if args.find_translations:
+        from langmerge_trainer.bench import translations
+
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        doc = translations.build(threads=args.threads)
+        translations.write(doc)
+        print(f"{translations.PATH}: {json.dumps(doc['stats'])}")
+        return 0
     try:
         if args.report_only:
             record = json.loads(Path(args.report_only).read_text(encoding="utf-8"))

@@ -58,6 +58,7 @@ def _cost(record: Any) -> dict[str, Any]:
         "gpu_seconds": round(record.gpu_seconds or 0.0, 3),
         "steps": None,
         "tokens": getattr(record, "tokens", None),
+        "attempts": 1,
         "examples": None,
         "device": "gpu" if (record.gpu_seconds or 0) > 0 else "cpu",
     }
@@ -190,15 +191,15 @@ class OperatorStory:
             every,
         )
         self.tick("initial (operator)")
-        quality = self._quality(merged, joint, w.languages)
+        label = method.label
         mstatus = self.merged_status(merged)
         record: dict[str, Any] = {
             "seed": seed,
-            "quality": quality,
+            "models": self._models(merged, joint, w.languages, label),
             "cost": {
                 "experts": {lang: _cost(self.history(names[lang])[0]) for lang in w.languages},
                 "joint": _cost(self.history(joint)[0]),
-                "merges": {method.label: _cost(mstatus.history[0])},
+                "merges": {label: _cost(mstatus.history[0])},
             },
         }
 
@@ -211,15 +212,15 @@ class OperatorStory:
         )
         self.tick("maintenance (operator)")
         mstatus = self.merged_status(merged)
-        updated = self._quality(merged, joint, w.languages, with_base=False)
+        models = self._models(merged, joint, w.languages, label)
+        models["expert"] = _only(models["expert"], up)
         record["maintenance"] = {
             "language": up,
-            "method": method.label,
-            "expert_retrain": _cost(self.history(names[up])[1]),
-            "joint_retrain": _cost(self.history(joint)[1]),
-            "remerge": _cost(mstatus.history[-1]),
-            "quality": {
-                lang: {"joint": q["joint"], "merged": q["merged"][method.label]} for lang, q in updated.items()
+            "models": models,
+            "cost": {
+                "expert": _cost(self.history(names[up])[1]),
+                "joint": _cost(self.history(joint)[1]),
+                "merges": {label: _cost(mstatus.history[-1])},
             },
         }
         if w.new_language:
@@ -239,53 +240,52 @@ class OperatorStory:
             )
             self.tick("new language (operator)")
             mstatus = self.merged_status(merged)
-            grown = self._quality(merged, joint, w.all_languages, with_base=False)
+            models = self._models(merged, joint, w.all_languages, label)
+            models["expert"] = _only(models["expert"], new)
             record["new_language"] = {
                 "language": new,
-                "method": method.label,
-                "expert": _cost(self.history(names[new])[0]),
-                "joint_retrain": _cost(self.history(joint)[2]),
-                "remerge": _cost(mstatus.history[-1]),
-                "quality": {
-                    lang: {
-                        "joint": q["joint"],
-                        "merged": q["merged"][method.label],
-                        **({"expert": q["expert"]} if lang == new else {}),
-                    }
-                    for lang, q in grown.items()
+                "models": models,
+                "cost": {
+                    "expert": _cost(self.history(names[new])[0]),
+                    "joint": _cost(self.history(joint)[2]),
+                    "merges": {label: _cost(mstatus.history[-1])},
                 },
             }
         return record
 
     def _joint_test(self, languages: list[str]) -> str:
         """A test prefix holding the given languages' test files (the joint expert's own evaluation)."""
-        _train, test = self.wr.dataset_prefix("initial", languages)
+        store = self.ctx.store
+        test = f"{self.wr.data_root}/sets/operator-test-{'-'.join(languages)}"
+        if not store.list_objects(test):
+            for lang in languages:
+                upload_rows(store, self.w.data[lang].test, f"{test}/{lang}.jsonl")
         return test
 
-    def _quality(
-        self, merged: str, joint: str, languages: list[str], *, with_base: bool = True
-    ) -> dict[str, dict[str, Any]]:
-        """Per language: the merge Job's figures for the merged model and each expert, the benchmark's own for the
-        joint model (and the base)."""
-        label = self.wr.methods[0].label
+    def _models(self, merged: str, joint: str, languages: list[str], label: str) -> dict[str, Any]:
+        """The model records of a stage: the merge Job's figures for the merged model and each expert (no
+        per-example figures: the operator keeps none), the benchmark's own for the joint model."""
         status = self.merged_status(merged)
         joint_status = self.expert_status(joint)
         assert joint_status.adapter is not None
-        joint_m = self.evaluator.evaluate(joint_status.adapter.uri, languages)
-        base_m = self.evaluator.evaluate(None, languages) if with_base else {}
-        out: dict[str, dict[str, Any]] = {}
+        evaluated = self.evaluator.evaluate(joint_status.adapter.uri, languages)
+        merged_m: dict[str, Any] = {}
+        expert_m: dict[str, Any] = {}
         for lang in languages:
             figures = status.metrics.get(lang)
             if figures is None or figures.merged is None or figures.expert is None:
                 raise BenchError(f"the MergedModel {merged} has no evaluation for {lang}")
-            out[lang] = {
-                "joint": metrics_dict(joint_m[lang]),
-                "expert": metrics_dict(Metrics.model_validate(figures.expert.model_dump())),
-                "merged": {label: metrics_dict(Metrics.model_validate(figures.merged.model_dump()))},
-            }
-            if with_base:
-                out[lang]["base"] = metrics_dict(base_m[lang])
-        return out
+            merged_m[lang] = metrics_dict(Metrics.model_validate(figures.merged.model_dump()))
+            expert_m[lang] = metrics_dict(Metrics.model_validate(figures.expert.model_dump()))
+        return {
+            "joint": {**evaluated.record(), "collapsed": None},
+            "expert": {"languages": expert_m, "scores": {}, "collapsed": {}},
+            f"merged:{label}": {"languages": merged_m, "scores": {}, "collapsed": None},
+        }
+
+
+def _only(model: dict[str, Any], language: str) -> dict[str, Any]:
+    return {**model, "languages": {language: model["languages"][language]}}
 
 
 def prepare_namespace(kube_api: Any, env: dict[str, str]) -> None:

@@ -1,12 +1,13 @@
 """The benchmark's outputs, all derived from its JSON record (``bench.json``, schema :data:`SCHEMA`).
 
-* :func:`summarize`: mean and standard deviation over seeds of every quality figure and cost, and the cost ratios.
-* :func:`markdown`: the report in the paper's shape: per workload a quality table (languages x base / joint / own
-  expert / merged per method) and a cost table (initial training, parallel wall time, maintenance, a new language)
-  with the savings next to the paper's figures (up to 50% less initial training time, more than 60% less maintenance).
+* :func:`summarize`: per scenario (initial, maintenance, a new language), per model and language: mean and standard
+  deviation over the clean seeds (collapsed runs left out and counted), the paired differences merged - joint,
+  joint - own expert and own expert - merged with 95% bootstrap intervals (:mod:`langmerge_trainer.bench.stats`), and
+  the cost of producing each reported model, per merge method, against the joint model's.
+* :func:`markdown`: the report: data and split, quality tables, the differences, the costs, the collapsed runs.
 * :func:`plots`: PNG bar charts (matplotlib, no display needed): per-language quality and the costs.
 * :func:`readme_block` / :func:`update_readme`: the README's Results section between marker lines, so a rerun
-  refreshes it (``langmerge-trainer bench --report-only results/bench.json --readme README.md``).
+  refreshes it (``langmerge bench --report-only results/bench.json --readme README.md``).
 
 Every figure in the report, the plots and the README block comes from the JSON record: nothing is typed in by hand.
 """
@@ -20,8 +21,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from langmerge_trainer.bench.stats import example_values, paired_difference
+
 #: The JSON record's schema id. Additive changes keep it; a changed meaning bumps it.
-SCHEMA = "langmerge-bench/1"
+SCHEMA = "langmerge-bench/2"
 #: The paper's claims (arXiv 2601.16127), shown beside the measured savings.
 PAPER_INITIAL_SAVING = 0.50
 PAPER_MAINTENANCE_SAVING = 0.60
@@ -34,6 +37,10 @@ METRIC_STYLE = {
     "eval_loss": ("eval loss", 1.0, 3),
     "token_accuracy": ("token accuracy %", 100.0, 1),
 }
+#: Metrics with a per-example form (paired intervals).
+PAIRED_METRICS = ("accuracy", "eval_loss", "token_accuracy")
+SCENARIOS = ("initial", "maintenance", "new_language")
+COST_FIELDS = ("cpu_seconds", "wall_seconds", "gpu_seconds")
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -43,127 +50,267 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0
 
 
-def _ms(values: Sequence[float]) -> dict[str, float]:
+def _ms(values: Sequence[float], **extra: Any) -> dict[str, Any]:
     m, s = mean_std(values)
-    return {"mean": m, "std": s, "n": len(values)}
+    return {"mean": m, "std": s, "n": len(values), **extra}
 
 
-def _get(metrics: dict[str, Any] | None, name: str) -> float | None:
-    if not metrics:
+# -- reading the record ---------------------------------------------------------------------------------------------------
+def scenario_languages(w: dict[str, Any], scenario: str) -> list[str]:
+    if scenario == "new_language":
+        return [*w["languages"], w["new_language"]]
+    return list(w["languages"])
+
+
+def scenario_models(run: dict[str, Any], scenario: str) -> dict[str, Any] | None:
+    if scenario == "initial":
+        return dict(run["models"])
+    part = run.get(scenario)
+    return None if part is None else dict(part["models"])
+
+
+def scenario_cost(run: dict[str, Any], scenario: str) -> dict[str, Any] | None:
+    if scenario == "initial":
+        c = run["cost"]
+        return {"experts": c["experts"], "joint": c["joint"], "merges": c["merges"]}
+    part = run.get(scenario)
+    return None if part is None else part["cost"]
+
+
+def model_columns(w: dict[str, Any], scenario: str = "initial") -> list[str]:
+    """Column keys of a quality table: base (not after maintenance), joint, expert, ``merged:<method>``."""
+    lead = ["joint", "expert"] if scenario == "maintenance" else ["base", "joint", "expert"]
+    return [*lead, *(f"merged:{m}" for m in w["methods"])]
+
+
+def cell(w: dict[str, Any], run: dict[str, Any], scenario: str, column: str, lang: str) -> dict[str, Any] | None:
+    """One model on one language in one seed: ``{"metrics", "scores", "excluded", "collapsed"}``, or None when the
+    record has no such figure (e.g. the own expert of a language not updated)."""
+    if column == "base":
+        base = w["base"]
+        if lang not in base["languages"]:
+            return None
+        return {"metrics": base["languages"][lang], "scores": base["scores"].get(lang), "excluded": None}
+    models = scenario_models(run, scenario)
+    if models is None or column not in models:
         return None
-    value = metrics.get(name)
+    model = models[column]
+    if lang not in model["languages"]:
+        return None
+    collapsed = model.get("collapsed")
+    if isinstance(collapsed, dict):
+        collapsed = collapsed.get(lang)
+    excluded = model.get("excluded")
+    if collapsed and not column.startswith("merged:"):
+        excluded = excluded or f"collapsed: {collapsed}"
+    return {
+        "metrics": model["languages"][lang],
+        "scores": model.get("scores", {}).get(lang),
+        "excluded": excluded,
+        # a merge that collapsed from healthy experts is the method's result: counted, kept in the means
+        "collapsed": collapsed if column.startswith("merged:") else None,
+    }
+
+
+def _value(c: dict[str, Any] | None, metric: str) -> float | None:
+    if c is None or c["excluded"]:
+        return None
+    value = c["metrics"].get(metric)
     return None if value is None else float(value)
 
 
-def model_columns(workload: dict[str, Any]) -> list[str]:
-    """Column keys of the quality table: base, joint, expert, then ``merged:<method label>``."""
-    return ["base", "joint", "expert", *(f"merged:{m}" for m in workload["methods"])]
-
-
-def _quality_value(seed_quality: dict[str, Any], column: str, metric: str) -> float | None:
-    if column.startswith("merged:"):
-        return _get(seed_quality.get("merged", {}).get(column.split(":", 1)[1]), metric)
-    return _get(seed_quality.get(column), metric)
-
-
-def _cost_total(costs: dict[str, Any], field: str) -> float:
-    return float(sum(c[field] for c in costs.values()))
-
-
-def summarize(workload: dict[str, Any]) -> dict[str, Any]:
-    """Mean/std over seeds: quality per language and model, costs and savings."""
-    runs = workload["runs"]
-    languages = workload["languages"]
-    quality: dict[str, Any] = {}
-    for metric in workload["metrics"]:
-        per_lang: dict[str, Any] = {}
-        for lang in [*languages, "mean"]:
-            row = {}
-            for column in model_columns(workload):
-                if lang == "mean":
-                    values = []
-                    for run in runs:
-                        got = [_quality_value(run["quality"][x], column, metric) for x in languages]
-                        if all(v is not None for v in got):
-                            values.append(statistics.fmean(v for v in got if v is not None))
-                else:
-                    values = [
-                        v for run in runs if (v := _quality_value(run["quality"][lang], column, metric)) is not None
-                    ]
-                row[column] = _ms(values)
-            per_lang[lang] = row
-        quality[metric] = per_lang
-
-    def per_run(fn: Any) -> dict[str, float]:
-        return _ms([fn(run) for run in runs])
-
-    first_merge = workload["methods"][0]
-    cost: dict[str, Any] = {}
-    for field in ("cpu_seconds", "wall_seconds", "gpu_seconds"):
-        cost[field] = {
-            "experts_sum": per_run(lambda r, f=field: _cost_total(r["cost"]["experts"], f)),
-            "joint": per_run(lambda r, f=field: r["cost"]["joint"][f]),
-            "merge": per_run(lambda r, f=field: r["cost"]["merges"][first_merge][f]),
-            "experts_parallel": per_run(
-                lambda r, f=field: (
-                    max(c[f] for c in r["cost"]["experts"].values()) + r["cost"]["merges"][first_merge][f]
-                )
-            ),
-            "maintenance_joint": per_run(lambda r, f=field: r["maintenance"]["joint_retrain"][f]),
-            "maintenance_langmerge": per_run(
-                lambda r, f=field: r["maintenance"]["expert_retrain"][f] + r["maintenance"]["remerge"][f]
-            ),
-        }
-        if all("new_language" in r for r in runs) and runs:
-            cost[field]["new_joint"] = per_run(lambda r, f=field: r["new_language"]["joint_retrain"][f])
-            cost[field]["new_langmerge"] = per_run(
-                lambda r, f=field: r["new_language"]["expert"][f] + r["new_language"]["remerge"][f]
+# -- summaries -------------------------------------------------------------------------------------------------------------
+def quality_summary(w: dict[str, Any], scenario: str, metric: str) -> dict[str, Any]:
+    """language (and ``mean``) -> column -> mean/std/n over the clean seeds, with the excluded and collapsed counts."""
+    runs = [r for r in w["runs"] if scenario_models(r, scenario) is not None]
+    languages = scenario_languages(w, scenario)
+    out: dict[str, Any] = {}
+    for column in model_columns(w, scenario):
+        for lang in languages:
+            cells = [cell(w, r, scenario, column, lang) for r in runs]
+            present = [c for c in cells if c is not None]
+            if not present:
+                continue
+            values = [v for c in present if (v := _value(c, metric)) is not None]
+            out.setdefault(lang, {})[column] = _ms(
+                values,
+                excluded=sum(1 for c in present if c["excluded"]),
+                collapsed=sum(1 for c in present if c.get("collapsed")),
+                runs=len(present),
             )
+        # the mean over languages, for the seeds where every language is clean
+        means = []
+        excluded = collapsed = present_runs = 0
+        for r in runs:
+            cells = [cell(w, r, scenario, column, lang) for lang in languages]
+            if any(c is None for c in cells):
+                continue
+            present_runs += 1
+            if any(c is not None and c["excluded"] for c in cells):
+                excluded += 1
+                continue
+            collapsed += any(c is not None and c.get("collapsed") for c in cells)
+            vals = [_value(c, metric) for c in cells]
+            if all(v is not None for v in vals):
+                means.append(statistics.fmean(v for v in vals if v is not None))
+        if present_runs:
+            out.setdefault("mean", {})[column] = _ms(means, excluded=excluded, collapsed=collapsed, runs=present_runs)
+    return out
 
-    def saving(a: str, b: str, field: str = "cpu_seconds") -> dict[str, float]:
-        return per_run(lambda r: 1 - _scen(r, a, field, first_merge) / _scen(r, b, field, first_merge))
 
-    savings = {
-        "initial_compute": saving("experts_sum_merge", "joint"),
-        "initial_wall_parallel": saving("experts_parallel", "joint", "wall_seconds"),
-        "maintenance_compute": saving("maintenance_langmerge", "maintenance_joint"),
-        "maintenance_wall": saving("maintenance_langmerge", "maintenance_joint", "wall_seconds"),
+def differences(w: dict[str, Any], scenario: str, metric: str) -> dict[str, Any]:
+    """Paired differences with 95% intervals: ``merged:<m> - joint``, ``joint - expert``, ``expert - merged:<m>``,
+    per language and (where every language has both) on the mean over languages."""
+    if metric not in PAIRED_METRICS:
+        return {}
+    runs = [r for r in w["runs"] if scenario_models(r, scenario) is not None]
+    languages = scenario_languages(w, scenario)
+    comparisons = [(f"merged:{m}", "joint") for m in w["methods"]]
+    comparisons.append(("joint", "expert"))
+    comparisons += [("expert", f"merged:{m}") for m in w["methods"]]
+    out: dict[str, Any] = {}
+    for a, b in comparisons:
+        name = f"{a} - {b}"
+        pairs: list[dict[str, Any]] = []
+        for r in runs:
+            seed_pairs = {}
+            for lang in languages:
+                ca, cb = cell(w, r, scenario, a, lang), cell(w, r, scenario, b, lang)
+                if ca is None or cb is None or ca["excluded"] or cb["excluded"]:
+                    continue
+                if not ca["scores"] or not cb["scores"]:
+                    continue
+                seed_pairs[lang] = (example_values(ca["scores"], metric), example_values(cb["scores"], metric))
+            pairs.append(seed_pairs)
+        found: dict[str, Any] = {}
+        for lang in languages:
+            interval = paired_difference(pairs, [lang])
+            if interval is not None:
+                found[lang] = interval.as_dict()
+        covered = [lang for lang in languages if any(lang in p for p in pairs)]
+        if len(covered) == len(languages) and len(languages) > 1:
+            interval = paired_difference(pairs, languages)
+            if interval is not None:
+                found["mean"] = interval.as_dict()
+        if found:
+            out[name] = found
+    return out
+
+
+def _total(costs: dict[str, Any], field: str) -> float:
+    return float(sum(float(c[field]) for c in costs.values()))
+
+
+def cost_summary(w: dict[str, Any]) -> dict[str, Any]:
+    """Per scenario and merge method: what producing the merged model cost (trainings, every attempt counted, the
+    merge Job with its search, the gate's evaluation) against the joint model's training, over the seeds."""
+    out: dict[str, Any] = {}
+    for scenario in SCENARIOS:
+        runs = [c for r in w["runs"] if (c := scenario_cost(r, scenario)) is not None]
+        if not runs:
+            continue
+        part: dict[str, Any] = {"joint": {}, "methods": {}}
+        for field in COST_FIELDS:
+            part["joint"][field] = _ms([float(c["joint"][field]) for c in runs])
+        for method in w["methods"]:
+            row: dict[str, Any] = {}
+            for field in COST_FIELDS:
+                if scenario == "initial":
+                    train = [_total(c["experts"], field) for c in runs]
+                    parallel = [max(float(x[field]) for x in c["experts"].values()) for c in runs]
+                else:
+                    train = [float(c["expert"][field]) for c in runs]
+                    parallel = train
+                merge = [float(c["merges"][method][field]) for c in runs]
+                joint = [float(c["joint"][field]) for c in runs]
+                row[field] = {
+                    "training": _ms(train),
+                    "merge": _ms(merge),
+                    "total": _ms([t + m for t, m in zip(train, merge, strict=True)]),
+                    "parallel": _ms([p + m for p, m in zip(parallel, merge, strict=True)]),
+                    "saving": _ms([1 - (t + m) / j for t, m, j in zip(train, merge, joint, strict=True) if j > 0]),
+                    "saving_parallel": _ms(
+                        [1 - (p + m) / j for p, m, j in zip(parallel, merge, joint, strict=True) if j > 0]
+                    ),
+                }
+            row["attempts"] = sum(
+                int(x.get("attempts", 1))
+                for c in runs
+                for x in (c["experts"].values() if scenario == "initial" else [c["expert"]])
+            )
+            row["trainings"] = sum(len(c["experts"]) if scenario == "initial" else 1 for c in runs)
+            part["methods"][method] = row
+        part["joint"]["attempts"] = sum(int(c["joint"].get("attempts", 1)) for c in runs)
+        part["joint"]["trainings"] = len(runs)
+        out[scenario] = part
+    return out
+
+
+def collapsed_runs(w: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every training attempt that collapsed (and whether a rerun replaced it), and every collapsed merge."""
+    out = []
+    for r in w["runs"]:
+        for role, t in r.get("trained", {}).items():
+            attempts = t["attempts"]
+            for i, a in enumerate(attempts):
+                if a["collapsed"]:
+                    replaced = next((b["seed"] for b in attempts[i + 1 :] if not b["collapsed"]), None)
+                    out.append(
+                        {
+                            "seed": r["seed"],
+                            "model": role,
+                            "run_seed": a["seed"],
+                            "reason": a["reason"],
+                            "rerun": replaced,
+                        }
+                    )
+        for scenario in SCENARIOS:
+            models = scenario_models(r, scenario) or {}
+            for key, m in models.items():
+                if key.startswith("merged:") and m.get("collapsed"):
+                    out.append(
+                        {
+                            "seed": r["seed"],
+                            "model": f"{key} ({scenario})",
+                            "run_seed": r["seed"],
+                            "reason": m["collapsed"],
+                            "rerun": None,
+                        }
+                    )
+    return out
+
+
+def summarize(w: dict[str, Any]) -> dict[str, Any]:
+    scenarios = [s for s in SCENARIOS if any(scenario_models(r, s) is not None for r in w["runs"])]
+    return {
+        "quality": {s: {m: quality_summary(w, s, m) for m in w["metrics"]} for s in scenarios},
+        "differences": {s: {m: differences(w, s, m) for m in w["metrics"]} for s in scenarios},
+        "cost": cost_summary(w),
+        "collapsed": collapsed_runs(w),
     }
-    if all("new_language" in r for r in runs) and runs:
-        savings["new_language_compute"] = saving("new_langmerge", "new_joint")
-        savings["new_language_wall"] = saving("new_langmerge", "new_joint", "wall_seconds")
-    return {"quality": quality, "cost": cost, "savings": savings}
-
-
-def _scen(run: dict[str, Any], name: str, field: str, merge: str) -> float:
-    c = run["cost"]
-    if name == "joint":
-        return float(c["joint"][field])
-    if name == "experts_sum_merge":
-        return _cost_total(c["experts"], field) + float(c["merges"][merge][field])
-    if name == "experts_parallel":
-        return max(float(x[field]) for x in c["experts"].values()) + float(c["merges"][merge][field])
-    if name == "maintenance_joint":
-        return float(run["maintenance"]["joint_retrain"][field])
-    if name == "maintenance_langmerge":
-        m = run["maintenance"]
-        return float(m["expert_retrain"][field]) + float(m["remerge"][field])
-    if name == "new_joint":
-        return float(run["new_language"]["joint_retrain"][field])
-    if name == "new_langmerge":
-        n = run["new_language"]
-        return float(n["expert"][field]) + float(n["remerge"][field])
-    raise KeyError(name)
 
 
 # -- Markdown -------------------------------------------------------------------------------------------------------------
-def _fmt(stat: dict[str, float], metric: str) -> str:
-    _title, scale, digits = METRIC_STYLE.get(metric, (metric, 1.0, 3))
-    if stat["n"] == 0 or math.isnan(stat["mean"]):
+def _scale(metric: str) -> tuple[str, float, int]:
+    return METRIC_STYLE.get(metric, (metric, 1.0, 3))
+
+
+def _fmt(stat: dict[str, Any] | None, metric: str) -> str:
+    if stat is None:
         return "-"
-    if stat["n"] == 1:
-        return f"{stat['mean'] * scale:.{digits}f}"
-    return f"{stat['mean'] * scale:.{digits}f} ± {stat['std'] * scale:.{digits}f}"
+    _title, scale, digits = _scale(metric)
+    if stat["n"] == 0 or math.isnan(stat["mean"]):
+        text = "-"
+    elif stat["n"] == 1:
+        text = f"{stat['mean'] * scale:.{digits}f}"
+    else:
+        text = f"{stat['mean'] * scale:.{digits}f} ± {stat['std'] * scale:.{digits}f}"
+    notes = []
+    if stat.get("excluded"):
+        notes.append(f"{stat['n']}/{stat['runs']} clean")
+    if stat.get("collapsed"):
+        notes.append(f"{stat['collapsed']} collapsed")
+    return text + (f" ({', '.join(notes)})" if notes else "")
 
 
 def _column_title(column: str) -> str:
@@ -172,24 +319,66 @@ def _column_title(column: str) -> str:
     return {"base": "base", "joint": "joint", "expert": "own expert"}[column]
 
 
-def quality_table(workload: dict[str, Any], summary: dict[str, Any], metric: str) -> str:
-    columns = model_columns(workload)
+def quality_table(w: dict[str, Any], summary: dict[str, Any], metric: str, scenario: str = "initial") -> str:
+    columns = model_columns(w, scenario)
+    table = summary["quality"][scenario][metric]
     head = "| language | " + " | ".join(_column_title(c) for c in columns) + " |"
     lines = [head, "|" + " --- |" * (len(columns) + 1)]
-    for lang in [*workload["languages"], "mean"]:
-        row = summary["quality"][metric][lang]
+    for lang in [*scenario_languages(w, scenario), "mean"]:
+        row = table.get(lang)
+        if row is None:
+            continue
         name = "**mean**" if lang == "mean" else lang
-        lines.append(f"| {name} | " + " | ".join(_fmt(row[c], metric) for c in columns) + " |")
+        lines.append(f"| {name} | " + " | ".join(_fmt(row.get(c), metric) for c in columns) + " |")
     return "\n".join(lines)
 
 
-def _sec(stat: dict[str, float]) -> str:
+def _interval(found: dict[str, Any] | None, metric: str) -> str:
+    if not found:
+        return "-"
+    _title, scale, digits = _scale(metric)
+    e, lo, hi = (found[k] * scale for k in ("estimate", "low", "high"))
+    return f"{e:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
+
+
+def _difference_rows(w: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(row title, scenario, language or mean) of the differences table."""
+    rows = [(lang, "initial", lang) for lang in w["languages"]]
+    rows.append(("**mean**", "initial", "mean"))
+    up = w["updated_language"]
+    if any("maintenance" in r for r in w["runs"]):
+        rows += [
+            (f"{up}, after its update", "maintenance", up),
+            ("mean, after the update", "maintenance", "mean"),
+        ]
+    new = w.get("new_language")
+    if new and any("new_language" in r for r in w["runs"]):
+        rows += [(f"{new} (new language)", "new_language", new), (f"mean with {new}", "new_language", "mean")]
+    return rows
+
+
+def difference_table(w: dict[str, Any], summary: dict[str, Any], metric: str) -> str:
+    methods = w["methods"]
+    names = [f"merged:{m} - joint" for m in methods] + ["joint - expert"] + [f"expert - merged:{m}" for m in methods]
+    titles = [f"merged {m} - joint" for m in methods] + ["joint - own expert"]
+    titles += [f"own expert - merged {m}" for m in methods]
+    lines = ["| | " + " | ".join(titles) + " |", "|" + " --- |" * (len(titles) + 1)]
+    for title, scenario, lang in _difference_rows(w):
+        diffs = summary["differences"].get(scenario, {}).get(metric, {})
+        cells = [_interval(diffs.get(n, {}).get(lang), metric) for n in names]
+        if all(c == "-" for c in cells):
+            continue
+        lines.append(f"| {title} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _sec(stat: dict[str, Any]) -> str:
     if stat["n"] == 0:
         return "-"
     return f"{stat['mean']:.1f}" if stat["n"] == 1 else f"{stat['mean']:.1f} ± {stat['std']:.1f}"
 
 
-def _pct(stat: dict[str, float]) -> str:
+def _pct(stat: dict[str, Any]) -> str:
     if stat["n"] == 0 or math.isnan(stat["mean"]):
         return "-"
     sign = "less" if stat["mean"] >= 0 else "more"
@@ -197,97 +386,154 @@ def _pct(stat: dict[str, float]) -> str:
     return text if stat["n"] == 1 else f"{text} (± {stat['std'] * 100:.0f})"
 
 
-def cost_table(workload: dict[str, Any], summary: dict[str, Any]) -> str:
-    cost, savings = summary["cost"], summary["savings"]
-    cpu, wall = cost["cpu_seconds"], cost["wall_seconds"]
+def _attempts(row: dict[str, Any]) -> str:
+    extra = int(row["attempts"]) - int(row["trainings"])
+    return f"; {extra} rerun(s) of collapsed trainings counted" if extra > 0 else ""
+
+
+def cost_table(w: dict[str, Any], summary: dict[str, Any]) -> str:
+    """Per scenario and method: CPU seconds of everything producing the merged model against the joint model."""
+    cost = summary["cost"]
     lines = [
-        "| scenario | joint model | langmerge | langmerge vs joint | paper |",
-        "| --- | --- | --- | --- | --- |",
-        f"| initial training, compute (CPU-s: sum of experts + merge) | {_sec(cpu['joint'])} | "
-        f"{_sec(_add(cpu['experts_sum'], cpu['merge']))} | {_pct(savings['initial_compute'])} | - |",
-        f"| initial training, wall time (s: experts in parallel = slowest expert + merge) | {_sec(wall['joint'])} | "
-        f"{_sec(wall['experts_parallel'])} | {_pct(savings['initial_wall_parallel'])} | "
-        f"up to {PAPER_INITIAL_SAVING * 100:.0f}% less |",
-        f"| maintenance: +25% data for {workload['updated_language']} (CPU-s: retrain joint vs retrain one expert + "
-        f"re-merge) | {_sec(cpu['maintenance_joint'])} | {_sec(cpu['maintenance_langmerge'])} | "
-        f"{_pct(savings['maintenance_compute'])} | more than {PAPER_MAINTENANCE_SAVING * 100:.0f}% less |",
-        f"| maintenance, wall time (s) | {_sec(wall['maintenance_joint'])} | {_sec(wall['maintenance_langmerge'])} | "
-        f"{_pct(savings['maintenance_wall'])} | more than {PAPER_MAINTENANCE_SAVING * 100:.0f}% less |",
+        "| scenario | model | joint model (CPU-s) | langmerge (CPU-s) | of which merge + gate evaluation | langmerge vs joint "
+        "| paper |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
-    if "new_language_compute" in savings:
+    titles = {
+        "initial": ("initial training", "every expert + the merge", "up to 50% less (wall time)"),
+        "maintenance": (
+            f"maintenance: +{w['update']['actual_share'] * 100:.0f}% data for {w['updated_language']}"
+            if w.get("update", {}).get("actual_share") is not None
+            else f"maintenance: more data for {w['updated_language']}",
+            "retrain one expert + re-merge",
+            f"more than {PAPER_MAINTENANCE_SAVING * 100:.0f}% less",
+        ),
+        "new_language": (f"a new language ({w.get('new_language')})", "train one expert + re-merge", "-"),
+    }
+    for scenario, part in cost.items():
+        title, what, paper = titles[scenario]
+        joint = part["joint"]["cpu_seconds"]
+        for method, row in part["methods"].items():
+            cpu = row["cpu_seconds"]
+            lines.append(
+                f"| {title} | merged {method}: {what}{_attempts(row)} | {_sec(joint)}{_attempts(part['joint'])} | "
+                f"{_sec(cpu['total'])} | {_sec(cpu['merge'])} | {_pct(cpu['saving'])} | {paper} |"
+            )
+    if "initial" in cost:
+        part = cost["initial"]
+        for method, row in part["methods"].items():
+            wall = row["wall_seconds"]
+            lines.append(
+                f"| initial training, wall time (experts in parallel: slowest expert + merge) | merged {method} | "
+                f"{_sec(part['joint']['wall_seconds'])} | {_sec(wall['parallel'])} | {_sec(wall['merge'])} | "
+                f"{_pct(wall['saving_parallel'])} | up to {PAPER_INITIAL_SAVING * 100:.0f}% less |"
+            )
+    return "\n".join(lines)
+
+
+def data_table(w: dict[str, Any]) -> str:
+    lines = [
+        "| language | training | update | validation | test | removed (translations of test conversations) |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for lang in [*w["languages"], *([w["new_language"]] if w.get("new_language") else [])]:
+        d = w["data"][lang]
         lines.append(
-            f"| a new language ({workload['new_language']}) (CPU-s: retrain joint on all vs train one expert + "
-            f"re-merge) | {_sec(cpu['new_joint'])} | {_sec(cpu['new_langmerge'])} | "
-            f"{_pct(savings['new_language_compute'])} | - |"
+            f"| {lang} | {d['train']} | {d['update'] or '-'} | {d['validation']} | {d['test']} | "
+            f"{d.get('removed_translations', 0)} |"
         )
     return "\n".join(lines)
 
 
-def _add(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
-    return {"mean": a["mean"] + b["mean"], "std": math.hypot(a["std"], b["std"]), "n": min(a["n"], b["n"])}
+def split_statement(w: dict[str, Any]) -> str:
+    split = w.get("split") or {}
+    up = w.get("update") or {}
+    parts = [
+        "The split is by translation group: conversations that are translations of each other (multilingual-e5 "
+        f"embeddings, mutual best matches with a margin of at least {split.get('link_margin')} "
+        f"({split.get('link_margin_same_topic')} within one topic)) are in the same split in every language, and a "
+        "training or validation conversation that still matches a test conversation of any language is removed "
+        "(column removed, in rows)."
+    ]
+    if up.get("initial_rows"):
+        parts.append(
+            f"The maintenance update adds {up['update_rows']} rows to {w['updated_language']}'s {up['initial_rows']} "
+            f"(+{up['actual_share'] * 100:.1f}%, asked: +{up['share'] * 100:.0f}%)."
+        )
+    if w.get("labels_note"):
+        parts.append(w["labels_note"])
+    return " ".join(parts)
 
 
-def parity_statement(workload: dict[str, Any], summary: dict[str, Any]) -> str:
-    """Where the merged model (first method) does not reach the joint model, and by how much (headline metric)."""
-    metric = workload["metric"]
-    higher = workload["higher_is_better"]
-    label = f"merged:{workload['methods'][0]}"
-    _title, scale, digits = METRIC_STYLE.get(metric, (metric, 1.0, 3))
-    unit = " points" if scale == 100.0 else ""
-    gaps = []
-    for lang in [*workload["languages"], "mean"]:
-        row = summary["quality"][metric][lang]
-        joint, merged = row["joint"]["mean"], row[label]["mean"]
-        if math.isnan(joint) or math.isnan(merged):
+def parity_statement(w: dict[str, Any], summary: dict[str, Any]) -> str:
+    """Per method: merged - joint on the mean with its interval, whether the interval reaches -1 point (or 1% of the
+    loss), and the languages more than 2 points (2%) under the joint model."""
+    metric = w["metric"]
+    higher = w["higher_is_better"]
+    _title, scale, digits = _scale(metric)
+    diffs = summary["differences"].get("initial", {}).get(metric, {})
+    quality = summary["quality"]["initial"][metric]
+    out = []
+    for method in w["methods"]:
+        found = diffs.get(f"merged:{method} - joint", {})
+        mean = found.get("mean")
+        if mean is None:
             continue
-        gap = (joint - merged) if higher else (merged - joint)
-        if gap > 0:
-            gaps.append(f"{lang} {gap * scale:.{digits}f}{unit}")
-    name = workload["methods"][0]
-    if not gaps:
-        return f"The merged model ({name}) reaches the joint model's {metric} in every language (means over seeds)."
+        if scale == 100.0:
+            unit, bound, per_lang = " points", -0.01, -0.02
+            reached = mean["high"] >= bound
+            behind = [lang for lang in w["languages"] if lang in found and found[lang]["estimate"] < per_lang]
+        else:
+            joint = quality["mean"]["joint"]["mean"]
+            unit, bound = "", 0.01 * joint
+            reached = mean["low"] <= bound
+            behind = [
+                lang
+                for lang in w["languages"]
+                if lang in found and found[lang]["estimate"] > 0.02 * quality[lang]["joint"]["mean"]
+            ]
+        direction = "under" if (mean["estimate"] < 0) == higher else "over"
+        text = (
+            f"merged {method} is {abs(mean['estimate']) * scale:.{digits}f}{unit} {direction} the joint model on the "
+            f"mean {metric} (95% interval {mean['low'] * scale:+.{digits}f} to {mean['high'] * scale:+.{digits}f}, "
+            f"{mean['seeds']} seeds); "
+        )
+        text += ("parity within 1 point" if scale == 100.0 else "parity within 1% of the joint model's loss") + (
+            " is within the interval" if reached else " is outside the interval"
+        )
+        if behind:
+            text += f"; more than {'2 points' if scale == 100.0 else '2%'} under joint: {', '.join(behind)}"
+        out.append(text + ".")
+    return " ".join(s[0].upper() + s[1:] for s in out)
+
+
+def collapse_statement(w: dict[str, Any], summary: dict[str, Any]) -> str:
+    found = summary["collapsed"]
+    trainings = sum(len(r.get("trained", {})) for r in w["runs"])
+    attempts = sum(len(t["attempts"]) for r in w["runs"] for t in r.get("trained", {}).values())
+    if not found:
+        return f"No run collapsed ({attempts} training runs, every merged model checked)."
+    items = []
+    for c in found:
+        fate = f"rerun with seed {c['rerun']}" if c["rerun"] is not None else "kept out of the means"
+        if c["model"].startswith("merged:"):
+            fate = "kept in the means: the method's result from healthy experts"
+        items.append(f"seed {c['seed']} {c['model']} (seed {c['run_seed']}: {c['reason']}; {fate})")
+    n_train = sum(1 for c in found if not c["model"].startswith("merged:"))
     return (
-        f"Quality parity is not reached everywhere: the merged model ({name}) is behind the joint model on {metric} "
-        f"(means over seeds) in: {', '.join(gaps)}."
+        f"Collapsed: {n_train} of {attempts} training runs ({trainings} trainings) and "
+        f"{len(found) - n_train} merged model(s): " + "; ".join(items) + "."
     )
 
 
-def search_statement(workload: dict[str, Any], summary: dict[str, Any]) -> str | None:
-    """The merge search against the goal (headline metric, means over seeds): within 1 point of the joint model on
-    the mean, no language more than 2 points under its own expert; and what it chose per seed."""
-    searches = [m for m in workload["methods"] if m == "search" or m.startswith("search(")]
+def search_statement(w: dict[str, Any]) -> str | None:
+    """What each merge search chose, per seed, and what it cost."""
+    searches = [m for m in w["methods"] if m == "search" or m.startswith("search(")]
     if not searches:
         return None
     method = searches[0]
-    label = f"merged:{method}"
-    metric = workload["metric"]
-    higher = workload["higher_is_better"]
-    _title, scale, digits = METRIC_STYLE.get(metric, (metric, 1.0, 3))
-    unit = " points" if scale == 100.0 else ""
-    rows = summary["quality"][metric]
-
-    def behind(lang: str, other: str) -> float:
-        a, b = rows[lang][other]["mean"], rows[lang][label]["mean"]
-        return ((a - b) if higher else (b - a)) * scale
-
-    vs_joint = behind("mean", "joint")
-    vs_expert = {lang: behind(lang, "expert") for lang in workload["languages"]}
-    worst = max(vs_expert, key=lambda lang: vs_expert[lang])
-    parts = [
-        f"The searched merge is {vs_joint:.{digits}f}{unit} {'behind' if vs_joint > 0 else 'ahead of'} the joint model "
-        f"on the mean {metric}; the language furthest under its own expert is {worst} "
-        f"({vs_expert[worst]:.{digits}f}{unit}; per language: "
-        + ", ".join(f"{lang} {v:.{digits}f}" for lang, v in vs_expert.items())
-        + ")."
-    ]
-    if scale == 100.0:
-        met = vs_joint <= 1.0 and vs_expert[worst] <= 2.0
-        parts.append(
-            "Goal (within 1 point of joint on the mean, no language more than 2 points under its expert): "
-            + ("reached." if met else "not reached.")
-        )
     chosen = []
-    for run in workload["runs"]:
+    for run in w["runs"]:
         info = run["cost"]["merges"].get(method, {}).get("search")
         if info:
             params = {
@@ -297,9 +543,9 @@ def search_statement(workload: dict[str, Any], summary: dict[str, Any]) -> str |
                 f"seed {run['seed']}: {info['chosen']['method']} {json.dumps(params, sort_keys=True)} "
                 f"({info['candidates']} candidates, {info['seconds']:.0f} s)"
             )
-    if chosen:
-        parts.append("Chosen on the validation split: " + "; ".join(chosen) + ".")
-    return " ".join(parts)
+    if not chosen:
+        return None
+    return "Merge search, chosen on the validation split (its cost is in the cost table): " + "; ".join(chosen) + "."
 
 
 def markdown(record: dict[str, Any], *, plots_dir: str = ".") -> str:
@@ -317,9 +563,13 @@ def markdown(record: dict[str, Any], *, plots_dir: str = ".") -> str:
         + (" (quick run: tiny data, not for conclusions)" if run.get("quick") else ""),
         f"- mode: {'LanguageExperts and MergedModels on the local control plane (the operator ledger)' if run.get('via_operator') else 'the Jobs code run directly (trainer processes, merge Job)'}",
         "",
-        "Figures are mean ± standard deviation over the seeds. Costs are the trainer's and the merge Job's own records "
-        "(process CPU seconds and wall seconds). On a shared machine wall seconds are inflated by other load; CPU "
-        "seconds less so.",
+        "Quality figures are mean ± standard deviation over the clean seeds, on each language's held-out test split. A "
+        "training run that collapsed (one label for nearly every input, or a loss at the label-frequency baseline) "
+        f"is trained again with the next seed (seed + {run.get('rerun_seed_step', 1000)}, at most "
+        f"{run.get('max_attempts', 3)} attempts); a cell reads `n/N clean` when collapsed runs are left out. "
+        "Differences are paired (same test examples) with 95% bootstrap intervals over seeds and test examples. "
+        "Costs are the trainer's and the merge Job's own records, every attempt counted, plus the evaluation the "
+        "merge Job runs before publishing (process CPU seconds; wall seconds are inflated by other load).",
     ]
     for w in record["workloads"]:
         s = w["summary"]
@@ -327,23 +577,28 @@ def markdown(record: dict[str, Any], *, plots_dir: str = ".") -> str:
         lines.append(
             f"Base model: {w['base_model']}. Languages: {', '.join(w['languages'])}; updated language: "
             f"{w['updated_language']}; new language: {w.get('new_language') or '-'}. Training per adapter: "
-            f"{w['training_summary']}. Test examples per language: "
-            + ", ".join(f"{lang} {w['data'][lang]['test']}" for lang in w["languages"])
-            + ". Training examples: "
-            + ", ".join(f"{lang} {w['data'][lang]['train']}" for lang in w["languages"])
-            + "."
+            f"{w['training_summary']}." + (f" Labels: {', '.join(w['labels'])}." if w.get("labels") else "")
         )
-        for metric in w["metrics"]:
-            title = METRIC_STYLE.get(metric, (metric,))[0]
-            lines += ["", f"### Quality: {title} on each language's held-out test split", ""]
-            lines.append(quality_table(w, s, metric))
+        lines += ["", "### Data", "", data_table(w), "", split_statement(w)]
+        for scenario, title in (
+            ("initial", "Quality"),
+            ("maintenance", f"Quality after the maintenance update of {w['updated_language']}"),
+            ("new_language", f"Quality with the new language {w.get('new_language')}"),
+        ):
+            if scenario not in s["quality"]:
+                continue
+            for metric in w["metrics"]:
+                metric_title = METRIC_STYLE.get(metric, (metric,))[0]
+                lines += ["", f"### {title}: {metric_title}", "", quality_table(w, s, metric, scenario)]
         lines += [
             "",
             "The base column is the base model before fine-tuning"
             + (" (a classifier with its fresh, untrained head: chance level)." if w.get("labels") else "."),
         ]
-        lines += ["", f"**Parity.** {parity_statement(w, s)}"]
-        searched = search_statement(w, s)
+        title = METRIC_STYLE.get(w["metric"], (w["metric"],))[0]
+        lines += ["", f"### Differences ({title}; 95% intervals)", "", difference_table(w, s, w["metric"])]
+        lines += ["", f"**Parity.** {parity_statement(w, s)}", "", f"**Collapse.** {collapse_statement(w, s)}"]
+        searched = search_statement(w)
         if searched:
             lines += ["", f"**Merge search.** {searched}"]
         lines += ["", "### Cost", "", cost_table(w, s)]
@@ -362,19 +617,20 @@ def plots(record: dict[str, Any], out_dir: Path) -> list[Path]:
     for w in record["workloads"]:
         s = w["summary"]
         metric = w["metric"]
-        title, scale, _digits = METRIC_STYLE.get(metric, (metric, 1.0, 3))
-        columns = ["joint", "expert", f"merged:{w['methods'][0]}"]
-        languages = [*w["languages"], "mean"]
-        fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(languages)), 3.6))
+        title, scale, _digits = _scale(metric)
+        columns = ["joint", "expert", *(f"merged:{m}" for m in w["methods"])]
+        table = s["quality"]["initial"][metric]
+        languages = [lang for lang in [*w["languages"], "mean"] if lang in table]
+        fig, ax = plt.subplots(figsize=(max(6.0, 1.4 * len(languages)), 3.6))
         width = 0.8 / len(columns)
         for i, column in enumerate(columns):
-            stats = [s["quality"][metric][lang][column] for lang in languages]
+            stats = [table[lang].get(column, {"mean": math.nan, "std": 0.0}) for lang in languages]
             xs = [j + (i - (len(columns) - 1) / 2) * width for j in range(len(languages))]
             ax.bar(
                 xs,
                 [st["mean"] * scale for st in stats],
                 width,
-                yerr=[st["std"] * scale for st in stats],
+                yerr=[(st["std"] if not math.isnan(st["std"]) else 0.0) * scale for st in stats],
                 label=_column_title(column),
                 capsize=2,
             )
@@ -389,37 +645,25 @@ def plots(record: dict[str, Any], out_dir: Path) -> list[Path]:
         plt.close(fig)
         written.append(path)
 
-        cpu = s["cost"]["cpu_seconds"]
-        wall = s["cost"]["wall_seconds"]
-        groups = [
-            ("initial\n(CPU-s)", cpu["joint"], _add(cpu["experts_sum"], cpu["merge"])),
-            ("initial, parallel\n(wall-s)", wall["joint"], wall["experts_parallel"]),
-            ("maintenance\n(CPU-s)", cpu["maintenance_joint"], cpu["maintenance_langmerge"]),
-        ]
-        if "new_joint" in cpu:
-            groups.append(("new language\n(CPU-s)", cpu["new_joint"], cpu["new_langmerge"]))
-        fig, ax = plt.subplots(figsize=(7.0, 3.6))
-        xs = list(range(len(groups)))
-        ax.bar(
-            [x - 0.2 for x in xs],
-            [g[1]["mean"] for g in groups],
-            0.4,
-            yerr=[g[1]["std"] for g in groups],
-            label="joint model",
-            capsize=2,
-        )
-        ax.bar(
-            [x + 0.2 for x in xs],
-            [g[2]["mean"] for g in groups],
-            0.4,
-            yerr=[g[2]["std"] for g in groups],
-            label="langmerge (experts + merge)",
-            capsize=2,
-        )
-        ax.set_xticks(xs)
-        ax.set_xticklabels([g[0] for g in groups], fontsize=8)
-        ax.set_ylabel("seconds")
-        ax.set_title(f"{w['name']}: training cost")
+        names = {"initial": "initial", "maintenance": "maintenance", "new_language": "new language"}
+        fig, ax = plt.subplots(figsize=(7.5, 3.6))
+        scenarios = list(s["cost"])
+        bars = ["joint model", *(f"langmerge, {m}" for m in w["methods"])]
+        width = 0.8 / len(bars)
+        for i, bar in enumerate(bars):
+            stats = []
+            for scenario in scenarios:
+                part = s["cost"][scenario]
+                if i == 0:
+                    stats.append(part["joint"]["cpu_seconds"])
+                else:
+                    stats.append(part["methods"][w["methods"][i - 1]]["cpu_seconds"]["total"])
+            xs = [j + (i - (len(bars) - 1) / 2) * width for j in range(len(scenarios))]
+            ax.bar(xs, [st["mean"] for st in stats], width, yerr=[st["std"] for st in stats], label=bar, capsize=2)
+        ax.set_xticks(range(len(scenarios)))
+        ax.set_xticklabels([names[sc] for sc in scenarios], fontsize=8)
+        ax.set_ylabel("CPU seconds (everything counted)")
+        ax.set_title(f"{w['name']}: cost of each model")
         ax.legend(fontsize=8)
         fig.tight_layout()
         path = out_dir / f"{w['name']}-cost.png"
@@ -441,10 +685,14 @@ def readme_block(record: dict[str, Any], *, plot_path: str) -> str:
     ]
     for w in record["workloads"]:
         s = w["summary"]
+        title = METRIC_STYLE.get(w["metric"], (w["metric"],))[0]
         lines += ["", f"**{w['name']}** ({w['description']}; {w['base_model']}):", ""]
+        lines += [data_table(w), "", split_statement(w), ""]
         lines.append(quality_table(w, s, w["metric"]))
-        lines += ["", cost_table(w, s), "", parity_statement(w, s)]
-        searched = search_statement(w, s)
+        lines += ["", f"Differences ({title}, 95% intervals over seeds and test examples):", ""]
+        lines.append(difference_table(w, s, w["metric"]))
+        lines += ["", cost_table(w, s), "", parity_statement(w, s), "", collapse_statement(w, s)]
+        searched = search_statement(w)
         if searched:
             lines += ["", searched]
     lines += ["", f"![quality per language]({plot_path})", "", README_END]
@@ -463,11 +711,15 @@ def update_readme(readme: Path, block: str) -> bool:
 
 def write_outputs(record: dict[str, Any], out_dir: Path) -> dict[str, Path]:
     """bench.json, report.md and the PNG plots into ``out_dir`` (summaries recomputed from the runs)."""
+    from langmerge_trainer.bench.errors import BenchError
+
+    if record.get("schema") != SCHEMA:
+        raise BenchError(f"the record's schema is {record.get('schema')!r}; this version renders {SCHEMA}")
     out_dir.mkdir(parents=True, exist_ok=True)
     for w in record["workloads"]:
         w["summary"] = summarize(w)
     json_path = out_dir / "bench.json"
-    json_path.write_text(json.dumps(record, indent=2, sort_keys=False, default=_nan_safe) + "\n", encoding="utf-8")
+    json_path.write_text(dump_json(record) + "\n", encoding="utf-8")
     paths = {"json": json_path}
     for i, path in enumerate(plots(record, out_dir)):
         paths[f"plot{i}"] = path
@@ -479,3 +731,21 @@ def write_outputs(record: dict[str, Any], out_dir: Path) -> dict[str, Path]:
 
 def _nan_safe(value: Any) -> Any:
     return str(value)
+
+
+def dump_json(value: Any, indent: int = 0) -> str:
+    """JSON with one key per line, but lists of plain values (the per-example scores) on one line each; a figure that
+    is not a number (a mean over no clean run) is null."""
+    pad = " " * (indent + 1)
+    if isinstance(value, dict):
+        if not value:
+            return "{}"
+        items = [f"{pad}{json.dumps(str(k))}: {dump_json(v, indent + 1)}" for k, v in value.items()]
+        return "{\n" + ",\n".join(items) + "\n" + " " * indent + "}"
+    if isinstance(value, list) and any(isinstance(v, dict | list) for v in value):
+        return "[\n" + ",\n".join(pad + dump_json(v, indent + 1) for v in value) + "\n" + " " * indent + "]"
+    if isinstance(value, float) and not math.isfinite(value):
+        return "null"
+    if isinstance(value, list):
+        value = [None if isinstance(v, float) and not math.isfinite(v) else v for v in value]
+    return json.dumps(value, ensure_ascii=False, default=_nan_safe)

@@ -2,19 +2,32 @@
 
 Every training run is ``langmerge-trainer train --task <TrainTask>`` in its own process, exactly the command a
 training Job runs, against a real S3 server (the local control plane's SeaweedFS): the base model and the data are
-uploaded there and read back through the production paths (``from_pretrained`` on the model cache, the JSONL reader,
-the stable split replaced by an explicit test prefix). Every merge is :func:`langmerge_trainer.merge.job.run_merge_task`
-(the merge Job) through :func:`merge_step`, which takes the merge config as a ``MethodSpec``. Costs are the trainer's
-and the merge Job's own records (the manifests' ``cost``). Quality is measured by :class:`Evaluator` on every language's
-held-out test split, the same examples for every model.
+uploaded there and read back through the production paths (``from_pretrained`` on the model cache, the JSONL reader;
+the trainer's own evaluation runs on the validation split, never the test split). Every merge is
+:func:`langmerge_trainer.merge.job.run_merge_task` (the merge Job) through :meth:`WorkloadRun.merge_step`, which takes
+the merge config as a ``MethodSpec``. Quality is measured by :class:`Evaluator` on every language's held-out test
+split, the same examples for every model, keeping every example's figures (for paired intervals).
 
 The story per seed (all trainings start from the base, so they run in one pool, largest first):
 
 1. one expert per language and one joint adapter on the union of the languages' data (same trainer, same
    hyper-parameters and epochs), every merge method over the experts;
-2. maintenance: the updated language gets +25% data: that expert retrains and is re-merged, the joint model retrains
-   on all updated data;
-3. a new language: its expert is trained and merged in, the joint model retrains on all languages plus the new one.
+2. maintenance: the updated language gets +25% data: that expert retrains and is re-merged with every method, the
+   joint model retrains on all updated data;
+3. a new language: its expert is trained and merged in with every method, the joint model retrains on all languages
+   plus the new one.
+
+**Collapsed runs.** After training, every run is checked on its validation split (:mod:`langmerge_trainer.collapse`):
+a classifier predicting one label for nearly every input, or a loss at the label-frequency baseline (causal LM: not
+below the base). A collapsed run is trained again with the next seed (``seed + 1000``, then ``+ 2000``); its cost
+stays counted. A run still collapsed after :data:`MAX_ATTEMPTS` keeps its seed's figures out of the means (shown as
+collapsed). Merged models are checked the same way on the test split and reported; they are what the method made
+of healthy experts, so they stay in the means.
+
+**Costs** count everything producing each reported model costs: every training attempt (with the trainer's own
+evaluation), the merge Job (with its search, if any) and the evaluation the operator's merge Job runs before
+publishing (the merged model on every language and each expert on its own language; measured here, where the
+benchmark runs those same evaluations).
 """
 
 from __future__ import annotations
@@ -27,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -50,7 +64,10 @@ from langmerge.fingerprint import merge_fingerprint, training_fingerprint
 from langmerge.merge_catalogue import METHOD_NAMES, METHODS
 from langmerge.store import ObjectStore
 from langmerge.tasks import MergeTask, MergeTaskInput, TrainTask
+from langmerge_trainer.bench.errors import BenchError
+from langmerge_trainer.bench.stats import scores_record
 from langmerge_trainer.bench.workloads import LanguageData, Workload
+from langmerge_trainer.collapse import HEALTHY, Verdict, causal_lm_verdict, classifier_verdict
 from langmerge_trainer.data import Example
 
 log = logging.getLogger(__name__)
@@ -62,10 +79,6 @@ JOINT = "mul"
 MODELS_BUCKET = "bench-models"
 DATA_BUCKET = "bench-data"
 ARTIFACTS_BUCKET = "bench-artifacts"
-
-
-class BenchError(RuntimeError):
-    pass
 
 
 # -- merge configs ------------------------------------------------------------------------------------------------------
@@ -130,6 +143,17 @@ def parse_methods(text: str) -> list[MethodSpec]:
 
 
 # -- records ------------------------------------------------------------------------------------------------------------
+def _cost_fields(wall: float, cpu: float, gpu: float) -> dict[str, float]:
+    return {"wall_seconds": round(wall, 3), "cpu_seconds": round(cpu, 3), "gpu_seconds": round(gpu, 3)}
+
+
+def add_costs(*costs: dict[str, Any]) -> dict[str, float]:
+    """The sum of cost records (their wall, CPU and GPU seconds)."""
+    return {
+        k: round(sum(float(c.get(k, 0.0)) for c in costs), 3) for k in ("wall_seconds", "cpu_seconds", "gpu_seconds")
+    }
+
+
 @dataclass
 class TrainRun:
     """One committed training run."""
@@ -137,13 +161,13 @@ class TrainRun:
     name: str
     language: str
     manifest: AdapterManifest
+    #: The training seed it ran with.
+    seed: int = 0
 
     def cost(self) -> dict[str, Any]:
         c = self.manifest.cost
         return {
-            "wall_seconds": round(c.wall_seconds, 3),
-            "cpu_seconds": round(c.cpu_seconds, 3),
-            "gpu_seconds": round(c.gpu_seconds, 3),
+            **_cost_fields(c.wall_seconds, c.cpu_seconds, c.gpu_seconds),
             "steps": self.manifest.steps,
             "tokens": self.manifest.tokens_trained,
             "examples": self.manifest.examples_train,
@@ -152,16 +176,52 @@ class TrainRun:
 
 
 @dataclass
+class Trained:
+    """Every attempt at one training role of one seed: the first, and reruns with the next seeds while collapsed."""
+
+    role: str
+    attempts: list[tuple[TrainRun, Verdict]] = field(default_factory=list)
+
+    @property
+    def run(self) -> TrainRun:
+        """The clean run (the last attempt when every attempt collapsed)."""
+        return self.attempts[-1][0]
+
+    @property
+    def collapsed(self) -> Verdict:
+        return self.attempts[-1][1]
+
+    def cost(self) -> dict[str, Any]:
+        """What the role cost: every attempt, collapsed ones included."""
+        out: dict[str, Any] = {**self.run.cost(), **add_costs(*(r.cost() for r, _ in self.attempts))}
+        out["attempts"] = len(self.attempts)
+        return out
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "attempts": [
+                {"seed": r.seed, "name": r.name, "collapsed": v.collapsed, "reason": v.reason, **r.cost()}
+                for r, v in self.attempts
+            ],
+            "validation_metrics": metrics_dict(self.run.manifest.metrics),
+        }
+
+
+@dataclass
 class MergeRun:
     method: MethodSpec
     manifest: MergeManifest
+    #: The evaluation the operator's merge Job runs before publishing (merged model on every language, each expert
+    #: on its own), measured by the benchmark (filled in after it evaluates).
+    evaluation: dict[str, float] = field(default_factory=dict)
 
     def cost(self) -> dict[str, Any]:
         c = self.manifest.cost
+        merge = _cost_fields(c.wall_seconds, c.cpu_seconds, c.gpu_seconds)
         out: dict[str, Any] = {
-            "wall_seconds": round(c.wall_seconds, 3),
-            "cpu_seconds": round(c.cpu_seconds, 3),
-            "gpu_seconds": round(c.gpu_seconds, 3),
+            **add_costs(merge, self.evaluation),
+            "merge": merge,
+            "evaluation": self.evaluation,
             "max_refactor_error": round(max(self.manifest.module_errors.values(), default=0.0), 6),
         }
         if self.manifest.search is not None:
@@ -214,6 +274,37 @@ def upload_rows(store: ObjectStore, rows: Sequence[dict[str, str]], uri: str) ->
     return uri
 
 
+_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+#: Longest object name the benchmark makes (a Kubernetes label value's limit: names also go into selectors).
+MAX_NAME = 63
+
+
+def object_name(*parts: object) -> str:
+    """A Kubernetes object name from parts (``topic``, ``zh-Hant``, ``s3`` -> ``topic-zh-hant-s3``); BenchError
+    when it cannot be one."""
+    name = re.sub(r"[^a-z0-9]+", "-", "-".join(str(p) for p in parts).lower()).strip("-")
+    if not _NAME.match(name) or len(name) > MAX_NAME:
+        raise BenchError(f"{'-'.join(str(p) for p in parts)!r} gives no valid object name ({name!r})")
+    return name
+
+
+#: Attempts per training role: the first and two reruns with the next seeds when it collapsed.
+MAX_ATTEMPTS = 3
+#: A rerun's seed: the seed plus this times the attempt number.
+RERUN_SEED_STEP = 1000
+
+
+@dataclass(frozen=True)
+class Role:
+    """One training role of a seed: who trains on which languages' data in which scenario."""
+
+    key: str
+    language: str
+    languages: tuple[str, ...]
+    scenario: str
+    label: str
+
+
 class WorkloadRun:
     """Everything about one workload: uploads, tasks, runs, quality and cost, for every seed."""
 
@@ -244,30 +335,55 @@ class WorkloadRun:
                 upload_rows(store, d.update, f"{self.data_root}/update/{lang}/part-1.jsonl")
 
     def dataset_prefix(self, scenario: str, languages: Sequence[str]) -> tuple[str, str]:
-        """(train prefix, test prefix) holding the given languages' files for a scenario (``initial``: initial data;
-        ``updated``: with the updated language's extra data)."""
+        """(train prefix, validation prefix) holding the given languages' files for a scenario (``initial``: initial
+        data; ``updated``: with the updated language's extra data). The trainer evaluates on the validation split."""
         store = self.ctx.store
         key = f"{scenario}-{'-'.join(languages)}"
-        train, test = f"{self.data_root}/sets/{key}/train", f"{self.data_root}/sets/{key}/test"
+        train, validation = f"{self.data_root}/sets/{key}/train", f"{self.data_root}/sets/{key}/validation"
         if not store.list_objects(train):
             for lang in languages:
                 d: LanguageData = self.w.data[lang]
                 upload_rows(store, d.train, f"{train}/{lang}-0.jsonl")
                 if scenario == "updated" and d.update:
                     upload_rows(store, d.update, f"{train}/{lang}-1.jsonl")
-                upload_rows(store, d.test, f"{test}/{lang}.jsonl")
-        return train, test
+                upload_rows(store, d.validation or d.test, f"{validation}/{lang}.jsonl")
+        return train, validation
+
+    def training_rows(self, role: Role) -> list[dict[str, str]]:
+        rows: list[dict[str, str]] = []
+        for lang in role.languages:
+            d = self.w.data[lang]
+            rows += d.train + (d.update if role.scenario == "updated" else [])
+        return rows
 
     # .. tasks ..
-    def train_task(self, name: str, language: str, languages: Sequence[str], scenario: str, seed: int) -> TrainTask:
+    def roles(self) -> list[Role]:
+        """Every training role of a seed: ``expert:<lang>``, ``joint``, ``expert-update:<lang>``, ``joint-update``,
+        ``expert-new:<lang>``, ``joint-new``."""
         w = self.w
-        train_uri, test_uri = self.dataset_prefix(scenario, languages)
+        out = [Role(f"expert:{lang}", lang, (lang,), "initial", lang) for lang in w.languages]
+        out.append(Role("joint", JOINT, tuple(w.languages), "initial", "joint"))
+        up = w.updated_language
+        out.append(Role(f"expert-update:{up}", up, (up,), "updated", f"{up}-updated"))
+        out.append(Role("joint-update", JOINT, tuple(w.languages), "updated", "joint-updated"))
+        if w.new_language:
+            new = w.new_language
+            out.append(Role(f"expert-new:{new}", new, (new,), "initial", new))
+            out.append(Role("joint-new", JOINT, tuple(w.all_languages), "initial", "joint-new"))
+        return out
+
+    def task_name(self, role: Role, seed: int) -> str:
+        return object_name(self.w.name, role.label, f"s{seed}")
+
+    def train_task(self, role: Role, seed: int) -> TrainTask:
+        w = self.w
+        train_uri, validation_uri = self.dataset_prefix(role.scenario, role.languages)
         spec_doc: dict[str, Any] = {
-            "language": language,
+            "language": role.language,
             "task": w.name,
             "taskType": w.task_type,
             "baseModel": {"uri": self.base_uri},
-            "dataset": {"uri": train_uri, "evalUri": test_uri},
+            "dataset": {"uri": train_uri, "evalUri": validation_uri},
             "lora": w.lora,
             "training": {**w.training, "seed": seed, "checkpointEverySteps": 100000, "progressEverySteps": 50},
             "resources": {"gpus": 1 if self.ctx.device.startswith("cuda") else 0},
@@ -277,10 +393,11 @@ class WorkloadRun:
         spec = LanguageExpertSpec.model_validate(spec_doc)
         store = self.ctx.store
         data_digest, _ = store.prefix_digest(train_uri)
-        eval_digest, _ = store.prefix_digest(test_uri)
+        eval_digest, _ = store.prefix_digest(validation_uri)
         fingerprint = training_fingerprint(
             spec, base_model_digest=self.base_digest, data_digest=data_digest, eval_data_digest=eval_digest, image=IMAGE
         )
+        name = self.task_name(role, seed)
         return TrainTask(
             fingerprint=fingerprint,
             output_uri=artifacts.expert_prefix(f"s3://{ARTIFACTS_BUCKET}/artifacts", NAMESPACE, name, fingerprint),
@@ -293,29 +410,20 @@ class WorkloadRun:
             image=IMAGE,
         )
 
-    def plan(self, seed: int) -> dict[str, TrainTask]:
-        """Every training task of a seed, by role: ``expert:<lang>``, ``joint``, ``expert-update:<lang>``,
-        ``joint-update``, ``expert-new:<lang>``, ``joint-new``."""
-        w = self.w
-        n = w.name
-        tasks = {
-            f"expert:{lang}": self.train_task(f"{n}-{lang}-s{seed}", lang, [lang], "initial", seed)
-            for lang in w.languages
-        }
-        tasks["joint"] = self.train_task(f"{n}-joint-s{seed}", JOINT, w.languages, "initial", seed)
-        up = w.updated_language
-        tasks[f"expert-update:{up}"] = self.train_task(f"{n}-{up}-updated-s{seed}", up, [up], "updated", seed)
-        tasks["joint-update"] = self.train_task(f"{n}-joint-updated-s{seed}", JOINT, w.languages, "updated", seed)
-        if w.new_language:
-            new = w.new_language
-            tasks[f"expert-new:{new}"] = self.train_task(f"{n}-{new}-s{seed}", new, [new], "initial", seed)
-            tasks["joint-new"] = self.train_task(f"{n}-joint-new-s{seed}", JOINT, w.all_languages, "initial", seed)
-        return tasks
+    def verdict(self, role: Role, run: TrainRun) -> Verdict:
+        """Is the run collapsed? Judged on its validation figures (the trainer's own evaluation)."""
+        m = run.manifest.metrics
+        if self.w.labels:
+            gold = Counter(r["label"] for lang in role.languages for r in self.w.data[lang].validation)
+            prior = Counter(r["label"] for r in self.training_rows(role))
+            return classifier_verdict(m.predictions, gold=gold, eval_loss=m.eval_loss, prior=prior)
+        base = run.manifest.base_metrics
+        return causal_lm_verdict(m.eval_loss, base.eval_loss if base else None)
 
     # .. merging ..
     def merge_step(self, method: MethodSpec, experts: dict[str, TrainRun], *, name: str) -> MergeRun:
-        """Merge the experts' adapters with one merge config, through the merge Job's code (no evaluation there:
-        the benchmark evaluates every model on the same test examples itself)."""
+        """Merge the experts' adapters with one merge config, through the merge Job's code (its evaluation off: the
+        benchmark evaluates every model on the same test examples itself and counts that as the Job's)."""
         languages = sorted(experts)
         ranks = [int(r.manifest.lora.get("rank", 8)) for r in experts.values()]
         searched = method.method == SEARCH
@@ -360,6 +468,7 @@ class WorkloadRun:
                 max_seq_length=int(self.w.training.get("maxSeqLength", 1024)),
                 task_type=self.w.task_type,
                 labels=self.w.labels,
+                **_label_counts(experts[lang].manifest),
             )
             for lang in languages
         ]
@@ -395,14 +504,19 @@ class WorkloadRun:
             self.ctx.store.delete_prefix(merge.manifest.model_uri)
 
 
+def _label_counts(manifest: AdapterManifest) -> dict[str, Any]:
+    """The expert's label coverage for the merge input, where the manifest records it."""
+    return {"label_counts": manifest.label_counts} if manifest.label_counts is not None else {}
+
+
 # -- training in worker processes (the training Job's command) -----------------------------------------------------
 def run_training(ctx: Context, tasks: dict[str, TrainTask], on_done: Callable[[str], None]) -> dict[str, TrainRun]:
-    """Run training tasks in ``ctx.parallel`` processes (largest first); returns role -> run."""
-    order = sorted(tasks, key=lambda role: -_size_hint(tasks[role]))
+    """Run training tasks in ``ctx.parallel`` processes (largest first); returns key -> run."""
+    order = sorted(tasks, key=lambda key: -_size_hint(tasks[key]))
     results: dict[str, TrainRun] = {}
 
-    def one(role: str) -> tuple[str, TrainRun]:
-        task = tasks[role]
+    def one(key: str) -> tuple[str, TrainRun]:
+        task = tasks[key]
         task_file = ctx.work / "tasks" / f"{task.name}.json"
         task_file.parent.mkdir(parents=True, exist_ok=True)
         task_file.write_text(task.to_json())
@@ -416,16 +530,17 @@ def run_training(ctx: Context, tasks: dict[str, TrainTask], on_done: Callable[[s
             tail = "".join(log_path.read_text(errors="replace").splitlines(keepends=True)[-30:])
             raise BenchError(f"training {task.name} failed (exit {rc}); log {log_path}:\n{tail}")
         raw = ctx.store.get_json(artifacts.join(task.output_uri, artifacts.MANIFEST))
-        return role, TrainRun(task.name, task.spec.language, AdapterManifest.model_validate(raw))
+        manifest = AdapterManifest.model_validate(raw)
+        return key, TrainRun(task.name, task.spec.language, manifest, seed=task.spec.training.seed)
 
     children: list[subprocess.Popen[bytes]] = []
     with ThreadPoolExecutor(max_workers=max(1, ctx.parallel)) as pool:
-        futures = [pool.submit(one, role) for role in order]
+        futures = [pool.submit(one, key) for key in order]
         try:
             for future in as_completed(futures):
-                role, run = future.result()
-                results[role] = run
-                on_done(role)
+                key, run = future.result()
+                results[key] = run
+                on_done(key)
         except BaseException:
             for future in futures:
                 future.cancel()
@@ -441,6 +556,41 @@ def _size_hint(task: TrainTask) -> int:
     return len(task.spec.dataset.uri) if task.spec.language != JOINT else 10**6 + len(task.spec.dataset.uri)
 
 
+def train_all(
+    wr: WorkloadRun,
+    seeds: Sequence[int],
+    on_done: Callable[[str], None],
+    *,
+    max_attempts: int = MAX_ATTEMPTS,
+    train: Callable[[Context, dict[str, TrainTask], Callable[[str], None]], dict[str, TrainRun]] | None = None,
+) -> dict[int, dict[str, Trained]]:
+    """Every role of every seed, in one pool; then reruns of the collapsed ones with the next seeds, in one pool per
+    round, up to ``max_attempts`` attempts. Returns seed -> role key -> its attempts. ``train`` runs a pool of tasks
+    (:func:`run_training`)."""
+    train = train or run_training
+    roles = {role.key: role for role in wr.roles()}
+    trained: dict[int, dict[str, Trained]] = {seed: {key: Trained(key) for key in roles} for seed in seeds}
+    pending = [(seed, key) for seed in seeds for key in roles]
+    for attempt in range(max_attempts):
+        if not pending:
+            break
+        tasks = {f"{seed}|{key}": wr.train_task(roles[key], seed + RERUN_SEED_STEP * attempt) for seed, key in pending}
+        done = train(wr.ctx, tasks, lambda k: on_done(k.split("|", 1)[1]))
+        pending = []
+        for flat, run in done.items():
+            seed_text, key = flat.split("|", 1)
+            seed = int(seed_text)
+            verdict = wr.verdict(roles[key], run)
+            trained[seed][key].attempts.append((run, verdict))
+            if verdict.collapsed:
+                log.warning(
+                    "%s collapsed (%s)%s", run.name, verdict.reason, "; rerun" if attempt + 1 < max_attempts else ""
+                )
+                pending.append((seed, key))
+        pending.sort()
+    return trained
+
+
 # -- evaluation ------------------------------------------------------------------------------------------------------------
 def test_examples(workload: Workload, language: str) -> list[Example]:
     rows = workload.data[language].test
@@ -449,9 +599,25 @@ def test_examples(workload: Workload, language: str) -> list[Example]:
     return [Example(prompt=r["prompt"], completion=r["completion"]) for r in rows]
 
 
+@dataclass
+class Evaluated:
+    """One model on some languages' test splits: figures, every example's figures, and what evaluating cost."""
+
+    metrics: dict[str, Metrics]
+    scores: dict[str, dict[str, list[Any]]]
+    cost: dict[str, float]
+
+    def record(self, languages: Sequence[str] | None = None) -> dict[str, Any]:
+        chosen = list(self.metrics) if languages is None else list(languages)
+        return {
+            "languages": {lang: metrics_dict(self.metrics[lang]) for lang in chosen},
+            "scores": {lang: self.scores[lang] for lang in chosen},
+        }
+
+
 class Evaluator:
     """Quality of a model on languages' test splits: the base alone (a classifier: with its fresh, untrained head), an
-    adapter (an expert, the joint model or a merged adapter) on the base."""
+    adapter (an expert, the joint model or a merged adapter) on the base, or full merged weights."""
 
     def __init__(self, ctx: Context, workload: Workload, base_dir: Path) -> None:
         self.ctx = ctx
@@ -459,17 +625,20 @@ class Evaluator:
         self.base_dir = base_dir
         self.max_seq_length = int(workload.training.get("maxSeqLength", 128))
 
-    def evaluate_merge(self, merge: MergeRun, languages: Sequence[str]) -> dict[str, Metrics]:
+    def evaluate_merge(self, merge: MergeRun, languages: Sequence[str]) -> Evaluated:
         return self.evaluate(merge.manifest.model_uri, languages, full=merge.manifest.output_format == "full-weights")
 
-    def evaluate(self, uri: str | None, languages: Sequence[str], *, full: bool = False) -> dict[str, Metrics]:
-        """Metrics per language of the base (``uri`` None), the base + the adapter under ``uri``, or (``full``) the
-        full merged model under ``uri``."""
+    def evaluate(self, uri: str | None, languages: Sequence[str], *, full: bool = False) -> Evaluated:
+        """The base (``uri`` None), the base + the adapter under ``uri``, or (``full``) the full merged model under
+        ``uri``, on each language's test examples."""
         import torch
 
         from langmerge_trainer.evaluate import pick_device
 
+        wall0, cpu0 = time.monotonic(), time.process_time()
         device = pick_device(self.ctx.device)
+        metrics: dict[str, Metrics] = {}
+        scores: dict[str, dict[str, list[Any]]] = {}
         with tempfile.TemporaryDirectory(prefix="bench-eval-", dir=self.ctx.work) as tmp:
             adapter_dir = model_dir = None
             if uri:
@@ -477,114 +646,182 @@ class Evaluator:
                 if not self.ctx.store.download_prefix(uri, target):
                     raise BenchError(f"no model files under {uri}")
                 adapter_dir, model_dir = (None, target) if full else (target, None)
-            out: dict[str, Metrics] = {}
             if self.w.labels:
-                from langmerge_trainer.classify import evaluate_labelled, load_classifier_for_eval
+                from langmerge_trainer.classify import load_classifier_for_eval, score_labelled
 
                 model, tok = load_classifier_for_eval(
                     self.base_dir, self.w.labels, adapter_dir=adapter_dir, model_dir=model_dir, device=device
                 )
                 for lang in languages:
-                    out[lang] = evaluate_labelled(
+                    found = score_labelled(
                         model, tok, test_examples(self.w, lang), self.w.labels, max_seq_length=self.max_seq_length
                     )
+                    metrics[lang], scores[lang] = found.metrics(self.w.labels), scores_record(found)
             else:
-                from langmerge_trainer.evaluate import evaluate_examples, load_for_eval
+                from langmerge_trainer.evaluate import load_for_eval, score_examples
 
                 model, tok = load_for_eval(self.base_dir, adapter_dir=adapter_dir, model_dir=model_dir, device=device)
                 for lang in languages:
-                    out[lang] = evaluate_examples(
-                        model, tok, test_examples(self.w, lang), max_seq_length=self.max_seq_length
-                    )
+                    got = score_examples(model, tok, test_examples(self.w, lang), max_seq_length=self.max_seq_length)
+                    metrics[lang], scores[lang] = got.metrics(), scores_record(got)
             del model
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        return out
+        wall = time.monotonic() - wall0
+        gpus = 1 if device.type == "cuda" else 0
+        return Evaluated(metrics, scores, _cost_fields(wall, time.process_time() - cpu0, gpus * wall))
 
 
-def run_seed(
-    wr: WorkloadRun, evaluator: Evaluator, seed: int, runs: dict[str, TrainRun], tick: Callable[[str], None]
-) -> dict[str, Any]:
-    """Merges and evaluations of one seed, once its trainings are done; returns the seed's JSON record."""
-    w = wr.w
-    experts = {lang: runs[f"expert:{lang}"] for lang in w.languages}
-    merges: dict[str, MergeRun] = {}
-    for method in wr.methods:
-        merges[method.label] = wr.merge_step(method, experts, name=f"{w.name}-{_slug(method.label)}-s{seed}")
-        tick(f"merged {method.label}")
-    languages = w.languages
-    base = evaluator.evaluate(None, languages)
-    joint = evaluator.evaluate(runs["joint"].manifest.adapter_uri, languages)
-    tick("evaluated base and joint")
-    quality: dict[str, dict[str, Any]] = {
-        lang: {"base": metrics_dict(base[lang]), "joint": metrics_dict(joint[lang]), "merged": {}} for lang in languages
-    }
-    for lang, run in experts.items():
-        quality[lang]["expert"] = metrics_dict(evaluator.evaluate(run.manifest.adapter_uri, [lang])[lang])
-    tick("evaluated experts")
-    for label, merge in merges.items():
-        merged = evaluator.evaluate_merge(merge, languages)
-        wr.discard(merge)
+def merged_verdict(w: Workload, merged: Evaluated, base: Evaluated) -> Verdict:
+    """Is a merged model collapsed? Judged on the test split of every language it serves, pooled."""
+    languages = list(merged.metrics)
+    if w.labels:
+        predictions: Counter[str] = Counter()
+        gold: Counter[str] = Counter()
         for lang in languages:
-            quality[lang]["merged"][label] = metrics_dict(merged[lang])
-        tick(f"evaluated {label}")
+            predictions.update(merged.metrics[lang].predictions or {})
+            gold.update(w.labels[g] for g in merged.scores[lang]["gold"])
+        return classifier_verdict(predictions, gold=gold)
+    mean = sum(merged.metrics[lang].eval_loss or 0.0 for lang in languages) / len(languages)
+    base_mean = sum(base.metrics[lang].eval_loss or 0.0 for lang in languages) / len(languages)
+    return causal_lm_verdict(mean, base_mean)
 
-    primary = wr.methods[0]
-    # Maintenance: the updated language's expert retrains on +25% data and is re-merged (with the first method).
-    up = w.updated_language
-    updated_experts = {**experts, up: runs[f"expert-update:{up}"]}
-    remerge = wr.merge_step(primary, updated_experts, name=f"{w.name}-{_slug(primary.label)}-updated-s{seed}")
-    upd_joint = evaluator.evaluate(runs["joint-update"].manifest.adapter_uri, languages)
-    upd_merged = evaluator.evaluate_merge(remerge, languages)
-    wr.discard(remerge)
-    tick("maintenance")
-    maintenance = {
-        "language": up,
-        "method": primary.label,
-        "expert_retrain": runs[f"expert-update:{up}"].cost(),
-        "joint_retrain": runs["joint-update"].cost(),
-        "remerge": remerge.cost(),
-        "quality": {
-            lang: {"joint": metrics_dict(upd_joint[lang]), "merged": metrics_dict(upd_merged[lang])}
-            for lang in languages
-        },
+
+def _model(
+    evaluated: Evaluated, *, languages: Sequence[str] | None = None, verdict: Verdict = HEALTHY, **extra: Any
+) -> dict[str, Any]:
+    return {
+        **evaluated.record(languages),
+        "collapsed": verdict.reason if verdict.collapsed else None,
+        **{k: v for k, v in extra.items() if v is not None},
     }
-    record: dict[str, Any] = {
-        "seed": seed,
-        "quality": quality,
-        "cost": {
-            "experts": {lang: run.cost() for lang, run in experts.items()},
-            "joint": runs["joint"].cost(),
-            "merges": {label: m.cost() for label, m in merges.items()},
-        },
-        "maintenance": maintenance,
-    }
-    if w.new_language:
-        new = w.new_language
-        grown = {**experts, new: runs[f"expert-new:{new}"]}
-        merge_new = wr.merge_step(primary, grown, name=f"{w.name}-{_slug(primary.label)}-new-s{seed}")
-        every = w.all_languages
-        new_joint = evaluator.evaluate(runs["joint-new"].manifest.adapter_uri, every)
-        new_merged = evaluator.evaluate_merge(merge_new, every)
-        wr.discard(merge_new)
-        new_expert = evaluator.evaluate(runs[f"expert-new:{new}"].manifest.adapter_uri, [new])
-        tick("new language")
-        record["new_language"] = {
-            "language": new,
-            "method": primary.label,
-            "expert": runs[f"expert-new:{new}"].cost(),
-            "joint_retrain": runs["joint-new"].cost(),
-            "remerge": merge_new.cost(),
-            "quality": {
-                lang: {
-                    "joint": metrics_dict(new_joint[lang]),
-                    "merged": metrics_dict(new_merged[lang]),
-                    **({"expert": metrics_dict(new_expert[lang])} if lang == new else {}),
-                }
-                for lang in every
+
+
+class SeedRun:
+    """Merges and evaluations of one seed, once its trainings are done (:meth:`record` is the seed's JSON record)."""
+
+    def __init__(
+        self,
+        wr: WorkloadRun,
+        evaluator: Evaluator,
+        base: Evaluated,
+        seed: int,
+        trained: dict[str, Trained],
+        tick: Callable[[str], None],
+    ) -> None:
+        self.wr, self.w, self.evaluator, self.base = wr, wr.w, evaluator, base
+        self.seed, self.trained, self.tick = seed, trained, tick
+        self.expert_evals: dict[str, Evaluated] = {}
+
+    def expert(self, key: str) -> tuple[TrainRun, Evaluated, dict[str, Any]]:
+        """An expert role's clean run, its evaluation on its own language (once) and its model record."""
+        t = self.trained[key]
+        lang = t.run.language
+        if key not in self.expert_evals:
+            self.expert_evals[key] = self.evaluator.evaluate(t.run.manifest.adapter_uri, [lang])
+        ev = self.expert_evals[key]
+        return t.run, ev, _model(ev, verdict=t.collapsed, seed=t.run.seed)
+
+    def joint(self, key: str, languages: Sequence[str]) -> dict[str, Any]:
+        t = self.trained[key]
+        ev = self.evaluator.evaluate(t.run.manifest.adapter_uri, languages)
+        self.tick(f"evaluated {key}")
+        return _model(ev, verdict=t.collapsed, seed=t.run.seed)
+
+    def merges(self, scenario: str, expert_keys: dict[str, str]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Every method over the experts of ``expert_keys`` (language -> role key): model records and costs."""
+        w, wr = self.w, self.wr
+        experts = {lang: self.expert(key) for lang, key in expert_keys.items()}
+        runs = {lang: e[0] for lang, e in experts.items()}
+        collapsed_inputs = [lang for lang, key in expert_keys.items() if self.trained[key].collapsed.collapsed]
+        languages = list(expert_keys)
+        models: dict[str, Any] = {}
+        costs: dict[str, Any] = {}
+        suffix = "" if scenario == "initial" else f"-{scenario}"
+        for method in wr.methods:
+            merge = wr.merge_step(method, runs, name=object_name(w.name, _slug(method.label) + suffix, f"s{self.seed}"))
+            ev = self.evaluator.evaluate_merge(merge, languages)
+            wr.discard(merge)
+            # what the operator's merge Job evaluates before publishing: the merged model, and each expert alone
+            merge.evaluation = add_costs(ev.cost, *(experts[lang][1].cost for lang in languages))
+            verdict = merged_verdict(w, ev, self.base)
+            models[f"merged:{method.label}"] = _model(
+                ev,
+                verdict=verdict,
+                excluded=f"input expert(s) {', '.join(collapsed_inputs)} collapsed" if collapsed_inputs else None,
+            )
+            costs[method.label] = merge.cost()
+            self.tick(f"{scenario}: merged {method.label}")
+        return models, costs
+
+    def record(self) -> dict[str, Any]:
+        w = self.w
+        languages = w.languages
+        models: dict[str, Any] = {"joint": self.joint("joint", languages)}
+        models["expert"] = _combine([self.expert(f"expert:{lang}")[2] for lang in languages])
+        merged, merge_costs = self.merges("initial", {lang: f"expert:{lang}" for lang in languages})
+        models.update(merged)
+        record: dict[str, Any] = {
+            "seed": self.seed,
+            "trained": {key: t.record() for key, t in self.trained.items()},
+            "models": models,
+            "cost": {
+                "experts": {lang: self.trained[f"expert:{lang}"].cost() for lang in languages},
+                "joint": self.trained["joint"].cost(),
+                "merges": merge_costs,
             },
         }
-    return record
+        # maintenance: the updated language's expert retrains on +25% data; re-merged with every method
+        up = w.updated_language
+        keys = {lang: (f"expert-update:{up}" if lang == up else f"expert:{lang}") for lang in languages}
+        m_models = {"joint": self.joint("joint-update", languages), "expert": self.expert(f"expert-update:{up}")[2]}
+        merged, remerge = self.merges("updated", keys)
+        m_models.update(merged)
+        record["maintenance"] = {
+            "language": up,
+            "models": m_models,
+            "cost": {
+                "expert": self.trained[f"expert-update:{up}"].cost(),
+                "joint": self.trained["joint-update"].cost(),
+                "merges": remerge,
+            },
+        }
+        if w.new_language:
+            new = w.new_language
+            every = w.all_languages
+            keys = {lang: f"expert:{lang}" for lang in languages} | {new: f"expert-new:{new}"}
+            n_models = {"joint": self.joint("joint-new", every), "expert": self.expert(f"expert-new:{new}")[2]}
+            merged, remerge = self.merges("new", keys)
+            n_models.update(merged)
+            record["new_language"] = {
+                "language": new,
+                "models": n_models,
+                "cost": {
+                    "expert": self.trained[f"expert-new:{new}"].cost(),
+                    "joint": self.trained["joint-new"].cost(),
+                    "merges": remerge,
+                },
+            }
+        return record
+
+
+def _combine(models: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The "own expert" column: each language's expert on its own language, as one model record."""
+    out: dict[str, Any] = {"languages": {}, "scores": {}, "collapsed": {}, "seeds": {}}
+    for m in models:
+        (lang,) = m["languages"]
+        out["languages"][lang] = m["languages"][lang]
+        out["scores"][lang] = m["scores"][lang]
+        out["seeds"][lang] = m.get("seed")
+        if m.get("collapsed"):
+            out["collapsed"][lang] = m["collapsed"]
+    return out
+
+
+def evaluate_base(evaluator: Evaluator, languages: Sequence[str]) -> Evaluated:
+    """The base model before fine-tuning (the same for every seed: a classifier's fresh head is seeded by its
+    labels)."""
+    return evaluator.evaluate(None, languages)
 
 
 def _slug(label: str) -> str:
@@ -604,7 +841,3 @@ def trainer_env(base: dict[str, str], threads: int, model_cache: Path) -> dict[s
         }
     )
     return env
-
-
-def wall_clock() -> float:
-    return time.monotonic()

@@ -6,12 +6,15 @@
 * ``dialog``: the sample's causal-LM dialog task (utterance -> reply); base model the sample's small Llama built from
   a config and briefly pre-trained on other languages (:mod:`langmerge_trainer.sample`).
 
-The corpus' files are partly translations of each other, conversation by conversation. Every split is therefore made
-per conversation, by a hash of (topic, conversation index) that is the same in every language: a test conversation's
-translations are never in any language's training data. Within a language, a text that also occurs in the test split
-is dropped from training. A further ``VALIDATION_SHARE`` of the conversations (the same ones in every language) is the
-validation split a merge search selects on: neither trained nor tested on. For the maintenance scenario, the updated language's training conversations are split
-again by the same kind of hash: ``update_share`` of them arrive later (+25% data by default).
+The corpus' files are partly translations of each other, but not aligned by conversation index. Every split is
+therefore made per *translation group* (:mod:`langmerge_trainer.bench.translations`: conversations that are
+translations of each other, found with multilingual-e5 embeddings and shipped as ``translations.json``): a test
+conversation's translations are in the test split in every language, and a training or validation conversation that
+still matches a test conversation of any language is removed. Within a language, a text that also occurs in the test
+split is dropped from training and validation. The validation split (the same groups in every language) is what a
+merge search selects on and what the benchmark checks trained models for collapse on: neither trained nor tested on.
+For the maintenance scenario, the updated language gets exactly ``update_share`` more training rows than its initial
+data (+25% by default): the initial rows are taken first, the update from the rows after them.
 
 Why topics and not sentiment: no multilingual labelled sentiment set was found in a package under a permissive
 licence. Looked at (2026-12): ``b4msa`` (ships only emoticon lists and a 384-byte test file), ``multi-language-sentiment``
@@ -24,52 +27,31 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import yaml
+from langmerge_trainer.bench.corpus import conversations, topics
+from langmerge_trainer.bench.translations import load as load_translations
 
-from langmerge_trainer.sample import corpus_dir
-
-#: BCP-47 tag -> chatterbot-corpus folder, for the languages the workloads can use.
-CORPUS_FOLDERS = {
-    "en": "english",
-    "de": "german",
-    "fr": "french",
-    "es": "spanish",
-    "it": "italian",
-    "pt": "portuguese",
-    "nl": "dutch",
-    "ru": "russian",
-    "uk": "ukrainian",
-    "tr": "turkish",
-    "id": "indonesian",
-    "sv": "swedish",
-    "ja": "japanese",
-    "ko": "korean",
-    "zh": "chinese",
-    "zh-Hant": "traditionalchinese",
-    "fa": "persian",
-    "hi": "hindi",
-    "bn": "bengali",
-    "he": "hebrew",
-}
-#: Share of the non-test conversations held out as the merge search's validation split (``search`` in the methods).
-VALIDATION_SHARE = 0.15
-#: The topic workload's classes: topic files present in every default language.
+#: The maintenance update's size: this share of the updated language's initial training rows arrives later.
+UPDATE_SHARE = 0.25
+#: The topic workload's classes by default: topic files present in every default language.
 TOPIC_LABELS = ("emotion", "literature", "money", "movies", "psychology", "science")
 
 
 @dataclass
 class LanguageData:
     """JSONL rows of one language: initial training data, the later update (maybe empty), the test split, and the
-    validation split a merge search selects on (never trained on, never tested on)."""
+    validation split (never trained on, never tested on). ``removed``: rows left out because their conversation
+    matches a test conversation of another group (the translation guard)."""
 
     train: list[dict[str, str]]
     test: list[dict[str, str]]
     update: list[dict[str, str]] = field(default_factory=list)
     validation: list[dict[str, str]] = field(default_factory=list)
+    removed: int = 0
 
     def counts(self) -> dict[str, int]:
         return {
@@ -77,6 +59,7 @@ class LanguageData:
             "update": len(self.update),
             "test": len(self.test),
             "validation": len(self.validation),
+            "removed_translations": self.removed,
         }
 
 
@@ -99,6 +82,10 @@ class Workload:
     higher_is_better: bool
     #: Every Metrics field reported.
     metrics: list[str]
+    #: The maintenance update's size relative to the updated language's initial training rows.
+    update_share: float = UPDATE_SHARE
+    #: What the report says about the choice of topics (labels), if anything.
+    labels_note: str | None = None
 
     @property
     def all_languages(self) -> list[str]:
@@ -110,116 +97,99 @@ def _hash01(*parts: object) -> float:
     return int(digest[:12], 16) / float(1 << 48)
 
 
-def conversations(language: str, topic: str) -> list[list[str]]:
-    """The conversations of one topic file (empty if the language has none)."""
-    path = corpus_dir() / CORPUS_FOLDERS[language] / f"{topic}.yml"
-    if not path.is_file():
-        return []
-    doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    out = []
-    for conv in doc.get("conversations") or []:
-        turns = [str(t).strip() for t in conv if t is not None and str(t).strip()]
-        if turns:
-            out.append(turns)
-    return out
-
-
-def topics(language: str) -> list[str]:
-    return sorted(p.stem for p in (corpus_dir() / CORPUS_FOLDERS[language]).glob("*.yml"))
+Keyed = tuple[tuple[str, str, int], dict[str, str]]
 
 
 def _split(
-    rows: Sequence[tuple[tuple[str, int], dict[str, str]]],
+    rows: Sequence[Keyed],
     *,
-    test_share: float,
-    update_share: float,
-    updated: bool,
     key_field: str,
-    validation_share: float = 0.0,
+    updated: bool,
+    update_share: float,
     max_train: int | None,
     seed_key: str,
 ) -> LanguageData:
-    test = [row for key, row in rows if _hash01("test", *key) < test_share]
+    """Rows keyed by their conversation (language, topic, index) -> the language's splits (see the module doc)."""
+    translations = load_translations()
+    by_role: dict[str, list[Keyed]] = {"test": [], "validation": [], "train": [], "removed": []}
+    for key, row in rows:
+        by_role[translations.role(key)].append((key, row))
+    test = [row for _, row in by_role["test"]]
     test_texts = {row[key_field] for row in test}
-    rest = [(key, row) for key, row in rows if _hash01("test", *key) >= test_share and row[key_field] not in test_texts]
-    # validation conversations, by the same kind of hash in every language: no language trains on them (or on their
-    # translations), and no text of the test split is among them
-    validation = [row for key, row in rest if _hash01("validation", *key) < validation_share]
-    validation_texts = {row[key_field] for row in validation}
-    train_rows = [
-        (key, row)
-        for key, row in rest
-        if _hash01("validation", *key) >= validation_share and row[key_field] not in validation_texts
-    ]
-    if max_train is not None and len(train_rows) > max_train:
-        train_rows = sorted(train_rows, key=lambda kr: _hash01(seed_key, *kr[0], kr[1][key_field]))[:max_train]
+    validation = [row for _, row in by_role["validation"] if row[key_field] not in test_texts]
+    held_out = test_texts | {row[key_field] for row in validation}
+    train_rows = [(key, row) for key, row in by_role["train"] if row[key_field] not in held_out]
+    ranked = sorted(train_rows, key=lambda kr: _hash01(seed_key, *kr[0], kr[1][key_field]))
     if not updated:
-        return LanguageData(train=[r for _, r in train_rows], test=test, validation=validation)
-    later = [r for k, r in train_rows if _hash01("update", *k) < update_share]
-    now = [r for k, r in train_rows if _hash01("update", *k) >= update_share]
-    return LanguageData(train=now, test=test, update=later, validation=validation)
+        initial = len(ranked) if max_train is None else min(max_train, len(ranked))
+        return LanguageData(
+            train=[r for _, r in ranked[:initial]], test=test, validation=validation, removed=len(by_role["removed"])
+        )
+    # exactly update_share more rows later: as many initial rows as leave room for them
+    initial = math.floor(len(ranked) / (1.0 + update_share))
+    if max_train is not None:
+        initial = min(initial, max_train)
+    later = round(initial * update_share)
+    return LanguageData(
+        train=[r for _, r in ranked[:initial]],
+        update=[r for _, r in ranked[initial : initial + later]],
+        test=test,
+        validation=validation,
+        removed=len(by_role["removed"]),
+    )
 
 
 def topic_data(
     language: str,
     labels: Sequence[str] = TOPIC_LABELS,
     *,
-    test_share: float = 0.2,
-    update_share: float = 0.2,
     updated: bool = False,
+    update_share: float = UPDATE_SHARE,
     max_train: int | None = None,
-    validation_share: float = VALIDATION_SHARE,
 ) -> LanguageData:
-    """Topic classification rows ``{"text", "label"}`` of one language, split by conversation."""
-    rows = []
+    """Topic classification rows ``{"text", "label"}`` of one language, split by translation group."""
+    rows: list[Keyed] = []
     for topic in labels:
         for index, conv in enumerate(conversations(language, topic)):
             for text in dict.fromkeys(conv):  # a text once per conversation
-                rows.append(((topic, index), {"text": text, "label": topic}))
+                rows.append(((language, topic, index), {"text": text, "label": topic}))
     if not rows:
         raise ValueError(f"chatterbot-corpus has none of the topics {', '.join(labels)} in language {language}")
     return _split(
-        rows,
-        test_share=test_share,
-        update_share=update_share,
-        updated=updated,
-        key_field="text",
-        max_train=max_train,
-        seed_key="topic",
-        validation_share=validation_share,
+        rows, key_field="text", updated=updated, update_share=update_share, max_train=max_train, seed_key="topic"
     )
 
 
 def dialog_data(
     language: str,
     *,
-    test_share: float = 0.2,
-    update_share: float = 0.2,
     updated: bool = False,
+    update_share: float = UPDATE_SHARE,
     max_train: int | None = None,
-    validation_share: float = VALIDATION_SHARE,
 ) -> LanguageData:
-    """Dialog rows ``{"prompt", "completion"}`` (utterance -> reply) of one language, split by conversation."""
-    rows = []
+    """Dialog rows ``{"prompt", "completion"}`` (utterance -> reply) of one language, split by translation group."""
+    rows: list[Keyed] = []
     for topic in topics(language):
         for index, conv in enumerate(conversations(language, topic)):
             for a, b in itertools.pairwise(conv):
-                rows.append(((topic, index), {"prompt": a, "completion": " " + b}))
+                rows.append(((language, topic, index), {"prompt": a, "completion": " " + b}))
     return _split(
-        rows,
-        test_share=test_share,
-        update_share=update_share,
-        updated=updated,
-        key_field="prompt",
-        max_train=max_train,
-        seed_key="dialog",
-        validation_share=validation_share,
+        rows, key_field="prompt", updated=updated, update_share=update_share, max_train=max_train, seed_key="dialog"
     )
 
 
 def cap_rows(rows: Sequence[dict[str, str]], limit: int) -> list[dict[str, str]]:
-    """At most ``limit`` rows, chosen by a hash of their content (every label keeps its share), in their order."""
+    """At most ``limit`` rows, chosen by a hash of their content, in their order. Rows with labels are taken label by
+    label in turn, so every label keeps rows while there is room for one of each."""
     if len(rows) <= limit:
         return list(rows)
-    keep = set(sorted(range(len(rows)), key=lambda i: _hash01("cap", *sorted(rows[i].items())))[:limit])
+    by_label: dict[str, list[int]] = {}
+    for i, row in enumerate(rows):
+        by_label.setdefault(row.get("label", ""), []).append(i)
+    queues = [sorted(ix, key=lambda i: _hash01("cap", *sorted(rows[i].items()))) for _, ix in sorted(by_label.items())]
+    keep: set[int] = set()
+    while len(keep) < limit:
+        for queue in queues:
+            if queue and len(keep) < limit:
+                keep.add(queue.pop(0))
     return [row for i, row in enumerate(rows) if i in keep]
