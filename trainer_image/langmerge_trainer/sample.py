@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-#: BCP-47 tag -> the corpus' folder name.
+#: BCP-47 tag -> the corpus' folder name (every language folder of chatterbot-corpus with a BCP-47 tag).
 CORPUS_LANGUAGES = {
     "en": "english",
     "de": "german",
@@ -29,9 +29,25 @@ CORPUS_LANGUAGES = {
     "pt": "portuguese",
     "nl": "dutch",
     "ru": "russian",
+    "uk": "ukrainian",
     "tr": "turkish",
     "id": "indonesian",
     "sv": "swedish",
+    "ja": "japanese",
+    "ko": "korean",
+    "zh": "chinese",
+    "zh-Hant": "traditionalchinese",
+    "fa": "persian",
+    "hi": "hindi",
+    "bn": "bengali",
+    "he": "hebrew",
+    "mr": "marathi",
+    "or": "oriya",
+    "ta": "tamil",
+    "te": "telugu",
+    "th": "thai",
+    "ur": "urdu",
+    "yo": "yoruba",
 }
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")

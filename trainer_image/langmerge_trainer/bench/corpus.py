@@ -6,42 +6,16 @@ one name (:data:`TOPIC_ALIASES`), so a topic is the same label in every language
 
 from __future__ import annotations
 
+from functools import cache
 from pathlib import Path
 
 import yaml
 
-from langmerge_trainer.sample import corpus_dir
+from langmerge_trainer.sample import CORPUS_LANGUAGES, corpus_dir
 
 #: BCP-47 tag -> chatterbot-corpus folder, for the languages the workloads can use.
-CORPUS_FOLDERS = {
-    "en": "english",
-    "de": "german",
-    "fr": "french",
-    "es": "spanish",
-    "it": "italian",
-    "pt": "portuguese",
-    "nl": "dutch",
-    "ru": "russian",
-    "uk": "ukrainian",
-    "tr": "turkish",
-    "id": "indonesian",
-    "sv": "swedish",
-    "ja": "japanese",
-    "ko": "korean",
-    "zh": "chinese",
-    "zh-Hant": "traditionalchinese",
-    "fa": "persian",
-    "hi": "hindi",
-    "bn": "bengali",
-    "he": "hebrew",
-    "mr": "marathi",
-    "or": "oriya",
-    "ta": "tamil",
-    "te": "telugu",
-    "th": "thai",
-    "ur": "urdu",
-    "yo": "yoruba",
-}
+CORPUS_FOLDERS = CORPUS_LANGUAGES
+
 #: Topic files named differently in a language's folder -> the name used everywhere.
 TOPIC_ALIASES = {
     "spanish": {
@@ -82,10 +56,15 @@ def conversations(language: str, topic: str) -> list[list[str]]:
     path = topic_files(language).get(topic)
     if path is None:
         return []
+    return [list(turns) for turns in _read(path)]
+
+
+@cache
+def _read(path: Path) -> tuple[tuple[str, ...], ...]:
     doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     out = []
     for conv in doc.get("conversations") or []:
-        turns = [str(t).strip() for t in conv if t is not None and str(t).strip()]
+        turns = tuple(str(t).strip() for t in conv if t is not None and str(t).strip())
         if turns:
             out.append(turns)
-    return out
+    return tuple(out)

@@ -457,8 +457,8 @@ def split_statement(w: dict[str, Any]) -> str:
     ]
     if up.get("initial_rows"):
         parts.append(
-            f"The maintenance update adds {up['update_rows']} rows to {w['updated_language']}'s {up['initial_rows']} "
-            f"(+{up['actual_share'] * 100:.1f}%, asked: +{up['share'] * 100:.0f}%)."
+            f"The maintenance update gives {w['updated_language']} {up['update_rows']} rows more than its "
+            f"{up['initial_rows']} (+{up['actual_share'] * 100:.1f}%, asked: +{up['share'] * 100:.0f}%)."
         )
     if w.get("labels_note"):
         parts.append(w["labels_note"])
@@ -492,17 +492,17 @@ def parity_statement(w: dict[str, Any], summary: dict[str, Any]) -> str:
                 for lang in w["languages"]
                 if lang in found and found[lang]["estimate"] > 0.02 * quality[lang]["joint"]["mean"]
             ]
-        direction = "under" if (mean["estimate"] < 0) == higher else "over"
+        worse = (mean["estimate"] < 0) == higher
         text = (
-            f"merged {method} is {abs(mean['estimate']) * scale:.{digits}f}{unit} {direction} the joint model on the "
-            f"mean {metric} (95% interval {mean['low'] * scale:+.{digits}f} to {mean['high'] * scale:+.{digits}f}, "
-            f"{mean['seeds']} seeds); "
+            f"merged {method} is {abs(mean['estimate']) * scale:.{digits}f}{unit} "
+            f"{'worse' if worse else 'better'} than the joint model on the mean {metric} (95% interval "
+            f"{mean['low'] * scale:+.{digits}f} to {mean['high'] * scale:+.{digits}f}, {mean['seeds']} seeds); "
         )
         text += ("parity within 1 point" if scale == 100.0 else "parity within 1% of the joint model's loss") + (
             " is within the interval" if reached else " is outside the interval"
         )
         if behind:
-            text += f"; more than {'2 points' if scale == 100.0 else '2%'} under joint: {', '.join(behind)}"
+            text += f"; more than {'2 points' if scale == 100.0 else '2%'} worse than joint: {', '.join(behind)}"
         out.append(text + ".")
     return " ".join(s[0].upper() + s[1:] for s in out)
 

@@ -754,6 +754,15 @@ class SeedRun:
             self.tick(f"{scenario}: merged {method.label}")
         return models, costs
 
+    def scenario(self, name: str, language: str, experts: dict[str, str], expert: str, joint: str) -> dict[str, Any]:
+        """A later scenario: one expert trained (``expert``) and merged in with the others, the joint model retrained
+        (``joint``) on every language of ``experts``."""
+        models = {"joint": self.joint(joint, list(experts)), "expert": self.expert(expert)[2]}
+        merged, remerge = self.merges(name, experts)
+        models.update(merged)
+        cost = {"expert": self.trained[expert].cost(), "joint": self.trained[joint].cost(), "merges": remerge}
+        return {"language": language, "models": models, "cost": cost}
+
     def record(self) -> dict[str, Any]:
         w = self.w
         languages = w.languages
@@ -774,34 +783,11 @@ class SeedRun:
         # maintenance: the updated language's expert retrains on +25% data; re-merged with every method
         up = w.updated_language
         keys = {lang: (f"expert-update:{up}" if lang == up else f"expert:{lang}") for lang in languages}
-        m_models = {"joint": self.joint("joint-update", languages), "expert": self.expert(f"expert-update:{up}")[2]}
-        merged, remerge = self.merges("updated", keys)
-        m_models.update(merged)
-        record["maintenance"] = {
-            "language": up,
-            "models": m_models,
-            "cost": {
-                "expert": self.trained[f"expert-update:{up}"].cost(),
-                "joint": self.trained["joint-update"].cost(),
-                "merges": remerge,
-            },
-        }
+        record["maintenance"] = self.scenario("updated", up, keys, f"expert-update:{up}", "joint-update")
         if w.new_language:
             new = w.new_language
-            every = w.all_languages
             keys = {lang: f"expert:{lang}" for lang in languages} | {new: f"expert-new:{new}"}
-            n_models = {"joint": self.joint("joint-new", every), "expert": self.expert(f"expert-new:{new}")[2]}
-            merged, remerge = self.merges("new", keys)
-            n_models.update(merged)
-            record["new_language"] = {
-                "language": new,
-                "models": n_models,
-                "cost": {
-                    "expert": self.trained[f"expert-new:{new}"].cost(),
-                    "joint": self.trained["joint-new"].cost(),
-                    "merges": remerge,
-                },
-            }
+            record["new_language"] = self.scenario("new", new, keys, f"expert-new:{new}", "joint-new")
         return record
 
 
