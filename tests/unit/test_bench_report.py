@@ -147,7 +147,9 @@ def test_differences_and_parity_are_stated_with_their_intervals() -> None:
     text = report.difference_table(w, s, "accuracy")
     assert "| **mean** | -10.0 [" in text and "| it, after its update |" in text
     parity = report.parity_statement(w, s)
-    assert parity.startswith("Merged ties is 10.0 points worse than the joint model") and "outside the interval" in parity
+    assert (
+        parity.startswith("Merged ties is 10.0 points worse than the joint model") and "outside the interval" in parity
+    )
     # joint - expert + expert - merged = joint - merged (the decomposition adds up)
     d = s["differences"]["initial"]["accuracy"]
     total = d["joint - expert"]["mean"]["estimate"] + d["expert - merged:ties"]["mean"]["estimate"]
