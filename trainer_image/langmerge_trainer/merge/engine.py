@@ -51,6 +51,7 @@ from langmerge_trainer.merge.method_math import (
     MergeMethod,
     get_method,
 )
+from langmerge_trainer.merge.reference import add_reference, relative
 from langmerge_trainer.merge.safetensors_io import (
     DTYPES,
     ITEMSIZE,
@@ -203,6 +204,9 @@ class MergePlan:
     max_rank: int | None = None
     #: Classifier heads: the label support their rows merge by (None: the language-weighted average).
     head_support: HeadSupport | None = None
+    #: The adapter the inputs branched from (a trunk): updates merge relative to it, and it is added back once
+    #: (:mod:`langmerge_trainer.merge.reference`). None: updates merge as they are.
+    reference: LoraAdapter | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -220,6 +224,7 @@ class MergePlan:
             ],
             "excluded_modules": self.excluded,
             "low_rank_exact": self.low_rank_exact,
+            "reference": self.reference.path.as_posix() if self.reference is not None else None,
             "head_support": self.head_support.contributors(self.languages, self.weights)
             if self.head_support is not None
             else None,
@@ -411,6 +416,19 @@ def merged_heads(
     return out
 
 
+def check_reference(reference: LoraAdapter, modules: Sequence[ModulePlan]) -> None:
+    """The reference adapter must update every merged module with the same shape (the inputs branched from it)."""
+    for m in modules:
+        info = reference.modules.get(m.name)
+        if info is None:
+            raise MergeError(f"module {m.name}: the reference adapter (the trunk) has no update of it")
+        if (info.kind, info.shape, info.transposed) != (m.kind, m.shape, m.transposed):
+            raise MergeError(
+                f"module {m.name}: the reference adapter has a {info.kind} update of shape {info.shape}, the inputs "
+                f"a {m.kind} update of shape {m.shape}"
+            )
+
+
 def plan_merge(
     adapters: Sequence[LoraAdapter],
     inputs: Sequence[AdapterInput],
@@ -424,6 +442,7 @@ def plan_merge(
     device: str = "cpu",
     max_relative_error: float = 0.01,
     max_rank: int | None = None,
+    reference: LoraAdapter | None = None,
 ) -> MergePlan:
     impl = get_method(method)
     method_params = impl.resolve(parameters)
@@ -455,6 +474,8 @@ def plan_merge(
     if not kept:
         raise MergeError("include_modules/exclude_modules leave no module to merge")
     plan_modules = [modules[name] for name in kept]
+    if reference is not None:
+        check_reference(reference, plan_modules)
     if base is not None:
         for m in plan_modules:
             if base.weight(m.name) is None:
@@ -509,6 +530,11 @@ def plan_merge(
                 )
         notes.append(f"a module whose relative error exceeds {max_relative_error:g} fails the merge")
     notes.extend(_head_notes(adapters, inputs, weights, support))
+    if reference is not None:
+        notes.append(
+            "relative to the reference adapter (the trunk the inputs branched from): each update minus the "
+            "reference's is merged, and the reference's update is added once"
+        )
     rank = fixed
     plan = MergePlan(
         method=method,
@@ -530,6 +556,7 @@ def plan_merge(
         max_relative_error=max_relative_error,
         max_rank=max_rank,
         head_support=support,
+        reference=reference,
     )
     plan.estimated_peak_bytes, plan.estimated_output_bytes = _estimate(plan, impl, adapters, base)
     return plan
@@ -660,6 +687,8 @@ class MergeReport:
     #: their training examples of it (``{}``: none had one; the row is the language-weighted average). None when
     #: the heads are the language-weighted average (no heads, or an adapter without label counts).
     head_support: dict[str, dict[str, int]] | None = None
+    #: The reference adapter (a trunk) the inputs merged relative to: its URI and digest.
+    reference: dict[str, str | None] | None = None
 
     @property
     def max_error(self) -> float:
@@ -679,6 +708,7 @@ class MergeReport:
             "module_errors": self.module_errors,
             "module_ranks": self.module_ranks,
             "head_support": self.head_support,
+            "reference": self.reference,
             "max_error": self.max_error,
             "timings": self.timings,
             "files": {k: {"size": s, "sha256": h} for k, (s, h) in sorted(self.files.items())},
@@ -744,8 +774,12 @@ def _merge_module(
     impl = get_method(plan.method)
     with timer.phase("read"):
         updates = [adapters[i].update(module.name, plan.weights[i], device) for i, _ in module.inputs]
+        trunk = plan.reference.update(module.name, 1.0, device) if plan.reference is not None else None
     with timer.phase("merge"):
-        return impl.merge(module.name, updates, plan.method_params)
+        if trunk is None:
+            return impl.merge(module.name, updates, plan.method_params)
+        merged = impl.merge(module.name, [relative(u, trunk) for u in updates], plan.method_params)
+        return add_reference(merged, trunk)
 
 
 def _refactor(plan: MergePlan, merged: MergedDelta, module: ModulePlan) -> Factors:
@@ -1016,6 +1050,7 @@ def merge_adapters(
     progress: bool = False,
     max_relative_error: float = 0.01,
     max_rank: int | None = None,
+    reference: AdapterInput | None = None,
 ) -> MergeReport:
     """Merge LoRA adapters of one base model into ``out_dir`` (written atomically) and report what was done.
 
@@ -1025,7 +1060,8 @@ def merge_adapters(
     allows, else the smallest rank within ``max_relative_error``, at most ``max_rank`` or the break-even rank) or
     ``full-weights`` (base + merged update, sharded safetensors, the base dtype). A PEFT adapter whose error would
     exceed ``max_relative_error`` in any module is not written: :class:`RefactorBoundExceeded` names the worst. ``base_dir`` may be None
-    for an adapter output (then the target modules are listed by full name).
+    for an adapter output (then the target modules are listed by full name). ``reference``: the adapter every input
+    branched from (a trunk); the inputs merge relative to it (:mod:`langmerge_trainer.merge.reference`).
     """
     started = time.perf_counter()
     if output_format == FULL_WEIGHTS and base_dir is None:
@@ -1035,11 +1071,15 @@ def merge_adapters(
     if torch_device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(torch_device)
     opened: list[LoraAdapter] = []
+    extra: list[LoraAdapter] = []
     with PeakMemory() as memory:
         try:
             with timer.phase("plan"):
                 for a in adapters:
                     opened.append(load_adapter(Path(a.path), a.language))
+                trunk = load_adapter(Path(reference.path), reference.language) if reference is not None else None
+                if trunk is not None:
+                    extra.append(trunk)
                 base = BaseCheckpoint(Path(base_dir)) if base_dir is not None else None
                 plan = plan_merge(
                     opened,
@@ -1053,6 +1093,7 @@ def merge_adapters(
                     device=str(torch_device),
                     max_relative_error=max_relative_error,
                     max_rank=max_rank,
+                    reference=trunk,
                 )
             with torch.no_grad(), atomic_dir(Path(out_dir)) as tmp:
                 if plan.output_format == PEFT_ADAPTER:
@@ -1061,7 +1102,7 @@ def merge_adapters(
                     assert base is not None
                     files, errors, ranks = _write_full(plan, opened, base, tmp, torch_device, timer, progress, adapters)
         finally:
-            for adapter in opened:
+            for adapter in (*opened, *extra):
                 adapter.close()
     timings = {k: round(v, 6) for k, v in sorted(timer.totals.items())}
     timings["total"] = round(time.perf_counter() - started, 6)
@@ -1096,4 +1137,5 @@ def merge_adapters(
         head_support=plan.head_support.contributors(plan.languages, plan.weights)
         if plan.head_support is not None
         else None,
+        reference={"uri": reference.uri, "digest": reference.digest} if reference is not None else None,
     )

@@ -48,6 +48,7 @@ from langmerge_trainer.merge.engine import (
     plan_merge,
 )
 from langmerge_trainer.merge.method_math import LoraUpdate, get_method
+from langmerge_trainer.merge.reference import add_reference, relative
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +132,7 @@ class CandidateEvaluator:
         max_seq_length: Mapping[str, int] | None = None,
         include_modules: Sequence[str] = (),
         exclude_modules: Sequence[str] = (),
+        reference: AdapterInput | None = None,
     ) -> None:
         from langmerge_trainer.evaluate import load_tokenizer
         from langmerge_trainer.merge.evaluation import load_model
@@ -142,15 +144,20 @@ class CandidateEvaluator:
         self.max_seq_length = dict(max_seq_length or {})
         self.device = device
         self.opened: list[LoraAdapter] = [load_adapter(Path(a.path), a.language) for a in inputs]
+        #: The trunk the inputs branched from: candidates merge relative to it, as the merge itself does.
+        self.reference = load_adapter(Path(reference.path), reference.language) if reference is not None else None
         base = BaseCheckpoint(base_dir)
         common = {"weights": {}, "include_modules": list(include_modules), "exclude_modules": list(exclude_modules)}
-        plan = plan_merge(self.opened, self.inputs, "linear", common, PEFT_ADAPTER, "auto", base=base)
+        plan = plan_merge(
+            self.opened, self.inputs, "linear", common, PEFT_ADAPTER, "auto", base=base, reference=self.reference
+        )
         #: Head rows merge by label support in every candidate, as in the merge itself.
         self.head_support = plan.head_support
         self.model: Any = load_model(base_dir, device, self.labels)
         self.tokenizer = load_tokenizer(base_dir)
         parameters = dict(self.model.named_parameters())
         self.targets: dict[str, tuple[torch.nn.Parameter, torch.Tensor]] = {}
+        self.trunks: dict[str, LoraUpdate | None] = {}
         self.updates: dict[str, list[tuple[int, LoraUpdate]]] = {}
         for m in plan.modules:
             param = parameters.get(f"{m.name}.weight")
@@ -159,11 +166,14 @@ class CandidateEvaluator:
             if param is None:
                 raise MergeError(f"module {m.name}: the loaded model has no weight {m.name}.weight")
             self.targets[m.name] = (param, param.detach().clone())
-            self.updates[m.name] = [(i, self.opened[i].update(m.name, 1.0, device)) for i, _ in m.inputs]
+            trunk = self.reference.update(m.name, 1.0, device) if self.reference is not None else None
+            self.trunks[m.name] = trunk
+            own = [(i, self.opened[i].update(m.name, 1.0, device)) for i, _ in m.inputs]
+            self.updates[m.name] = own if trunk is None else [(i, relative(u, trunk)) for i, u in own]
         self.heads = {name: parameters[name] for name in merged_heads(self.opened, [1.0] * len(self.opened))}
 
     def close(self) -> None:
-        for adapter in self.opened:
+        for adapter in (*self.opened, *([self.reference] if self.reference is not None else [])):
             adapter.close()
         self.model = None
         self.targets.clear()
@@ -189,7 +199,9 @@ class CandidateEvaluator:
             updates = [replace(u, weight=weights[i]) for i, u in self.updates[name]]
             param.data.copy_(original)
             if any(u.weight for u in updates):
-                impl.merge(name, updates, resolved).add_to(param.data)
+                merged = impl.merge(name, updates, resolved)
+                trunk = self.trunks.get(name)
+                (merged if trunk is None else add_reference(merged, trunk)).add_to(param.data)
         for name, tensor in merged_heads(self.opened, weights, self.head_support).items():
             self.heads[name].data.copy_(tensor.to(self.heads[name].dtype))
 
