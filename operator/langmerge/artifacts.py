@@ -328,6 +328,8 @@ class MergeManifest(Record):
     #: with their training examples of it (``{}``: no expert had one, so the row is the language-weighted average).
     #: None when the heads are the language-weighted average (no heads, or an expert without label counts).
     head_support: dict[str, dict[str, int]] | None = None
+    #: The trunk adapter the inputs branched from and merged relative to (``uri``, ``digest``); None without one.
+    reference: dict[str, str | None] | None = None
     #: Per-language evaluation of the merged model.
     evaluation: dict[str, Metrics] = Field(default_factory=dict)
     #: Each language's expert alone on the same data (from the expert's adapter manifest), for the quality gate.

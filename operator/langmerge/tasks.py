@@ -22,6 +22,15 @@ class Task(BaseModel):
         return self.model_dump_json(by_alias=False, exclude_none=True)
 
 
+class AdapterSource(Task):
+    """A committed adapter a Job reads: where it is and the digest the operator selected it by (the Job checks it)."""
+
+    uri: str
+    digest: str
+    #: What it is, for messages: e.g. "the trunk LanguageExpert default/dialog-trunk".
+    source: str | None = None
+
+
 class TrainTask(Task):
     """Train one expert's adapter and commit it under ``output_uri``."""
 
@@ -38,6 +47,8 @@ class TrainTask(Task):
     attempt: int = 1
     #: Keep the resumable checkpoints in S3 after the adapter is committed (default: delete them then).
     keep_checkpoints: bool = False
+    #: spec.initFrom: the trunk's committed adapter that training starts from (its LoRA factors and head).
+    init_adapter: AdapterSource | None = None
 
 
 class MergeTaskInput(Task):
@@ -79,6 +90,8 @@ class MergeTask(Task):
     #: spec.search: choose method and parameters on each language's validation split first (method and parameters
     #: above are the starting point).
     search: Search | None = None
+    #: spec.trunk: the adapter the inputs branched from; they merge relative to it (its update counted once).
+    reference: AdapterSource | None = None
 
 
 #: Figures ``langmerge try`` shows beside the answers: eval loss for causal LMs, accuracy for classifiers.

@@ -86,6 +86,7 @@ from langmerge.artifacts import (
 from langmerge.fingerprint import training_fingerprint
 from langmerge.store import ObjectStore, PreconditionFailed, file_sha256, files_digest
 from langmerge.tasks import TrainTask
+from langmerge_trainer.branch import AdapterDigestMismatch, InitAdapterError, download_checked, load_init_adapter
 from langmerge_trainer.data import DataError, LoadedData, label_counts, limit_examples, load_dataset
 from langmerge_trainer.distributed import (
     SINGLE,
@@ -154,7 +155,14 @@ class Preempted(Exception):
 
 
 #: Errors that a retry of the same task cannot fix.
-NON_RETRYABLE: tuple[type[BaseException], ...] = (DataError, SpecError, ModelDigestMismatch, ValidationError)
+NON_RETRYABLE: tuple[type[BaseException], ...] = (
+    DataError,
+    SpecError,
+    ModelDigestMismatch,
+    ValidationError,
+    AdapterDigestMismatch,
+    InitAdapterError,
+)
 
 
 def is_retryable(err: BaseException) -> bool:
@@ -614,10 +622,17 @@ class Prepared:
 
 
 def prepare_training(
-    spec: LanguageExpertSpec, base_dir: Path, data: LoadedData, device: torch.device, *, seed: int | None = None
+    spec: LanguageExpertSpec,
+    base_dir: Path,
+    data: LoadedData,
+    device: torch.device,
+    *,
+    seed: int | None = None,
+    init_dir: Path | None = None,
 ) -> Prepared:
     """Seed, load the base (a causal LM or, for a classifier, the base with a label head), attach a fresh LoRA
-    adapter and encode the data: everything a training run needs before its loop. ``seed`` overrides the spec's."""
+    adapter and encode the data: everything a training run needs before its loop. ``seed`` overrides the spec's.
+    ``init_dir``: a PEFT adapter folder (a trunk) whose factors and head the adapter starts from."""
     training = spec.training
     seed_everything(training.seed if seed is None else seed)
     tokenizer = load_tokenizer(base_dir)
@@ -630,6 +645,8 @@ def prepare_training(
         labels = list(spec.labels or [])
         model = load_classifier(base_dir, labels, device, pad_token_id=pad)
         model = attach_lora(model, spec.lora, gradient_checkpointing=training.gradient_checkpointing, classifier=True)
+        if init_dir is not None:
+            load_init_adapter(model, init_dir, what=f"the starting adapter ({init_dir.name})")
         objective = Objective(
             collate=lambda rows: pad_labelled([row[0] for row in rows], pad),
             loss_sum=classification_loss_sum,
@@ -649,6 +666,8 @@ def prepare_training(
         )
     model = load_causal_lm(base_dir, device, default_dtype(device))
     model = attach_lora(model, spec.lora, gradient_checkpointing=training.gradient_checkpointing)
+    if init_dir is not None:
+        load_init_adapter(model, init_dir, what=f"the starting adapter ({init_dir.name})")
     return Prepared(
         model=model,
         tokenizer=tokenizer,
@@ -865,7 +884,13 @@ class _Run:
             return existing
         base_dir = ensure_model(self.store, spec.base_model.uri, task.base_model.digest)
         training = spec.training
-        prepared = prepare_training(spec, base_dir, data, self.device)
+        with tempfile.TemporaryDirectory(prefix="langmerge-init-") as init_tmp:
+            init_dir = None
+            if task.init_adapter is not None:  # every rank reads it: all start from the same weights
+                source = task.init_adapter
+                init_dir = download_checked(self.store, source.uri, source.digest, Path(init_tmp) / "trunk")
+                log.info("starting from %s (%s, digest %s)", source.source or "an adapter", source.uri, source.digest)
+            prepared = prepare_training(spec, base_dir, data, self.device, init_dir=init_dir)
         model = prepared.model
         eval_examples = prepared.eval_examples
         running = wrap_model(model, str(training.parallelism), world, self.device, prepared.objective.loss_sum)

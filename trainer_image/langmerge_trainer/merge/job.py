@@ -39,6 +39,7 @@ from langmerge.artifacts import (
 from langmerge.constants import EXIT_FAILED, EXIT_OK, EXIT_USAGE, EXIT_USER_ERROR
 from langmerge.store import ObjectStore, PreconditionFailed, files_digest
 from langmerge.tasks import MergeTask
+from langmerge_trainer.branch import AdapterDigestMismatch, download_checked
 from langmerge_trainer.data import DataError, Example, load_eval_split
 from langmerge_trainer.evaluate import pick_device
 from langmerge_trainer.failures import failure_record, report_failure, write_termination_message
@@ -50,10 +51,6 @@ from langmerge_trainer.s3retry import RetryingStore, retrying
 from langmerge_trainer.train import device_name, library_versions
 
 log = logging.getLogger("langmerge_trainer.merge.job")
-
-
-class AdapterDigestMismatch(ValueError):
-    """An input adapter in S3 is not the one the operator selected (it changed or was replaced)."""
 
 
 def _cpu_seconds() -> float:
@@ -69,19 +66,6 @@ def _progress(store: RetryingStore, task: MergeTask, stage: str, step: int, tota
         store.inner.put_json(artifacts.join(task.output_uri, artifacts.PROGRESS), record)
     except Exception as err:
         log.warning("progress not written: %s", err)
-
-
-def _download_adapter(store: ObjectStore, uri: str, digest: str, target: Path) -> Path:
-    paths = store.download_prefix(uri, target)
-    if not paths:
-        raise FileNotFoundError(f"no adapter files under {uri}")
-    from langmerge.store import file_sha256
-
-    files = {p.relative_to(target).as_posix(): (p.stat().st_size, file_sha256(p)) for p in paths}
-    actual = files_digest(files)
-    if actual != digest:
-        raise AdapterDigestMismatch(f"adapter under {uri} has digest {actual}, expected {digest}")
-    return target
 
 
 def run_merge_task(
@@ -112,6 +96,7 @@ def run_merge_task(
         t = time.monotonic()
         base_dir = ensure_model(s3, task.base_model.uri, task.base_model.digest)
         inputs = _download_inputs(s3, task, root / "adapters")
+        reference = _download_reference(s3, task, root / "reference")
         timings["download"] = time.monotonic() - t
 
         labels = task.inputs[0].labels if task.inputs[0].task_type == TaskType.SEQUENCE_CLASSIFICATION else None
@@ -121,14 +106,16 @@ def run_merge_task(
         if task.search is not None:
             _progress(s3, task, "searching", 1, total_steps)
             t = time.monotonic()
-            method, parameters, search_record, gate_examples = _search(task, s3, base_dir, inputs, labels, torch_device)
+            method, parameters, search_record, gate_examples = _search(
+                task, s3, base_dir, inputs, labels, torch_device, reference
+            )
             timings["search"] = time.monotonic() - t
             # the chosen weights are in the parameters; the inputs' own (the spec's) no longer apply
             inputs = [dataclasses.replace(a, weight=None) for a in inputs]
 
         _progress(s3, task, "merging", 1, total_steps)
         out_dir = root / "merged"
-        report = _merge(task, base_dir, inputs, method, parameters, out_dir, torch_device)
+        report = _merge(task, base_dir, inputs, method, parameters, out_dir, torch_device, reference)
         timings.update({f"merge_{k}": v for k, v in report.timings.items()})
 
         _progress(s3, task, "uploading", 2, total_steps)
@@ -188,7 +175,7 @@ def _download_inputs(s3: RetryingStore, task: MergeTask, folder: Path) -> list[A
     """Every input adapter, downloaded (digest-checked) into ``folder/<language>``."""
     inputs = []
     for item in task.inputs:
-        path = _download_adapter(s3, item.adapter_uri, item.adapter_digest, folder / item.language)
+        path = download_checked(s3, item.adapter_uri, item.adapter_digest, folder / item.language)
         inputs.append(
             AdapterInput(
                 language=item.language,
@@ -203,6 +190,15 @@ def _download_inputs(s3: RetryingStore, task: MergeTask, folder: Path) -> list[A
     return inputs
 
 
+def _download_reference(s3: RetryingStore, task: MergeTask, folder: Path) -> AdapterInput | None:
+    """spec.trunk's adapter (digest-checked), which the inputs merge relative to; None without a trunk."""
+    if task.reference is None:
+        return None
+    ref = task.reference
+    path = download_checked(s3, ref.uri, ref.digest, folder)
+    return AdapterInput(language="reference", path=path, uri=ref.uri, digest=ref.digest)
+
+
 def _merge(
     task: MergeTask,
     base_dir: Path,
@@ -211,6 +207,7 @@ def _merge(
     parameters: dict[str, Any],
     out_dir: Path,
     device: torch.device,
+    reference: AdapterInput | None = None,
 ) -> MergeReport:
     """The merge itself, in the output format, rank and shard size the task asks for."""
     return merge_adapters(
@@ -225,6 +222,7 @@ def _merge(
         device=device,
         max_relative_error=task.output.max_relative_error,
         max_rank=task.output.max_rank,
+        reference=reference,
     )
 
 
@@ -328,6 +326,7 @@ def _manifest(
         module_errors=report.module_errors,
         module_ranks=report.module_ranks,
         head_support=report.head_support,
+        reference=report.reference,
         search=search,
         evaluation=merged_metrics,
         expert_metrics=expert_metrics,
@@ -379,6 +378,7 @@ def _search(
     inputs: Sequence[AdapterInput],
     labels: Sequence[str] | None,
     device: torch.device,
+    reference: AdapterInput | None = None,
 ) -> tuple[str, dict[str, Any], SearchRecord, dict[str, list[Example]]]:
     """Run spec.search on every language's validation split; returns the chosen method and parameters, the search's
     record and the quality gate's examples (disjoint from the validation ones)."""
@@ -405,6 +405,7 @@ def _search(
         max_seq_length={item.language: item.max_seq_length for item in task.inputs},
         include_modules=task.parameters.get("include_modules") or [],
         exclude_modules=task.parameters.get("exclude_modules") or [],
+        reference=reference,
     )
     try:
         result = run_search(
