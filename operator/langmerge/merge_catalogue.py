@@ -152,6 +152,29 @@ METHODS: dict[str, MethodInfo] = {
             {"filter_wise": False},
             low_rank_exact=True,
         ),
+        MethodInfo(
+            "tsv",
+            "TSV-Merge (Task Singular Vectors): per module, keep each update's top sv_fraction singular components "
+            "(at most min(rows, cols)/N per update), concatenate them across updates, orthogonalise the "
+            "concatenated singular vectors (Procrustes), lambda * U diag(S) V^T.",
+            {"sv_fraction": 1.0, **_L},
+            low_rank_exact=True,
+        ),
+        MethodInfo(
+            "iso_c",
+            "Iso-C (isotropic merging in the common subspace): the SVD of sum(w_i * D_i) with its non-zero singular "
+            "values all replaced by their mean, times lambda.",
+            dict(_L),
+            low_rank_exact=True,
+        ),
+        MethodInfo(
+            "iso_cts",
+            "Iso-CTS: the top common_space_fraction of the directions of sum(w_i * D_i) (common subspace) plus each "
+            "update's top directions outside it (task-specific), orthogonalised together, with an isotropic "
+            "spectrum (their mean singular value), times lambda.",
+            {"common_space_fraction": 0.8, **_L},
+            low_rank_exact=True,
+        ),
     )
 }
 

@@ -80,7 +80,57 @@ def ref_merge(
         else:
             merged = torch.stack([wi * x for wi, x in zip(w, X, strict=True)]).sum(0) / sum(w)
         return lam * (U @ merged)
+    if method in ("tsv", "iso_c", "iso_cts"):
+        return lam * ref_spectral(method, weighted, params)
     raise AssertionError(method)
+
+
+def ref_nonzero_svd(d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The dense SVD of ``d`` with only the singular values above 1e-5 of the largest: the rest is the rounding noise
+    of a low-rank update (PEFT's updates are float32 products)."""
+    U, sv, Vh = torch.linalg.svd(d, full_matrices=False)
+    r = int((sv > sv[0] * 1e-5).sum()) if float(sv[0]) > 0 else 0
+    return U[:, :r], sv[:r], Vh[:r]
+
+
+def ref_polar(M: torch.Tensor) -> torch.Tensor:
+    """The papers' orthogonalisation, literally: ``P Q^T`` from the SVD ``M = P S Q^T``."""
+    P, _, Qh = torch.linalg.svd(M, full_matrices=False)
+    return P @ Qh
+
+
+def ref_spectral(method: str, weighted: Sequence[torch.Tensor], params: dict[str, Any]) -> torch.Tensor:
+    """TSV-Merge, Iso-C and Iso-CTS as the papers' reference code computes them on dense task matrices (here the
+    weighted updates ``w_i D_i``), with the spectrum restricted to its non-zero part (LoRA updates are low rank)."""
+    rows, cols = weighted[0].shape
+    n = len(weighted)
+    if method == "tsv":
+        cap = max(1, min(rows, cols) // n)
+        parts = []
+        for d in weighted:
+            U, sv, Vh = ref_nonzero_svd(d)
+            k = min(cap, max(1, int(params["sv_fraction"] * len(sv) + 1e-9)))
+            parts.append((U[:, :k], sv[:k], Vh[:k]))
+        U = ref_polar(torch.cat([p[0] for p in parts], dim=1))
+        Vh = ref_polar(torch.cat([p[2] for p in parts], dim=0))
+        return U @ torch.diag(torch.cat([p[1] for p in parts])) @ Vh
+    U, sv, Vh = ref_nonzero_svd(torch.stack(list(weighted)).sum(0))
+    if method == "iso_c":
+        return sv.mean() * U @ Vh
+    # iso_cts: the paper's split of the rank between the common and the task-specific subspaces
+    rank = len(sv)
+    common = int(rank * params["common_space_fraction"])
+    per_task = min(round((rank - common) / n), (rank - 1) // n)
+    common = rank - per_task * n
+    Uc, sc, Vhc = U[:, :common], sv[:common], Vh[:common]
+    us, ss, vs = [Uc], [sc], [Vhc]
+    for d in weighted:
+        Ut, st, Vht = ref_nonzero_svd(d - Uc @ Uc.T @ d) if per_task else (Uc[:, :0], sc[:0], Vhc[:0])
+        us.append(Ut[:, :per_task])
+        ss.append(st[:per_task])
+        vs.append(Vht[:per_task])
+    flat = torch.cat(ss).mean()
+    return flat * ref_polar(torch.cat(us, dim=1)) @ ref_polar(torch.cat(vs, dim=0))
 
 
 #: Three adapters that exercise PEFT's scaling rules: plain, rsLoRA, rank and alpha patterns; overlapping modules.

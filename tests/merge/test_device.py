@@ -29,6 +29,9 @@ def updates(device: str) -> list[LoraUpdate]:
         ("dare_linear", {"density": 0.4, "seed": 2}),
         ("knots", {"density": 0.7}),
         ("linear", {}),
+        ("tsv", {"sv_fraction": 0.5}),
+        ("iso_c", {}),
+        ("iso_cts", {"common_space_fraction": 0.6}),
     ],
 )
 def test_cuda_matches_cpu(method: str, given: dict[str, object]) -> None:

@@ -80,6 +80,9 @@ def assert_close_logits(got: torch.Tensor, want: torch.Tensor, rtol: float = 1e-
         ("linear", {}, None),
         ("cat", {}, None),
         ("knots", {"density": 0.6, "lambda_": 1.0, "knots_merge": "ties"}, None),
+        ("tsv", {"sv_fraction": 1.0, "lambda_": 1.0}, None),
+        ("iso_c", {"lambda_": 1.2}, None),
+        ("iso_cts", {"common_space_fraction": 0.8, "lambda_": 1.0}, None),
         # not low rank: at rank 64 (= the smaller side of every module) the range finder captures it all
         ("ties", {"density": 0.5, "lambda_": 1.2}, 64),
         ("dare_ties", {"density": 0.7, "lambda_": 1.0, "seed": 3}, 64),

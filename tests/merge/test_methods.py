@@ -52,6 +52,12 @@ CASES = [
     ("knots", {"knots_merge": "ties", "density": 1.0}),
     ("knots", {"knots_merge": "ties", "density": 0.5, "lambda_": 1.3}),
     ("knots", {"knots_merge": "linear"}),
+    ("tsv", {}),
+    ("tsv", {"sv_fraction": 0.5, "lambda_": 1.3}),
+    ("iso_c", {}),
+    ("iso_c", {"lambda_": 1.5}),
+    ("iso_cts", {}),
+    ("iso_cts", {"common_space_fraction": 0.5, "lambda_": 0.8}),
 ]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -65,6 +66,35 @@ def test_every_method_accepts_its_defaults() -> None:
     for method in METHOD_NAMES:
         spec = MergedModelSpec.model_validate(merged(method=method, parameters={})["spec"])
         assert set(spec.effective_parameters()) >= {"weights", "include_modules", "exclude_modules"}
+
+
+def test_tsv_and_iso_methods_take_their_parameters_on_the_wire_and_fill_in_the_papers_defaults() -> None:
+    def effective(method: str, parameters: dict[str, Any]) -> dict[str, Any]:
+        spec = MergedModelSpec.model_validate(merged(method=method, parameters=parameters)["spec"])
+        return {k: v for k, v in spec.effective_parameters().items() if k not in ("include_modules", "exclude_modules")}
+
+    assert effective("tsv", {}) == {"weights": {}, "sv_fraction": 1.0, "lambda_": 1.0}
+    assert effective("tsv", {"svFraction": 0.25, "lambda": 1.4}) == {"weights": {}, "sv_fraction": 0.25, "lambda_": 1.4}
+    assert effective("iso_c", {"weights": {"es": 2.0}}) == {"weights": {"es": 2.0}, "lambda_": 1.0}
+    assert effective("iso_cts", {}) == {"weights": {}, "common_space_fraction": 0.8, "lambda_": 1.0}
+    assert effective("iso_cts", {"commonSpaceFraction": 1.0})["common_space_fraction"] == 1.0
+    spec = MergedModelSpec.model_validate(merged(method="iso_cts", parameters={"commonSpaceFraction": 0.6})["spec"])
+    assert spec.to_api()["parameters"]["commonSpaceFraction"] == 0.6
+
+
+@pytest.mark.parametrize(
+    ("method", "parameters", "fragment"),
+    [
+        ("iso_c", {"commonSpaceFraction": 0.5}, "do not apply to method 'iso_c' (it accepts: excludeModules"),
+        ("tsv", {"density": 0.5}, "do not apply to method 'tsv'"),
+        ("ties", {"svFraction": 0.5}, "parameters svFraction do not apply to method 'ties'"),
+        ("tsv", {"svFraction": 0}, "greater than 0"),
+        ("iso_cts", {"commonSpaceFraction": 1.2}, "less than or equal to 1"),
+    ],
+)
+def test_tsv_and_iso_parameters_are_checked(method: str, parameters: dict[str, Any], fragment: str) -> None:
+    with pytest.raises(ValidationError, match=re.escape(fragment)):
+        MergedModelSpec.model_validate(merged(method=method, parameters=parameters)["spec"])
 
 
 @pytest.mark.parametrize(

@@ -68,6 +68,18 @@ def test_the_search_space_and_validation_data_are_part_of_the_fingerprint() -> N
 def test_search_spec_rejects_unknown_methods() -> None:
     with pytest.raises(ValidationError, match="unknown method"):
         _spec(search={"methods": ["ties", "slerp"]})
+
+
+def test_tsv_and_iso_parameters_are_part_of_the_fingerprint_and_the_search_may_try_them() -> None:
+    tsv = _spec(method="tsv", parameters={})
+    assert _fp(tsv) == _fp(_spec(method="tsv", parameters={"svFraction": 1.0, "lambda": 1.0}))  # the defaults
+    assert _fp(tsv) != _fp(_spec(method="tsv", parameters={"svFraction": 0.5}))
+    assert _fp(tsv) != _fp(_spec(method="iso_c", parameters={}))
+    iso_cts = _spec(method="iso_cts", parameters={})
+    assert _fp(iso_cts) != _fp(_spec(method="iso_cts", parameters={"commonSpaceFraction": 0.9}))
+    # offered to a search when listed, not in its default list (which is part of every searched spec's fingerprint)
+    assert _spec(search={"methods": ["tsv", "iso_c", "iso_cts"]}).search is not None
+    assert not {"tsv", "iso_c", "iso_cts"} & set(Search().methods)
     assert _spec(search={"methods": ["ties", "ties", "linear"]}).search.methods == ["ties", "linear"]  # type: ignore[union-attr]
 
 

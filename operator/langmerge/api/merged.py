@@ -76,7 +76,8 @@ class MergeParameters(ApiModel):
             alias="lambda",
             gt=0,
             le=100,
-            description="task_arithmetic, ties, dare_*, magnitude_prune, knots: scale of the merged update (default 1.0).",
+            description="task_arithmetic, ties, dare_*, magnitude_prune, knots, tsv, iso_c, iso_cts: scale of the "
+            "merged update (the TSV and Iso papers' alpha; default 1.0).",
         ),
     ] = None
     seed: Annotated[
@@ -132,6 +133,27 @@ class MergeParameters(ApiModel):
     filter_wise: Annotated[
         bool | None,
         Field(default=None, description="model_stock: one interpolation factor per row instead of per tensor."),
+    ] = None
+    sv_fraction: Annotated[
+        float | None,
+        Field(
+            default=None,
+            gt=0,
+            le=1,
+            description="tsv: share of each update's singular components kept, the largest first (of its rank; at "
+            "least 1, at most min(rows, cols)/N per update so that the kept ranks fit the module; default 1.0).",
+        ),
+    ] = None
+    common_space_fraction: Annotated[
+        float | None,
+        Field(
+            default=None,
+            gt=0,
+            le=1,
+            description="iso_cts: share of the merged rank given to the common subspace (the top directions of the "
+            "summed updates); the rest is split evenly between the updates' task-specific directions (default 0.8; "
+            "1.0 is iso_c).",
+        ),
     ] = None
     include_modules: Annotated[
         list[str],

@@ -13,6 +13,9 @@ Every method combines, for one module, the updates ``Delta_i = scale_i * B_i @ A
   concatenation ``[Delta_1 ... Delta_n] = U S [V_1^T ... V_n^T]`` (taken exactly from the factors), merges the
   coordinates ``X_i = S V_i^T`` with TIES or a weighted average, and maps back: ``Delta = U X``. The result has rank
   at most ``sum r_i`` and is returned as factors.
+* :class:`Tsv` (TSV-Merge, Gargiulo et al., CVPR 2025), :class:`IsoC` and :class:`IsoCts` (Marczak et al. 2025,
+  arXiv 2502.04959) work on singular vectors, all taken exactly from the factors in float64
+  (:func:`spectral_parts`); their results have rank at most ``sum r_i`` and are returned as factors.
 
 Definitions (weights ``w_i >= 0``, ``lam`` = ``lambda_``)::
 
@@ -24,6 +27,11 @@ Definitions (weights ``w_i >= 0``, ``lam`` = ``lambda_``)::
     ties             lam * sum_i w_i T_i [sign T_i = s] / sum_i w_i [sign T_i = s],  T_i = trim(D_i), s = sign(sum w_i T_i)
     dare_ties        the same with T_i = drop(D_i)
     knots            U * merge_{ties|linear}(X_i) * lam
+    tsv              lam * P(U) diag(S) P(V)^T,  [U, S, V] the top components of every w_i D_i side by side
+    iso_c            lam * mean(s) * U V^T,  U diag(s) V^T = sum w_i D_i (its non-zero spectrum)
+    iso_cts          lam * mean(S) * P(U) P(V)^T,  [U, S, V] the common and the task-specific components
+
+``P(M)`` is the orthogonal Procrustes (polar) factor of ``M``: ``P Q^T`` from ``M = P Sigma Q^T``.
 
 ``trim`` keeps exactly the top ``int(density * numel)`` entries by magnitude; ``drop`` keeps each entry with
 probability ``density`` (a hash of (seed, module, language, index): reproducible on any device and in any order) and
@@ -32,6 +40,7 @@ rescales by ``1 / density``. Where the weighted sum is exactly zero the elected 
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -41,6 +50,7 @@ from typing import Any, ClassVar, TypeVar, overload
 import torch
 
 from langmerge.merge_catalogue import COMMON_PARAMETERS, METHODS, RESCALE_CHOICES, KnotsMerge
+from langmerge_trainer.merge.lowrank import svd_from_factors
 from langmerge_trainer.merge.sparsify import (
     MagnitudeSelector,
     dare_keep_mask,
@@ -172,6 +182,8 @@ PARAMETER_CHECKS: dict[str, tuple[Callable[[Any], bool], str, Callable[[Any], An
     "epsilon": (lambda v: 0.0 < v < 0.5, "a number in (0, 0.5)", float),
     "select_topk": (lambda v: 0.0 < v <= 1.0, "a number in (0, 1]", float),
     "filter_wise": (lambda v: isinstance(v, bool), "true or false", _to_bool),
+    "sv_fraction": (lambda v: 0.0 < v <= 1.0, "a number in (0, 1]", float),
+    "common_space_fraction": (lambda v: 0.0 < v <= 1.0, "a number in (0, 1]", float),
 }
 
 
@@ -672,3 +684,195 @@ class ModelStock(MergeMethod):
         if filter_wise:
             return LowRankDelta(merged.B * t.float()[:, None], merged.A)
         return LowRankDelta(merged.B * float(t), merged.A)
+
+
+# -- methods on singular vectors: TSV-Merge, Iso-C, Iso-CTS ----------------------------------------------------------
+
+#: Singular values at or below this fraction of the largest one they are compared with count as zero. Their SVDs run
+#: in float64, where an exactly rank-deficient update (a LoRA B with columns never trained, two updates that share
+#: directions) leaves about 1e-16 of its scale: such directions have no support, and an isotropic spectrum would
+#: otherwise raise them to the mean singular value.
+SPECTRAL_CUTOFF: float = 1e-9
+
+
+@dataclass(frozen=True)
+class SpectralPart:
+    """Singular triplets of (part of) an update: ``U diag(S) Vh`` (float64, ``U``: m x k, ``Vh``: k x n)."""
+
+    U: torch.Tensor
+    S: torch.Tensor
+    Vh: torch.Tensor
+
+    @property
+    def rank(self) -> int:
+        return int(self.S.shape[0])
+
+    def top(self, k: int) -> SpectralPart:
+        return SpectralPart(self.U[:, :k], self.S[:k], self.Vh[:k])
+
+
+def weighted_factors(update: LoraUpdate) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(w s B, A)`` in float64: the factors of the weighted update ``w_i D_i``."""
+    return update.B.double() * (update.weight * update.scale), update.A.double()
+
+
+def spectral_parts(B: torch.Tensor, A: torch.Tensor, floor: float = 0.0) -> SpectralPart:
+    """The SVD of ``B @ A`` from its factors (thin QR of both, SVD of the small core), with only the singular values
+    above ``floor`` and above :data:`SPECTRAL_CUTOFF` times the largest."""
+    left, values, right = svd_from_factors(B, A)
+    whole = SpectralPart(left, values, right)
+    if not values.numel() or float(values[0]) <= 0.0:
+        return whole.top(0)
+    zero = max(floor, float(values[0]) * SPECTRAL_CUTOFF)
+    return whole.top(int((values > zero).sum()))
+
+
+def procrustes(M: torch.Tensor) -> torch.Tensor:
+    """The orthogonal Procrustes (polar) factor ``P Q^T`` of ``M = P Sigma Q^T`` (m x K): the matrix with
+    orthonormal columns nearest to ``M`` (TSV-Merge's and Iso-CTS's orthogonalisation), from the thin QR of ``M`` and
+    the SVD of its small triangle. Where ``M`` is rank-deficient (two updates with exactly the same directions) only
+    its range counts (the partial isometry ``P_1 Q_1^T`` of its non-zero singular values): the directions a full
+    polar factor would complete it with are arbitrary, outside every update."""
+    q, r = torch.linalg.qr(M)
+    p, sigma, qh = torch.linalg.svd(r, full_matrices=False)
+    support = int((sigma > float(sigma[0]) * SPECTRAL_CUTOFF).sum()) if sigma.numel() else 0
+    return (q @ p[:, :support]) @ qh[:support]
+
+
+def _active(module: str, updates: Sequence[LoraUpdate]) -> list[LoraUpdate]:
+    """The updates with a weight above 0 (an update of weight 0 takes no part, nor a share of the rank)."""
+    active = [u for u in updates if u.weight > 0]
+    if not active:
+        raise ValueError(f"{module}: every adapter has weight 0" if updates else f"{module}: no updates to merge")
+    return active
+
+
+def _stacked(updates: Sequence[LoraUpdate]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors of ``sum w_i D_i`` (float64): ``[w_1 s_1 B_1 ... w_n s_n B_n]`` and ``[A_1; ...; A_n]``."""
+    factors = [weighted_factors(u) for u in updates]
+    return torch.cat([B for B, _ in factors], dim=1), torch.cat([A for _, A in factors], dim=0)
+
+
+def _result(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, shape: tuple[int, int]) -> LowRankDelta:
+    """``U diag(S) Vh`` as float32 factors; an all-zero update (nothing has support) as rank-1 zero factors."""
+    if not S.numel():
+        return LowRankDelta(
+            U.new_zeros(shape[0], 1, dtype=torch.float32), Vh.new_zeros(1, shape[1], dtype=torch.float32)
+        )
+    return LowRankDelta((U * S).float().contiguous(), Vh.float().contiguous())
+
+
+def tsv_ranks(ranks: Sequence[int], fraction: float, rows: int, cols: int) -> list[int]:
+    """Components each update keeps in TSV-Merge: the top ``floor(fraction * rank_i)`` (at least 1), at most
+    ``min(rows, cols) // N`` (the paper's share: the kept ranks sum to at most the module's dimension; at least 1)."""
+    cap = max(1, min(rows, cols) // max(1, len(ranks)))
+    return [min(cap, max(1, math.floor(fraction * r + 1e-9))) if r else 0 for r in ranks]
+
+
+@register
+class Tsv(MergeMethod):
+    """TSV-Merge (Gargiulo et al., "Task Singular Vectors: Reducing Task Interference in Model Merging", CVPR 2025).
+
+    Per module: the SVD of each weighted update ``w_i D_i = U_i S_i V_i^T``; each keeps its top components
+    (:func:`tsv_ranks`: the paper keeps ``min(rows, cols) / N`` of a full-rank task matrix; a LoRA update of rank
+    ``r_i`` keeps ``floor(sv_fraction * r_i)`` of its non-zero ones). The kept ``U_i``, ``S_i``, ``V_i`` are put side
+    by side, ``U = [U_1 ... U_N]`` and ``V = [V_1 ... V_N]`` are orthogonalised by Procrustes (the paper's SVD-based
+    whitening: ``U = P Sigma Q^T -> P Q^T``), removing the interference between the tasks' directions, and the
+    merge is ``lambda * U_perp diag(S) V_perp^T``. Updates whose directions are already orthogonal come out as their
+    weighted sum. Exactly low rank (``sum`` of the kept ranks), returned as factors.
+    """
+
+    name = "tsv"
+    low_rank_exact = True
+
+    @property
+    def schema(self) -> Mapping[str, Param]:
+        return catalogue_schema(self.name)
+
+    def merge(self, module: str, updates: Sequence[LoraUpdate], params: Mapping[str, Any]) -> MergedDelta:
+        active = _active(module, updates)
+        lam = float(params["lambda_"])
+        parts = [spectral_parts(*weighted_factors(u)) for u in active]
+        rows, cols = active[0].shape
+        ranks = tsv_ranks([p.rank for p in parts], float(params["sv_fraction"]), rows, cols)
+        kept = [p.top(k) for p, k in zip(parts, ranks, strict=True)]
+        U = torch.cat([p.U for p in kept], dim=1)
+        S = torch.cat([p.S for p in kept])
+        Vh = torch.cat([p.Vh for p in kept], dim=0)
+        if not S.numel():
+            return _result(U, S, Vh, (rows, cols))
+        return _result(procrustes(U), S * lam, procrustes(Vh.T).T, (rows, cols))
+
+
+@register
+class IsoC(MergeMethod):
+    """Iso-C (Marczak et al., "No Task Left Behind: Isotropic Model Merging with Common and Task-Specific Subspaces",
+    arXiv 2502.04959): the task-arithmetic sum ``sum w_i D_i = U diag(s) V^T`` with a flat (isotropic) spectrum,
+    ``lambda * mean(s) * U V^T``. Only the non-zero part of the spectrum counts: the sum of LoRA updates has rank at
+    most ``sum r_i``, and the paper's full-rank task matrices have no zero singular values to average in (or to
+    raise to the mean along arbitrary null directions). Exactly low rank, returned as factors."""
+
+    name = "iso_c"
+    low_rank_exact = True
+
+    @property
+    def schema(self) -> Mapping[str, Param]:
+        return catalogue_schema(self.name)
+
+    def merge(self, module: str, updates: Sequence[LoraUpdate], params: Mapping[str, Any]) -> MergedDelta:
+        active = _active(module, updates)
+        total = spectral_parts(*_stacked(active))
+        flat = torch.full_like(total.S, float(total.S.mean()) * float(params["lambda_"])) if total.rank else total.S
+        return _result(total.U, flat, total.Vh, active[0].shape)
+
+
+def iso_cts_split(rank: int, tasks: int, fraction: float) -> tuple[int, int]:
+    """(common directions, task-specific directions per update) of Iso-CTS for a merged rank ``rank``: the paper's
+    ``int(rank * fraction)`` common ones, adjusted so that the rest divides evenly between the ``tasks`` updates
+    (``round((rank - common) / tasks)`` each), keeping at least one common direction."""
+    if rank <= 0:
+        return 0, 0
+    common = int(rank * fraction)
+    per_task = min(round((rank - common) / tasks), (rank - 1) // tasks)
+    return rank - per_task * tasks, per_task
+
+
+@register
+class IsoCts(MergeMethod):
+    """Iso-CTS (Marczak et al. 2025, arXiv 2502.04959): isotropic merging in the common and task-specific subspaces.
+
+    ``sum w_i D_i = U diag(s) V^T`` (its non-zero part, rank ``R``, the paper's ``min(rows, cols)`` for full-rank task
+    matrices); its top ``k`` directions are the common subspace (:func:`iso_cts_split`: ``k`` about
+    ``common_space_fraction * R``, the remaining ``R - k`` split evenly between the N updates). Each weighted update
+    projected off the common subspace, ``(I - U_k U_k^T) w_i D_i``, gives its top ``(R - k) / N`` directions (only
+    those with support). The common and task-specific ``U``'s and ``V``'s are put side by side and orthogonalised by
+    Procrustes, and the spectrum is isotropic: ``lambda * mean(S) * U_perp V_perp^T`` with ``S`` every kept singular
+    value. ``common_space_fraction`` 1.0 is Iso-C; so is one update. Exactly low rank, returned as factors."""
+
+    name = "iso_cts"
+    low_rank_exact = True
+
+    @property
+    def schema(self) -> Mapping[str, Param]:
+        return catalogue_schema(self.name)
+
+    def merge(self, module: str, updates: Sequence[LoraUpdate], params: Mapping[str, Any]) -> MergedDelta:
+        active = _active(module, updates)
+        total = spectral_parts(*_stacked(active))
+        if not total.rank:
+            return _result(total.U, total.S, total.Vh, active[0].shape)
+        common, per_task = iso_cts_split(total.rank, len(active), float(params["common_space_fraction"]))
+        parts = [total.top(common)]
+        basis = parts[0].U
+        if per_task:
+            for u in active:
+                B, A = weighted_factors(u)
+                # zero below the largest of this update's and the sum's scales: ||D||_F from the factors
+                scale = max(float(total.S[0]), float(((B.T @ B) * (A @ A.T)).sum().clamp(min=0.0).sqrt()))
+                outside = spectral_parts(B - basis @ (basis.T @ B), A, floor=scale * SPECTRAL_CUTOFF)
+                parts.append(outside.top(per_task))
+        U = torch.cat([p.U for p in parts], dim=1)
+        S = torch.cat([p.S for p in parts])
+        Vh = torch.cat([p.Vh for p in parts], dim=0)
+        flat = torch.full_like(S, float(S.mean()) * float(params["lambda_"]))
+        return _result(procrustes(U), flat, procrustes(Vh.T).T, active[0].shape)
