@@ -1,9 +1,10 @@
 """Content fingerprints: the desired state of an expert or a merge, as one short hash.
 
 Same fingerprint, same S3 prefix, no second Job. Only what changes the *result* goes in: operational settings (poll
-interval, progress cadence, gradient checkpointing, the runtime) do not, so changing them never retrains. The number
-of training processes does when it is more than one (each optimiser step then sees processes x batchSize examples),
-and so does the parallelism with it; one process (0 or 1 GPU on one node) keeps the fingerprints it always had.
+interval, progress cadence, gradient checkpointing, the runtime, the collapse check) do not, so changing them never
+retrains. The number of training processes does when it is more than one (each optimiser step then sees processes x
+batchSize examples), and so does the parallelism with it; one process (0 or 1 GPU on one node) keeps the fingerprints
+it always had.
 """
 
 from __future__ import annotations
@@ -48,12 +49,20 @@ def training_fingerprint(
     data_digest: str,
     eval_data_digest: str | None,
     image: str,
+    init_adapter_digest: str | None = None,
 ) -> str:
     """hash(base model identity, data digests, dataset reading options, LoRA + training settings, trainer image; the
-    task type and label set for a sequence classifier)."""
+    task type and label set for a sequence classifier; the digest of the trunk adapter training starts from, for an
+    expert with spec.initFrom: a new trunk adapter is a new fingerprint)."""
     training = spec.training.model_dump(
         mode="json",
-        exclude={"gradient_checkpointing", "checkpoint_every_steps", "progress_every_steps", "parallelism"},
+        exclude={
+            "gradient_checkpointing",
+            "checkpoint_every_steps",
+            "progress_every_steps",
+            "parallelism",
+            "collapse_check",
+        },
     )
     processes = spec.resources.processes()
     if processes > 1:
@@ -79,6 +88,8 @@ def training_fingerprint(
     if spec.is_classifier:  # causal-lm fingerprints stay what they were before task types existed
         value["taskType"] = spec.task_type
         value["labels"] = list(spec.labels or [])
+    if init_adapter_digest is not None:  # experts without a trunk keep their fingerprints
+        value["init"] = init_adapter_digest
     return digest(value)
 
 
@@ -90,6 +101,7 @@ def merge_fingerprint(
     image: str,
     validation: Iterable[tuple[str, str | None]] = (),
     label_counts: Iterable[tuple[str, dict[str, int] | None]] = (),
+    reference_digest: str | None = None,
 ) -> str:
     """hash(method, parameters, sorted (language, adapter digest, weight), base model digest, output format, gate;
     with spec.search, the search space and each language's validation data location; for classifiers whose label
@@ -127,4 +139,6 @@ def merge_fingerprint(
     counts = sorted([lang, dict(sorted(c.items()))] for lang, c in label_counts if c is not None)
     if counts:  # merges without label counts keep the fingerprints they always had
         value["labelCounts"] = counts
+    if reference_digest is not None:  # merged relative to a trunk (spec.trunk): another result
+        value["reference"] = reference_digest
     return digest(value)

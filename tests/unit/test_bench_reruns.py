@@ -15,18 +15,24 @@ from langmerge_trainer.collapse import Verdict
 class _Stub:
     """The parts of a WorkloadRun train_all uses; a run collapses when its training seed is in ``collapsing``."""
 
-    def __init__(self, collapsing: set[tuple[str, int]]) -> None:
+    def __init__(self, collapsing: set[tuple[str, int]], trunk: bool = False) -> None:
         self.ctx = SimpleNamespace()
         self.collapsing = collapsing
         self.pools: list[list[str]] = []
+        self.trunk = trunk
+        self.inits: dict[tuple[str, int], int | None] = {}
 
     def roles(self) -> list[Role]:
+        init = "trunk" if self.trunk else None
+        out = [Role("trunk", "mul", ("it", "ja"), "trunk", "trunk")] if self.trunk else []
         return [
-            Role("expert:it", "it", ("it",), "initial", "it"),
+            *out,
+            Role("expert:it", "it", ("it",), "initial", "it", init),
             Role("joint", "mul", ("it", "ja"), "initial", "joint"),
         ]
 
-    def train_task(self, role: Role, seed: int) -> Any:
+    def train_task(self, role: Role, seed: int, init: Any = None) -> Any:
+        self.inits[(role.key, seed)] = init.seed if init is not None else None
         return SimpleNamespace(role=role.key, seed=seed)
 
     def verdict(self, role: Role, run: Any) -> Verdict:
@@ -77,3 +83,16 @@ def test_a_run_still_collapsed_after_the_last_attempt_stays_collapsed() -> None:
     trained = train_all(stub, [0], lambda _key: None, max_attempts=2, train=_pool(stub))  # type: ignore[arg-type]
     joint = trained[0]["joint"]
     assert len(joint.attempts) == 2 and joint.collapsed.collapsed and joint.run.seed == RERUN_SEED_STEP
+
+
+def test_experts_start_from_their_seeds_clean_trunk_once_it_is_settled() -> None:
+    stub = _Stub({("trunk", 0)}, trunk=True)
+    trained = train_all(stub, [0, 1], lambda _key: None, train=_pool(stub))  # type: ignore[arg-type]
+    # trunks and joint models first; seed 1's expert as soon as its trunk is clean; seed 0's after the rerun
+    assert stub.pools == [
+        ["0|joint", "0|trunk", "1|joint", "1|trunk"],
+        ["0|trunk", "1|expert:it"],
+        ["0|expert:it"],
+    ]
+    assert stub.inits[("expert:it", 1)] == 1 and stub.inits[("expert:it", 0)] == RERUN_SEED_STEP
+    assert [r.seed for r, _ in trained[0]["trunk"].attempts] == [0, RERUN_SEED_STEP]

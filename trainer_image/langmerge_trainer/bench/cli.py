@@ -39,6 +39,7 @@ from langmerge_trainer.bench.runner import (
     MAX_ATTEMPTS,
     RERUN_SEED_STEP,
     SEARCH,
+    TRUNK,
     Context,
     Evaluator,
     MethodSpec,
@@ -104,6 +105,11 @@ class Options:
     update_share: float = UPDATE_SHARE
     #: Training attempts per role (reruns of collapsed runs with the next seeds).
     max_attempts: int = MAX_ATTEMPTS
+    #: trunk (default) or independent; the trunk's epochs and share of the data, the branches' epochs.
+    recipe: str = TRUNK
+    trunk_epochs: int = 1
+    trunk_share: float = 1.0
+    branch_epochs: dict[str, int] = field(default_factory=dict)
     #: The workloads, built (and checked) before anything runs.
     built: dict[str, Workload] = field(default_factory=dict)
 
@@ -152,6 +158,20 @@ def build_parser() -> argparse.ArgumentParser:
         "and the merge search",
     )
     p.add_argument("--epochs", type=int, help="epochs of every training run (default 4)")
+    p.add_argument(
+        "--recipe",
+        choices=[TRUNK, "independent"],
+        help="trunk (default; independent with --via-operator): one adapter on every language's data first, each expert starts from it and the merge "
+        "works relative to it; independent: every expert starts from the base",
+    )
+    p.add_argument("--trunk-epochs", type=int, default=1, help="trunk recipe: the trunk's epochs (default 1)")
+    p.add_argument(
+        "--trunk-share",
+        type=float,
+        default=1.0,
+        help="trunk recipe: the share of each language's initial rows the trunk trains on (default 1.0)",
+    )
+    p.add_argument("--branch-epochs", type=int, help="trunk recipe: each expert's epochs (default: --epochs)")
     p.add_argument(
         "--max-attempts",
         type=int,
@@ -249,6 +269,13 @@ def options_from_args(args: argparse.Namespace, argv: Sequence[str]) -> Options:
         _positive(name, value, problems)
     for name, value in (("parallel", args.parallel), ("threads", args.threads), ("max-attempts", args.max_attempts)):
         _positive(name, value, problems)
+    recipe = args.recipe or ("independent" if args.via_operator else TRUNK)
+    if args.via_operator and recipe == TRUNK:
+        problems.append("--via-operator runs the story with independent experts (--recipe independent)")
+    _positive("trunk-epochs", args.trunk_epochs, problems)
+    _positive("branch-epochs", args.branch_epochs, problems)
+    if not 0.0 < args.trunk_share <= 1.0:
+        problems.append(f"--trunk-share must be in (0, 1] (got {args.trunk_share})")
     if not 0.0 < args.update_share <= 1.0:
         problems.append(f"--update-share must be in (0, 1] (got {args.update_share})")
     cuda = args.device.startswith("cuda")
@@ -297,6 +324,10 @@ def options_from_args(args: argparse.Namespace, argv: Sequence[str]) -> Options:
         topics=_csv(args.topics) if args.topics else None,
         update_share=args.update_share,
         max_attempts=args.max_attempts or (1 if args.quick else MAX_ATTEMPTS),
+        recipe=recipe,
+        trunk_epochs=args.trunk_epochs,
+        trunk_share=args.trunk_share,
+        branch_epochs={name: args.branch_epochs or epochs[name] for name in epochs},
     )
     opts.built = {name: build_workload(name, opts) for name in workloads}
     return opts
@@ -395,6 +426,10 @@ def build_workload(name: str, opts: Options) -> Workload:
             metrics=["eval_loss", "token_accuracy"],
             update_share=share,
         )
+    workload.recipe = opts.recipe
+    workload.trunk_epochs = opts.trunk_epochs
+    workload.trunk_share = opts.trunk_share
+    workload.branch_epochs = opts.branch_epochs.get(name, opts.epochs[name])
     if opts.max_test:
         for d in workload.data.values():
             d.test = cap_rows(d.test, opts.max_test)
@@ -522,7 +557,8 @@ def run(opts: Options) -> dict[str, Any]:
     workloads = [opts.built[name] for name in opts.workloads]
     # units per seed and workload: every training role, every merge, the joint model's evaluation per scenario
     per_seed = sum(
-        (len(w.languages) + (4 if w.new_language else 2)) + (len(opts.methods) + 1) * (3 if w.new_language else 2)
+        (len(w.languages) + (4 if w.new_language else 2) + (1 if w.recipe == TRUNK else 0))
+        + (len(opts.methods) + 1) * (3 if w.new_language else 2)
         for w in workloads
     )
     if opts.via_operator:
@@ -666,6 +702,14 @@ def workload_record(w: Workload, opts: Options, runs: list[dict[str, Any]], base
         "lora": w.lora,
         "training": w.training,
         "training_summary": _training_summary(w),
+        "recipe": {
+            "name": w.recipe,
+            **(
+                {"trunk_epochs": w.trunk_epochs, "trunk_share": w.trunk_share, "branch_epochs": w.branch_epochs}
+                if w.recipe == TRUNK
+                else {}
+            ),
+        },
         "data": {lang: d.counts() for lang, d in w.data.items()},
         "update": {
             "share": w.update_share,

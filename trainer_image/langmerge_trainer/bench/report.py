@@ -216,8 +216,13 @@ def cost_summary(w: dict[str, Any]) -> dict[str, Any]:
             row: dict[str, Any] = {}
             for field in COST_FIELDS:
                 if scenario == "initial":
-                    train = [_total(c["experts"], field) for c in runs]
-                    parallel = [max(float(x[field]) for x in c["experts"].values()) for c in runs]
+                    # the trunk (trunk recipe) trains first, then the experts in parallel
+                    trunk = [float(c["trunk"][field]) if "trunk" in c else 0.0 for c in runs]
+                    train = [_total(c["experts"], field) + t for c, t in zip(runs, trunk, strict=True)]
+                    parallel = [
+                        max(float(x[field]) for x in c["experts"].values()) + t
+                        for c, t in zip(runs, trunk, strict=True)
+                    ]
                 else:
                     train = [float(c["expert"][field]) for c in runs]
                     parallel = train
@@ -400,7 +405,11 @@ def cost_table(w: dict[str, Any], summary: dict[str, Any]) -> str:
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     titles = {
-        "initial": ("initial training", "every expert + the merge", "up to 50% less (wall time)"),
+        "initial": (
+            "initial training",
+            "the trunk + every expert + the merge" if _trunk(w) else "every expert + the merge",
+            "up to 50% less (wall time)",
+        ),
         "maintenance": (
             f"maintenance: +{w['update']['actual_share'] * 100:.0f}% data for {w['updated_language']}"
             if w.get("update", {}).get("actual_share") is not None
@@ -429,6 +438,24 @@ def cost_table(w: dict[str, Any], summary: dict[str, Any]) -> str:
                 f"{_pct(wall['saving_parallel'])} | up to {PAPER_INITIAL_SAVING * 100:.0f}% less |"
             )
     return "\n".join(lines)
+
+
+def _trunk(w: dict[str, Any]) -> bool:
+    return (w.get("recipe") or {}).get("name") == "trunk"
+
+
+def recipe_statement(w: dict[str, Any]) -> str:
+    recipe = w.get("recipe") or {}
+    if recipe.get("name") != "trunk":
+        return "Recipe: independent experts (each trained from the base)."
+    share = recipe.get("trunk_share", 1.0)
+    return (
+        f"Recipe: a shared trunk: one adapter trained for {recipe['trunk_epochs']} epoch(s) on "
+        + ("every initial language's training data" if share >= 1 else f"{share:.0%} of each initial language's data")
+        + f", then each language's expert trained for {recipe['branch_epochs']} epoch(s) starting from it (the "
+        "updated and the new language's too), merged relative to it (the trunk's update counted once). The joint "
+        "model trains from the base as before."
+    )
 
 
 def data_table(w: dict[str, Any]) -> str:
@@ -579,7 +606,7 @@ def markdown(record: dict[str, Any], *, plots_dir: str = ".") -> str:
             f"{w['updated_language']}; new language: {w.get('new_language') or '-'}. Training per adapter: "
             f"{w['training_summary']}." + (f" Labels: {', '.join(w['labels'])}." if w.get("labels") else "")
         )
-        lines += ["", "### Data", "", data_table(w), "", split_statement(w)]
+        lines += ["", recipe_statement(w), "", "### Data", "", data_table(w), "", split_statement(w)]
         for scenario, title in (
             ("initial", "Quality"),
             ("maintenance", f"Quality after the maintenance update of {w['updated_language']}"),
@@ -687,7 +714,7 @@ def readme_block(record: dict[str, Any], *, plot_path: str) -> str:
         s = w["summary"]
         title = METRIC_STYLE.get(w["metric"], (w["metric"],))[0]
         lines += ["", f"**{w['name']}** ({w['description']}; {w['base_model']}):", ""]
-        lines += [data_table(w), "", split_statement(w), ""]
+        lines += [recipe_statement(w), "", data_table(w), "", split_statement(w), ""]
         lines.append(quality_table(w, s, w["metric"]))
         lines += ["", f"Differences ({title}, 95% intervals over seeds and test examples):", ""]
         lines.append(difference_table(w, s, w["metric"]))

@@ -63,10 +63,10 @@ from langmerge.artifacts import AdapterManifest, BaseModelIdentity, MergeManifes
 from langmerge.fingerprint import merge_fingerprint, training_fingerprint
 from langmerge.merge_catalogue import METHOD_NAMES, METHODS
 from langmerge.store import ObjectStore
-from langmerge.tasks import MergeTask, MergeTaskInput, TrainTask
+from langmerge.tasks import AdapterSource, MergeTask, MergeTaskInput, TrainTask
 from langmerge_trainer.bench.errors import BenchError
 from langmerge_trainer.bench.stats import scores_record
-from langmerge_trainer.bench.workloads import LanguageData, Workload
+from langmerge_trainer.bench.workloads import LanguageData, Workload, cap_rows
 from langmerge_trainer.collapse import HEALTHY, Verdict, causal_lm_verdict, classifier_verdict
 from langmerge_trainer.data import Example
 
@@ -303,6 +303,12 @@ class Role:
     languages: tuple[str, ...]
     scenario: str
     label: str
+    #: The role whose adapter this one starts from (the trunk), if any.
+    init: str | None = None
+
+
+#: The trunk role of the trunk recipe: one adapter on every initial language's data, the experts' starting point.
+TRUNK = "trunk"
 
 
 class WorkloadRun:
@@ -343,41 +349,57 @@ class WorkloadRun:
         if not store.list_objects(train):
             for lang in languages:
                 d: LanguageData = self.w.data[lang]
-                upload_rows(store, d.train, f"{train}/{lang}-0.jsonl")
+                upload_rows(store, self.rows_of(lang, scenario), f"{train}/{lang}-0.jsonl")
                 if scenario == "updated" and d.update:
                     upload_rows(store, d.update, f"{train}/{lang}-1.jsonl")
                 upload_rows(store, d.validation or d.test, f"{validation}/{lang}.jsonl")
         return train, validation
 
+    def rows_of(self, language: str, scenario: str) -> list[dict[str, str]]:
+        """A language's initial training rows in a scenario: all of them, or the trunk's share."""
+        d = self.w.data[language]
+        if scenario != TRUNK or self.w.trunk_share >= 1.0:
+            return d.train
+        return cap_rows(d.train, max(1, round(self.w.trunk_share * len(d.train))))
+
     def training_rows(self, role: Role) -> list[dict[str, str]]:
         rows: list[dict[str, str]] = []
         for lang in role.languages:
             d = self.w.data[lang]
-            rows += d.train + (d.update if role.scenario == "updated" else [])
+            rows += self.rows_of(lang, role.scenario) + (d.update if role.scenario == "updated" else [])
         return rows
 
     # .. tasks ..
     def roles(self) -> list[Role]:
-        """Every training role of a seed: ``expert:<lang>``, ``joint``, ``expert-update:<lang>``, ``joint-update``,
-        ``expert-new:<lang>``, ``joint-new``."""
+        """Every training role of a seed: ``trunk`` (the trunk recipe), ``expert:<lang>``, ``joint``,
+        ``expert-update:<lang>``, ``joint-update``, ``expert-new:<lang>``, ``joint-new``; the experts of the trunk recipe
+        start from the trunk (also the updated and the new language's)."""
         w = self.w
-        out = [Role(f"expert:{lang}", lang, (lang,), "initial", lang) for lang in w.languages]
+        init = TRUNK if w.recipe == TRUNK else None
+        out = [Role(TRUNK, JOINT, tuple(w.languages), TRUNK, TRUNK)] if init else []
+        out += [Role(f"expert:{lang}", lang, (lang,), "initial", lang, init) for lang in w.languages]
         out.append(Role("joint", JOINT, tuple(w.languages), "initial", "joint"))
         up = w.updated_language
-        out.append(Role(f"expert-update:{up}", up, (up,), "updated", f"{up}-updated"))
+        out.append(Role(f"expert-update:{up}", up, (up,), "updated", f"{up}-updated", init))
         out.append(Role("joint-update", JOINT, tuple(w.languages), "updated", "joint-updated"))
         if w.new_language:
             new = w.new_language
-            out.append(Role(f"expert-new:{new}", new, (new,), "initial", new))
+            out.append(Role(f"expert-new:{new}", new, (new,), "initial", new, init))
             out.append(Role("joint-new", JOINT, tuple(w.all_languages), "initial", "joint-new"))
         return out
 
     def task_name(self, role: Role, seed: int) -> str:
         return object_name(self.w.name, role.label, f"s{seed}")
 
-    def train_task(self, role: Role, seed: int) -> TrainTask:
+    def train_task(self, role: Role, seed: int, init: TrainRun | None = None) -> TrainTask:
+        """The training Job's task of a role; ``init``: the trunk run it starts from."""
         w = self.w
         train_uri, validation_uri = self.dataset_prefix(role.scenario, role.languages)
+        training = dict(w.training)
+        if role.scenario == TRUNK:
+            training["epochs"] = w.trunk_epochs
+        elif role.init is not None:
+            training["epochs"] = w.branch_epochs
         spec_doc: dict[str, Any] = {
             "language": role.language,
             "task": w.name,
@@ -385,7 +407,7 @@ class WorkloadRun:
             "baseModel": {"uri": self.base_uri},
             "dataset": {"uri": train_uri, "evalUri": validation_uri},
             "lora": w.lora,
-            "training": {**w.training, "seed": seed, "checkpointEverySteps": 100000, "progressEverySteps": 50},
+            "training": {**training, "seed": seed, "checkpointEverySteps": 100000, "progressEverySteps": 50},
             "resources": {"gpus": 1 if self.ctx.device.startswith("cuda") else 0},
         }
         if w.labels:
@@ -394,8 +416,19 @@ class WorkloadRun:
         store = self.ctx.store
         data_digest, _ = store.prefix_digest(train_uri)
         eval_digest, _ = store.prefix_digest(validation_uri)
+        source = None
+        if init is not None:
+            manifest = init.manifest
+            source = AdapterSource(
+                uri=manifest.adapter_uri, digest=manifest.adapter_digest, source=f"trunk {init.name}"
+            )
         fingerprint = training_fingerprint(
-            spec, base_model_digest=self.base_digest, data_digest=data_digest, eval_data_digest=eval_digest, image=IMAGE
+            spec,
+            base_model_digest=self.base_digest,
+            data_digest=data_digest,
+            eval_data_digest=eval_digest,
+            image=IMAGE,
+            init_adapter_digest=source.digest if source else None,
         )
         name = self.task_name(role, seed)
         return TrainTask(
@@ -408,6 +441,7 @@ class WorkloadRun:
             data_digest=data_digest,
             eval_data_digest=eval_digest,
             image=IMAGE,
+            init_adapter=source,
         )
 
     def verdict(self, role: Role, run: TrainRun) -> Verdict:
@@ -421,7 +455,9 @@ class WorkloadRun:
         return causal_lm_verdict(m.eval_loss, base.eval_loss if base else None)
 
     # .. merging ..
-    def merge_step(self, method: MethodSpec, experts: dict[str, TrainRun], *, name: str) -> MergeRun:
+    def merge_step(
+        self, method: MethodSpec, experts: dict[str, TrainRun], *, name: str, reference: TrainRun | None = None
+    ) -> MergeRun:
         """Merge the experts' adapters with one merge config, through the merge Job's code (its evaluation off: the
         benchmark evaluates every model on the same test examples itself and counts that as the Job's)."""
         languages = sorted(experts)
@@ -478,6 +514,8 @@ class WorkloadRun:
             base_model_digest=self.base_digest,
             image=IMAGE,
             validation=[(i.language, i.dataset.validation_uri) for i in inputs],
+            label_counts=[(i.language, i.label_counts) for i in inputs],
+            reference_digest=reference.manifest.adapter_digest if reference is not None else None,
         )
         task = MergeTask(
             fingerprint=fingerprint,
@@ -492,6 +530,11 @@ class WorkloadRun:
             evaluation=spec.evaluation,
             image=IMAGE,
             search=spec.search,
+            reference=AdapterSource(
+                uri=reference.manifest.adapter_uri, digest=reference.manifest.adapter_digest, source="trunk"
+            )
+            if reference is not None
+            else None,
         )
         from langmerge_trainer.merge.job import run_merge_task
 
@@ -564,30 +607,41 @@ def train_all(
     max_attempts: int = MAX_ATTEMPTS,
     train: Callable[[Context, dict[str, TrainTask], Callable[[str], None]], dict[str, TrainRun]] | None = None,
 ) -> dict[int, dict[str, Trained]]:
-    """Every role of every seed, in one pool; then reruns of the collapsed ones with the next seeds, in one pool per
-    round, up to ``max_attempts`` attempts. Returns seed -> role key -> its attempts. ``train`` runs a pool of tasks
-    (:func:`run_training`)."""
+    """Every role of every seed, in pools of the roles that can start (a branch once its trunk is settled); a
+    collapsed run is trained again with the next seed, up to ``max_attempts`` attempts. Returns seed -> role key ->
+    its attempts. ``train`` runs a pool of tasks (:func:`run_training`)."""
     train = train or run_training
     roles = {role.key: role for role in wr.roles()}
     trained: dict[int, dict[str, Trained]] = {seed: {key: Trained(key) for key in roles} for seed in seeds}
-    pending = [(seed, key) for seed in seeds for key in roles]
-    for attempt in range(max_attempts):
-        if not pending:
-            break
-        tasks = {f"{seed}|{key}": wr.train_task(roles[key], seed + RERUN_SEED_STEP * attempt) for seed, key in pending}
+    pending = {(seed, key) for seed in seeds for key in roles}
+
+    def settled(seed: int, key: str) -> bool:
+        t = trained[seed][key]
+        return (seed, key) not in pending and bool(t.attempts)
+
+    while pending:
+        ready = sorted(
+            (seed, key) for seed, key in pending if roles[key].init is None or settled(seed, roles[key].init or "")
+        )
+        if not ready:
+            raise BenchError(f"training roles wait for each other: {sorted(pending)}")
+        tasks = {}
+        for seed, key in ready:
+            role = roles[key]
+            attempt = len(trained[seed][key].attempts)
+            init = trained[seed][role.init].run if role.init is not None else None
+            tasks[f"{seed}|{key}"] = wr.train_task(role, seed + RERUN_SEED_STEP * attempt, init)
         done = train(wr.ctx, tasks, lambda k: on_done(k.split("|", 1)[1]))
-        pending = []
         for flat, run in done.items():
             seed_text, key = flat.split("|", 1)
             seed = int(seed_text)
             verdict = wr.verdict(roles[key], run)
             trained[seed][key].attempts.append((run, verdict))
+            again = verdict.collapsed and len(trained[seed][key].attempts) < max_attempts
             if verdict.collapsed:
-                log.warning(
-                    "%s collapsed (%s)%s", run.name, verdict.reason, "; rerun" if attempt + 1 < max_attempts else ""
-                )
-                pending.append((seed, key))
-        pending.sort()
+                log.warning("%s collapsed (%s)%s", run.name, verdict.reason, "; rerun" if again else "")
+            if not again:
+                pending.discard((seed, key))
     return trained
 
 
@@ -739,7 +793,12 @@ class SeedRun:
         costs: dict[str, Any] = {}
         suffix = "" if scenario == "initial" else f"-{scenario}"
         for method in wr.methods:
-            merge = wr.merge_step(method, runs, name=object_name(w.name, _slug(method.label) + suffix, f"s{self.seed}"))
+            merge = wr.merge_step(
+                method,
+                runs,
+                name=object_name(w.name, _slug(method.label) + suffix, f"s{self.seed}"),
+                reference=self.trained[TRUNK].run if TRUNK in self.trained else None,
+            )
             ev = self.evaluator.evaluate_merge(merge, languages)
             wr.discard(merge)
             # what the operator's merge Job evaluates before publishing: the merged model, and each expert alone
@@ -778,6 +837,7 @@ class SeedRun:
                 "experts": {lang: self.trained[f"expert:{lang}"].cost() for lang in languages},
                 "joint": self.trained["joint"].cost(),
                 "merges": merge_costs,
+                **({"trunk": self.trained[TRUNK].cost()} if TRUNK in self.trained else {}),
             },
         }
         # maintenance: the updated language's expert retrains on +25% data; re-merged with every method

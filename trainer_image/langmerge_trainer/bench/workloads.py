@@ -86,6 +86,13 @@ class Workload:
     update_share: float = UPDATE_SHARE
     #: What the report says about the choice of topics (labels), if anything.
     labels_note: str | None = None
+    #: ``trunk``: one adapter on every initial language's data first, each expert starts from it (merged relative to
+    #: it); ``independent``: every expert starts from the base.
+    recipe: str = "independent"
+    #: The trunk's epochs, its share of each language's initial rows, and the branches' epochs (trunk recipe).
+    trunk_epochs: int = 1
+    trunk_share: float = 1.0
+    branch_epochs: int = 4
 
     @property
     def all_languages(self) -> list[str]:
