@@ -241,7 +241,11 @@ REFACTOR_BOUND_MESSAGE = (
 )
 
 Behaviour = Callable[[Any, str], str]
-"""(job, fingerprint) -> "succeed" | "succeed-on-read-data" | "fail" | "fail-bound" | "fail-silently" | "hang".
+"""(job, fingerprint) -> "succeed" | "succeed-on-read-data" | "fail" | "fail-bound" | "fail-silently" | "collapse" |
+"hang".
+
+"collapse" is a training Job whose adapter collapsed: the trainer commits nothing and records ``Collapsed`` with the
+seed the attempt used (spec seed + 1000 per earlier collapsed attempt, from the failure records in S3).
 
 "succeed-on-read-data" is a training Job that finds the data changed since the operator listed it: it commits the
 adapter of the data as it is now under that data's fingerprint and leaves a ``DataChanged`` record, as the trainer
@@ -344,6 +348,19 @@ class SimulatedJobs:
                 attempt=attempt,
             )
             self.store.put_json(artifacts.failure_uri(prefix, attempt), record, if_none_match=True)
+        if mode == "collapse":  # what the trainer records when the adapter it trained collapsed
+            task = TrainTask.model_validate_json(task_json)
+            seed = training_seed(self.store, task)
+            record = FailureRecord(
+                fingerprint=task_fp,
+                error_class=artifacts.COLLAPSED,
+                message=f"the trained adapter collapsed on its eval split with seed {seed}: predicts money for 10 of "
+                f"10 inputs (100%); it was not committed (a retry trains with seed {seed + artifacts.RESEED_STEP})",
+                retryable=True,
+                attempt=attempt,
+                seed=seed,
+            )
+            self.store.put_json(artifacts.failure_uri(prefix, attempt), record)
         if mode == "fail-bound":  # what the merge engine reports when a PEFT adapter cannot meet the error bound
             record = FailureRecord(
                 fingerprint=task_fp,
@@ -361,6 +378,13 @@ class SimulatedJobs:
             "lastTransitionTime": now(),
         }
         self._patch(batch, job.metadata.name, {"active": 0, "failed": 1, "conditions": [cond]})
+
+
+def training_seed(store: ObjectStore, task: TrainTask) -> int:
+    """The seed the trainer trains ``task``'s attempt with (from the failure records of its earlier attempts)."""
+    from langmerge.controller.attempts import failure_records
+
+    return artifacts.attempt_seed(task.spec.training.seed, failure_records(store, task.output_uri), task.attempt)
 
 
 def write_fake_adapter(
@@ -402,6 +426,7 @@ def write_fake_adapter(
         started_at=now(),
         finished_at=now(),
         requested_fingerprint=requested_fingerprint,
+        seed=training_seed(store, task),
     )
     store.put_json(artifacts.join(task.output_uri, artifacts.MANIFEST), manifest, if_none_match=True)
     return manifest

@@ -35,6 +35,7 @@ readable the same way.
 from __future__ import annotations
 
 import secrets
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
@@ -230,6 +231,9 @@ class AdapterManifest(Record):
     #: The data digest the operator listed, when it differs from ``data_digest`` (what the trainer read) and the
     #: trainer could not compute the fingerprint of what it read (an operator of another version).
     listed_data_digest: str | None = None
+    #: The seed the adapter was trained with (:func:`attempt_seed`: ``training.seed`` plus :data:`RESEED_STEP` per
+    #: earlier attempt of this fingerprint that collapsed); None in manifests written before it was recorded.
+    seed: int | None = None
 
 
 class MergeInputRecord(Record):
@@ -362,6 +366,12 @@ DATA_CHANGED = "DataChanged"
 #: ``FailureRecord.error_class`` of an attempt whose Job or TrainJob failed after its trainer stopped on SIGTERM with
 #: a checkpoint (a preemption, a drained node): a disruption, not counted against ``retry.limit``.
 DISRUPTED = "Disrupted"
+#: ``FailureRecord.error_class`` of an attempt whose trained adapter collapsed (a classifier predicting one label for
+#: nearly every input, a loss at the label-frequency baseline, a causal LM not below its base): nothing was committed,
+#: and the next attempt trains with another seed (:func:`attempt_seed`). Counted against ``retry.limit``.
+COLLAPSED = "Collapsed"
+#: How much higher the seed of an attempt is per earlier attempt of its fingerprint that collapsed.
+RESEED_STEP = 1000
 
 
 class FailureRecord(Record):
@@ -378,6 +388,21 @@ class FailureRecord(Record):
     #: The attempt ended because its pods were disrupted (preempted, drained) after the trainer saved a checkpoint:
     #: the next attempt starts at once and resumes; it does not count against ``retry.limit``.
     disruption: bool = False
+    #: The training seed the attempt used (recorded for a :data:`COLLAPSED` attempt).
+    seed: int | None = None
+
+
+def collapsed_attempts(records: Mapping[int, FailureRecord], before: int) -> int:
+    """How many attempts numbered below ``before`` have a failure record saying their adapter collapsed."""
+    return sum(1 for attempt, record in records.items() if attempt < before and record.error_class == COLLAPSED)
+
+
+def attempt_seed(seed: int, records: Mapping[int, FailureRecord], attempt: int) -> int:
+    """The training seed of ``attempt`` of a fingerprint: ``seed`` (``spec.training.seed``) plus
+    :data:`RESEED_STEP` for every earlier attempt whose failure record (``records``: attempt -> record, as in S3)
+    says :data:`COLLAPSED`. The same records give the same seed: the trainer, a restarted pod and the operator's
+    history agree without anything else being stored."""
+    return seed + RESEED_STEP * collapsed_attempts(records, attempt)
 
 
 class PreemptionRecord(Record):

@@ -94,6 +94,7 @@ def expert_history(obj: dict[str, Any]) -> str:
             h.fingerprint,
             h.data_digest or "-",
             h.job or "-",
+            h.seed if h.seed is not None else "-",
             h.tokens if h.tokens is not None else "-",
             _fmt(h.wall_seconds, 1),
             _fmt(h.gpu_seconds, 1),
@@ -103,7 +104,8 @@ def expert_history(obj: dict[str, Any]) -> str:
         for h in status.history
     ]
     return table(
-        ["FINISHED", "RESULT", "FINGERPRINT", "DATA", "JOB", "TOKENS", "WALL-S", "GPU-S", "CPU-S", "MESSAGE"], rows
+        ["FINISHED", "RESULT", "FINGERPRINT", "DATA", "JOB", "SEED", "TOKENS", "WALL-S", "GPU-S", "CPU-S", "MESSAGE"],
+        rows,
     )
 
 

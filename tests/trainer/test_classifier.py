@@ -24,6 +24,7 @@ from langmerge_trainer.train import run_train_task
 
 LABELS = ["money", "science"]
 LANGUAGES = ("it", "ja")
+TRAINING = {"epochs": 8, "learningRate": 2e-2, "batchSize": 8, "maxSeqLength": 48, "seed": 3}
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +57,7 @@ def classifier_task(bucket: str, base: BaseModelIdentity, language: str, fp: str
         "baseModel": {"uri": base.uri},
         "dataset": {"uri": f"s3://{bucket}/data/{language}", "evalUri": f"s3://{bucket}/test/{language}"},
         "lora": {"rank": 4, "alpha": 8, "dropout": 0.0, "targetModules": ["query", "value", "dense"]},
-        "training": {"epochs": 8, "learningRate": 2e-2, "batchSize": 8, "maxSeqLength": 48, "seed": 3},
+        "training": TRAINING,
         "resources": {"gpus": 0},
         **spec,
     }
@@ -77,7 +78,10 @@ def experts(s3: ObjectStore, env: tuple[str, BaseModelIdentity]) -> list[tuple[T
     bucket, base = env
     out = []
     for i, lang in enumerate(LANGUAGES):
-        task = classifier_task(bucket, base, lang, f"cls{i:013d}")
+        # The tiny random encoder collapses on ja (science for every input): these tests are about the mechanics of
+        # heads, merges and loading, so that adapter is committed anyway (test_trainer_collapse covers the check).
+        training = {**TRAINING, "collapseCheck": False}
+        task = classifier_task(bucket, base, lang, f"cls{i:013d}", training=training)
         out.append((task, run_train_task(task, s3, device="cpu")))
     return out
 

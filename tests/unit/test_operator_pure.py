@@ -224,6 +224,7 @@ def test_training_fingerprint_changes_with_what_changes_the_result(change: dict[
         {"schedule": {"pollIntervalSeconds": 30}},
         {"training": {"gradientCheckpointing": True}},
         {"training": {"progressEverySteps": 1}},
+        {"training": {"collapseCheck": False}},
         {"suspend": True},
         {"onChange": "restart"},
         {"retry": {"limit": 5}},

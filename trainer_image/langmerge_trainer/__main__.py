@@ -16,8 +16,8 @@ Verbs::
 Exit status (``langmerge.constants``; a Job's podFailurePolicy fails the Job at once on 2 and 4):
 
     0  done (or nothing to do)
-    1  failed in a way another attempt may not (S3 or the node had a problem); a failure record was written where the
-       verb has one
+    1  failed in a way another attempt may not (S3 or the node had a problem, the trained adapter collapsed); a failure
+       record was written where the verb has one
     2  usage error: the command line or the task document is invalid
     3  preempted: a checkpoint was saved and a new attempt resumes from it
     4  an error no retry can fix (bad data, bad spec, inputs that changed); a non-retryable failure record was written

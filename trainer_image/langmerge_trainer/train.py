@@ -9,14 +9,21 @@ What a run does, in order:
    (the data changed in between), train on what was read, under the fingerprint of that data (a sibling prefix),
    and leave a ``DataChanged`` record for this attempt that tells the operator to list the data again
    (:meth:`_Run.follow_data`). Fetch the base model into the local cache
-   (:mod:`langmerge_trainer.modelcache`), wrap it with a fresh LoRA adapter (seeded), evaluate the base alone.
+   (:mod:`langmerge_trainer.modelcache`), wrap it with a fresh LoRA adapter (seeded), evaluate the base alone. The
+   attempt's seed (adapter initialisation, dropout, data order) is ``training.seed`` plus 1000 per earlier attempt of
+   the fingerprint whose failure record says ``Collapsed`` (:func:`langmerge.artifacts.attempt_seed`); the manifest
+   records it.
 3. Resume from ``checkpoints/latest.json`` if a previous attempt left one, then run our own loop
    (:class:`TrainingLoop`): AdamW, linear warm-up and decay, gradient clipping, loss on completion tokens only, the
    token-level mean over each optimiser step whatever its split into micro-batches. Progress goes to
    ``progress.json``; a resumable checkpoint (adapter weights, optimiser, scheduler, RNG, step and data-order state)
    to ``checkpoints/step-<n>/`` with ``latest.json`` moved after it. On CPU a resumed run ends bit-identical to an
    uninterrupted one.
-4. Evaluate, upload ``adapter_model.safetensors`` and ``adapter_config.json`` under this run's own prefix
+4. Evaluate, and judge the adapter on those figures (:mod:`langmerge_trainer.collapse`; off with
+   ``training.collapseCheck: false``): a collapsed adapter is never committed. The attempt then raises
+   :class:`Collapsed` (retryable: the next attempt trains with the next seed) and its checkpoints are deleted, so
+   that no later attempt resumes the collapsed run.
+5. Upload ``adapter_model.safetensors`` and ``adapter_config.json`` under this run's own prefix
    ``attempts/<n>-<run>/adapter/``, then commit ``manifest.json`` last with ``IfNoneMatch='*'``: it names exactly
    those files. A run that loses the commit to another keeps nothing (its own prefix is deleted). After the commit
    the checkpoints and other runs' uploads are deleted (``TrainTask.keep_checkpoints`` keeps the checkpoints).
@@ -62,9 +69,11 @@ from torch import nn
 
 from langmerge.api.expert import Batching, LanguageExpertSpec, Lora, Metrics, Training, TrainingResources
 from langmerge.artifacts import (
+    COLLAPSED,
     DATA_CHANGED,
     MANIFEST,
     PROGRESS,
+    RESEED_STEP,
     AdapterManifest,
     CheckpointPointer,
     Cost,
@@ -75,6 +84,7 @@ from langmerge.artifacts import (
     Versions,
     adapter_uri,
     attempt_prefix,
+    attempt_seed,
     checkpoints_uri,
     failure_uri,
     join,
@@ -84,9 +94,10 @@ from langmerge.artifacts import (
     utcnow,
 )
 from langmerge.fingerprint import training_fingerprint
-from langmerge.store import ObjectStore, PreconditionFailed, file_sha256, files_digest
+from langmerge.store import MalformedRecord, ObjectStore, PreconditionFailed, file_sha256, files_digest
 from langmerge.tasks import TrainTask
 from langmerge_trainer.branch import AdapterDigestMismatch, InitAdapterError, download_checked, load_init_adapter
+from langmerge_trainer.collapse import adapter_verdict
 from langmerge_trainer.data import DataError, LoadedData, label_counts, limit_examples, load_dataset
 from langmerge_trainer.distributed import (
     SINGLE,
@@ -152,6 +163,25 @@ class Preempted(Exception):
         super().__init__(f"preempted at step {step} ({reason}); checkpoint saved")
         self.step = step
         self.reason = reason
+
+
+class Collapsed(Exception):
+    """The trained adapter is collapsed (:mod:`langmerge_trainer.collapse`): it is not committed. Retryable: the
+    next attempt of the fingerprint trains with another seed. Its name is the failure record's ``error_class``
+    (:data:`langmerge.artifacts.COLLAPSED`), which the operator recognises."""
+
+    def __init__(self, message: str, seed: int) -> None:
+        super().__init__(message)
+        self.seed = seed
+
+    @classmethod
+    def of(cls, reason: str, seed: int) -> Collapsed:
+        """What collapsed (``reason``, the verdict's) and with which seed."""
+        return cls(
+            f"the trained adapter collapsed on its eval split with seed {seed}: {reason}; it was not committed "
+            f"(a retry trains with seed {seed + RESEED_STEP})",
+            seed,
+        )
 
 
 #: Errors that a retry of the same task cannot fix.
@@ -741,6 +771,8 @@ class _Run:
         self.listed_data_digest: str | None = None
         #: This run's own upload prefix: no other run writes there.
         self.run_prefix = attempt_prefix(self.prefix, task.attempt, new_run_id())
+        #: This attempt's training seed (:meth:`attempt_seed`).
+        self.seed = task.spec.training.seed
         self.clock = _Clock()
         self.started_at = utcnow()
         self._progress_paused_until = 0.0
@@ -767,6 +799,7 @@ class _Run:
             folder,
             {
                 "fingerprint": self.fingerprint,
+                "seed": self.seed,
                 "wall_seconds": self.clock.wall(),
                 "cpu_seconds": self.clock.cpu(),
                 "started_at": self.started_at,
@@ -849,6 +882,7 @@ class _Run:
         valid = (
             state.get("version") == CHECKPOINT_VERSION
             and state.get("fingerprint") == self.fingerprint
+            and state.get("seed", self.task.spec.training.seed) == self.seed
             and isinstance(step, int)
             and 0 < step <= loop.total_steps
             and state.get("data") == loop.data_state(step)
@@ -867,6 +901,7 @@ class _Run:
             log.info("%s is committed already: nothing to do", join(self.prefix, MANIFEST))
             self.clean_up(existing)
             return existing
+        self.seed = world.on_main(self.attempt_seed, what="reading the failure records")
         if spec.resources.processes() != world.size:
             log.warning(
                 "the spec asks for %d training process(es) (nodes x GPUs), %d run",
@@ -890,7 +925,7 @@ class _Run:
                 source = task.init_adapter
                 init_dir = download_checked(self.store, source.uri, source.digest, Path(init_tmp) / "trunk")
                 log.info("starting from %s (%s, digest %s)", source.source or "an adapter", source.uri, source.digest)
-            prepared = prepare_training(spec, base_dir, data, self.device, init_dir=init_dir)
+            prepared = prepare_training(spec, base_dir, data, self.device, seed=self.seed, init_dir=init_dir)
         model = prepared.model
         eval_examples = prepared.eval_examples
         running = wrap_model(model, str(training.parallelism), world, self.device, prepared.objective.loss_sum)
@@ -911,7 +946,7 @@ class _Run:
         loop = TrainingLoop(
             running,
             prepared.train_items,
-            training,
+            training.model_copy(update={"seed": self.seed}),  # the attempt's seed orders the data too
             pad_token_id=prepared.pad_token_id,
             device=self.device,
             objective=prepared.objective,
@@ -925,6 +960,11 @@ class _Run:
             self.progress("evaluating", step=loop.step, total_steps=loop.total_steps)
             metrics = evaluate()
             log.info("adapter on the eval split: %s", _fmt(metrics))
+            train_counts = label_counts(data.train, spec.labels) if spec.is_classifier and spec.labels else None
+            if training.collapse_check:
+                world.on_main(
+                    lambda: self.judge(metrics, base_metrics, eval_examples, train_counts), what="judging the adapter"
+                )
             self.progress("committing", step=loop.step, total_steps=loop.total_steps)
             out = work / "adapter"
             # The config names the base by its S3 URI (not this pod's cache path), so the committed bytes do not
@@ -940,13 +980,72 @@ class _Run:
                     data_counts=(len(data.train), len(eval_examples), data.skipped_lines),
                     loop=loop,
                     resumed_from=resumed_from,
-                    label_counts=label_counts(data.train, spec.labels) if spec.is_classifier and spec.labels else None,
+                    label_counts=train_counts,
                 ),
                 what="committing the adapter",
             )
         self.note_data_changed()
         self.progress("done", step=loop.step, total_steps=loop.total_steps)
         return manifest
+
+    def attempt_seed(self) -> int:
+        """This attempt's seed, from the failure records of the task's attempts so far (rank 0).
+
+        A record of this very attempt saying ``Collapsed`` was left by an earlier pod of the same Job (its
+        ``backoffLimit`` starts another): training it again with the same seed would collapse again, so this raises
+        :class:`Collapsed` at once, and the operator's next attempt gets the next seed."""
+        task = self.task
+        records: dict[int, FailureRecord] = {}
+        for attempt in range(1, task.attempt + 1):
+            uri = failure_uri(task.output_uri, attempt)
+            try:
+                record = self.store.get_record(uri, FailureRecord)
+            except MalformedRecord as err:
+                log.warning("%s; not counted for the seed", err)
+                continue
+            if record is not None:
+                records[attempt] = record
+        own = records.get(task.attempt)
+        if own is not None and own.error_class == COLLAPSED:
+            log.error("attempt %d collapsed already (%s): not training it again", task.attempt, own.message)
+            raise Collapsed(own.message, own.seed if own.seed is not None else task.spec.training.seed)
+        seed = attempt_seed(task.spec.training.seed, records, task.attempt)
+        if seed != task.spec.training.seed:
+            log.warning(
+                "training with seed %d: spec seed %d + %d per earlier attempt that collapsed",
+                seed,
+                task.spec.training.seed,
+                RESEED_STEP,
+            )
+        return seed
+
+    def judge(
+        self,
+        metrics: Metrics,
+        base_metrics: Metrics,
+        eval_examples: Sequence[Any],
+        train_counts: dict[str, int] | None,
+    ) -> None:
+        """Raise :class:`Collapsed` if the adapter is collapsed on its eval split (rank 0), after deleting this
+        fingerprint's checkpoints: the next attempt, with another seed, must not resume the collapsed run."""
+        spec = self.task.spec
+        classifier = spec.is_classifier and bool(spec.labels)
+        verdict = adapter_verdict(
+            metrics,
+            base_metrics,
+            classifier=classifier,
+            gold=label_counts(eval_examples, spec.labels or []) if classifier else None,
+            prior=train_counts,
+        )
+        if not verdict.collapsed:
+            return
+        log.error("the adapter collapsed with seed %d: %s", self.seed, verdict.reason)
+        try:
+            deleted = self.store.delete_prefix(checkpoints_uri(self.prefix))
+            log.info("deleted %d checkpoint object(s) of the collapsed run", deleted)
+        except Exception as err:  # its seed no longer matches the next attempt's: it would not be resumed anyway
+            log.warning("could not delete the collapsed run's checkpoints: %s", err)
+        raise Collapsed.of(verdict.reason or "collapsed", self.seed)
 
     def follow_data(self, data: LoadedData) -> bool:
         """Compare what was read with what the operator listed. On a difference, train on what was read: under
@@ -1102,6 +1201,7 @@ class _Run:
             resumed_from_step=resumed_from,
             requested_fingerprint=task.fingerprint if self.fingerprint != task.fingerprint else None,
             listed_data_digest=self.listed_data_digest,
+            seed=self.seed,
         )
         try:
             self.store.put_json(manifest_uri, manifest, if_none_match=True)
@@ -1235,5 +1335,7 @@ def record_preemption(task: TrainTask, store: ObjectStore, step: int, reason: st
 def record_failure(task: TrainTask, store: ObjectStore, err: BaseException) -> FailureRecord:
     """Write the failure record of ``task``'s attempt; a record S3 cannot take is reported, never raised."""
     record = failure_record(err, fingerprint=task.fingerprint, attempt=task.attempt, retryable=is_retryable(err))
+    if isinstance(err, Collapsed):
+        record.seed = err.seed
     report_failure(retrying(store), failure_uri(task.output_uri, task.attempt), record, what="training")
     return record

@@ -227,6 +227,18 @@ class Training(ApiModel):
     progress_every_steps: Annotated[
         int, Field(default=10, ge=1, description="Write the progress object to S3 every this many steps.")
     ] = 10
+    collapse_check: Annotated[
+        bool,
+        Field(
+            default=True,
+            description="Judge the trained adapter on its held-out split before committing it: a collapsed one (a "
+            "classifier predicting one label for at least 80% of the inputs while the gold labels are not that "
+            "skewed, or with a loss at the label-frequency baseline; a causal LM whose loss is not finite or not "
+            "below the base model's) is not committed, the attempt fails (error Collapsed, counted against "
+            "retry.limit) and the next attempt trains with seed + 1000 per collapsed attempt. Not part of the "
+            "fingerprint.",
+        ),
+    ] = True
 
 
 class TrainingResources(Resources):
@@ -493,6 +505,15 @@ class TrainingRecord(StatusModel):
     tokens: Annotated[int | None, Field(default=None, description="Tokens trained on.")] = None
     adapter_digest: Annotated[str | None, Field(default=None)] = None
     message: Annotated[str | None, Field(default=None)] = None
+    attempt: Annotated[int | None, Field(default=None, description="Attempt number of the fingerprint's Job.")] = None
+    seed: Annotated[
+        int | None,
+        Field(
+            default=None,
+            description="Training seed the attempt used: training.seed + 1000 per earlier attempt of the fingerprint "
+            "that collapsed.",
+        ),
+    ] = None
 
 
 class LanguageExpertStatus(StatusModel):

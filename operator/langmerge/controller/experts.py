@@ -71,6 +71,14 @@ def parse_expert_spec(raw: dict[str, Any]) -> LanguageExpertSpec:
     return LanguageExpertSpec.model_validate(raw)
 
 
+def gave_up_message(last: FailureRecord, attempts: int, collapsed: int) -> str:
+    """What the status says once every retry is spent: ``attempts`` failed attempts counted, ``collapsed`` of them
+    ended with a collapsed adapter (nothing committed), ``last`` the latest one's record."""
+    if attempts and collapsed >= attempts:
+        return f"training failed: every attempt collapsed ({collapsed} of {attempts}); the last: {last.message}"
+    return f"training failed after {attempts} attempt(s): {last.error_class}: {last.message}"
+
+
 def labels_missing_message(missing: list[str], total: int, adapter_digest: str) -> str:
     """What the expert's status and its ``LabelsMissing`` Event say about labels its data has no example of."""
     named = ", ".join(repr(label) for label in missing)
@@ -117,6 +125,8 @@ class ExpertReconciler(ReconcilePass[LanguageExpertStatus]):
     status_model = LanguageExpertStatus
     #: Nothing but the poll can have changed S3 for the desired fingerprint (see :meth:`_run`).
     quiet: bool = False
+    #: The failure records of the desired fingerprint's attempts, as this pass read them (:meth:`failure_records`).
+    records: dict[int, FailureRecord] | None = None
 
     # -- the pass ------------------------------------------------------------------------------------------------
     def run(self) -> float | None:
@@ -380,9 +390,11 @@ class ExpertReconciler(ReconcilePass[LanguageExpertStatus]):
         see :meth:`Controller.on_job_event`), the last listing stands."""
         memo = self.rt.memo(self.key)
         if self.quiet and memo.failures is not None and memo.failures[0] == prefix:
-            return dict(memo.failures[1])
+            self.records = dict(memo.failures[1])
+            return dict(self.records)
         records = failure_records(self.rt.store, prefix)
         memo.failures = (prefix, dict(records), self.rt.monotonic())
+        self.records = dict(records)
         return records
 
     def _committed_for(self, data_combined: str, base_digest: str) -> bool:
@@ -437,6 +449,8 @@ class ExpertReconciler(ReconcilePass[LanguageExpertStatus]):
                 cpu_seconds=round(manifest.cost.cpu_seconds, 3),
                 tokens=manifest.tokens_trained,
                 adapter_digest=manifest.adapter_digest,
+                attempt=job.attempt if job else None,
+                seed=manifest.seed,
             )
             if not any(h.fingerprint == fingerprint and h.result != "Failed" for h in self.status.history):
                 self.status.history = bounded(self.status.history, record, self.settings.history_limit)
@@ -525,7 +539,28 @@ class ExpertReconciler(ReconcilePass[LanguageExpertStatus]):
         if record.disruption and self.old.active_job == job.name:
             self.event("Warning", "Disrupted", record.message)
             self.status.active_job = None
+        if record.error_class == artifacts.COLLAPSED and self.old.active_job == job.name:
+            self._collapsed(job, record)
         return None
+
+    def _collapsed(self, job: JobState, record: FailureRecord) -> None:
+        """The Job this status followed ended with a collapsed adapter (nothing committed): a ``Collapsed`` Warning
+        Event and the attempt in the history, once (the next pass no longer follows that Job; a lost status does not
+        bring the Event back). The retry decision then counts it like any failed attempt."""
+        self.event("Warning", "Collapsed", f"{job.kind} {job.name} (attempt {job.attempt}): {record.message}")
+        entry = TrainingRecord(
+            fingerprint=record.fingerprint,
+            job=job.name,
+            result="Failed",
+            started_at=job.started,
+            finished_at=record.at,
+            message=truncate(record.message, 256),
+            attempt=job.attempt,
+            seed=record.seed,
+        )
+        self.status.history = bounded(self.status.history, entry, self.settings.history_limit)
+        self.status.active_job = None
+        self.status.progress = None
 
     def backing_off(self, decision: RetryDecision, last: FailureRecord) -> None:
         assert decision.wait_until is not None
@@ -632,16 +667,26 @@ class ExpertReconciler(ReconcilePass[LanguageExpertStatus]):
         return self.settings.progress_seconds
 
     def gave_up(self, last: FailureRecord, attempts: int) -> float:
-        message = f"training failed after {attempts} attempt(s): {last.error_class}: {last.message}"
+        records = self.records or {}
+        collapsed = sum(1 for r in records.values() if r.error_class == artifacts.COLLAPSED and not r.disruption)
+        message = gave_up_message(last, attempts, collapsed)
         if self.old.phase != ExpertPhase.FAILED or self.old.message != truncate(message):
             self.event("Warning", "TrainingFailed", message)
+            shown = any(
+                h.result == "Failed" and h.fingerprint == last.fingerprint and h.attempt == last.attempt
+                for h in self.status.history
+                if last.attempt is not None
+            )
             history = TrainingRecord(
                 fingerprint=last.fingerprint,
                 result="Failed",
                 finished_at=last.at,
                 message=truncate(last.message, 256),
+                attempt=last.attempt,
+                seed=last.seed,
             )
-            self.status.history = bounded(self.status.history, history, self.settings.history_limit)
+            if not shown:  # a collapsed last attempt is in the history already (job_ended)
+                self.status.history = bounded(self.status.history, history, self.settings.history_limit)
         self.status.active_job = None
         self.status.progress = None
         self.set_phase(ExpertPhase.FAILED, message)
