@@ -125,7 +125,7 @@ def child(work: Path, way: str, output_format: str) -> dict[str, Any]:
             del merged_model
         else:
             languages = [LanguageInput(lang, work / "adapters" / lang, examples[lang], 64) for lang in LANGUAGES]
-            merged, experts = evaluate_merge(
+            merged, experts, _base = evaluate_merge(
                 base_dir, merged_dir, full_weights=full, languages=languages, device=device
             )
     seconds = time.perf_counter() - t0

@@ -264,6 +264,8 @@ class SimulatedJobs:
     duration: float = 0.3
     #: Eval loss of the merged model per language in simulated merges (default 2.05 vs the experts' 2.0).
     merge_losses: dict[str, float] = field(default_factory=dict)
+    #: Eval loss of the base model per language in simulated merges (default 5.0: above every planted merge loss).
+    base_losses: dict[str, float] = field(default_factory=dict)
     started: list[str] = field(default_factory=list)
     max_active_seen: int = 0
     #: Carry on through an API server that does not answer (a fault-injection test stops it on purpose).
@@ -330,7 +332,9 @@ class SimulatedJobs:
             elif verb == "train":
                 write_fake_adapter(self.store, TrainTask.model_validate_json(task_json))
             else:
-                write_fake_merge(self.store, MergeTask.model_validate_json(task_json), self.merge_losses)
+                write_fake_merge(
+                    self.store, MergeTask.model_validate_json(task_json), self.merge_losses, self.base_losses
+                )
             cond = {"type": "Complete", "status": "True", "lastTransitionTime": now()}
             self._patch(
                 batch, job.metadata.name, {"active": 0, "succeeded": 1, "completionTime": now(), "conditions": [cond]}
@@ -427,6 +431,7 @@ def write_fake_adapter(
         finished_at=now(),
         requested_fingerprint=requested_fingerprint,
         seed=training_seed(store, task),
+        init_adapter={"uri": task.init_adapter.uri, "digest": task.init_adapter.digest} if task.init_adapter else None,
     )
     store.put_json(artifacts.join(task.output_uri, artifacts.MANIFEST), manifest, if_none_match=True)
     return manifest
@@ -485,7 +490,12 @@ def write_adapter_of_read_data(store: ObjectStore, task: TrainTask) -> AdapterMa
     return manifest
 
 
-def write_fake_merge(store: ObjectStore, task: MergeTask, merged_loss: dict[str, float] | None = None) -> MergeManifest:
+def write_fake_merge(
+    store: ObjectStore,
+    task: MergeTask,
+    merged_loss: dict[str, float] | None = None,
+    base_losses: dict[str, float] | None = None,
+) -> MergeManifest:
     model = artifacts.merged_model_uri(task.output_uri)
     store.put_bytes(artifacts.join(model, "adapter_model.safetensors"), f"merged {task.fingerprint}".encode())
     losses = merged_loss or {}
@@ -542,6 +552,7 @@ def write_fake_merge(store: ObjectStore, task: MergeTask, merged_loss: dict[str,
         files={},
         evaluation={i.language: Metrics(eval_loss=losses.get(i.language, 2.05)) for i in task.inputs},
         expert_metrics={i.language: i.expert_metrics or Metrics(eval_loss=2.0) for i in task.inputs},
+        base_metrics={i.language: Metrics(eval_loss=(base_losses or {}).get(i.language, 5.0)) for i in task.inputs},
         cost=Cost(wall_seconds=0.5, cpu_seconds=0.4),
         versions=Versions(langmerge="test"),
         started_at=now(),

@@ -225,6 +225,8 @@ class AdapterManifest(Record):
     started_at: str
     finished_at: str
     resumed_from_step: int | None = None
+    #: spec.initFrom: the trunk adapter training started from (``uri``, ``digest``); None for a fresh adapter.
+    init_adapter: dict[str, str] | None = None
     #: The fingerprint the Job was started for, when the data it read differed from the operator's listing: it
     #: trained on what it read and committed under that data's fingerprint (this one) instead.
     requested_fingerprint: str | None = None
@@ -338,6 +340,8 @@ class MergeManifest(Record):
     evaluation: dict[str, Metrics] = Field(default_factory=dict)
     #: Each language's expert alone on the same data (from the expert's adapter manifest), for the quality gate.
     expert_metrics: dict[str, Metrics] = Field(default_factory=dict)
+    #: The base model before fine-tuning on the same data: the gate's floor (empty in manifests written before it).
+    base_metrics: dict[str, Metrics] = Field(default_factory=dict)
     timings: dict[str, float] = Field(default_factory=dict)
     cost: Cost
     versions: Versions
@@ -461,6 +465,8 @@ class PublishedRevision(Record):
     previous: int | None = None
     #: Each language's expert alone (the merge manifest's figures), so the quality-gate view needs no manifest read.
     expert_metrics: dict[str, Metrics] = Field(default_factory=dict)
+    #: The base model before fine-tuning on the same data (the gate's floor); empty in older records.
+    base_metrics: dict[str, Metrics] = Field(default_factory=dict)
     #: What the merge Job consumed, and its name (for the status history).
     cost: Cost | None = None
     job: str | None = None

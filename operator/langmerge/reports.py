@@ -148,6 +148,19 @@ class RunCost:
 
 
 @dataclass(frozen=True)
+class TrunkEstimate:
+    """A trunk change retrains the trunk and every expert that starts from it: their latest recorded runs, summed."""
+
+    trunk: str
+    branches: list[str]
+    wall_seconds: float
+    gpu_seconds: float
+    cpu_seconds: float
+    #: Branches without a recorded run yet (not in the sums).
+    unmeasured: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
 class CostReport:
     """What training cost, and what retraining everything on each change would have cost."""
 
@@ -160,6 +173,8 @@ class CostReport:
     merges_wall_seconds: float
     #: Per update: the measured joint retrain it is compared with (None: estimated).
     measured: list[JointBaseline | None] = field(default_factory=list)
+    #: Per trunk (an expert others start from, spec.initFrom): what changing it would retrain, estimated beforehand.
+    trunks: list[TrunkEstimate] = field(default_factory=list)
 
     @property
     def all_measured(self) -> bool:
@@ -280,7 +295,33 @@ def cost_report(
         full_retrain_estimates=estimates,
         merges_wall_seconds=merge_seconds,
         measured=measured,
+        trunks=trunk_estimates(experts, per_expert),
     )
+
+
+def trunk_estimates(
+    experts: Sequence[dict[str, Any]], per_expert: dict[str, list[tuple[TrainingRecord, RunCost]]]
+) -> list[TrunkEstimate]:
+    """For every expert that others start from (spec.initFrom): the cost of retraining it and all of them."""
+    branches: dict[str, list[str]] = {}
+    for o in experts:
+        trunk = ((o.get("spec") or {}).get("initFrom") or {}).get("expert")
+        if isinstance(trunk, str):
+            branches.setdefault(trunk, []).append(o["metadata"]["name"])
+    out = []
+    for trunk, names in sorted(branches.items()):
+        latest = [per_expert[n][-1][1] for n in [trunk, *names] if per_expert.get(n)]
+        out.append(
+            TrunkEstimate(
+                trunk=trunk,
+                branches=sorted(names),
+                wall_seconds=sum(r.wall_seconds for r in latest),
+                gpu_seconds=sum(r.gpu_seconds for r in latest),
+                cpu_seconds=sum(r.cpu_seconds for r in latest),
+                unmeasured=sorted(n for n in [trunk, *names] if not per_expert.get(n)),
+            )
+        )
+    return out
 
 
 def cost_text(report: CostReport) -> str:
@@ -334,6 +375,13 @@ def cost_text(report: CostReport) -> str:
                 + ("some of the tasks" if any(m is not None for m in report.measured) else "the task")
                 + "; `langmerge bench --record-baseline` records one]"
             )
+    for t in report.trunks:
+        lines.append(
+            f"a change of trunk {t.trunk} (its spec or base model) retrains it and the {len(t.branches)} expert(s) "
+            f"that start from it ({', '.join(t.branches)}): ~{t.wall_seconds:.1f} wall-s, {t.gpu_seconds:.1f} GPU-s, "
+            f"{t.cpu_seconds:.1f} CPU-s (their latest runs)"
+            + (f"; not yet trained: {', '.join(t.unmeasured)}" if t.unmeasured else "")
+        )
     return "\n".join(lines)
 
 

@@ -17,7 +17,7 @@ import pytest
 from langmerge import artifacts
 from langmerge.api.expert import LanguageExpertStatus
 from langmerge.artifacts import AdapterManifest, MergeManifest, PublishedRevision
-from langmerge.dev.demo import Demo, Layout, sample_experts, sample_merged
+from langmerge.dev.demo import Demo, Layout, sample_expert, sample_merged
 from langmerge.dev.jobrunner import LocalJobRunner, RunnerConfig
 from langmerge.dev.trainjob_crd import trainjob_crd
 from langmerge.kube import Kube, install_crds
@@ -38,11 +38,12 @@ def test_two_node_trainjob_to_ready_and_merged(
     demo.ensure_secret()
     demo.seed("--pretrain-steps", "40", "--hidden-size", "64")
 
-    expert = next(doc for doc in sample_experts(layout) if doc["spec"]["language"] == "es")
+    expert = sample_expert("es", layout, trunk=False)  # one expert: no trunk to start from
     expert["spec"]["runtime"] = "trainjob"
     expert["spec"]["resources"] = {"gpus": 0, "nodes": 2, "cpu": "1", "memory": "4Gi"}
     expert["spec"]["training"].update({"epochs": 2, "batchSize": 8})  # 2 processes x 8: each step sees 16
     merged = sample_merged(layout)
+    del merged["spec"]["trunk"]
 
     runner = LocalJobRunner(
         kube,

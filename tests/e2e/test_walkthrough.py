@@ -102,7 +102,7 @@ def test_make_up_then_the_readme_walkthrough_then_try(tmp_path: Path) -> None:
             return {job.metadata.name for job in kube.list_jobs(selector, "default")}
 
         trained_before, merged_before = names(training), names(merging)
-        assert (len(trained_before), len(merged_before)) == (4, 2), "the sample: 3 experts + 1 retrain, 2 merges"
+        assert (len(trained_before), len(merged_before)) == (5, 2), "the sample: trunk, 3 experts + 1 retrain, 2 merges"
 
         # A folder laid out as a clone after make up.
         clone = tmp_path / "clone"

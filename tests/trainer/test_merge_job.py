@@ -93,6 +93,9 @@ def test_merge_job_commits_an_evaluated_loadable_adapter(
         # Merging two languages costs each a little, yet stays far better than the base alone.
         assert m.base_metrics is not None and m.base_metrics.eval_loss is not None
         assert merged.eval_loss < m.base_metrics.eval_loss
+        # The base alone on the same examples (the gate's floor): the trainer's own figure for the base.
+        assert manifest.base_metrics[lang].examples == m.metrics.examples
+        assert manifest.base_metrics[lang].eval_loss == pytest.approx(m.base_metrics.eval_loss, rel=1e-4)
         assert s3.exists(artifacts.merge_eval_uri(manifest.model_uri.removesuffix("/model"), lang))
     assert manifest.cost.wall_seconds > 0 and manifest.versions.torch
     # The model is under this run's own prefix, and holds exactly the files the manifest names.

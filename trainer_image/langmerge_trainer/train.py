@@ -1199,6 +1199,9 @@ class _Run:
             started_at=self.started_at,
             finished_at=utcnow(),
             resumed_from_step=resumed_from,
+            init_adapter={"uri": task.init_adapter.uri, "digest": task.init_adapter.digest}
+            if task.init_adapter is not None
+            else None,
             requested_fingerprint=task.fingerprint if self.fingerprint != task.fingerprint else None,
             listed_data_digest=self.listed_data_digest,
             seed=self.seed,

@@ -9,6 +9,7 @@ from pydantic import Field, model_validator
 
 from langmerge.api.common import (
     IMAGE_PATTERN,
+    NAME_PATTERN,
     S3_URI_PATTERN,
     ApiModel,
     BaseModelRef,
@@ -280,6 +281,30 @@ class Schedule(ApiModel):
             "batch of uploads gives one training Job.",
         ),
     ] = 60
+    follow_data: Annotated[
+        bool,
+        Field(
+            default=True,
+            description="false: keep the adapter trained on the data as first listed, and do not retrain when the "
+            "data changes (a trunk other experts start from: a new trunk adapter retrains every one of them); the "
+            "change shows as DataChanged. A spec change (e.g. dataset.revision) trains on the data as it is then.",
+        ),
+    ] = True
+
+
+class InitFrom(ApiModel):
+    """Another LanguageExpert whose committed adapter this expert starts training from: a trunk."""
+
+    expert: Annotated[
+        str,
+        Field(
+            pattern=NAME_PATTERN,
+            max_length=253,
+            description="A LanguageExpert in this namespace (typically trained on every language's data) with the same "
+            "base model, LoRA shape (rank, alpha, target modules), task type and labels, that does not itself start "
+            "from another expert.",
+        ),
+    ]
 
 
 class Retry(ApiModel):
@@ -329,6 +354,15 @@ class LanguageExpertSpec(ApiModel):
     base_model: Annotated[BaseModelRef, Field(description="The base model the adapter is trained on.")]
     dataset: Annotated[Dataset, Field(description="The language's training data.")]
     lora: Annotated[Lora, Field(default_factory=Lora, description="LoRA shape.")]
+    init_from: Annotated[
+        InitFrom | None,
+        Field(
+            default=None,
+            description="Start training from another expert's adapter (a trunk) instead of a fresh one: its LoRA "
+            "factors and classifier head. Its adapter digest is part of this expert's fingerprint: a new trunk "
+            "adapter retrains this expert. Waits while the trunk has no adapter.",
+        ),
+    ] = None
     training: Annotated[Training, Field(default_factory=Training, description="Optimisation settings.")]
     resources: Annotated[
         TrainingResources,
@@ -477,6 +511,10 @@ class AdapterRef(StatusModel):
         ),
     ] = None
     trained_at: Annotated[str | None, Field(default=None, description="When the adapter was committed.")] = None
+    init_digest: Annotated[
+        str | None,
+        Field(default=None, description="spec.initFrom: the digest of the trunk adapter this adapter started from."),
+    ] = None
 
 
 class Progress(StatusModel):

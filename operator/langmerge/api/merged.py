@@ -20,7 +20,7 @@ from langmerge.api.common import (
     Resources,
     StatusModel,
 )
-from langmerge.api.expert import LANGUAGE_PATTERN, Metrics, Retry
+from langmerge.api.expert import LANGUAGE_PATTERN, InitFrom, Metrics, Retry
 from langmerge.merge_catalogue import (
     METHOD_NAMES,
     METHODS,
@@ -251,6 +251,12 @@ class GateMetric(StrEnum):
 ABSOLUTE_GATE_METRICS = frozenset({GateMetric.ACCURACY, GateMetric.MACRO_F1})
 
 
+class GateFloor(StrEnum):
+    #: The merged model must be at least as good as the base model on every language.
+    BASE = "base"
+    NONE = "none"
+
+
 class Evaluation(ApiModel):
     """The quality gate run before publishing."""
 
@@ -277,6 +283,14 @@ class Evaluation(ApiModel):
     max_examples: Annotated[
         int, Field(default=512, ge=1, le=1_000_000, description="Evaluation examples per language at most.")
     ] = 512
+    floor: Annotated[
+        GateFloor,
+        Field(
+            default=GateFloor.BASE,
+            description="base (default): a merged model worse than the base model before fine-tuning on any language "
+            "(the gate metric, no tolerance) is never published, whatever maxRegression allows; none: no floor.",
+        ),
+    ] = GateFloor.BASE
 
 
 class SearchObjective(StrEnum):
@@ -377,6 +391,16 @@ class MergedModelSpec(ApiModel):
             default=None,
             description="Opt-in automatic merge search over methods, density, lambda and per-language weights; "
             "method and parameters are then the search's starting point.",
+        ),
+    ] = None
+    trunk: Annotated[
+        InitFrom | None,
+        Field(
+            default=None,
+            description="The trunk LanguageExpert every selected expert starts from (their spec.initFrom): the "
+            "experts merge relative to its adapter (each expert's update minus the trunk's, merged, then the trunk's "
+            "added once), and the trunk itself is never merged as a language. An expert that does not start from it "
+            "is refused; the merge waits while an expert trains from an older trunk adapter.",
         ),
     ] = None
     pin_revision: Annotated[
@@ -491,6 +515,9 @@ class LanguageMetrics(StatusModel):
 
     merged: Annotated[Metrics | None, Field(default=None, description="The merged model.")] = None
     expert: Annotated[Metrics | None, Field(default=None, description="The language's expert alone.")] = None
+    base: Annotated[
+        Metrics | None, Field(default=None, description="The base model before fine-tuning (the gate's floor).")
+    ] = None
     regression: Annotated[
         float | None,
         Field(

@@ -55,10 +55,11 @@ from langmerge.controller.status import (
     truncate,
 )
 from langmerge.controller.trainjobs import build_trainjob
+from langmerge.controller.trunks import TrunkProblem, trunk_source
 from langmerge.fingerprint import training_fingerprint
 from langmerge.ownership import live_owner
 from langmerge.store import MalformedRecord
-from langmerge.tasks import TrainTask
+from langmerge.tasks import AdapterSource, TrainTask
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +126,8 @@ class ExpertReconciler(ReconcilePass[LanguageExpertStatus]):
     status_model = LanguageExpertStatus
     #: Nothing but the poll can have changed S3 for the desired fingerprint (see :meth:`_run`).
     quiet: bool = False
+    #: spec.initFrom: the digest of the trunk adapter this pass trains from (part of the fingerprint).
+    init_digest: str | None = None
     #: The failure records of the desired fingerprint's attempts, as this pass read them (:meth:`failure_records`).
     records: dict[int, FailureRecord] | None = None
 
@@ -254,6 +257,13 @@ class ExpertReconciler(ReconcilePass[LanguageExpertStatus]):
         base_digest, base_count = self._base_digest(spec_changed, poll)
         if base_count == 0:
             return self._blocked("BaseModelMissing", f"no objects under the base model URI {spec.base_model.uri}", poll)
+        source = None
+        if spec.init_from is not None:
+            found = self._trunk(spec.init_from.expert)
+            if isinstance(found, TrunkProblem):
+                return self._trunk_problem(found, poll)
+            source = found
+        self.init_digest = source.digest if source is not None else None
         blocked = self._poll_data(spec_changed, poll, mono)
         if blocked is not None:
             return blocked
@@ -265,7 +275,12 @@ class ExpertReconciler(ReconcilePass[LanguageExpertStatus]):
 
         data_digest, eval_digest = split_combined(data_for_training)
         fingerprint = training_fingerprint(
-            spec, base_model_digest=base_digest, data_digest=data_digest, eval_data_digest=eval_digest, image=self.image
+            spec,
+            base_model_digest=base_digest,
+            data_digest=data_digest,
+            eval_data_digest=eval_digest,
+            image=self.image,
+            init_adapter_digest=self.init_digest,
         )
         self.status.desired_fingerprint = fingerprint
         self.status.training = TrainingShape.of(spec, self.runtime)
@@ -282,6 +297,22 @@ class ExpertReconciler(ReconcilePass[LanguageExpertStatus]):
             self._ready(manifest, jobs, data_for_training)
             self._cancel_outdated(jobs, fingerprint)
             return self.commit(min(requeue))
+        if not spec.schedule.follow_data:
+            earlier = self._earlier_adapter(fingerprint, base_digest, poll)
+            if earlier is not None:  # the adapter of this spec on the data as first listed stands: it is desired
+                self.status.desired_fingerprint = earlier.fingerprint
+                self._ready(earlier, jobs, DataView(earlier.data_digest, earlier.eval_data_digest, 0).combined)
+                self.condition(
+                    DATA_CHANGED,
+                    True,
+                    "NotFollowed",
+                    f"the data changed since adapter {earlier.adapter_digest} was trained (digest "
+                    f"{earlier.data_digest}, now {data_digest}); schedule.followData is false, so it does not retrain "
+                    "(change the spec, e.g. dataset.revision, to retrain: every expert that starts from this one "
+                    "retrains then; `langmerge cost` estimates it)",
+                )
+                self._cancel_outdated(jobs, earlier.fingerprint)
+                return self.commit(min(requeue))
 
         task = TrainTask(
             fingerprint=fingerprint,
@@ -296,6 +327,7 @@ class ExpertReconciler(ReconcilePass[LanguageExpertStatus]):
             eval_data_digest=eval_digest,
             image=self.image,
             keep_checkpoints=self.settings.keep_checkpoints,
+            init_adapter=source,
         )
         converge = self._converge(task, jobs, prefix)
         return self.commit(min([*requeue, *([converge] if converge is not None else [])]))
@@ -406,9 +438,80 @@ class ExpertReconciler(ReconcilePass[LanguageExpertStatus]):
             data_digest=data_digest,
             eval_data_digest=eval_digest,
             image=self.image,
+            init_adapter_digest=self.init_digest,
         )
         prefix = artifacts.expert_prefix(self.settings.artifacts_uri, self.namespace, self.name, fingerprint)
         return self.rt.store.exists(artifacts.join(prefix, artifacts.MANIFEST))
+
+    def _earlier_adapter(self, fingerprint: str, base_digest: str, poll: float) -> AdapterManifest | None:
+        """schedule.followData false: the newest committed adapter of this spec (same settings, base and trunk) on
+        any earlier data, from the manifests under the expert's prefix (S3 is the record: a lost status finds it
+        again). Searched at most once per poll interval for the same desired fingerprint."""
+        memo = self.rt.memo(self.key)
+        mono = self.rt.monotonic()
+        if memo.earlier is not None and memo.earlier[0] == fingerprint and mono - memo.earlier[1] < poll:
+            found: AdapterManifest | None = memo.earlier[2]
+            return found
+        found = None
+        bucket = self.prefix_root.removeprefix("s3://").split("/", 1)[0]
+        for info in self.rt.store.list_objects(self.prefix_root):
+            # <prefix>/<fingerprint>/manifest.json: the commit record of one fingerprint
+            if info.relative_to(self.prefix_root.split("/", 3)[3].rstrip("/") + "/").count("/") != 1:
+                continue
+            if not info.key.endswith("/" + artifacts.MANIFEST):
+                continue
+            manifest = self.rt.store.get_record(f"s3://{bucket}/{info.key}", AdapterManifest)
+            if manifest is None or manifest.fingerprint == fingerprint:
+                continue
+            same_spec = training_fingerprint(
+                self.spec,
+                base_model_digest=base_digest,
+                data_digest=manifest.data_digest,
+                eval_data_digest=manifest.eval_data_digest,
+                image=self.image,
+                init_adapter_digest=self.init_digest,
+            )
+            if same_spec == manifest.fingerprint and (found is None or manifest.finished_at > found.finished_at):
+                found = manifest
+        memo.earlier = (fingerprint, mono, found)
+        return found
+
+    def _trunk(self, name: str) -> AdapterSource | TrunkProblem:
+        """spec.initFrom: the trunk's current adapter, or why there is none to start from (yet)."""
+        if name == self.name:
+            return TrunkProblem("InitFromSelf", "spec.initFrom names this expert itself: name its trunk")
+        from langmerge.kube import ObjectKey
+
+        body = self.rt.kube.get_expert(ObjectKey(self.namespace, name))
+        trunk = status = None
+        if body is not None:
+            try:
+                trunk = parse_expert_spec(body.get("spec") or {})
+                status = LanguageExpertStatus.model_validate(body.get("status") or {})
+            except ValidationError:
+                trunk = status = None
+        return trunk_source(self.namespace, name, self.spec, trunk, status)
+
+    def _trunk_problem(self, problem: TrunkProblem, poll: float) -> float | None:
+        """The trunk cannot be used: wait for it (no adapter yet; the trunk's change wakes this expert), or refuse
+        the spec (a trunk of another shape). Any adapter already trained stays in status."""
+        if not problem.waiting:
+            self.refuse(Refusal(problem.reason, problem.message), phase=ExpertPhase.FAILED, condition_type=TRAINING)
+            return self.commit(poll)
+        if self.old.message != problem.message:
+            self.event("Normal", problem.reason, problem.message)
+        if self.status.adapter is None or self.old.phase != ExpertPhase.READY:
+            self.set_phase(ExpertPhase.PENDING, problem.message)
+        else:
+            self.status.message = problem.message
+        self.condition(
+            READY,
+            self.old.phase == ExpertPhase.READY and self.status.adapter is not None,
+            problem.reason,
+            problem.message,
+        )
+        self.condition(TRAINING, False, problem.reason, problem.message)
+        return self.commit(poll)
 
     def _blocked(self, reason: str, message: str, retry: float) -> float:
         """Inputs missing in S3: report, keep any existing adapter, look again at the next poll (``retry`` seconds:
@@ -477,6 +580,7 @@ class ExpertReconciler(ReconcilePass[LanguageExpertStatus]):
             metrics=manifest.metrics,
             label_counts=manifest.label_counts,
             trained_at=manifest.finished_at,
+            init_digest=(manifest.init_adapter or {}).get("digest"),
         )
         self._label_coverage(manifest)
         self.status.trained_fingerprint = fingerprint

@@ -142,6 +142,8 @@ class Controller:
         self.tasks: list[asyncio.Task[None]] = []
         self._lock = threading.Lock()
         self._seen: dict[Key, tuple[Any, ...]] = {}
+        #: Each expert's spec.initFrom (its trunk's name): a trunk's change wakes the experts that start from it.
+        self._trunk_of: dict[Key, str | None] = {}
         self._index_ready = asyncio.Event()
         self._outage: str | None = None
         self._stopping = threading.Event()
@@ -344,16 +346,22 @@ class Controller:
         if event_type == "DELETED":
             with self._lock:
                 self._seen.pop(key, None)
+                self._trunk_of.pop(key, None)
             self.queue.add(key)
             self._wake_merged(namespace)
+            self._wake_branches(namespace, name)
             return
         with self._lock:
             previous = self._seen.get(key)
             self._seen[key] = (*spec_view, *output_view)
+        init_from = ((body.get("spec") or {}).get("initFrom") or {}).get("expert")
+        with self._lock:
+            self._trunk_of[key] = init_from
         if previous is None or previous[:2] != spec_view or self._status_drifted(key, status):
             self.queue.add(key)
         if previous is None or previous[2:] != output_view:
             self._wake_merged(namespace)
+            self._wake_branches(namespace, name)
 
     def _status_drifted(self, key: Key, status: dict[str, Any]) -> bool:
         """Whether the status differs from what this process last wrote (someone removed or edited it): then the
@@ -410,6 +418,13 @@ class Controller:
             if ref.get("controller"):
                 return str(ref.get("name"))
         return fallback
+
+    def _wake_branches(self, namespace: str, trunk: str) -> None:
+        """The experts that start from ``trunk`` (spec.initFrom): its adapter changed, or it appeared or went."""
+        with self._lock:
+            keys = [k for k, t in self._trunk_of.items() if t == trunk and k[1] == namespace]
+        for key in keys:
+            self.queue.add(key)
 
     def _wake_merged(self, namespace: str) -> None:
         with self._lock:

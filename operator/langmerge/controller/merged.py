@@ -20,6 +20,7 @@ from langmerge.admission import Refusal, check_job_spec, check_uris
 from langmerge.api.common import ConditionStatus
 from langmerge.api.expert import ExpertPhase, LanguageExpertSpec, LanguageExpertStatus, TaskType
 from langmerge.api.merged import (
+    GateFloor,
     LanguageMetrics,
     MergedModelSpec,
     MergedModelStatus,
@@ -73,7 +74,7 @@ from langmerge.controller.status import (
     truncate,
 )
 from langmerge.fingerprint import merge_fingerprint
-from langmerge.tasks import MergeTask, MergeTaskInput
+from langmerge.tasks import AdapterSource, MergeTask, MergeTaskInput
 
 log = logging.getLogger(__name__)
 
@@ -214,6 +215,13 @@ class MergedReconciler(ReconcilePass[MergedModelStatus]):
         resync = self.settings.resync_seconds
 
         experts = self._select()
+        reference: AdapterSource | None = None
+        if spec.trunk is not None:
+            experts = [e for e in experts if e.name != spec.trunk.expert]  # the trunk is no language of the merge
+            trunk = self._trunk(spec.trunk.expert, experts)
+            if isinstance(trunk, Stop):
+                return trunk.requeue
+            reference = trunk
         stop = self._check_selection(experts)
         if stop is not None:
             return stop.requeue
@@ -243,6 +251,7 @@ class MergedReconciler(ReconcilePass[MergedModelStatus]):
             image=self.image,
             validation=[(i.language, i.dataset.validation_uri) for i in inputs],
             label_counts=[(i.language, i.label_counts) for i in inputs],
+            reference_digest=reference.digest if reference is not None else None,
         )
         if current.record is not None and current.record.fingerprint == fingerprint:
             self.status.desired_fingerprint = fingerprint
@@ -291,8 +300,39 @@ class MergedReconciler(ReconcilePass[MergedModelStatus]):
             evaluation=spec.evaluation,
             image=self.image,
             search=spec.search,
+            reference=reference,
         )
         return self.commit(self._converge(task, jobs, prefix))
+
+    def _trunk(self, name: str, experts: list[SelectedExpert]) -> AdapterSource | Stop:
+        """spec.trunk: its current adapter, every selected expert starting from it; else Stop (status says why)."""
+        from langmerge.kube import ObjectKey
+
+        strays = sorted(
+            e.name
+            for e in experts
+            if e.spec is not None and (e.spec.init_from.expert if e.spec.init_from is not None else None) != name
+        )
+        if strays:
+            return Stop(
+                self.fail(
+                    "NotBranchedFromTrunk",
+                    f"spec.trunk is {name}, but LanguageExpert(s) {', '.join(strays)} do not start from it "
+                    f"(spec.initFrom.expert: {name}); a merge relative to a trunk needs every expert branched from it",
+                )
+            )
+        body = self.rt.kube.get_expert(ObjectKey(self.namespace, name))
+        status = LanguageExpertStatus.model_validate((body or {}).get("status") or {})
+        adapter = status.adapter
+        if body is None or adapter is None or status.trained_fingerprint != status.desired_fingerprint:
+            what = "does not exist" if body is None else "has no current adapter"
+            message = f"the trunk LanguageExpert {name} {what}; waiting for it"
+            return Stop(self._waiting("WaitingForTrunk", message, self.settings.resync_seconds))
+        # An expert still trained from an older trunk adapter has a new desired fingerprint: it is not Ready, and
+        # the merge waits for it (or, with requireAllExperts false, merges without it).
+        return AdapterSource(
+            uri=adapter.uri, digest=adapter.digest, source=f"the trunk LanguageExpert {self.namespace}/{name}"
+        )
 
     def _check_selection(self, experts: list[SelectedExpert]) -> Stop | None:
         """The selected experts can be merged at all: at least one, on this MergedModel's base model, of one task
@@ -531,11 +571,13 @@ class MergedReconciler(ReconcilePass[MergedModelStatus]):
         """Per-language figures of the published revision (the merge manifest's, for records that lack them)."""
         expert_metrics = record.expert_metrics
         merged_metrics = record.metrics
+        base_metrics = record.base_metrics
         if not expert_metrics:
             manifest = self.rt.store.get_record(record.manifest_uri, MergeManifest)
             if manifest is not None:
                 expert_metrics, merged_metrics = manifest.expert_metrics, manifest.evaluation
-        return quality_gate(self.spec.evaluation, merged_metrics, expert_metrics)[1]
+                base_metrics = manifest.base_metrics
+        return quality_gate(self.spec.evaluation, merged_metrics, expert_metrics, base_metrics)[1]
 
     def _show_current(self, current: Current) -> None:
         """status.revision/uri/inputs mirror current.json (S3 is the record)."""
@@ -695,19 +737,23 @@ class MergedReconciler(ReconcilePass[MergedModelStatus]):
     ) -> float | None:
         spec = self.spec
         self.status.active_job = None
-        passed, _, failures = quality_gate(spec.evaluation, manifest.evaluation, manifest.expert_metrics)
+        passed, _, failures = quality_gate(
+            spec.evaluation, manifest.evaluation, manifest.expert_metrics, manifest.base_metrics
+        )
         if not passed:
             message = "not published: " + "; ".join(failures)
             if self.old.phase != MergedPhase.BLOCKED or self.old.message != truncate(message):
                 metrics.QUALITY_GATE_BLOCKS.inc()
                 self.event("Warning", "QualityGateFailed", message)
             self.set_phase(MergedPhase.BLOCKED, message)
-            self.condition(QUALITY_GATE, False, "Regression", message)
+            below_base = any("worse than the base model" in f for f in failures)
+            self.condition(QUALITY_GATE, False, "BelowBase" if below_base else "Regression", message)
             kept = f"revision {current.record.revision} stays current" if current.record else "nothing is published"
             self.condition(READY, False, "QualityGateFailed", f"merge {fingerprint} regressed; {kept}")
             self.condition(MERGING, False, "Blocked")
             return self.commit(self.settings.resync_seconds)
-        self.condition(QUALITY_GATE, True, "Passed", "every language within evaluation.maxRegression")
+        floor = " and not below the base model" if spec.evaluation.floor == GateFloor.BASE else ""
+        self.condition(QUALITY_GATE, True, "Passed", f"every language within evaluation.maxRegression{floor}")
         if spec.suspend:
             return self._suspended(f"merge {fingerprint} passed the quality gate and is not published")
         ours = sorted((j for j in self.jobs if j.fingerprint == manifest.fingerprint), key=lambda j: j.attempt)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from langmerge import artifacts
 from langmerge.api.expert import Metrics
-from langmerge.api.merged import ABSOLUTE_GATE_METRICS, Evaluation, GateMetric, LanguageMetrics
+from langmerge.api.merged import ABSOLUTE_GATE_METRICS, Evaluation, GateFloor, GateMetric, LanguageMetrics
 from langmerge.artifacts import MergeManifest, PublishedRevision, refactor_summary
 from langmerge.store import MalformedRecord, ObjectStore, PreconditionFailed, split_uri
 
@@ -83,6 +83,7 @@ def publish(
         rollback_of=rollback_of,
         previous=previous,
         expert_metrics=manifest.expert_metrics,
+        base_metrics=manifest.base_metrics,
         cost=manifest.cost,
         job=job,
         refactorization=refactor_summary(manifest.module_errors, manifest.module_ranks),
@@ -202,14 +203,21 @@ def _describe_regression(metric: GateMetric, regression: float, allowed: float) 
 
 
 def quality_gate(
-    evaluation: Evaluation, merged: dict[str, Metrics], experts: dict[str, Metrics]
+    evaluation: Evaluation,
+    merged: dict[str, Metrics],
+    experts: dict[str, Metrics],
+    base: dict[str, Metrics] | None = None,
 ) -> tuple[bool, dict[str, LanguageMetrics], list[str]]:
-    """Compare the merged model with each expert alone, per language.
+    """Compare the merged model with each expert alone, per language, and (``evaluation.floor`` base) with the base
+    model before fine-tuning.
 
     Regression (:func:`gate_regression`) is relative for eval loss ``(merged - expert) / expert`` and token accuracy
     ``(expert - merged) / expert``, and in absolute points for accuracy and macro-F1 ``expert - merged``. Positive
-    means worse. Returns (passed, per-language figures, failure messages).
+    means worse. A merged model worse than the base on a language fails, whatever ``maxRegression`` allows (no
+    figures of the base, as in a merge from an older Job: no floor). Returns (passed, per-language figures, failure
+    messages).
     """
+    base = base or {}
     metric = GateMetric(evaluation.metric)
     figures: dict[str, LanguageMetrics] = {}
     failures: list[str] = []
@@ -217,8 +225,9 @@ def quality_gate(
         m, e = merged.get(language), experts.get(language)
         mv, ev = _figure(m, metric), _figure(e, metric)
         regression = gate_regression(metric, mv, ev) if mv is not None and ev is not None else None
+        b = base.get(language)
         figures[language] = LanguageMetrics(
-            merged=m, expert=e, regression=round(regression, 6) if regression is not None else None
+            merged=m, expert=e, base=b, regression=round(regression, 6) if regression is not None else None
         )
         if not evaluation.enabled:
             continue
@@ -229,4 +238,12 @@ def quality_gate(
                 f"{language}: {metric.value} {mv:.4f} vs expert {ev:.4f} "
                 f"({_describe_regression(metric, regression, evaluation.max_regression)})"
             )
+        bv = _figure(b, metric)
+        if evaluation.floor == GateFloor.BASE and mv is not None and bv is not None:
+            below = gate_regression(metric, mv, bv)
+            if below is not None and below > _ROUNDING:
+                failures.append(
+                    f"{language}: {metric.value} {mv:.4f} is worse than the base model before fine-tuning ({bv:.4f}); "
+                    "a merge never falls below the base (evaluation.floor)"
+                )
     return not failures, figures, failures

@@ -54,6 +54,9 @@ class Memo:
     #: What the last label-coverage Warning Event was about (an expert's adapter digest, a MergedModel's message):
     #: posted once, not again on the next pass nor after someone removed the status.
     labels_warned: str | None = None
+    #: schedule.followData false: (fingerprint, monotonic time, manifest or None) of the last search for an adapter of
+    #: the current spec trained on earlier data.
+    earlier: tuple[str, float, Any] | None = None
 
 
 @dataclass

@@ -110,8 +110,26 @@ DEFAULT_LAYOUT = Layout()
 
 
 # -- the sample's manifests (examples/sample/*.yaml are generated from these) -------------------------------------------
-def sample_expert(language: str, layout: Layout = DEFAULT_LAYOUT) -> dict[str, Any]:
-    """The sample's LanguageExpert for ``language`` (its data under ``<data_uri>/<language>/``)."""
+#: The sample's trunk: one adapter on every language's data, which each language's expert starts from.
+TRUNK = f"{TASK}-trunk"
+
+
+def sample_trunk(layout: Layout = DEFAULT_LAYOUT) -> dict[str, Any]:
+    """The sample's trunk LanguageExpert: one epoch on every language's data under ``<data_uri>/`` (language ``mul``),
+    trained once: it does not follow its data (``followData: false``), so one language's new data retrains that
+    language's expert only."""
+    doc = sample_expert("mul", layout, trunk=False)
+    doc["metadata"] = {"name": TRUNK, "labels": {"langmerge.dev/task": TASK, "langmerge.dev/role": "trunk"}}
+    spec = doc["spec"]
+    spec["dataset"]["uri"] = layout.data_uri
+    spec["training"]["epochs"] = 1
+    spec["schedule"]["followData"] = False
+    return doc
+
+
+def sample_expert(language: str, layout: Layout = DEFAULT_LAYOUT, *, trunk: bool = True) -> dict[str, Any]:
+    """The sample's LanguageExpert for ``language`` (its data under ``<data_uri>/<language>/``), starting from the
+    sample's trunk."""
     return {
         "apiVersion": API_VERSION,
         "kind": "LanguageExpert",
@@ -121,6 +139,7 @@ def sample_expert(language: str, layout: Layout = DEFAULT_LAYOUT) -> dict[str, A
             "task": TASK,
             "baseModel": {"uri": layout.base_uri},
             "dataset": {"uri": f"{layout.data_uri}/{language}", "evalFraction": 0.15},
+            **({"initFrom": {"expert": TRUNK}} if trunk else {}),
             "lora": {"rank": 8, "alpha": 16, "dropout": 0.0},
             "training": {
                 "epochs": 4,
@@ -138,7 +157,8 @@ def sample_expert(language: str, layout: Layout = DEFAULT_LAYOUT) -> dict[str, A
 
 
 def sample_experts(layout: Layout = DEFAULT_LAYOUT) -> list[dict[str, Any]]:
-    return [sample_expert(lang, layout) for lang in LANGUAGES]
+    """The trunk, then each language's expert."""
+    return [sample_trunk(layout), *(sample_expert(lang, layout) for lang in LANGUAGES)]
 
 
 def sample_merged(layout: Layout = DEFAULT_LAYOUT) -> dict[str, Any]:
@@ -154,7 +174,10 @@ def sample_merged(layout: Layout = DEFAULT_LAYOUT) -> dict[str, Any]:
             # TIES' merged update is not low rank: on the sample's adapters a PEFT adapter within 1% needs rank ~80
             # of 96 (more numbers than the weights), so the sample publishes the exact full weights
             "output": {"uri": layout.merged_uri, "format": "full-weights"},
-            "evaluation": {"metric": "evalLoss", "maxRegression": 0.5},
+            # the experts start from the trunk: they merge relative to it (the trunk is no language of the merge)
+            "trunk": {"expert": TRUNK},
+            # the default gate: no language more than 10% worse than its expert, none worse than the base model
+            "evaluation": {"metric": "evalLoss"},
             "publish": {"keepRevisions": 5},
             "settleSeconds": 5,
         },
@@ -592,18 +615,23 @@ def _apply_sample(demo: Demo, quick: bool) -> None:
     """The sample's data, its LanguageExperts and its MergedModel."""
     demo.seed(*(QUICK_SEED_ARGS if quick else ()))
     for doc in sample_experts():
-        if quick:
+        if quick and doc["metadata"]["name"] != TRUNK:
             doc["spec"]["training"]["epochs"] = QUICK_EPOCHS
         demo.apply(doc)
     demo.apply(sample_merged())
     print(
-        f"applied {len(LANGUAGES)} LanguageExperts ({', '.join(LANGUAGES)}) and MergedModel {sample_merged()['metadata']['name']}"
+        f"applied the trunk {TRUNK}, {len(LANGUAGES)} LanguageExperts starting from it ({', '.join(LANGUAGES)}) and "
+        f"MergedModel {sample_merged()['metadata']['name']}"
     )
 
 
 def _story(demo: Demo, timeout: float, t0: float) -> None:
     """Revision 1 from three experts; new data for one language; revision 2 from one retrained expert."""
-    demo.watch(lambda: demo.revision() >= 1, "training 3 language experts, then merging (revision 1)", timeout)
+    demo.watch(
+        lambda: demo.revision() >= 1,
+        "training the trunk, then 3 language experts from it, then merging (revision 1)",
+        timeout,
+    )
     trained_before = len(demo.training_jobs())
     merges_before = len(demo.merge_jobs())
     update_now = not demo.maintenance_applied()

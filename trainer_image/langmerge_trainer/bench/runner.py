@@ -407,7 +407,15 @@ class WorkloadRun:
             "baseModel": {"uri": self.base_uri},
             "dataset": {"uri": train_uri, "evalUri": validation_uri},
             "lora": w.lora,
-            "training": {**training, "seed": seed, "checkpointEverySteps": 100000, "progressEverySteps": 50},
+            # The trainer's own collapse check is off: the benchmark applies the same rules (collapse.py) to every run
+            # itself, so that a collapsed run's figures and cost are recorded before it is trained again.
+            "training": {
+                **training,
+                "seed": seed,
+                "checkpointEverySteps": 100000,
+                "progressEverySteps": 50,
+                "collapseCheck": False,
+            },
             "resources": {"gpus": 1 if self.ctx.device.startswith("cuda") else 0},
         }
         if w.labels:

@@ -6,7 +6,8 @@ expert's adapter). Here the base is loaded once and the LoRA adapters are swappe
 
 * each expert: its adapter loaded onto the base, evaluated, deleted again;
 * a merged PEFT adapter: one more adapter on the same base, kept while the experts come and go;
-* merged full weights: evaluated last, loaded once the base has been released.
+* merged full weights: evaluated last, loaded once the base has been released;
+* the base alone, first, before any adapter is attached: the floor no published merge may fall below.
 
 On a GPU that supports it the model is loaded in bfloat16 straight onto the device, on CPU in float32 (the figures
 then match the trainer's own evaluation of each expert bit for bit).
@@ -28,7 +29,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -41,6 +42,15 @@ log = logging.getLogger(__name__)
 #: Adapter names on the shared base (PEFT adapter names must not contain ".").
 MERGED = "merged"
 EXPERT = "expert"
+
+
+class MergeFigures(NamedTuple):
+    """Per-language figures of one merge's evaluation."""
+
+    merged: dict[str, Metrics]
+    experts: dict[str, Metrics]
+    #: The base model before fine-tuning, on the same examples.
+    base: dict[str, Metrics]
 
 
 @dataclass(frozen=True)
@@ -112,12 +122,13 @@ def evaluate_merge(
     max_examples: int | None = None,
     labels: Sequence[str] | None = None,
     on_language: Callable[[str], None] = lambda language: None,
-) -> tuple[dict[str, Metrics], dict[str, Metrics]]:
-    """Per-language metrics of the merged model and of each expert alone: ``(merged, experts)``.
+) -> MergeFigures:
+    """Per-language metrics of the merged model, of each expert alone and of the base model before fine-tuning (the
+    gate's floor): ``(merged, experts, base)``.
 
     ``merged_dir`` holds a PEFT adapter, or full merged weights when ``full_weights``. ``labels``: the experts are
-    sequence classifiers over these labels. ``on_language`` is called before each language's first evaluation
-    (progress).
+    sequence classifiers over these labels (the base then has its freshly initialised head). ``on_language`` is
+    called before each language's first evaluation (progress).
     """
     from peft import PeftModel
 
@@ -131,7 +142,16 @@ def evaluate_merge(
     tokenizers: dict[Path, Any] = {}
     merged: dict[str, Metrics] = {}
     experts: dict[str, Metrics] = {}
+    base: dict[str, Metrics] = {}
     model: Any = load_model(base_dir, device, labels)
+    for item in languages:  # the base alone, before any adapter is attached: the floor no merge may fall below
+        base[item.language] = evaluate(
+            model,
+            _tokenizer(base_dir, base_dir, tokenizers),
+            item.examples,
+            max_seq_length=item.max_seq_length,
+            max_examples=max_examples,
+        )
     wrapped = False
     previous: str | None = None
     with peft_compat():
@@ -173,4 +193,4 @@ def evaluate_merge(
             merged[item.language] = evaluate(model, tokenizer, item.examples, **kwargs)
         model = None
         _collect()
-    return merged, experts
+    return MergeFigures(merged, experts, base)

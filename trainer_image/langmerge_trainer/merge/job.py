@@ -126,9 +126,10 @@ def run_merge_task(
 
         merged_metrics: dict[str, Metrics] = {}
         expert_metrics: dict[str, Metrics] = {}
+        base_metrics: dict[str, Metrics] = {}
         if task.evaluation.enabled:
             t = time.monotonic()
-            merged_metrics, expert_metrics = _evaluate(
+            merged_metrics, expert_metrics, base_metrics = _evaluate(
                 s3,
                 task,
                 run_prefix,
@@ -164,6 +165,7 @@ def run_merge_task(
         search=search_record,
         merged_metrics=merged_metrics,
         expert_metrics=expert_metrics,
+        base_metrics=base_metrics,
         timings=timings,
         cost=cost,
         started_at=started_at,
@@ -239,9 +241,9 @@ def _evaluate(
     labels: Sequence[str] | None,
     device: torch.device,
     total_steps: int,
-) -> tuple[dict[str, Metrics], dict[str, Metrics]]:
-    """The merged model and each expert alone on every language's held-out examples; one record per language under
-    the run's prefix. Returns (merged, expert) metrics by language."""
+) -> tuple[dict[str, Metrics], dict[str, Metrics], dict[str, Metrics]]:
+    """The merged model, each expert alone and the base on every language's held-out examples; one record per
+    language under the run's prefix. Returns (merged, expert, base) metrics by language."""
     languages = [
         LanguageInput(
             language=item.language,
@@ -255,7 +257,7 @@ def _evaluate(
         for item, adapter in zip(task.inputs, inputs, strict=True)
     ]
     step = {item.language: 3 + i for i, item in enumerate(task.inputs)}
-    merged_metrics, expert_metrics = evaluate_merge(
+    merged_metrics, expert_metrics, base_metrics = evaluate_merge(
         base_dir,
         out_dir,
         full_weights=full_weights,
@@ -272,6 +274,7 @@ def _evaluate(
                 "language": item.language,
                 "merged": merged_metrics[item.language].model_dump(mode="json", exclude_none=True),
                 "expert": expert_metrics[item.language].model_dump(mode="json", exclude_none=True),
+                "base": base_metrics[item.language].model_dump(mode="json", exclude_none=True),
                 "evaluated_at": utcnow(),
             },
         )
@@ -281,7 +284,7 @@ def _evaluate(
             merged_metrics[item.language].eval_loss or float("nan"),
             expert_metrics[item.language].eval_loss or float("nan"),
         )
-    return merged_metrics, expert_metrics
+    return merged_metrics, expert_metrics, base_metrics
 
 
 def _manifest(
@@ -295,6 +298,7 @@ def _manifest(
     search: SearchRecord | None,
     merged_metrics: dict[str, Metrics],
     expert_metrics: dict[str, Metrics],
+    base_metrics: dict[str, Metrics],
     timings: dict[str, float],
     cost: Cost,
     started_at: str,
@@ -330,6 +334,7 @@ def _manifest(
         search=search,
         evaluation=merged_metrics,
         expert_metrics=expert_metrics,
+        base_metrics=base_metrics,
         timings={k: round(v, 4) for k, v in timings.items()},
         cost=cost,
         versions=library_versions(),
