@@ -48,7 +48,13 @@ def test_valid_expert_accepted_with_defaults(kube: Any, namespace: str) -> None:
 def test_valid_merged_accepted_with_defaults(kube: Any, namespace: str) -> None:
     created = _create(kube, namespace, merged())
     spec = created["spec"]
-    assert spec["evaluation"] == {"enabled": True, "metric": "evalLoss", "maxRegression": 0.1, "maxExamples": 512}
+    assert spec["evaluation"] == {
+        "enabled": True,
+        "metric": "evalLoss",
+        "maxRegression": 0.1,
+        "maxExamples": 512,
+        "floor": "base",
+    }
     assert spec["publish"]["keepRevisions"] == 5 and spec["requireAllExperts"] is True
     assert spec["output"]["format"] == "peft-adapter" and spec["resources"]["gpus"] == 0
 

@@ -97,3 +97,16 @@ def test_the_update_is_the_size_the_report_says(tmp_path: Path) -> None:
 def test_the_cli_prints_the_problem_and_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--languages", "th,tr,uk", "--new-language", "ru", "--output", str(tmp_path)]) == 1
     assert "langmerge bench: topic: th, tr, uk, ru share 0 of the default topics" in capsys.readouterr().err
+
+
+def test_the_trunk_recipe_trains_branches_for_half_the_epochs_by_default(tmp_path: Path) -> None:
+    # trunk (1 epoch over every language) + branches (half the joint model's epochs each) cost at most the joint model
+    opts = _options(tmp_path, "--workloads", "topic,dialog")
+    for name in ("topic", "dialog"):
+        w = opts.built[name]
+        assert w.recipe == "trunk" and w.trunk_epochs == 1
+        assert (
+            w.branch_epochs == max(1, opts.epochs[name] // 2) and w.trunk_epochs + w.branch_epochs <= opts.epochs[name]
+        )
+    assert _options(tmp_path, "--workloads", "topic", "--branch-epochs", "3").built["topic"].branch_epochs == 3
+    assert _options(tmp_path, "--workloads", "topic", "--quick").built["topic"].branch_epochs == 1

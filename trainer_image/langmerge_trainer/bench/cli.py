@@ -171,7 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=1.0,
         help="trunk recipe: the share of each language's initial rows the trunk trains on (default 1.0)",
     )
-    p.add_argument("--branch-epochs", type=int, help="trunk recipe: each expert's epochs (default: --epochs)")
+    p.add_argument(
+        "--branch-epochs",
+        type=int,
+        help="trunk recipe: each expert's epochs (default: half of --epochs, at least 1, so that trunk + branches "
+        "cost no more than the joint model)",
+    )
     p.add_argument(
         "--max-attempts",
         type=int,
@@ -327,7 +332,7 @@ def options_from_args(args: argparse.Namespace, argv: Sequence[str]) -> Options:
         recipe=recipe,
         trunk_epochs=args.trunk_epochs,
         trunk_share=args.trunk_share,
-        branch_epochs={name: args.branch_epochs or epochs[name] for name in epochs},
+        branch_epochs={name: args.branch_epochs or max(1, epochs[name] // 2) for name in epochs},
     )
     opts.built = {name: build_workload(name, opts) for name in workloads}
     return opts

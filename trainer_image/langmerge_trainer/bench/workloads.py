@@ -92,7 +92,7 @@ class Workload:
     #: The trunk's epochs, its share of each language's initial rows, and the branches' epochs (trunk recipe).
     trunk_epochs: int = 1
     trunk_share: float = 1.0
-    branch_epochs: int = 4
+    branch_epochs: int = 2
 
     @property
     def all_languages(self) -> list[str]:
