@@ -13,6 +13,11 @@ deliberate act of whoever administers the bucket) hands it over.
 
 A prefix published before ownership records existed is claimed only by the object named in its published merge
 manifest (``legacy_owner``).
+
+One owner covers everything under its prefix, so a prefix is also refused when it lies inside another live owner's
+prefix or contains one (whole path segments, as the URI policy compares them: ``b-prod2`` is beside ``b-prod``, not
+in it). Deleting under a prefix (garbage collection, an expert's clean-up) leaves everything under another owner's
+record alone, live or not: that data is not ours to delete.
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ from dataclasses import dataclass
 
 from langmerge import artifacts
 from langmerge.artifacts import OwnerRecord
-from langmerge.store import ObjectStore, PreconditionFailed
+from langmerge.store import ObjectStore, PreconditionFailed, split_uri
+from langmerge.tenancy import uri_segments
 
 
 @dataclass(frozen=True)
@@ -50,13 +56,18 @@ def claim_prefix(
     exists: Callable[[OwnerRecord], bool],
     legacy_owner: Callable[[], tuple[str, str] | None] | None = None,
     what: str = "prefix",
+    exists_at: Callable[[OwnerRecord, str], bool] | None = None,
 ) -> Claim:
     """Make sure ``me`` owns ``prefix`` (claim it if free, take it over if its owner is gone), or say who does.
 
     ``exists(record)``: whether the recorded object (same kind, namespace, name and uid) still exists.
     ``legacy_owner()``: for a prefix without a record, the (namespace, name) that published there before records
-    existed, if any. ``what`` names the prefix in messages, e.g. ``spec.output.uri``.
+    existed, if any. ``what`` names the prefix in messages, e.g. ``spec.output.uri``. ``exists_at(record, prefix)``:
+    whether the owner of another prefix above or below this one still exists and names it (default: ``exists``).
     """
+    nested = nested_owner(store, prefix, me, exists_at or (lambda record, _: exists(record)), what=what)
+    if nested is not None:
+        return nested
     uri = artifacts.owner_uri(prefix)
     for _ in range(5):
         found = read_owner(store, prefix)
@@ -85,6 +96,65 @@ def claim_prefix(
             continue  # the record changed meanwhile: decide again on the new one
         return Claim(True, me, adopted_from=record)
     raise PreconditionFailed(f"{uri} kept changing while it was claimed")
+
+
+def owners_around(store: ObjectStore, prefix: str) -> list[tuple[str, OwnerRecord, bool]]:
+    """The owner records on the path above ``prefix`` (nearest first) and anywhere below it, not its own:
+    ``(their prefix, record, above)``."""
+    segments = uri_segments(prefix)
+    found: list[tuple[str, OwnerRecord, bool]] = []
+    for depth in range(len(segments) - 1, 0, -1):
+        above = "s3://" + "/".join(segments[:depth])
+        record = store.get_record(artifacts.owner_uri(above), OwnerRecord)
+        if record is not None:
+            found.append((above, record, True))
+    bucket, _ = split_uri(prefix)
+    own = artifacts.owner_uri(prefix)
+    for obj in store.iter_objects(prefix):
+        if obj.key.rsplit("/", 1)[-1] != artifacts.OWNER or f"s3://{bucket}/{obj.key}" == own:
+            continue
+        below = f"s3://{bucket}/{obj.key.rsplit('/', 1)[0]}"
+        record = store.get_record(f"s3://{bucket}/{obj.key}", OwnerRecord)
+        if record is not None:
+            found.append((below, record, False))
+    return found
+
+
+def nested_owner(
+    store: ObjectStore,
+    prefix: str,
+    me: OwnerRecord,
+    exists_at: Callable[[OwnerRecord, str], bool],
+    *,
+    what: str = "prefix",
+) -> Claim | None:
+    """A refusal when ``prefix`` lies inside, or contains, a prefix that another live object owns; None when not."""
+    for other, record, above in owners_around(store, prefix):
+        if record.same_object(me) or not exists_at(record, other):
+            continue
+        relation = "lies inside" if above else "contains"
+        return Claim(
+            False,
+            record,
+            message=(
+                f"{what} {prefix} {relation} {other}, which belongs to {record.describe()}: one object owns everything "
+                "under its prefix; the operator writes, pins and deletes nothing there for this object: choose a "
+                "prefix beside it"
+            ),
+        )
+    return None
+
+
+def delete_owned(store: ObjectStore, prefix: str) -> tuple[int, list[str]]:
+    """Delete everything under ``prefix`` except what lies under another owner's record below it (its own record, at
+    ``prefix`` itself, goes too). Returns (objects deleted, the prefixes kept)."""
+    bucket, key = split_uri(prefix)
+    own = key.rstrip("/") + "/" + artifacts.OWNER
+    keys = [o.key for o in store.iter_objects(prefix)]
+    kept = sorted(k.rsplit("/", 1)[0] + "/" for k in keys if k.rsplit("/", 1)[-1] == artifacts.OWNER and k != own)
+    doomed = [k for k in keys if not any(k.startswith(p) for p in kept)]
+    store.delete_keys(bucket, doomed)
+    return len(doomed), [f"s3://{bucket}/{p.rstrip('/')}" for p in kept]
 
 
 def _refusal(what: str, prefix: str, owner: OwnerRecord, *, alive: bool) -> str:

@@ -407,6 +407,11 @@ class ObjectStore:
         """Delete every object under the folder ``uri``; returns how many."""
         bucket, _ = split_uri(uri)
         keys = [o.key for o in self.iter_objects(uri)]
+        self.delete_keys(bucket, keys)
+        return len(keys)
+
+    def delete_keys(self, bucket: str, keys: list[str]) -> None:
+        """Delete these keys of ``bucket`` (batches of 1000)."""
         for start in range(0, len(keys), 1000):
             batch = keys[start : start + 1000]
             try:
@@ -414,8 +419,7 @@ class ObjectStore:
                     Bucket=bucket, Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True}
                 )
             except (ClientError, BotoCoreError) as err:
-                self._fail(err, "delete under", uri)
-        return len(keys)
+                self._fail(err, "delete under", f"s3://{bucket}/{batch[0]}")
 
     def delete(self, uri: str) -> None:
         bucket, key = split_uri(uri)

@@ -566,6 +566,8 @@ def test_broken_merge_specs_are_refused_before_any_job(kube: Any, s3: ObjectStor
         for name, (_, text) in broken.items():
             obj = wait_for(lambda n=name: _refused(lambda: get_merged(kube, namespace, n), "InvalidSpec"), what=name)
             assert text in status_of(obj)["message"], status_of(obj)["message"]
+        # A refused spec claims no prefix (issue 23): no owner record, nothing at all under the outputs.
+        assert not [o.key for o in s3.iter_objects(out)]
         # Other objects in the namespace change: no merge Job, no second Event, no traceback.
         for lang in ("es", "it"):
             apply_expert(
@@ -579,4 +581,92 @@ def test_broken_merge_specs_are_refused_before_any_job(kube: Any, s3: ObjectStor
         assert not jobs(kube, namespace, "langmerge.dev/component=merge")
         for name in broken:
             assert _reasons(kube, namespace, name).count("InvalidSpec") == 1, _reasons(kube, namespace, name)
+        assert not [o.key for o in s3.iter_objects(out)]
     assert "reconcile of merged" not in runner.output, runner.output
+
+
+# -- issue 23 item 1: one owner for everything under (and above) an owned prefix ----------------------------------------
+def test_prefixes_inside_or_above_an_owned_prefix_are_refused(
+    kube: Any, s3: ObjectStore, bucket: str, namespace: str, make_namespace: Any
+) -> None:
+    """Both teams hold a read-write grant on one bucket (the harness's default grant). team-b publishes to
+    ``shared/b-prod``; team-a's outputs inside it (its merge folder, a model folder below it, its revisions) and above
+    it (``shared``) are refused naming team-b's object, and write nothing anywhere; a sibling with a common stem
+    (``b-prod2``) is free. team-b's own second object nested in its prefix is refused too, while team-b itself moves its
+    output below its own prefix freely. Garbage collection deletes nothing under another owner's prefix."""
+    team_b, team_a = namespace, make_namespace()
+    base = f"s3://{bucket}/base"
+    seed_fake_base_model(s3, base)
+    for lang in ("es", "it"):
+        put_jsonl(s3, f"s3://{bucket}/data/{lang}/part-0.jsonl", ROWS)
+    shared = f"s3://{bucket}/models/shared"
+    out_b = f"{shared}/b-prod"
+    with (
+        run_operator(team_b, f"s3://{bucket}/artifacts", also_watch=(team_a,)),
+        SimulatedJobs(kube, s3, team_b),
+        SimulatedJobs(kube, s3, team_a),
+    ):
+        for ns in (team_b, team_a):
+            for lang in ("es", "it"):
+                data = f"s3://{bucket}/data/{lang}"
+                apply_expert(kube, ns, f"dialog-{lang}", _expert(base, data, lang), labels={"task": "dialog"})
+        apply_merged(kube, team_b, "prod", _merged(base, out_b, publish={"keepRevisions": 2}))
+        published = wait_for(lambda: _published(kube, team_b, "prod", 1), timeout=40, what="team-b revision 1")
+        uid_b = published["metadata"]["uid"]
+        fp = status_of(published)["fingerprint"]
+        before = _snapshot(s3, out_b)
+
+        intruders = {
+            "inside-merge": (f"{out_b}/merges/{fp}", "lies inside"),
+            "inside-model": (f"{out_b}/merges/{fp}/model", "lies inside"),
+            "inside-revisions": (f"{out_b}/revisions", "lies inside"),
+            "above": (shared, "contains"),
+        }
+        for name, (uri, _) in intruders.items():
+            apply_merged(kube, team_a, name, _merged(base, uri))
+        apply_merged(kube, team_a, "sibling", _merged(base, f"{shared}/b-prod2"))
+        apply_merged(kube, team_b, "nested", _merged(base, f"{out_b}/canary"))
+        for ns, name, (uri, relation) in [
+            *((team_a, n, v) for n, v in intruders.items()),
+            (team_b, "nested", (f"{out_b}/canary", "lies inside")),
+        ]:
+            obj = wait_for(
+                lambda ns=ns, name=name: _refused(lambda: get_merged(kube, ns, name), "OutputOwnedByAnother"),
+                what=f"{name} refused",
+            )
+            message = condition(obj, "Ready")["message"]
+            assert f"spec.output.uri {uri} {relation} {out_b}" in message, message
+            assert f"MergedModel {team_b}/prod (uid {uid_b})" in message, message
+            assert not s3.exists(artifacts.owner_uri(uri)), f"{name} claimed nothing"
+        wait_for(lambda: _published(kube, team_a, "sibling", 1), timeout=40, what="the sibling b-prod2 publishes")
+        time.sleep(RESYNC + 1)
+        assert _snapshot(s3, out_b) == before, "nothing landed inside team-b's prefix"
+        assert not s3.exists(artifacts.owner_uri(shared))
+        for name in intruders:
+            assert not jobs(kube, team_a, f"langmerge.dev/merged-model={name}")
+
+        # Garbage collection: an owner record planted inside team-b's first merge (someone else's data, there by
+        # hand) keeps everything under it when that merge is collected.
+        planted = f"{out_b}/merges/{fp}/kept"
+        s3.put_json(
+            artifacts.owner_uri(planted),
+            artifacts.OwnerRecord(api_version=API_VERSION, kind="MergedModel", namespace=team_a, name="x", uid="u"),
+        )
+        s3.put_bytes(f"{planted}/model/weights.bin", b"someone else's")
+        for revision, weight in ((2, 0.5), (3, 0.25)):
+            spec = _merged(base, out_b, publish={"keepRevisions": 2}, parameters={"weights": {"es": weight}})
+            apply_merged(kube, team_b, "prod", spec)
+            wait_for(lambda r=revision: _published(kube, team_b, "prod", r), timeout=40, what=f"revision {revision}")
+        wait_for(
+            lambda: not s3.exists(artifacts.join(artifacts.merge_prefix(out_b, fp), artifacts.MANIFEST)),
+            timeout=20,
+            what="revision 1's merge collected",
+        )
+        left = sorted(o.key for o in s3.iter_objects(artifacts.merge_prefix(out_b, fp)))
+        _, planted_key = split_uri(planted)
+        assert left == [f"{planted_key}/{artifacts.OWNER}", f"{planted_key}/model/weights.bin"], left
+
+        # The owner's own nested path: team-b moves its output below its own prefix and publishes there.
+        moved = _merged(base, f"{out_b}/v2", parameters={"weights": {"es": 0.75}})
+        apply_merged(kube, team_b, "prod", moved)
+        wait_for(lambda: _published(kube, team_b, "prod", 1), timeout=40, what="team-b publishes at b-prod/v2")

@@ -4,6 +4,7 @@ ownership claims, Event names, and the API validation that refuses specs up fron
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +24,9 @@ from langmerge.api.common import LabelSelector, Resources
 from langmerge.api.merged import MergedModelSpec
 from langmerge.artifacts import OwnerRecord
 from langmerge.kube import event_name
-from langmerge.ownership import claim_prefix, live_owner
+from langmerge.ownership import claim_prefix, delete_owned, live_owner
 from langmerge.settings import Settings, SettingsError
-from langmerge.store import NotFound, ObjectStore, PreconditionFailed, UnsafeKey, local_path
+from langmerge.store import NotFound, ObjectInfo, ObjectStore, PreconditionFailed, UnsafeKey, local_path, split_uri
 from langmerge.tenancy import UriError, UriPolicy, is_under, parse_grants, uri_segments
 
 ART = "s3://lm/artifacts"
@@ -236,6 +237,16 @@ class MemoryStore(ObjectStore):
         self.objects[uri] = (data, f"e{self.version}")
         return f"e{self.version}"
 
+    def iter_objects(self, uri: str) -> Iterator[ObjectInfo]:
+        folder = uri.rstrip("/") + "/"
+        for key in sorted(k for k in self.objects if k.startswith(folder)):
+            _, name = split_uri(key)
+            yield ObjectInfo(key=name, size=len(self.objects[key][0]), etag=self.objects[key][1])
+
+    def delete_keys(self, bucket: str, keys: list[str]) -> None:
+        for key in keys:
+            del self.objects[f"s3://{bucket}/{key}"]
+
 
 def _owner(ns: str, name: str, uid: str) -> OwnerRecord:
     return OwnerRecord(api_version="langmerge.dev/v1alpha1", kind="MergedModel", namespace=ns, name=name, uid=uid)
@@ -393,3 +404,43 @@ def test_secret_check(answer: bool | None, check: bool, reason: str | None, text
     refusal = ExpertReconciler(rt, expert_key("team-a", "de"), body).job_admission("training")
     assert (refusal.reason if refusal else None) == reason
     assert refusal is None or text in refusal.message
+
+
+def test_a_prefix_inside_or_above_a_live_owners_prefix_is_refused() -> None:
+    store = MemoryStore()
+    b = _owner("team-b", "prod", "uid-b")
+    alive = {"uid-b"}
+
+    def exists(record: OwnerRecord) -> bool:
+        return record.uid in alive
+
+    assert claim_prefix(store, "s3://m/shared/b-prod", b, exists=exists).owned
+    store.put_bytes("s3://m/shared/b-prod/merges/f1/model/w.bin", b"w")
+    a = _owner("team-a", "x", "uid-a")
+    for uri, relation in (
+        ("s3://m/shared/b-prod/merges/f1", "lies inside"),
+        ("s3://m/shared/b-prod/revisions", "lies inside"),
+        ("s3://m/shared", "contains"),
+        ("s3://m", "contains"),
+    ):
+        claim = claim_prefix(store, uri, a, exists=exists, what="spec.output.uri")
+        assert not claim.owned and claim.owner.uid == "uid-b", uri
+        assert f"spec.output.uri {uri} {relation} s3://m/shared/b-prod, which belongs to MergedModel team-b/prod" in (
+            claim.message
+        )
+        assert f"{uri}/.langmerge-owner.json" not in store.objects, "a refused claim writes nothing"
+    assert claim_prefix(store, "s3://m/shared/b-prod2", a, exists=exists).owned, "a sibling with a common stem"
+    assert claim_prefix(store, "s3://m/shared/b-prod/v2", b, exists=exists).owned, "the owner's own nested path"
+    # An owner that is gone no longer holds what is around its prefix (its own prefix keeps its record).
+    alive.clear()
+    assert claim_prefix(store, "s3://m/shared/b-prod/merges/f1", a, exists=exists).owned
+
+
+def test_deleting_under_a_prefix_keeps_what_another_owner_holds() -> None:
+    store = MemoryStore()
+    for key in ("own/.langmerge-owner.json", "own/a.bin", "own/in/.langmerge-owner.json", "own/in/b.bin", "own/c/d"):
+        store.put_bytes(f"s3://m/{key}", b"x")
+    store.put_bytes("s3://m/own-2/e", b"x")
+    deleted, kept = delete_owned(store, "s3://m/own")
+    assert deleted == 3 and kept == ["s3://m/own/in"]
+    assert sorted(store.objects) == ["s3://m/own-2/e", "s3://m/own/in/.langmerge-owner.json", "s3://m/own/in/b.bin"]

@@ -57,7 +57,7 @@ from langmerge.controller.status import (
 from langmerge.controller.trainjobs import build_trainjob
 from langmerge.controller.trunks import TrunkProblem, trunk_source
 from langmerge.fingerprint import training_fingerprint
-from langmerge.ownership import live_owner
+from langmerge.ownership import delete_owned, live_owner
 from langmerge.store import MalformedRecord
 from langmerge.tasks import AdapterSource, TrainTask
 
@@ -885,4 +885,6 @@ def cleanup_deleted_expert(rt: Runtime, key: Key) -> None:
         if owner is not None:
             log.info("kept %s: it belongs to %s now", root, owner.describe())
             return
-        rt.store.delete_prefix(root)
+        _, kept = delete_owned(rt.store, root)
+        if kept:
+            log.info("kept %s under %s: another owner's record is there", ", ".join(kept), root)

@@ -156,6 +156,11 @@ class MergedReconciler(ReconcilePass[MergedModelStatus]):
         return (self.status.phase, self.status.observed_generation, self.status.revision, self.status.fingerprint)
 
     def _run_publishing(self) -> float | None:
+        # What only the API server can tell about the spec comes first: a spec refused here claims no prefix.
+        experts = self._select()
+        refusal = self._selection_refusal(experts)
+        if refusal is not None:
+            return self.fail(refusal.reason, refusal.message, self.settings.resync_seconds)
         # Nothing is read, written, pinned or deleted under the output prefix before it is ours.
         claim = self.claim(self.output, "spec.output.uri", legacy_owner=self._legacy_owner)
         if not claim.owned:
@@ -164,7 +169,7 @@ class MergedReconciler(ReconcilePass[MergedModelStatus]):
             )
             return self.commit(self.settings.resync_seconds)
         try:
-            return self._run()
+            return self._run(experts)
         except PublishConflict as err:
             # Another writer moved current.json between our read and our compare-and-swap: the next pass re-reads.
             message = f"publishing raced with another writer ({err}); re-reading {artifacts.current_uri(self.output)}"
@@ -207,14 +212,35 @@ class MergedReconciler(ReconcilePass[MergedModelStatus]):
         self.condition(MERGING, False, "Suspended", self.status.message or "")
         return self.commit(self.settings.resync_seconds)
 
-    def _run(self) -> float | None:
+    def _selection_refusal(self, experts: list[SelectedExpert]) -> Refusal | None:
+        """Weights that no selected expert's language has, or weight 0 for every selected language."""
+        weights = self.spec.parameters.weights
+        if not weights:
+            return None
+        trunk = self.spec.trunk.expert if self.spec.trunk is not None else None
+        served = sorted({e.spec.language for e in experts if e.spec is not None and e.name != trunk})
+        unknown = sorted(set(weights) - set(served))
+        if unknown:
+            return Refusal(
+                "WeightsWithoutExpert",
+                f"parameters.weights names language(s) {', '.join(unknown)} that no selected LanguageExpert "
+                f"serves (they serve: {', '.join(served) or 'none'})",
+            )
+        if served and all(weights.get(language, 1.0) == 0 for language in served):
+            return Refusal(
+                "InvalidSpec",
+                f"invalid spec: spec.parameters.weights gives every selected language weight 0 ({', '.join(served)}): "
+                "the merge would be the base model; give at least one language a weight above 0",
+            )
+        return None
+
+    def _run(self, experts: list[SelectedExpert]) -> float | None:
         spec = self.spec
         store = self.rt.store
         current = read_current(store, self.output)
         self._observe(current)
         resync = self.settings.resync_seconds
 
-        experts = self._select()
         reference: AdapterSource | None = None
         if spec.trunk is not None:
             experts = [e for e in experts if e.name != spec.trunk.expert]  # the trunk is no language of the merge

@@ -8,13 +8,17 @@ Each record names the revision it followed, so the published history is the chai
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 from langmerge import artifacts
 from langmerge.api.expert import Metrics
 from langmerge.api.merged import ABSOLUTE_GATE_METRICS, Evaluation, GateFloor, GateMetric, LanguageMetrics
 from langmerge.artifacts import MergeManifest, PublishedRevision, refactor_summary
+from langmerge.ownership import delete_owned
 from langmerge.store import MalformedRecord, ObjectStore, PreconditionFailed, split_uri
+
+log = logging.getLogger(__name__)
 
 #: Claimed-but-unpublished revision numbers skipped in one publish before giving up (each costs one read).
 MAX_SKIPPED_CLAIMS = 20
@@ -162,7 +166,9 @@ def garbage_collect(
             continue
         # The manifest goes first: a reader never sees a committed prefix with missing files.
         store.delete(artifacts.join(artifacts.merge_prefix(output_uri, fp), artifacts.MANIFEST))
-        store.delete_prefix(artifacts.merge_prefix(output_uri, fp))
+        _, kept = delete_owned(store, artifacts.merge_prefix(output_uri, fp))
+        if kept:
+            log.warning("kept %s when collecting merge %s: another owner's record is there", ", ".join(kept), fp)
         deleted.append(fp)
     return deleted
 

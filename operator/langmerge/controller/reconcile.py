@@ -209,6 +209,7 @@ class ReconcilePass(Generic[StatusT]):
             exists=lambda record: object_exists(self.rt, record, prefix),
             legacy_owner=legacy_owner,
             what=what,
+            exists_at=lambda record, other: object_exists(self.rt, record, other),
         )
         if result.adopted_from is not None:
             self.event(
