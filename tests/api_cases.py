@@ -60,6 +60,15 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
     ("density-above-one", merged(parameters={"density": 1.5}), "spec.parameters.density"),
     ("unknown-output-format", merged(output={"uri": "s3://models/x", "format": "gguf"}), "spec.output.format"),
     ("keep-one-revision", merged(publish={"keepRevisions": 1}), "spec.publish.keepRevisions"),
+    # Accepted once, then failing inside a Job (issue 23): not a module name, and a step count beyond any run.
+    ("target-module-not-a-name", expert(lora={"targetModules": ["q_proj", "🙂"]}), "spec.lora.targetModules"),
+    ("target-module-with-spaces", expert(lora={"targetModules": ["q proj"]}), "spec.lora.targetModules"),
+    (
+        "checkpoint-steps-unbounded",
+        expert(training={"checkpointEverySteps": 9223372036854775807}),
+        "spec.training.checkpointEverySteps",
+    ),
+    ("progress-steps-unbounded", expert(training={"progressEverySteps": 10**12}), "spec.training.progressEverySteps"),
     (
         "selector-and-names",
         merged(experts={"selector": {"matchLabels": {"a": "b"}}, "names": ["de"]}),

@@ -122,6 +122,12 @@ def _folders_overlap(a: str, b: str) -> bool:
     return first[:shorter] == second[:shorter]
 
 
+#: A module name or a dot-separated path of them, as torch names submodules (``model.layers.0.self_attn.q_proj``).
+MODULE_NAME_PATTERN = r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$"
+#: The most optimiser steps a training run can have between checkpoints or progress reports (far beyond any run).
+MAX_STEP_INTERVAL = 1_000_000
+
+
 class Lora(ApiModel):
     """LoRA adapter shape."""
 
@@ -131,12 +137,13 @@ class Lora(ApiModel):
     ] = 32.0
     dropout: Annotated[float, Field(default=0.05, ge=0, lt=1, description="Dropout on the adapter's input.")] = 0.05
     target_modules: Annotated[
-        list[Annotated[str, Field(min_length=1, max_length=256)]],
+        list[Annotated[str, Field(min_length=1, max_length=256, pattern=MODULE_NAME_PATTERN)]],
         Field(
             default_factory=lambda: list(DEFAULT_TARGET_MODULES),
             min_length=1,
             max_length=64,
-            description="Names (suffixes) of the linear modules that get adapters.",
+            description="Names (suffixes) of the linear modules that get adapters: module names such as q_proj or "
+            "dot-separated paths such as self_attn.q_proj (letters, digits, underscores).",
         ),
     ]
 
@@ -222,11 +229,15 @@ class Training(ApiModel):
         Field(
             default=200,
             ge=1,
+            le=MAX_STEP_INTERVAL,
             description="Save a resumable checkpoint (adapter, optimiser, step) to S3 every this many steps.",
         ),
     ] = 200
     progress_every_steps: Annotated[
-        int, Field(default=10, ge=1, description="Write the progress object to S3 every this many steps.")
+        int,
+        Field(
+            default=10, ge=1, le=MAX_STEP_INTERVAL, description="Write the progress object to S3 every this many steps."
+        ),
     ] = 10
     collapse_check: Annotated[
         bool,
