@@ -347,6 +347,38 @@ def test_lost_expert_status_comes_back_at_once(kube: Any, s3: ObjectStore, seede
     print(f"\nlost status back in {back:.1f}s")  # outside the operator's runner, which captures stdout
 
 
+def test_a_removed_status_is_rebuilt_without_replaying_events(
+    kube: Any, s3: ObjectStore, seeded: str, namespace: str
+) -> None:
+    """Someone removes the status of a Ready expert and of a published MergedModel well after the facts (issue 23):
+    both come back from S3, and neither "AdapterReady" nor "Published revision 1" is announced a second time."""
+    bucket = seeded
+    announced = ("AdapterReady", "AdapterAdopted", "Published")
+
+    def counts() -> dict[str, int]:
+        return {
+            name: sum(1 for e in events(kube, namespace, name) if e.reason in announced) for name in ("dialog-es", "mm")
+        }
+
+    custom = client.CustomObjectsApi(kube)
+    with run_operator(namespace, f"s3://{bucket}/artifacts"), SimulatedJobs(kube, s3, namespace):
+        apply_expert(kube, namespace, "dialog-es", _expert(bucket, "es"), labels={"task": "dialog"})
+        apply_merged(kube, namespace, "mm", _merged(bucket))
+        published = wait_for(lambda: _published(kube, namespace, "mm", 1), timeout=30, what="revision 1")
+        assert counts() == {"dialog-es": 1, "mm": 1}
+        time.sleep(3 * 5.0 + 2)  # older than the operator's news window (three resync periods of 5 s)
+        for plural, name in (("languageexperts", "dialog-es"), ("mergedmodels", "mm")):
+            custom.patch_namespaced_custom_object_status(
+                "langmerge.dev", "v1alpha1", namespace, plural, name, {"status": None}
+            )
+        obj = wait_for(lambda: _published(kube, namespace, "mm", 1), timeout=20, what="mm's status back")
+        assert status_of(obj)["history"][-1]["revision"] == 1
+        assert status_of(obj)["fingerprint"] == status_of(published)["fingerprint"]
+        wait_for(lambda: _phase(get_expert(kube, namespace, "dialog-es")) == "Ready", timeout=20, what="es back")
+        time.sleep(2 * 5.0)
+        assert counts() == {"dialog-es": 1, "mm": 1}, [(e.reason, e.message) for e in events(kube, namespace, "mm")]
+
+
 # -- item 6: malformed records -------------------------------------------------------------------------------------------
 def test_malformed_records_are_named_in_status(kube: Any, s3: ObjectStore, seeded: str, namespace: str) -> None:
     """A progress record, an adapter manifest, a failure record, current.json and a revision record that do not

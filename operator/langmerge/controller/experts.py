@@ -535,9 +535,11 @@ class ExpertReconciler(ReconcilePass[LanguageExpertStatus]):
         job = next((j for j in sorted(jobs, key=lambda j: -j.attempt) if j.fingerprint in trained_by), None)
         if self.status.trained_fingerprint != fingerprint or self.status.adapter is None:
             adopted = job is None
-            if adopted:
+            # A removed status is rebuilt from S3 without announcing again what was announced when it happened.
+            announce = self.old.adapter is not None or self.is_news(manifest.finished_at)
+            if announce and adopted:
                 metrics.CACHE_HITS.labels(COMPONENT_TRAINING).inc()
-            else:
+            elif announce:
                 metrics.TRAINING_SECONDS.inc(manifest.cost.wall_seconds)
                 metrics.TRAINING_GPU_SECONDS.inc(manifest.cost.gpu_seconds)
             record = TrainingRecord(
@@ -560,12 +562,13 @@ class ExpertReconciler(ReconcilePass[LanguageExpertStatus]):
             loss = manifest.metrics.eval_loss
             origin = "found in S3, no Job" if adopted or job is None else f"trained by Job {job.name}"
             figures = f"; eval loss {loss:.4f}" if loss is not None else ""
-            self.event(
-                "Normal",
-                "AdapterAdopted" if adopted else "AdapterReady",
-                f"adapter {manifest.adapter_digest} for fingerprint {fingerprint} ({origin}{figures})",
-            )
-            if manifest.listed_data_digest is not None:
+            if announce:
+                self.event(
+                    "Normal",
+                    "AdapterAdopted" if adopted else "AdapterReady",
+                    f"adapter {manifest.adapter_digest} for fingerprint {fingerprint} ({origin}{figures})",
+                )
+            if announce and manifest.listed_data_digest is not None:
                 self.event(
                     "Warning",
                     "TrainedOnOtherData",

@@ -547,7 +547,8 @@ class MergedReconciler(ReconcilePass[MergedModelStatus]):
             self.status.metrics = self._figures(record)
             seen = self.old.revision if self.old.revision is not None else record.revision - 1
             for r in chain:
-                if r.revision > seen:
+                # A removed status is rebuilt from S3 without posting again what was announced when it happened.
+                if r.revision > seen and (self.old.revision is not None or self.is_news(r.published_at)):
                     metrics.PUBLISHED.labels(r.reason).inc()
                     self.event("Normal", "Published", self._published_message(r, chain))
         if self.spec.suspend:

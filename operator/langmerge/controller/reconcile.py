@@ -6,11 +6,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 from pydantic import ValidationError
 
+from langmerge import artifacts
 from langmerge.admission import Refusal
 from langmerge.api.common import Condition, ConditionStatus, OnChange
 from langmerge.api.expert import Retry
@@ -37,6 +38,8 @@ from langmerge.store import BucketNotFound, MalformedRecord, StorageUnavailable,
 STORAGE_RETRY_SECONDS = 15.0
 #: Look again this soon after a missing S3 Secret (Secrets are not watched: the operator may not list them).
 SECRET_RETRY_SECONDS = 30.0
+#: A fact in S3 younger than this many resync periods is news when the status does not show it (see ``is_news``).
+NEWS_RESYNCS = 3
 
 
 class _Status(Protocol):
@@ -193,6 +196,18 @@ class ReconcilePass(Generic[StatusT]):
         self.condition(condition_type, False, refusal.reason, refusal.message)
         self.condition(READY, False, refusal.reason, refusal.message)
         self.degrade(refusal.reason, refusal.message)
+
+    def is_news(self, happened_at: str | None) -> bool:
+        """For a fact in S3 (an adapter committed, a revision published) that this object's status shows nothing of:
+        whether its Event (and metrics) would be news. A fact of the last few resync periods is (the pass that made it
+        crashed before its status and Events got out), and so is one older than the object (a re-created object
+        adopting it); an older fact that the status lost (someone removed it) is history rebuilt from S3, whose Events
+        were posted when it happened."""
+        when = artifacts.parse_time(happened_at)
+        if when is None or self.now - when <= timedelta(seconds=NEWS_RESYNCS * self.settings.resync_seconds):
+            return True
+        created = artifacts.parse_time(self.body["metadata"].get("creationTimestamp"))
+        return created is not None and created > when
 
     def owner_record(self) -> OwnerRecord:
         meta = self.body["metadata"]
