@@ -670,3 +670,37 @@ def test_prefixes_inside_or_above_an_owned_prefix_are_refused(
         moved = _merged(base, f"{out_b}/v2", parameters={"weights": {"es": 0.75}})
         apply_merged(kube, team_b, "prod", moved)
         wait_for(lambda: _published(kube, team_b, "prod", 1), timeout=40, what="team-b publishes at b-prod/v2")
+
+
+def test_a_waiting_object_takes_a_prefix_over_as_soon_as_its_owner_goes(
+    kube: Any, s3: ObjectStore, bucket: str, namespace: str
+) -> None:
+    """Resync is a minute here: the waiter (same namespace, refused OutputOwnedByAnother) is woken by the owner's
+    deletion, and by the owner naming another output, not found at its next periodic pass (issue 23)."""
+    base = f"s3://{bucket}/base"
+    seed_fake_base_model(s3, base)
+    put_jsonl(s3, f"s3://{bucket}/data/es/part-0.jsonl", ROWS)
+    out = f"s3://{bucket}/models/dialog"
+    custom_api = client.CustomObjectsApi(kube)
+    with run_operator(namespace, f"s3://{bucket}/artifacts", resync_seconds=60), SimulatedJobs(kube, s3, namespace):
+        apply_expert(kube, namespace, "dialog-es", _expert(base, f"s3://{bucket}/data/es"), labels={"task": "dialog"})
+        apply_merged(kube, namespace, "owner", _merged(base, out))
+        wait_for(lambda: _published(kube, namespace, "owner", 1), timeout=40, what="the owner publishes")
+        for name in ("waiter", "second"):
+            apply_merged(kube, namespace, name, _merged(base, out))
+            wait_for(lambda n=name: _refused(lambda: get_merged(kube, namespace, n), "OutputOwnedByAnother"), what=name)
+
+        custom_api.delete_namespaced_custom_object(GROUP, VERSION, namespace, MERGED_PLURAL, "owner")
+        gone = time.monotonic()
+        wait_for(lambda: s3.get_json(artifacts.owner_uri(out))["name"] != "owner", timeout=15, what="taken over")
+        assert time.monotonic() - gone < 15
+        heir = s3.get_json(artifacts.owner_uri(out))["name"]
+        other = "second" if heir == "waiter" else "waiter"
+        wait_for(lambda: _published(kube, namespace, heir, 1), timeout=15, what=f"{heir} serves revision 1")
+
+        # The heir names another output: the other waiter takes the prefix over at once too.
+        apply_merged(kube, namespace, heir, _merged(base, f"s3://{bucket}/models/elsewhere"))
+        moved = time.monotonic()
+        wait_for(lambda: s3.get_json(artifacts.owner_uri(out))["name"] == other, timeout=15, what="taken over again")
+        assert time.monotonic() - moved < 15
+        _event(kube, namespace, other, "PrefixAdopted")

@@ -388,12 +388,16 @@ class Controller:
             with self._lock:
                 self._seen.pop(key, None)
             self.queue.add(key)
+            # An object of the namespace may be waiting for the output prefix this one owned: it takes it now.
+            self._wake_merged(namespace)
             return
         with self._lock:
-            changed = self._seen.get(key) != view
+            previous = self._seen.get(key)
             self._seen[key] = view
-        if changed or self._status_drifted(key, body.get("status") or {}):
+        if previous != view or self._status_drifted(key, body.get("status") or {}):
             self.queue.add(key)
+        if previous is not None and previous != view:
+            self._wake_merged(namespace)  # its spec changed: it may have let its output prefix go
 
     def on_job_event(self, event_type: str, body: dict[str, Any]) -> None:
         """A Job or TrainJob of ours changed (its body's ``kind`` tells which)."""
