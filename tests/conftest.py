@@ -20,6 +20,8 @@ from langmerge.dev.controlplane import ControlPlane, Endpoints
 from langmerge.store import ObjectStore, S3Config
 
 ROOT = Path(__file__).resolve().parent.parent
+#: Every server a test starts ends with the run (SIGINT, SIGTERM, SIGKILL included).
+pytest_plugins = ["lifeline_plugin"]
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
