@@ -122,7 +122,8 @@ class Settings:
     workers: int = 16
     #: Seconds any one Kubernetes or S3 request may take (S3: per read; connecting gets at most 5 s).
     request_timeout_seconds: float = 30.0
-    #: While S3 does not answer, seconds between probes; objects waiting for it run as soon as one succeeds.
+    #: Seconds between S3 health probes: an outage shows on every object, and objects waiting for S3 run as soon as
+    #: a probe succeeds.
     storage_probe_seconds: float = 2.0
     #: Seconds between full listings of the operator's Jobs (the watch keeps the index current in between).
     job_relist_seconds: float = 300.0

@@ -171,6 +171,48 @@ def test_s3_outage_shows_degraded_and_heals_within_seconds(
     assert "Traceback" not in runner.output
 
 
+def test_an_s3_outage_shows_on_every_object_within_seconds(
+    kube: Any, s3: ObjectStore, seeded: str, namespace: str, local_cluster: ControlPlane, control_plane: Endpoints
+) -> None:
+    """Nothing is running (a Ready expert, a published MergedModel; the resync is a minute away) when S3 stops: the
+    health probe notices, both show Degraded=True StorageUnavailable within seconds and say so in status.health (a
+    printer column), one WARNING line opens the outage and one closes it, and both heal within seconds (issue 23)."""
+    bucket = seeded
+    with (
+        run_operator(namespace, f"s3://{bucket}/artifacts", resync_seconds=60, storage_probe_seconds=1) as runner,
+        SimulatedJobs(kube, s3, namespace),
+    ):
+        apply_expert(kube, namespace, "dialog-es", _expert(bucket, "es"), labels={"task": "dialog"})
+        apply_merged(kube, namespace, "mm", _merged(bucket))
+        wait_for(lambda: _published(kube, namespace, "mm", 1), timeout=30, what="revision 1")
+        wait_for(lambda: _phase(get_expert(kube, namespace, "dialog-es")) == "Ready", what="Ready")
+        gets = ((get_expert, "dialog-es"), (get_merged, "mm"))
+        for get, name in gets:
+            assert status_of(get(kube, namespace, name))["health"] == "OK"
+        down = time.monotonic()
+        with stopped(local_cluster, "seaweedfs"):
+            for get, name in gets:
+                obj = wait_for(
+                    lambda get=get, name=name: (o := get(kube, namespace, name)) and _degraded(o, "StorageUnavailable"),
+                    timeout=15,
+                    what=f"{name} Degraded by the outage",
+                )
+                assert control_plane.s3_endpoint in obj["message"]
+                assert status_of(get(kube, namespace, name))["health"] == "Degraded: StorageUnavailable"
+            shown = elapsed(down)
+            time.sleep(3)
+        back = time.monotonic()
+        for get, name in gets:
+            wait_for(lambda get=get, name=name: _not_degraded(get(kube, namespace, name)), timeout=15, what="healed")
+            assert status_of(get(kube, namespace, name))["health"] == "OK"
+        healed = elapsed(back)
+    print(f"\nidle objects Degraded {shown:.1f}s into the outage, healed {healed:.1f}s after it")
+    assert shown < 10 and healed < 10
+    warnings = [line for line in runner.output.splitlines() if "WARNING" in line and "S3 at" in line]
+    assert sum("is not answering" in line for line in warnings) == 1, warnings
+    assert sum("answers again" in line for line in warnings) == 1, warnings
+
+
 def test_api_server_outage_is_one_log_line_and_heals(
     kube: Any, s3: ObjectStore, seeded: str, namespace: str, local_cluster: ControlPlane
 ) -> None:

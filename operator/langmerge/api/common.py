@@ -170,6 +170,19 @@ class Condition(StatusModel):
     ] = None
 
 
+#: ``status.health`` when the Degraded condition is False.
+HEALTHY = "OK"
+#: ``status.health``: the Degraded condition in one word, for ``kubectl get`` (a printer column).
+Health = Annotated[
+    str | None,
+    Field(
+        default=None,
+        description="OK, or 'Degraded: <reason>' while the Degraded condition is True (e.g. StorageUnavailable "
+        "during an S3 outage: every object shows it within seconds).",
+    ),
+]
+
+
 _LABEL_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 

@@ -14,6 +14,7 @@ from langmerge.api.common import (
     ApiModel,
     BaseModelRef,
     Condition,
+    Health,
     OnChange,
     Resources,
     StatusModel,
@@ -578,6 +579,7 @@ class LanguageExpertStatus(StatusModel):
             "reason LabelsMissing: its training data has no example of some labels).",
         ),
     ]
+    health: Health = None
     data_digest: Annotated[str | None, Field(default=None, description="Digest of the data seen in S3.")] = None
     data_changed_at: Annotated[
         str | None, Field(default=None, description="When the data digest last changed (start of the settle window).")

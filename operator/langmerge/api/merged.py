@@ -15,6 +15,7 @@ from langmerge.api.common import (
     ApiModel,
     BaseModelRef,
     Condition,
+    Health,
     LabelSelector,
     OnChange,
     Resources,
@@ -598,6 +599,7 @@ class MergedModelStatus(StatusModel):
             "(False, reason LabelNotCovered: no selected expert has a training example of some labels).",
         ),
     ]
+    health: Health = None
     revision: Annotated[int | None, Field(default=None, description="Published revision (current.json).")] = None
     fingerprint: Annotated[
         str | None, Field(default=None, description="Merge fingerprint of the published revision.")

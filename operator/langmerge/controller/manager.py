@@ -255,24 +255,55 @@ class Controller:
 
     # -- S3 outages ------------------------------------------------------------------------------------------------
     async def _probe_storage_forever(self) -> None:
-        """While objects wait for S3, ask it every ``storage_probe_seconds``; once it answers, run them all."""
+        """Ask S3 every ``storage_probe_seconds`` (one HEAD of the artifacts bucket). When it stops answering, every
+        object shows ``Degraded=True StorageUnavailable`` within seconds, whether or not its passes need S3; when it
+        answers again, they heal and the objects that waited for it run. One WARNING line opens an outage and one
+        closes it."""
         loop = asyncio.get_running_loop()
         bucket = split_uri(self.settings.artifacts_uri)[0]
+        endpoint = self.rt.store.endpoint
+        started = 0.0
         while True:
             await asyncio.sleep(self.settings.storage_probe_seconds)
-            if not self.rt.storage_waiters():
-                continue
             try:
                 await loop.run_in_executor(self.pool, self.rt.store.probe, bucket)
-            except StorageUnavailable:
+            except StorageUnavailable as err:
+                if self.rt.storage_outage is None:
+                    started = time.monotonic()
+                    self.rt.storage_outage = (
+                        f"S3 at {endpoint} is unavailable: {err.detail}; the operator carries on as soon as it answers"
+                    )
+                    keys = self._all_keys()
+                    log.warning(
+                        "S3 at %s is not answering (%s): %d object(s) show Degraded=True StorageUnavailable until it does",
+                        endpoint,
+                        err.detail,
+                        len(keys),
+                    )
+                    for key in keys:
+                        self.queue.add(key)
                 continue
             except Exception as err:  # a probe must never end the loop
                 log.warning("probing S3 failed: %s", err)
                 continue
             waiters = self.rt.storage_waiters(take=True)
-            log.info("S3 at %s answers again; running %d waiting object(s)", self.rt.store.endpoint, len(waiters))
+            if self.rt.storage_outage is not None:
+                self.rt.storage_outage = None
+                waiters |= set(self._all_keys())
+                log.warning(
+                    "S3 at %s answers again after %.0fs; %d object(s) heal and carry on",
+                    endpoint,
+                    time.monotonic() - started,
+                    len(waiters),
+                )
+            elif waiters:
+                log.info("S3 at %s answers again; running %d waiting object(s)", endpoint, len(waiters))
             for key in waiters:
                 self.queue.add(key)
+
+    def _all_keys(self) -> list[Key]:
+        with self._lock:
+            return list(self._seen)
 
     # -- workers ---------------------------------------------------------------------------------------------------
     async def _worker(self, index: int) -> None:
@@ -296,7 +327,7 @@ class Controller:
             else:
                 self.queue.forget(key)
                 if self._outage is not None:
-                    log.info("the outage is over (%s)", self._outage)
+                    log.warning("the outage is over (%s)", self._outage)
                     self._outage = None
                 if requeue is not None:
                     self.queue.add_after(key, requeue)

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from langmerge import artifacts
 from langmerge.admission import Refusal
-from langmerge.api.common import Condition, ConditionStatus, OnChange
+from langmerge.api.common import HEALTHY, Condition, ConditionStatus, OnChange
 from langmerge.api.expert import Retry
 from langmerge.artifacts import FailureRecord, OwnerRecord
 from langmerge.constants import API_VERSION, COMPONENT_MERGE, COMPONENT_TRAINING, LABEL_EXPERT, MERGED_KIND
@@ -49,6 +49,7 @@ class _Status(Protocol):
     conditions: list[Condition]
     active_job: str | None
     attempts: int
+    health: str | None
 
     def model_dump(self, *, mode: str, by_alias: bool) -> dict[str, Any]: ...
 
@@ -268,8 +269,13 @@ class ReconcilePass(Generic[StatusT]):
         Events first: whoever sees the new status (a user, a tool, a test) also finds the Events that explain it.
         """
         self.status.observed_generation = self.generation
+        outage = self.rt.storage_outage
+        if self.degraded is None and outage is not None:
+            # The health probe finds S3 down: every object depends on it, whether or not this pass needed it.
+            self.degrade("StorageUnavailable", outage)
         reason, message = self.degraded or ("AsExpected", "")
         self.condition(DEGRADED, self.degraded is not None, reason, message)
+        self.status.health = HEALTHY if self.degraded is None else f"Degraded: {reason}"
         for type_, event_reason, event_message in self.events:
             self.rt.event({**self.body, "kind": self.kind}, type_, event_reason, event_message)
         new = self.status.model_dump(mode="json", by_alias=True)

@@ -77,6 +77,8 @@ class Runtime:
     _storage_lock: threading.Lock = field(default_factory=threading.Lock)
     #: Objects whose last pass found S3 unavailable: woken as soon as a probe gets an answer again.
     _storage_waiters: set[Key] = field(default_factory=set)
+    #: While the health probe finds S3 down: what every object's Degraded condition says (set by the manager).
+    storage_outage: str | None = None
 
     def __post_init__(self) -> None:
         self.slots = Slots(
