@@ -7,6 +7,7 @@ Event, and touches nothing it was not allowed to.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Iterator
@@ -106,16 +107,13 @@ def _snapshot(s3: ObjectStore, output: str) -> dict[str, tuple[int, str]]:
     return {o.key: (o.size, o.etag) for o in s3.iter_objects(output)}
 
 
-# -- item 1: an output prefix belongs to one MergedModel ------------------------------------------------------------
-def test_two_namespace_takeover_is_refused(
-    kube: Any, s3: ObjectStore, bucket: str, namespace: str, make_namespace: Any
-) -> None:
-    team_b, team_a = namespace, make_namespace()
+@contextlib.contextmanager
+def _two_teams(kube: Any, s3: ObjectStore, bucket: str, team_b: str, team_a: str) -> Iterator[str]:
+    """One operator watching both teams' namespaces, each with es and it dialog experts; yields the base model URI."""
     base = f"s3://{bucket}/base"
     seed_fake_base_model(s3, base)
     for lang in ("es", "it"):
         put_jsonl(s3, f"s3://{bucket}/data/{lang}/part-0.jsonl", ROWS)
-    out_b = f"s3://{bucket}/models/team-b/dialog"
     with (
         run_operator(team_b, f"s3://{bucket}/artifacts", also_watch=(team_a,)),
         SimulatedJobs(kube, s3, team_b),
@@ -125,6 +123,16 @@ def test_two_namespace_takeover_is_refused(
             for lang in ("es", "it"):
                 data = f"s3://{bucket}/data/{lang}"
                 apply_expert(kube, ns, f"dialog-{lang}", _expert(base, data, lang), labels={"task": "dialog"})
+        yield base
+
+
+# -- item 1: an output prefix belongs to one MergedModel ------------------------------------------------------------
+def test_two_namespace_takeover_is_refused(
+    kube: Any, s3: ObjectStore, bucket: str, namespace: str, make_namespace: Any
+) -> None:
+    team_b, team_a = namespace, make_namespace()
+    out_b = f"s3://{bucket}/models/team-b/dialog"
+    with _two_teams(kube, s3, bucket, team_b, team_a) as base:
         apply_merged(kube, team_b, "published", _merged(base, out_b))
         wait_for(lambda: _published(kube, team_b, "published", 1), timeout=40, what="team-b revision 1")
         apply_merged(kube, team_b, "published", _merged(base, out_b, parameters={"weights": {"es": 0.5}}))
@@ -595,21 +603,9 @@ def test_prefixes_inside_or_above_an_owned_prefix_are_refused(
     (``b-prod2``) is free. team-b's own second object nested in its prefix is refused too, while team-b itself moves its
     output below its own prefix freely. Garbage collection deletes nothing under another owner's prefix."""
     team_b, team_a = namespace, make_namespace()
-    base = f"s3://{bucket}/base"
-    seed_fake_base_model(s3, base)
-    for lang in ("es", "it"):
-        put_jsonl(s3, f"s3://{bucket}/data/{lang}/part-0.jsonl", ROWS)
     shared = f"s3://{bucket}/models/shared"
     out_b = f"{shared}/b-prod"
-    with (
-        run_operator(team_b, f"s3://{bucket}/artifacts", also_watch=(team_a,)),
-        SimulatedJobs(kube, s3, team_b),
-        SimulatedJobs(kube, s3, team_a),
-    ):
-        for ns in (team_b, team_a):
-            for lang in ("es", "it"):
-                data = f"s3://{bucket}/data/{lang}"
-                apply_expert(kube, ns, f"dialog-{lang}", _expert(base, data, lang), labels={"task": "dialog"})
+    with _two_teams(kube, s3, bucket, team_b, team_a) as base:
         apply_merged(kube, team_b, "prod", _merged(base, out_b, publish={"keepRevisions": 2}))
         published = wait_for(lambda: _published(kube, team_b, "prod", 1), timeout=40, what="team-b revision 1")
         uid_b = published["metadata"]["uid"]
