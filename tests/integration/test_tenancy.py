@@ -641,6 +641,17 @@ def test_prefixes_inside_or_above_an_owned_prefix_are_refused(
         for name in intruders:
             assert not jobs(kube, team_a, f"langmerge.dev/merged-model={name}")
 
+        # Expert artifact prefixes are owned the same way: an output above them (the artifacts root) is refused.
+        artifacts_root = f"s3://{bucket}/artifacts"
+        apply_merged(kube, team_a, "above-experts", _merged(base, artifacts_root))
+        obj = wait_for(
+            lambda: _refused(lambda: get_merged(kube, team_a, "above-experts"), "OutputOwnedByAnother"), what="refused"
+        )
+        message = condition(obj, "Ready")["message"]
+        assert f"spec.output.uri {artifacts_root} contains {artifacts_root}/experts/" in message, message
+        assert "which belongs to LanguageExpert" in message, message
+        assert not s3.exists(artifacts.owner_uri(artifacts_root))
+
         # Garbage collection: an owner record planted inside team-b's first merge (someone else's data, there by
         # hand) keeps everything under it when that merge is collected.
         planted = f"{out_b}/merges/{fp}/kept"
