@@ -326,3 +326,29 @@ def test_search_choice_and_a_failed_error_bound_show_in_status_and_events(
         warnings = [e.message for e in events(kube, namespace, "mm") if e.reason == "MergeFailed"]
         assert any("module model.layers.1.self_attn.q_proj has relative error 0.151" in m for m in warnings), warnings
         assert len([j for j in sim.started if "-merge-" in j]) == 2  # not retried: no retry can fix it
+
+
+def test_a_moved_output_merges_anew_there(kube: Any, s3: ObjectStore, seeded: str, namespace: str) -> None:
+    """The output moves to another prefix with the same inputs (the same merge fingerprint): the merge runs again into
+    the new prefix and publishes its revision 1 there, on the first attempt; the earlier Job, which merged into the old
+    prefix, is not taken for this one (it used to end in JobSucceededWithoutManifest)."""
+    bucket = seeded
+    moved = f"s3://{bucket}/merged/dialog-v2"
+    with run_operator(namespace, f"s3://{bucket}/artifacts"), SimulatedJobs(kube, s3, namespace):
+        _experts(kube, namespace, bucket)
+        apply_merged(kube, namespace, "mm", _merged(bucket, settleSeconds=0, retry={"limit": 0, "backoffSeconds": 1}))
+        first = wait_for(lambda: _published(kube, namespace, 1), timeout=40, what="revision 1")
+        apply_merged(
+            kube,
+            namespace,
+            "mm",
+            _merged(bucket, settleSeconds=0, retry={"limit": 0, "backoffSeconds": 1}, output={"uri": moved}),
+        )
+        obj = wait_for(
+            lambda: (o := _published(kube, namespace, 1)) and status_of(o)["uri"].startswith(moved) and o,
+            timeout=40,
+            what=lambda: f"revision 1 at the new prefix: {status_of(get_merged(kube, namespace, 'mm'))}",
+        )
+        assert status_of(obj)["fingerprint"] == status_of(first)["fingerprint"]
+        assert s3.get_json(artifacts.current_uri(moved))["revision"] == 1
+        assert len(_merge_jobs(kube, namespace)) == 2

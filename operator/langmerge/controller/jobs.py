@@ -78,18 +78,21 @@ def label_value(value: str) -> str:
     return cleaned.strip("-_.") or "x"
 
 
-def owner_hash(owner: Owner) -> str:
-    """8 hex digits identifying one object: its namespace, name and uid (a re-created object gets another)."""
-    return hashlib.sha256(f"{owner.namespace}/{owner.name}/{owner.uid}".encode()).hexdigest()[:8]
+def owner_hash(owner: Owner, place: str = "") -> str:
+    """8 hex digits identifying one object: its namespace, name and uid (a re-created object gets another), and
+    ``place`` if given (where the Job writes)."""
+    key = f"{owner.namespace}/{owner.name}/{owner.uid}" + (f"/{place}" if place else "")
+    return hashlib.sha256(key.encode()).hexdigest()[:8]
 
 
-def job_name(owner: Owner, component: str, fingerprint: str, attempt: int) -> str:
+def job_name(owner: Owner, component: str, fingerprint: str, attempt: int, place: str = "") -> str:
     """Deterministic, unique, <= 63 characters: ``<name>-<train|merge>-<fp10>-<owner hash>-<attempt>``.
 
     The name is shortened to fit; the hash of namespace, name and uid keeps two objects whose names share a long
-    prefix (or a deleted and re-created object) from ever mapping to the same Job."""
+    prefix (or a deleted and re-created object) from ever mapping to the same Job. ``place`` (a merge Job's output
+    prefix) enters the hash: the same merge into another output is another Job."""
     tag = "train" if component == COMPONENT_TRAINING else "merge"
-    suffix = f"-{tag}-{fingerprint[:10]}-{owner_hash(owner)}-{attempt}"
+    suffix = f"-{tag}-{fingerprint[:10]}-{owner_hash(owner, place)}-{attempt}"
     base = owner.name[: 63 - len(suffix)].rstrip("-.")
     return f"{base}{suffix}"
 
@@ -320,7 +323,7 @@ def build_merge_job(owner: Owner, task: MergeTask, resources: Resources, setting
         LABEL_FINGERPRINT: task.fingerprint,
     }
     return _job(
-        name=job_name(owner, COMPONENT_MERGE, task.fingerprint, task.attempt),
+        name=job_name(owner, COMPONENT_MERGE, task.fingerprint, task.attempt, place=task.output_uri),
         owner=owner,
         labels=labels,
         annotations={ANNOTATION_ATTEMPT: str(task.attempt), ANNOTATION_ARTIFACT: task.output_uri},
@@ -358,6 +361,8 @@ class JobState:
     suspended: bool = False
     #: ``Job`` or ``TrainJob``.
     kind: str = "Job"
+    #: Where it writes (its artifact prefix annotation), if recorded.
+    artifact: str | None = None
 
     @property
     def running(self) -> bool:
@@ -428,4 +433,5 @@ def job_state(job: Any) -> JobState:
         created=_time(_get(job, "metadata", "creationTimestamp")),
         started=_time(_get(job, "status", "startTime")),
         finished=finished,
+        artifact=annotations.get(ANNOTATION_ARTIFACT),
     )

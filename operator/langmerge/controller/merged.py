@@ -298,7 +298,12 @@ class MergedReconciler(ReconcilePass[MergedModelStatus]):
         prefix = artifacts.merge_prefix(self.output, fingerprint)
         manifest_uri = artifacts.join(prefix, artifacts.MANIFEST)
         manifest = store.get_record(manifest_uri, MergeManifest)
-        jobs = self.jobs = self.owned_jobs(COMPONENT_MERGE)
+        # A Job that merged into another output (the output moved since) is not one of this output's attempts.
+        jobs = self.jobs = [
+            j
+            for j in self.owned_jobs(COMPONENT_MERGE)
+            if j.artifact is None or j.artifact.rstrip("/") == artifacts.merge_prefix(self.output, j.fingerprint)
+        ]
         if manifest is not None:
             self._cancel_outdated(jobs, fingerprint)
             return self._gate_and_publish(manifest, manifest_uri, current, fingerprint)
