@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from langmerge.references import ImageError, parse_image, parse_quantity
 from langmerge.store import S3Config
 from langmerge.tenancy import (
     DEFAULT_NAMESPACE_PREFIX,
@@ -191,8 +192,6 @@ class Settings:
         for name in ("max_training_jobs_per_namespace", "max_merge_jobs_per_namespace"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"LANGMERGE_{name.upper()} must be >= 0 (0: no per-namespace cap)")
-        from langmerge.admission import ImageError, parse_image, parse_quantity
-
         for name in ("max_job_cpu", "max_job_memory"):
             try:
                 if parse_quantity(getattr(self, name)) <= 0:

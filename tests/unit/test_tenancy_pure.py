@@ -11,20 +11,13 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from langmerge.admission import (
-    ImageError,
-    check_image,
-    check_job_spec,
-    check_quantity,
-    check_uris,
-    parse_image,
-    parse_quantity,
-)
+from langmerge.admission import check_image, check_job_spec, check_quantity, check_uris
 from langmerge.api.common import LabelSelector, Resources
 from langmerge.api.merged import MergedModelSpec
 from langmerge.artifacts import OwnerRecord
 from langmerge.kube import event_name
 from langmerge.ownership import claim_prefix, delete_owned, live_owner
+from langmerge.references import ImageError, parse_image, parse_quantity
 from langmerge.settings import Settings, SettingsError
 from langmerge.store import NotFound, ObjectInfo, ObjectStore, PreconditionFailed, UnsafeKey, local_path, split_uri
 from langmerge.tenancy import UriError, UriPolicy, is_under, parse_grants, uri_segments
