@@ -14,7 +14,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from kubernetes.client.exceptions import ApiException
 
@@ -33,6 +33,7 @@ from langmerge.dev.jobrunner.config import (
     TERMINATION_MESSAGE_ENV,
     TRAINJOB,
     TRAINJOB_NODE,
+    RunnerConfig,
 )
 from langmerge.dev.jobrunner.environment import (
     ContainerConfigError,
@@ -84,18 +85,29 @@ from langmerge.dev.jobrunner.status import (
     was_suspended,
 )
 
-if TYPE_CHECKING:
-    from langmerge.dev.jobrunner.runner import LocalJobRunner
-
-
 log = logging.getLogger("langmerge.jobrunner")
 T = TypeVar("T")
+
+
+class RunnerHandle(Protocol):
+    """What a worker uses of the runner that started it (:class:`langmerge.dev.jobrunner.runner.LocalJobRunner`):
+    a protocol, so that the runner imports its workers and never the other way round."""
+
+    config: RunnerConfig
+    _batch: Any
+    _core: Any
+    _custom: Any
+
+    @property
+    def _pids_dir(self) -> Path: ...
+
+    def _worker_done(self, worker: _Worker, closed: bool) -> None: ...
 
 
 class _Worker:
     """Runs one Job: its attempts one after another, and its status."""
 
-    def __init__(self, runner: LocalJobRunner, job: dict[str, Any]) -> None:
+    def __init__(self, runner: RunnerHandle, job: dict[str, Any]) -> None:
         meta = job["metadata"]
         self.runner = runner
         self.config = runner.config
@@ -417,7 +429,7 @@ class _TrainJobWorker(_Worker):
     ``Ignore`` rule of the podFailurePolicy in its annotation) runs again. Suspension (Kueue) stops the nodes with
     SIGTERM (they checkpoint) and records a ``Suspended`` condition; unsuspended, the TrainJob runs again."""
 
-    def __init__(self, runner: LocalJobRunner, job: dict[str, Any]) -> None:
+    def __init__(self, runner: RunnerHandle, job: dict[str, Any]) -> None:
         super().__init__(runner, job)
         self.kind = TRAINJOB
         self._culprit: int | None = None
