@@ -128,6 +128,9 @@ class World:
     local_rank: int = 0
     #: Device of the collectives' tensors (CUDA for NCCL, CPU for gloo).
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    #: Whether another attempt may succeed where rank 0 failed with this error (the trainer's rule, which it sets:
+    #: this module never imports the trainer), told to the other ranks in :class:`PeerFailed`.
+    retryable: Callable[[BaseException], bool] = lambda err: True
 
     @property
     def is_main(self) -> bool:
@@ -184,7 +187,7 @@ class World:
                 outcome = (True, fn(), True)
             except BaseException as err:
                 error = err
-                outcome = (False, f"{what} failed on rank 0: {type(err).__name__}: {err}", _retryable(err))
+                outcome = (False, f"{what} failed on rank 0: {type(err).__name__}: {err}", self.retryable(err))
         shared = self.broadcast(outcome)
         assert shared is not None
         if error is not None:
@@ -210,12 +213,6 @@ class World:
 
 
 SINGLE = World()
-
-
-def _retryable(err: BaseException) -> bool:
-    from langmerge_trainer.train import is_retryable
-
-    return is_retryable(err)
 
 
 def env_world_size(env: dict[str, str] | None = None) -> int:

@@ -57,7 +57,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 from types import FrameType
@@ -1305,6 +1305,7 @@ def run_train_task(
         world, dev = SINGLE, device
     else:
         world, dev = init_world(device)
+        world = replace(world, retryable=is_retryable)
     stop = stop_after_steps if stop_after_steps is not None else stop_after_from_env()
     s3 = retrying(store)
     try:
