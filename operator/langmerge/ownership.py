@@ -65,7 +65,8 @@ def claim_prefix(
     existed, if any. ``what`` names the prefix in messages, e.g. ``spec.output.uri``. ``exists_at(record, prefix)``:
     whether the owner of another prefix above or below this one still exists and names it (default: ``exists``).
     """
-    nested = nested_owner(store, prefix, me, exists_at or (lambda record, _: exists(record)), what=what)
+    around = exists_at or (lambda record, _: exists(record))
+    nested = nested_owner(store, prefix, me, around, what=what)
     if nested is not None:
         return nested
     uri = artifacts.owner_uri(prefix)
@@ -83,7 +84,7 @@ def claim_prefix(
                 store.put_json(uri, me, if_none_match=True)
             except PreconditionFailed:
                 continue  # another object claimed it first: read who
-            return Claim(True, me)
+            return _settle_race(store, prefix, me, around, what=what)
         record, etag = found
         if record.same_object(me):
             return Claim(True, record)
@@ -96,6 +97,19 @@ def claim_prefix(
             continue  # the record changed meanwhile: decide again on the new one
         return Claim(True, me, adopted_from=record)
     raise PreconditionFailed(f"{uri} kept changing while it was claimed")
+
+
+def _settle_race(
+    store: ObjectStore, prefix: str, me: OwnerRecord, exists_at: Callable[[OwnerRecord, str], bool], *, what: str
+) -> Claim:
+    """Just claimed: an object that claimed a prefix above or below at the same moment saw no record of ours, as we
+    saw none of its. Both records are there now, and both claimants decide alike: the older record (then the lower
+    uid) keeps its prefix; the other takes its record back and is refused."""
+    nested = nested_owner(store, prefix, me, exists_at, what=what)
+    if nested is None or (nested.owner.created_at, nested.owner.uid) > (me.created_at, me.uid):
+        return Claim(True, me)
+    store.delete(artifacts.owner_uri(prefix))
+    return nested
 
 
 def owners_around(store: ObjectStore, prefix: str) -> list[tuple[str, OwnerRecord, bool]]:

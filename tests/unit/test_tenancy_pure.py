@@ -236,6 +236,9 @@ class MemoryStore(ObjectStore):
             _, name = split_uri(key)
             yield ObjectInfo(key=name, size=len(self.objects[key][0]), etag=self.objects[key][1])
 
+    def delete(self, uri: str) -> None:
+        self.objects.pop(uri, None)
+
     def delete_keys(self, bucket: str, keys: list[str]) -> None:
         for key in keys:
             del self.objects[f"s3://{bucket}/{key}"]
@@ -437,3 +440,25 @@ def test_deleting_under_a_prefix_keeps_what_another_owner_holds() -> None:
     deleted, kept = delete_owned(store, "s3://m/own")
     assert deleted == 3 and kept == ["s3://m/own/in"]
     assert sorted(store.objects) == ["s3://m/own-2/e", "s3://m/own/in/.langmerge-owner.json", "s3://m/own/in/b.bin"]
+
+
+def test_two_nested_claims_at_the_same_moment_leave_one_owner() -> None:
+    """Each claimant checked before the other wrote: both records are there. The older record keeps its prefix; the
+    younger claimant takes its record back and is refused, whichever of the two settles first."""
+    from langmerge.ownership import _settle_race
+
+    for first in ("outer", "inner"):
+        store = MemoryStore()
+        outer = _owner("team-b", "prod", "uid-b").model_copy(update={"created_at": "2026-12-07T10:00:00Z"})
+        inner = _owner("team-a", "x", "uid-a").model_copy(update={"created_at": "2026-12-07T10:00:01Z"})
+        claims = {"outer": ("s3://m/shared", outer), "inner": ("s3://m/shared/b/c", inner)}
+        for prefix, record in claims.values():
+            store.put_json(f"{prefix}/.langmerge-owner.json", record)
+        order = [first, "inner" if first == "outer" else "outer"]
+        results = {
+            name: _settle_race(store, claims[name][0], claims[name][1], lambda r, p: True, what="spec.output.uri")
+            for name in order
+        }
+        assert results["outer"].owned and not results["inner"].owned, first
+        assert "s3://m/shared/b/c lies inside s3://m/shared" in results["inner"].message
+        assert sorted(store.objects) == ["s3://m/shared/.langmerge-owner.json"], first
