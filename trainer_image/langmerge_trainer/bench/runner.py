@@ -479,6 +479,12 @@ class WorkloadRun:
         # the others (TIES, DARE, magnitude pruning act entry by entry) and a search (whatever it chooses) as full
         # weights, so that what is measured is the method itself, not a low-rank approximation of it.
         exact = not searched and METHODS[method.method].low_rank_exact
+        # Exactly low rank: the inputs' ranks add up; relative to a reference (the trunk) each input's update is its
+        # adapter minus the reference (rank up to r_i + r_ref), and the reference is added back once.
+        exact_rank = sum(ranks)
+        if reference is not None:
+            ref_rank = int(reference.manifest.lora.get("rank", 8))
+            exact_rank += (len(ranks) + 1) * ref_rank
         spec = MergedModelSpec(
             base_model=BaseModelRef(uri=self.base_uri),
             experts=ExpertSelection(names=[experts[lang].name for lang in languages]),
@@ -488,7 +494,7 @@ class WorkloadRun:
             output=Output(
                 uri=f"s3://{MODELS_BUCKET}/{self.w.name}/merged/{name}",
                 format="peft-adapter" if exact else "full-weights",
-                rank=(self.ctx.merge_rank or sum(ranks)) if exact else "auto",
+                rank=(self.ctx.merge_rank or exact_rank) if exact else "auto",
             ),
             # no gate here (the bench evaluates every model itself on the test split); a search's objective uses the
             # workload's headline metric
