@@ -218,8 +218,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    from langmerge.dev import lifeline
+
     cmd = [sys.executable, "-m", "langmerge_trainer", "bench", *args.rest]
-    return subprocess.run(cmd, check=False).returncode
+    # The benchmark's control plane and trainer processes end with this command, however it ends (a SIGTERM or
+    # SIGKILL to it used to leave the benchmark running on its own).
+    line = lifeline.attach()
+    try:
+        return subprocess.run(cmd, check=False).returncode
+    finally:
+        lifeline.release(line)
 
 
 def _state_env(args: argparse.Namespace) -> dict[str, str]:
