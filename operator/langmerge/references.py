@@ -72,21 +72,12 @@ def parse_image(image: str) -> ImageRef:
 _QUANTITY = re.compile(
     r"^(?P<number>[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+))(?P<suffix>[a-zA-Z]*|[eE][+-]?[0-9]+)$", re.ASCII
 )
+#: Decimal suffixes (k = 10^3 ... E = 10^18) and binary ones (Ki = 2^10 ... Ei = 2^60), and milli.
 _SUFFIXES = {
     "": Decimal(1),
     "m": Decimal("0.001"),
-    "k": Decimal(10) ** 3,
-    "M": Decimal(10) ** 6,
-    "G": Decimal(10) ** 9,
-    "T": Decimal(10) ** 12,
-    "P": Decimal(10) ** 15,
-    "E": Decimal(10) ** 18,
-    "Ki": Decimal(2) ** 10,
-    "Mi": Decimal(2) ** 20,
-    "Gi": Decimal(2) ** 30,
-    "Ti": Decimal(2) ** 40,
-    "Pi": Decimal(2) ** 50,
-    "Ei": Decimal(2) ** 60,
+    **{unit: Decimal(10) ** (3 * n) for n, unit in enumerate("kMGTPE", start=1)},
+    **{f"{unit}i": Decimal(2) ** (10 * n) for n, unit in enumerate("KMGTPE", start=1)},
 }
 
 
