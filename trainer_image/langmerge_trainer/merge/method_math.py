@@ -197,7 +197,7 @@ def catalogue_schema(method: str) -> dict[str, Param]:
 
 
 class MergeMethod(ABC):
-    """A registered merge method. Subclasses declare ``name``, ``low_rank_exact`` and ``schema``; the summary is the
+    """A registered merge method. Subclasses declare ``name`` and ``low_rank_exact``; ``schema`` and the summary are the
     catalogue's."""
 
     name: str
@@ -208,9 +208,10 @@ class MergeMethod(ABC):
         return METHODS[self.name].summary
 
     @property
-    @abstractmethod
     def schema(self) -> Mapping[str, Param]:
-        """Parameters beyond the common ones (weights, include_modules, exclude_modules)."""
+        """Parameters beyond the common ones (weights, include_modules, exclude_modules): the catalogue's, unless a
+        method says otherwise."""
+        return catalogue_schema(self.name)
 
     @property
     def parameters(self) -> frozenset[str]:
@@ -523,10 +524,6 @@ class Knots(MergeMethod):
     #: Singular values below this fraction of the largest are dropped (no support).
     relative_cutoff: ClassVar[float] = 1e-7
 
-    @property
-    def schema(self) -> Mapping[str, Param]:
-        return catalogue_schema(self.name)
-
     def merge(self, module: str, updates: Sequence[LoraUpdate], params: Mapping[str, Any]) -> MergedDelta:
         if not updates:
             raise ValueError(f"{module}: no updates to merge")
@@ -591,10 +588,6 @@ class Sce(MergeMethod):
     name = "sce"
     low_rank_exact = False
 
-    @property
-    def schema(self) -> Mapping[str, Param]:
-        return catalogue_schema(self.name)
-
     def merge(self, module: str, updates: Sequence[LoraUpdate], params: Mapping[str, Any]) -> MergedDelta:
         active = [LoraUpdate(u.B.float() * u.scale, u.A.float(), 1.0, u.weight, u.key) for u in updates if u.weight]
         if not active:
@@ -650,10 +643,6 @@ class ModelStock(MergeMethod):
 
     name = "model_stock"
     low_rank_exact = True
-
-    @property
-    def schema(self) -> Mapping[str, Param]:
-        return catalogue_schema(self.name)
 
     def merge(self, module: str, updates: Sequence[LoraUpdate], params: Mapping[str, Any]) -> MergedDelta:
         active = [u for u in updates if u.weight]
@@ -785,10 +774,6 @@ class Tsv(MergeMethod):
     name = "tsv"
     low_rank_exact = True
 
-    @property
-    def schema(self) -> Mapping[str, Param]:
-        return catalogue_schema(self.name)
-
     def merge(self, module: str, updates: Sequence[LoraUpdate], params: Mapping[str, Any]) -> MergedDelta:
         active = _active(module, updates)
         lam = float(params["lambda_"])
@@ -814,10 +799,6 @@ class IsoC(MergeMethod):
 
     name = "iso_c"
     low_rank_exact = True
-
-    @property
-    def schema(self) -> Mapping[str, Param]:
-        return catalogue_schema(self.name)
 
     def merge(self, module: str, updates: Sequence[LoraUpdate], params: Mapping[str, Any]) -> MergedDelta:
         active = _active(module, updates)
@@ -851,10 +832,6 @@ class IsoCts(MergeMethod):
 
     name = "iso_cts"
     low_rank_exact = True
-
-    @property
-    def schema(self) -> Mapping[str, Param]:
-        return catalogue_schema(self.name)
 
     def merge(self, module: str, updates: Sequence[LoraUpdate], params: Mapping[str, Any]) -> MergedDelta:
         active = _active(module, updates)
