@@ -74,6 +74,24 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
         merged(experts={"selector": {"matchLabels": {"a": "b"}}, "names": ["de"]}),
         "spec.experts",
     ),
+    # spec.serving (issue 22).
+    (
+        "canary-zero",
+        merged(serving=[{"kserve": {"inferenceService": "dialog", "canaryTrafficPercent": 0}}]),
+        "spec.serving",
+    ),
+    (
+        "promote-after-not-a-duration",
+        merged(serving=[{"kserve": {"inferenceService": "d", "promoteAfter": "soon"}}]),
+        "spec.serving",
+    ),
+    ("isvc-name-not-a-label", merged(serving=[{"kserve": {"inferenceService": "Dialog_1"}}]), "spec.serving"),
+    ("sink-not-a-url", merged(serving=[{"cloudEvents": {"sink": "broker.default"}}]), "spec.serving"),
+    (
+        "unknown-runtime",
+        merged(serving=[{"kserve": {"inferenceService": "d", "runtime": "vllm-magic"}}]),
+        "spec.serving",
+    ),
 ]
 
 #: Rejected by the operator's models only (rules a 1.20 API server cannot express; newer servers could use CEL).
@@ -86,6 +104,26 @@ INVALID_OPERATOR_ONLY: list[tuple[str, dict[str, Any], str]] = [
         "repeated-labels",
         expert(taskType="sequence-classification", labels=["pos", "neg", "pos"]),
         "repeated: pos",
+    ),
+    (
+        "serving-target-with-both",
+        merged(serving=[{"kserve": {"inferenceService": "d"}, "cloudEvents": {"sink": "http://127.0.0.1:9/"}}]),
+        "exactly one of kserve and cloudEvents",
+    ),
+    (
+        "huggingface-runtime-with-an-adapter",
+        merged(serving=[{"kserve": {"inferenceService": "d", "runtime": "huggingface"}}]),
+        "the huggingface runtime cannot load peft-adapter output",
+    ),
+    (
+        "one-inference-service-twice",
+        merged(serving=[{"kserve": {"inferenceService": "d"}}, {"kserve": {"inferenceService": "d"}}]),
+        "kserve/d is listed twice",
+    ),
+    (
+        "ready-timeout-beyond-a-week",
+        merged(serving=[{"kserve": {"inferenceService": "d", "readyTimeout": "200h"}}]),
+        "longer than 7 days",
     ),
     (
         "packed-classifier",

@@ -44,6 +44,13 @@ TRAINER_GROUP = "trainer.kubeflow.org"
 TRAINER_VERSION = "v1alpha1"
 TRAINJOB_KIND = "TrainJob"
 TRAINJOB_PLURAL = "trainjobs"
+#: KServe's InferenceService (spec.serving kserve targets).
+KSERVE_GROUP = "serving.kserve.io"
+KSERVE_VERSION = "v1beta1"
+ISVC_KIND = "InferenceService"
+ISVC_PLURAL = "inferenceservices"
+#: Prefix of the annotations that record, on an InferenceService, the rollout the operator drives there.
+SERVING_ANNOTATION_PREFIX = "serving.langmerge.dev/"
 #: The runtime kind a TrainJob refers to, and the name of the trainer container in Kubeflow Trainer's torch runtimes.
 TRAINING_RUNTIME_KIND = "ClusterTrainingRuntime"
 TRAINJOB_CONTAINER = "node"

@@ -23,6 +23,9 @@ from kubernetes.client.exceptions import ApiException
 from langmerge.constants import (
     EXPERT_PLURAL,
     GROUP,
+    ISVC_PLURAL,
+    KSERVE_GROUP,
+    KSERVE_VERSION,
     MERGED_PLURAL,
     TRAINER_GROUP,
     TRAINER_VERSION,
@@ -42,6 +45,10 @@ class Expired(Exception):
 
 class Forbidden(Exception):
     """RBAC does not allow the request."""
+
+
+class Conflict(Exception):
+    """The object changed since it was read (409 on a write that named the resourceVersion read)."""
 
 
 #: Accept header of a metadata-only read: the API server returns the object's metadata, never its data.
@@ -405,6 +412,50 @@ class Kube:
                 return False
             raise
         return True
+
+    # -- InferenceServices (KServe) ------------------------------------------------------------------------------
+    def get_inference_service(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The InferenceService, or None when it (or KServe's CRD) does not exist. :class:`Forbidden` when RBAC does
+        not allow reading it (the chart grants it with ``serving.kserve.enabled``)."""
+        self.on_request("get", ISVC_PLURAL)
+        try:
+            obj: dict[str, Any] = self.custom.get_namespaced_custom_object(
+                KSERVE_GROUP, KSERVE_VERSION, namespace, ISVC_PLURAL, name, _request_timeout=self.timeout
+            )
+        except ApiException as err:
+            if err.status == 404:
+                return None
+            if err.status == 403:
+                raise Forbidden(api_message(err)) from err
+            raise
+        return obj
+
+    def patch_inference_service(self, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
+        """JSON-merge-patch an InferenceService. A ``metadata.resourceVersion`` in ``patch`` makes it conditional:
+        :class:`Conflict` when the object changed since (read it again). :class:`Rejected` for 400/404/422,
+        :class:`Forbidden` for 403."""
+        self.on_request("patch", ISVC_PLURAL)
+        try:
+            obj: dict[str, Any] = self.custom.patch_namespaced_custom_object(
+                KSERVE_GROUP,
+                KSERVE_VERSION,
+                namespace,
+                ISVC_PLURAL,
+                name,
+                patch,
+                field_manager=FIELD_MANAGER,
+                _request_timeout=self.timeout,
+                _content_type="application/merge-patch+json",
+            )
+        except ApiException as err:
+            if err.status == 409:
+                raise Conflict(api_message(err)) from err
+            if err.status == 403:
+                raise Forbidden(api_message(err)) from err
+            if err.status in (400, 404, 422):
+                raise Rejected(f"{err.status} {api_message(err)}") from err
+            raise
+        return obj
 
     # -- Secrets and Events --------------------------------------------------------------------------------------
     def secret_exists(self, namespace: str, name: str) -> bool:

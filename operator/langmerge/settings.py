@@ -95,6 +95,12 @@ class Settings:
     #: Kubeflow Trainer is installed: the operator may create, watch and delete ``trainer.kubeflow.org`` TrainJobs
     #: (the chart's ``trainJob.enabled`` grants the RBAC). Off: a spec asking for ``runtime: trainjob`` is refused.
     trainjobs: bool = False
+    #: KServe is installed: the operator may get and patch ``serving.kserve.io`` InferenceServices to roll published
+    #: revisions out (the chart's ``serving.kserve.enabled`` grants the RBAC). Off: a spec with a ``kserve`` serving
+    #: target is refused.
+    kserve: bool = False
+    #: Seconds between looks at an InferenceService while a rollout (canary, promotion, rollback) is in progress.
+    serving_poll_seconds: float = 5.0
     #: What runs an expert's training unless its ``spec.runtime`` says: ``job`` (a batch/v1 Job; ``resources.gpus`` > 1
     #: runs one process per GPU in its pod) or ``trainjob`` (a Kubeflow Trainer TrainJob, one pod per node; needs
     #: ``trainjobs``).
@@ -186,6 +192,7 @@ class Settings:
             "request_timeout_seconds",
             "storage_probe_seconds",
             "job_relist_seconds",
+            "serving_poll_seconds",
         ):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"LANGMERGE_{name.upper()} must be > 0")

@@ -71,12 +71,13 @@ def test_base_image_carries_the_pinned_torch(pyproject: dict[str, Any]) -> None:
     assert tag.startswith(args["TORCH_VERSION"] + "-")
 
 
-def test_package_installed_with_the_trainer_extra_from_copied_sources() -> None:
+def test_package_installed_with_the_trainer_and_serving_extras_from_copied_sources() -> None:
     copied = [part for rest in args_of("COPY") for part in rest.split()[:-1]]
     for source in copied:
         assert (ROOT / source).exists(), f"COPY source {source} is not in the repository"
     assert {"pyproject.toml", "operator", "trainer_image"} <= set(copied)
-    assert any('pip install ".[trainer]"' in rest for rest in args_of("RUN"))
+    # The same image trains, merges and (``langmerge-trainer serve``, on KServe's model server) serves.
+    assert any('pip install ".[trainer,serving]"' in rest for rest in args_of("RUN"))
 
 
 def test_runs_as_non_root() -> None:

@@ -255,6 +255,7 @@ def merged_crd() -> dict[str, Any]:
             {"name": "Method", "type": "string", "jsonPath": ".spec.method"},
             {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
             {"name": "Revision", "type": "integer", "jsonPath": ".status.revision"},
+            {"name": "Serving", "type": "string", "jsonPath": ".status.servingSummary"},
             {"name": "Health", "type": "string", "jsonPath": ".status.health"},
             {"name": "Fingerprint", "type": "string", "jsonPath": ".status.fingerprint", "priority": 1},
             {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},

@@ -22,6 +22,7 @@ from langmerge.api.common import (
     StatusModel,
 )
 from langmerge.api.expert import LANGUAGE_PATTERN, InitFrom, Metrics, Retry
+from langmerge.api.serving import RUNTIME_FORMATS, ServingRuntime, ServingStatus, ServingTarget, unique_targets
 from langmerge.merge_catalogue import (
     METHOD_NAMES,
     METHODS,
@@ -449,6 +450,35 @@ class MergedModelSpec(ApiModel):
         ),
     ] = None
     suspend: Annotated[bool, Field(default=False, description="Start no new merge Jobs while true.")] = False
+    serving: Annotated[
+        list[ServingTarget],
+        Field(
+            default_factory=list,
+            max_length=16,
+            description="Where each published revision is rolled out: KServe InferenceServices (canary, promotion, "
+            "rollback) and CloudEvents sinks. spec.pinRevision moves serving too.",
+        ),
+    ]
+
+    @field_validator("serving")
+    @classmethod
+    def _distinct_targets(cls, value: list[ServingTarget]) -> list[ServingTarget]:
+        return unique_targets(value)
+
+    @model_validator(mode="after")
+    def _servable(self) -> MergedModelSpec:
+        for target in self.serving:
+            if target.kserve is None:
+                continue
+            runtime = target.kserve.runtime
+            formats = RUNTIME_FORMATS[ServingRuntime(runtime)]
+            if str(self.output.format) not in formats:
+                raise ValueError(
+                    f"serving target {target.key}: the {runtime} runtime cannot load {self.output.format} output "
+                    f"(it loads: {', '.join(sorted(formats))}); set spec.output.format to full-weights or use the "
+                    "langmerge runtime"
+                )
+        return self
 
     @model_validator(mode="after")
     def _parameters_fit_method(self) -> MergedModelSpec:
@@ -633,3 +663,15 @@ class MergedModelStatus(StatusModel):
         list[PublishRecord],
         Field(default_factory=list, description="Recent published revisions, newest last (bounded)."),
     ]
+    serving: Annotated[
+        list[ServingStatus],
+        Field(default_factory=list, description="spec.serving: what each target serves, and how its rollout went."),
+    ]
+    serving_summary: Annotated[
+        str | None,
+        Field(
+            default=None,
+            description="One line for the SERVING column: each InferenceService's phase and revision(s), e.g. "
+            "'dialog: Canary r3 (r2 serves)'.",
+        ),
+    ] = None

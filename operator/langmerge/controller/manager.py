@@ -35,6 +35,7 @@ from langmerge.constants import (
     TRAINJOB_KIND,
 )
 from langmerge.controller import metrics
+from langmerge.controller.cloudevents import EventSender
 from langmerge.controller.experts import reconcile_expert
 from langmerge.controller.merged import reconcile_merged
 from langmerge.controller.runtime import EXPERT, MERGED, Key, Runtime, expert_key, merged_key
@@ -136,6 +137,8 @@ class Controller:
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="reconcile")
         self.rt = Runtime(settings=settings, kube=kube, store=store)
         self.rt.enqueue = self.queue.add_after  # thread-safe; a delay <= 0 queues at once
+        # A delivery that succeeds or starts failing shows in the object's status.serving at once.
+        self.rt.cloud_events = EventSender(on_change=lambda key: self.queue.add_after(key, 0.0))
         self.leader = LeaderElection(
             kube, settings.leader_election_namespace or None, name=settings.leader_election_lease_name
         )
@@ -192,6 +195,8 @@ class Controller:
         await asyncio.get_running_loop().run_in_executor(
             None, functools.partial(self.pool.shutdown, wait=True, cancel_futures=True)
         )
+        if self.rt.cloud_events is not None:
+            self.rt.cloud_events.stop()
 
     def _resync_all(self) -> None:
         """Became leader: look at every object once (events seen while following may be stale)."""

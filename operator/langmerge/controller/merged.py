@@ -41,7 +41,7 @@ from langmerge.artifacts import (
     SearchRecord,
 )
 from langmerge.constants import COMPONENT_MERGE, LABEL_MERGED, MERGED_KIND, MERGED_PLURAL
-from langmerge.controller import metrics
+from langmerge.controller import cloudevents, metrics
 from langmerge.controller.attempts import RetryDecision
 from langmerge.controller.jobs import JobState, Owner, build_merge_job
 from langmerge.controller.publish import (
@@ -64,6 +64,7 @@ from langmerge.controller.reconcile import (
     reconcile_object,
 )
 from langmerge.controller.runtime import MERGED, Key, Runtime
+from langmerge.controller.serving import Serving, summary
 from langmerge.controller.status import (
     EXPERTS_READY,
     LABELS_COVERED,
@@ -122,6 +123,10 @@ class MergedReconciler(ReconcilePass[MergedModelStatus]):
     status_model = MergedModelStatus
     #: This object's merge Jobs, listed once per pass (none are needed for a rollback).
     jobs: Sequence[JobState] = ()
+    #: The published revision this pass found (current.json), which spec.serving rolls out.
+    serving_record: PublishedRevision | None = None
+    #: Serving runs at the end of a pass that got as far as reading current.json (the output prefix is ours).
+    serving_on: bool = False
 
     def mark_failed(self, reason: str, message: str) -> None:
         """A problem only the user can fix: say so in status and an Event (once), keep the published revision."""
@@ -151,6 +156,31 @@ class MergedReconciler(ReconcilePass[MergedModelStatus]):
         return self.guarded(
             self._run_publishing, failed_phase=MergedPhase.FAILED, user_error_retry=self.settings.resync_seconds
         )
+
+    def _serving(self) -> Serving:
+        return Serving(
+            self.rt,
+            self.key,
+            self.body,
+            self.spec,
+            self.serving_record,
+            self.status.metrics,
+            self.event,
+            list(self.old.serving),
+        )
+
+    def commit(self, requeue: float | None) -> float | None:
+        """Every pass that read the published revision ends by rolling it out to spec.serving's targets."""
+        if self.serving_on and self.spec.serving:
+            statuses, wait = self._serving().run()
+            self.status.serving = statuses
+            self.status.serving_summary = summary(statuses)
+            if wait is not None:
+                requeue = wait if requeue is None else min(requeue, wait)
+        elif self.serving_on:
+            self.status.serving = []
+            self.status.serving_summary = None
+        return super().commit(requeue)
 
     def written_view(self) -> tuple[Any, ...]:
         return (self.status.phase, self.status.observed_generation, self.status.revision, self.status.fingerprint)
@@ -183,6 +213,13 @@ class MergedReconciler(ReconcilePass[MergedModelStatus]):
     def admit(self) -> Refusal | None:
         """The URIs this namespace may read and write, the image and the resources, before any S3 request or Job."""
         spec = self.spec
+        kserve = [t.key for t in spec.serving if t.kserve is not None]
+        if kserve and not self.settings.kserve:
+            return Refusal(
+                "KServeDisabled",
+                f"spec.serving names {', '.join(kserve)}, but this operator may not patch InferenceServices: KServe "
+                "serving is off (the chart's serving.kserve.enabled, LANGMERGE_KSERVE)",
+            )
         return check_uris(
             self.settings,
             self.namespace,
@@ -239,6 +276,7 @@ class MergedReconciler(ReconcilePass[MergedModelStatus]):
         store = self.rt.store
         current = read_current(store, self.output)
         self._observe(current)
+        self.serving_on = True
         resync = self.settings.resync_seconds
 
         reference: AdapterSource | None = None
@@ -533,6 +571,7 @@ class MergedReconciler(ReconcilePass[MergedModelStatus]):
         record = current.record
         if record is None:
             return
+        self.serving_record = record
         self._show_current(current)
         memo = self.rt.memo(self.key)
         lagging = (self.old.revision, self.old.fingerprint) != (record.revision, record.fingerprint) or not any(
@@ -556,6 +595,8 @@ class MergedReconciler(ReconcilePass[MergedModelStatus]):
                 if r.revision > seen and (self.old.revision is not None or self.is_news(r.published_at)):
                     metrics.PUBLISHED.labels(r.reason).inc()
                     self.event("Normal", "Published", self._published_message(r, chain))
+                    if r.revision == record.revision:  # an older revision's announcement would be stale now
+                        self._serving().announce(cloudevents.PUBLISHED, r.revision, uri=r.model_uri)
         if self.spec.suspend:
             return  # spec.suspend: nothing is garbage-collected (the next pass after it is lifted does it)
         deleted = garbage_collect(

@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from langmerge.constants import API_VERSION, COMPONENT_MERGE, COMPONENT_TRAINING, EXPERT_KIND, MERGED_KIND
+from langmerge.controller.cloudevents import EventSender
 from langmerge.controller.jobindex import JobIndex, Slots
 from langmerge.kube import Kube, ObjectKey, post_event
 from langmerge.settings import Settings
@@ -79,6 +80,8 @@ class Runtime:
     _storage_waiters: set[Key] = field(default_factory=set)
     #: While the health probe finds S3 down: what every object's Degraded condition says (set by the manager).
     storage_outage: str | None = None
+    #: Delivers spec.serving's CloudEvents in the background (set by the manager; None: none are sent).
+    cloud_events: EventSender[Key] | None = None
 
     def __post_init__(self) -> None:
         self.slots = Slots(
@@ -113,6 +116,8 @@ class Runtime:
         """The object is gone: drop what this process remembers about it."""
         self.memos.pop(key, None)
         self.slots.forget(key)
+        if self.cloud_events is not None:
+            self.cloud_events.forget(key)
         with self._storage_lock:
             self._storage_waiters.discard(key)
 

@@ -74,6 +74,10 @@ The operator's environment: one LANGMERGE_<FIELD> per field of langmerge.setting
   value: {{ $v.trainJob.enabled | quote }}
 - name: LANGMERGE_TRAINJOB_RUNTIME
   value: {{ $v.trainJob.runtime | quote }}
+- name: LANGMERGE_KSERVE
+  value: {{ $v.serving.kserve.enabled | quote }}
+- name: LANGMERGE_SERVING_POLL_SECONDS
+  value: {{ $v.serving.pollSeconds | quote }}
 - name: LANGMERGE_JOB_SERVICE_ACCOUNT
   value: {{ $v.jobs.serviceAccountName | quote }}
 - name: LANGMERGE_TRAINER_LOG_LEVEL

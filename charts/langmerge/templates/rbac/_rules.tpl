@@ -29,6 +29,14 @@ or into a Role in each watched namespace.
   resources: ["trainjobs"]
   verbs: ["list", "watch", "create", "delete"]
 {{- end }}
+{{- if .Values.serving.kserve.enabled }}
+# KServe InferenceServices (serving.kserve.enabled): read by name and merge-patched to roll published revisions out
+# (the predictor's storageUri and canaryTrafficPercent, and the serving.langmerge.dev/* annotations that record the
+# rollout). Never created, listed, watched or deleted.
+- apiGroups: ["serving.kserve.io"]
+  resources: ["inferenceservices"]
+  verbs: ["get", "patch"]
+{{- end }}
 # Events about its custom resources (the reconcilers' and kopf's).
 - apiGroups: [""]
   resources: ["events"]
