@@ -260,9 +260,48 @@ def _default_namespace(args: argparse.Namespace) -> str:
     return str((active or {}).get("context", {}).get("namespace") or "default")
 
 
+def cmd_try_served(args: argparse.Namespace) -> int:
+    """``langmerge try NAME --served``: ask each InferenceService that serves the MergedModel (status.serving)."""
+    from langmerge.api.merged import MergedModelStatus
+    from langmerge.kube import ObjectKey
+    from langmerge.served import ServedError, describe, endpoints, predict
+
+    if not args.input:
+        print("langmerge try --served: give the texts to send with --input TEXT [TEXT ...]", file=sys.stderr)
+        return 2
+    namespace = _default_namespace(args)
+    body = _kube(args).get_merged(ObjectKey(namespace, args.name))
+    if body is None:
+        print(f"langmerge try: no MergedModel {namespace}/{args.name}", file=sys.stderr)
+        return 1
+    status = MergedModelStatus.model_validate(body.get("status") or {})
+    served = endpoints(status)
+    if not served:
+        print(
+            f"langmerge try: MergedModel {namespace}/{args.name} is not served (no kserve target in spec.serving "
+            "with a URL in status.serving)",
+            file=sys.stderr,
+        )
+        return 1
+    failed = 0
+    for name, url in served:
+        try:
+            answer = predict(url, name, args.input, max_new_tokens=args.max_new_tokens)
+        except ServedError as err:
+            print(f"{name} ({url}): {err}")
+            failed += 1
+            continue
+        print(f"{name} ({url}): answered by {answer.revision or 'its predictor'}, model {answer.model_version}")
+        for text, prediction in zip(args.input, answer.predictions, strict=False):
+            print(f"  {' '.join(text.split())[:80]!s:<80}  ->  {describe(prediction)}")
+    return 1 if failed else 0
+
+
 def cmd_try(args: argparse.Namespace) -> int:
     """What a merged model (or an expert) answers, beside the base and each expert: loads them from S3 with the
     trainer extra (torch, transformers, peft) in a child process; the operator package never imports torch."""
+    if args.served:
+        return cmd_try_served(args)
     import subprocess
     import tempfile
 
@@ -396,6 +435,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=32, help="generated tokens at most (default 32)")
     p.add_argument("--show", default="base,expert,merged", help="models to show (default base,expert,merged)")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument(
+        "--served",
+        action="store_true",
+        help="ask the InferenceService(s) serving the MergedModel (status.serving) with the --input texts instead of "
+        "loading models here",
+    )
     p.add_argument("--kubeconfig")
     p.add_argument("--namespace", "-n", help="default: the kubeconfig context's namespace, else default")
     p.set_defaults(func=cmd_try)
