@@ -80,9 +80,10 @@ def merged_table(merged: Sequence[dict[str, Any]]) -> str:
                 (status.fingerprint or "-")[:12],
                 ",".join(sorted(i.language for i in status.inputs)) or "-",
                 ",".join(status.missing_experts) or "-",
+                status.serving_summary or "-",
             ]
         )
-    return table(["MERGED", "METHOD", "PHASE", "REVISION", "FINGERPRINT", "LANGUAGES", "MISSING"], rows)
+    return table(["MERGED", "METHOD", "PHASE", "REVISION", "FINGERPRINT", "LANGUAGES", "MISSING", "SERVING"], rows)
 
 
 def expert_history(obj: dict[str, Any]) -> str:
@@ -126,10 +127,13 @@ def merged_history(obj: dict[str, Any]) -> str:
             h.job or "-",
             _fmt(h.wall_seconds, 1),
             _fmt(h.cpu_seconds, 1),
+            "; ".join(f"{target.removeprefix('kserve/')}: {what}" for target, what in sorted(h.serving.items())) or "-",
         ]
         for h in status.history
     ]
-    return table(["REVISION", "PUBLISHED", "REASON", "FINGERPRINT", "CHANGED", "JOB", "WALL-S", "CPU-S"], rows)
+    return table(
+        ["REVISION", "PUBLISHED", "REASON", "FINGERPRINT", "CHANGED", "JOB", "WALL-S", "CPU-S", "SERVING"], rows
+    )
 
 
 @dataclass(frozen=True)

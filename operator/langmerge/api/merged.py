@@ -581,6 +581,14 @@ class PublishRecord(StatusModel):
     gpu_seconds: Annotated[float | None, Field(default=None)] = None
     cpu_seconds: Annotated[float | None, Field(default=None)] = None
     job: Annotated[str | None, Field(default=None)] = None
+    serving: Annotated[
+        dict[str, str],
+        Field(
+            default_factory=dict,
+            description="What spec.serving did with this revision, per target (kserve/<name>): e.g. 'Promoted at "
+            "<time>' or 'RolledBack at <time>: <why>'.",
+        ),
+    ]
 
 
 class RefactorizationStatus(StatusModel):

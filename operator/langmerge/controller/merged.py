@@ -31,6 +31,7 @@ from langmerge.api.merged import (
     SearchCandidateStatus,
     SearchStatus,
 )
+from langmerge.api.serving import ServingPhase, ServingStatus
 from langmerge.artifacts import (
     BaseModelIdentity,
     FailureRecord,
@@ -64,7 +65,7 @@ from langmerge.controller.reconcile import (
     reconcile_object,
 )
 from langmerge.controller.runtime import MERGED, Key, Runtime
-from langmerge.controller.serving import Serving, summary
+from langmerge.controller.serving import Serving, rolled_back_revision, summary
 from langmerge.controller.status import (
     EXPERTS_READY,
     LABELS_COVERED,
@@ -175,12 +176,29 @@ class MergedReconciler(ReconcilePass[MergedModelStatus]):
             statuses, wait = self._serving().run()
             self.status.serving = statuses
             self.status.serving_summary = summary(statuses)
+            self._record_serving(statuses)
             if wait is not None:
                 requeue = wait if requeue is None else min(requeue, wait)
         elif self.serving_on:
             self.status.serving = []
             self.status.serving_summary = None
         return super().commit(requeue)
+
+    def _record_serving(self, statuses: list[ServingStatus]) -> None:
+        """status.history: the outcome of each kserve rollout, on the revision it was about."""
+        for s in statuses:
+            if s.phase is None or not s.target.startswith("kserve/"):
+                continue
+            revision = s.canary_revision if s.phase in (ServingPhase.PROGRESSING, ServingPhase.CANARY) else s.revision
+            if s.phase == ServingPhase.ROLLED_BACK:
+                revision = rolled_back_revision(s.message) or revision
+            entry = next((h for h in self.status.history if h.revision == revision), None)
+            if entry is None:
+                continue
+            what = f"{s.phase} at {s.since}" if s.since else str(s.phase)
+            if s.phase in (ServingPhase.ROLLED_BACK, ServingPhase.FAILED) and s.message:
+                what += f": {s.message}"
+            entry.serving[s.target] = truncate(what, 300)
 
     def written_view(self) -> tuple[Any, ...]:
         return (self.status.phase, self.status.observed_generation, self.status.revision, self.status.fingerprint)
@@ -588,6 +606,9 @@ class MergedReconciler(ReconcilePass[MergedModelStatus]):
                 shown[r.revision] if r.cost is None and r.revision in shown else self._history_entry(r, before)
                 for r, before in zip(chain, [None, *chain[:-1]], strict=True)
             ][-self.settings.history_limit :]
+            for entry in self.status.history:  # what serving did is known only to the status (and the Events)
+                if entry.revision in shown and not entry.serving:
+                    entry.serving = dict(shown[entry.revision].serving)
             self.status.metrics = self._figures(record)
             seen = self.old.revision if self.old.revision is not None else record.revision - 1
             for r in chain:

@@ -482,6 +482,13 @@ def _roll_back(name: str, desired: Desired, rollout: Rollout, observed: Observed
     )
 
 
+def rolled_back_revision(message: str | None) -> int | None:
+    """The revision a RolledBack status message is about (``revision N rolled back to ...``)."""
+    if not message or not message.startswith("revision "):
+        return None
+    return _int(message.split()[1])
+
+
 def summary(statuses: list[ServingStatus]) -> str | None:
     """The SERVING column: each InferenceService's phase and revisions, e.g. ``dialog: Canary r3 (r2 serves)``."""
     parts = []
