@@ -12,6 +12,9 @@ Verbs::
     sample --base-uri ... --data-uri ...  build and upload the sample base model and datasets (langmerge up)
     bench [--quick] ...                 experts + merging vs one jointly trained model: quality and cost (results/)
     try --task <json or @file>          outputs of a merged model, the base and the experts (langmerge try)
+    serve --model-name NAME --storage-uri URI --http-port P --grpc-port G [--device cpu]
+                                        serve a published revision over KServe's v1/v2 protocols on 127.0.0.1
+                                        (langmerge_trainer.serve); 1 or 4 with a one-line reason when it cannot load
 
 Exit status (``langmerge.constants``; a Job's podFailurePolicy fails the Job at once on 2 and 4):
 
@@ -37,7 +40,7 @@ from langmerge.constants import EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED, EXIT_USAGE
 
 __all__ = ["EXIT_FAILED", "EXIT_OK", "EXIT_PREEMPTED", "EXIT_USAGE", "EXIT_USER_ERROR", "main"]
 
-VERBS = ("train", "distributed", "evaluate", "merge", "merge-local", "sample", "bench", "try")
+VERBS = ("train", "distributed", "evaluate", "merge", "merge-local", "sample", "bench", "try", "serve")
 USAGE = f"usage: langmerge-trainer {{{','.join(VERBS)}}} [options]  (langmerge-trainer <verb> --help)"
 
 log = logging.getLogger("langmerge_trainer")
@@ -137,6 +140,12 @@ def try_main(argv: Sequence[str]) -> int:
     return int(tryout_main(list(argv)))
 
 
+def serve_main(argv: Sequence[str]) -> int:
+    from langmerge_trainer.serve import main as serve
+
+    return int(serve(list(argv)))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help"):
@@ -154,6 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "sample": sample_main,
         "bench": bench_main,
         "try": try_main,
+        "serve": serve_main,
     }
     handler = handlers.get(verb)
     if handler is None:
