@@ -11,6 +11,7 @@ import urllib.error
 import urllib.request
 from collections import Counter
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -239,3 +240,53 @@ def stand_in_runner(kube: Any, namespace: str, tmp_path: Path) -> Iterator[Local
     with LocalServingRunner(kube, config) as serving:
         assert serving.synced.wait(10)
         yield serving
+
+
+class Sink:
+    """A CloudEvents sink: records every request; answers the scripted statuses in turn, then ``default``."""
+
+    def __init__(self, port: int = 0) -> None:
+        self.requests: list[tuple[dict[str, str], bytes]] = []
+        self.script: list[int] = []
+        self.default = 200
+        self.hold: threading.Event | None = None  # if set, a request waits for it before answering
+        self.entered = threading.Event()
+        self._lock = threading.Lock()
+        sink = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length", "0")))
+                with sink._lock:
+                    sink.requests.append(({k.lower(): v for k, v in self.headers.items()}, body))
+                    status = sink.script.pop(0) if sink.script else sink.default
+                sink.entered.set()
+                if sink.hold is not None:
+                    sink.hold.wait(10)
+                self.send_response(status)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/events"
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+
+    def events(self) -> list[tuple[dict[str, str], dict[str, Any]]]:
+        """(headers, JSON data) of every request received."""
+        with self._lock:
+            return [(headers, json.loads(body or b"null")) for headers, body in self.requests]
+
+    def ids(self) -> list[str]:
+        with self._lock:
+            return [headers["ce-id"] for headers, _ in self.requests]
+
+    def close(self) -> None:
+        if self.hold is not None:
+            self.hold.set()
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)

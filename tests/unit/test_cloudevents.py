@@ -9,7 +9,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from cloudevents.http import from_http
@@ -26,55 +25,11 @@ from langmerge.controller.cloudevents import (
     backoff_delay,
     build_event,
 )
+from serving_helpers import Sink
 
 Key = tuple[str, str]
 KEY: Key = ("demo", "dialog")
 UID = "6f1c2a9e-0000-4000-8000-000000000001"
-
-
-class Sink:
-    """A CloudEvents sink: records every request; answers the scripted statuses in turn, then ``default``."""
-
-    def __init__(self) -> None:
-        self.requests: list[tuple[dict[str, str], bytes]] = []
-        self.script: list[int] = []
-        self.default = 200
-        self.hold: threading.Event | None = None  # if set, a request waits for it before answering
-        self.entered = threading.Event()
-        self._lock = threading.Lock()
-        sink = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("content-length", "0")))
-                with sink._lock:
-                    sink.requests.append(({k.lower(): v for k, v in self.headers.items()}, body))
-                    status = sink.script.pop(0) if sink.script else sink.default
-                sink.entered.set()
-                if sink.hold is not None:
-                    sink.hold.wait(10)
-                self.send_response(status)
-                self.send_header("content-length", "0")
-                self.end_headers()
-
-            def log_message(self, format: str, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/events"
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        self.thread.start()
-
-    def ids(self) -> list[str]:
-        with self._lock:
-            return [headers["ce-id"] for headers, _ in self.requests]
-
-    def close(self) -> None:
-        if self.hold is not None:
-            self.hold.set()
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(5)
 
 
 @pytest.fixture
