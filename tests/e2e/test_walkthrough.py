@@ -19,11 +19,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from langmerge.artifacts import PublishedRevision, parse_time
-from langmerge.dev.demo import ADDED_DATA_FILE, ADDED_LANGUAGE, DEFAULT_LAYOUT, WALKTHROUGH, sample_merged
+from langmerge.dev.demo import ADDED_DATA_FILE, ADDED_LANGUAGE, DEFAULT_LAYOUT, SERVED, WALKTHROUGH, sample_merged
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e, pytest.mark.timeout(2400)]
 
@@ -31,6 +32,13 @@ ROOT = Path(__file__).resolve().parents[2]
 MERGED = sample_merged()["metadata"]["name"]
 #: Variables of the test session's own control plane: the walkthrough must get everything from make up's env.sh.
 FOREIGN = ("KUBECONFIG", "LANGMERGE_S3_ENDPOINT", "LANGMERGE_STATE", "LANGMERGE_MODEL_CACHE", "VIRTUAL_ENV")
+
+
+def _events(kube: Any, name: str) -> list[Any]:
+    from kubernetes import client
+
+    items = client.CoreV1Api(kube.api).list_namespaced_event("default").items
+    return [e for e in items if e.involved_object.name == name]
 
 
 def walkthrough_block(readme: str) -> str:
@@ -104,6 +112,17 @@ def test_make_up_then_the_readme_walkthrough_then_try(tmp_path: Path) -> None:
         trained_before, merged_before = names(training), names(merging)
         assert (len(trained_before), len(merged_before)) == (5, 2), "the sample: trunk, 3 experts + 1 retrain, 2 merges"
 
+        # The loop ends at a served model: revision 2 answers at the sample's InferenceService (the real model server
+        # behind the local router), after a canary; the summary shows its answer and a curl line.
+        merged_now = kube.get_merged(ObjectKey("default", MERGED)) or {}
+        fingerprint2 = merged_now["status"]["fingerprint"]
+        assert f"serving: InferenceService {SERVED}: Promoted revision 2 at http://127.0.0.1:" in up_text, up_text[
+            -3000:
+        ]
+        assert f"merge {fingerprint2})" in up_text, "revision 2's merge answered the summary's question"
+        assert "curl -s http://127.0.0.1:" in up_text and f"/v1/models/{SERVED}:predict" in up_text
+        assert "CanaryStarted" in {e.reason for e in _events(kube, MERGED)}, "revision 2 went through a canary"
+
         # A folder laid out as a clone after make up.
         clone = tmp_path / "clone"
         clone.mkdir()
@@ -171,6 +190,29 @@ def test_make_up_then_the_readme_walkthrough_then_try(tmp_path: Path) -> None:
         print(
             f"add a language (upload to revision 3): {added:.0f}s; remove a language (delete to revision 4): {removed:.0f}s"
         )
+
+        # Revisions 3 and 4 were rolled out too: the endpoint answers from revision 4, without a restart.
+        def serves_4() -> bool:
+            status = (kube.get_merged(ObjectKey("default", MERGED)) or {}).get("status") or {}
+            kserve = [s for s in status.get("serving") or [] if s.get("target") == f"kserve/{SERVED}"]
+            return bool(kserve) and kserve[0].get("phase") == "Promoted" and kserve[0].get("revision") == 4
+
+        deadline = time.monotonic() + 300
+        while not serves_4():
+            assert time.monotonic() < deadline, "revision 4 was not promoted on the InferenceService"
+            time.sleep(2)
+        served = subprocess.run(
+            ["bash", "-c", setup + f"langmerge try {shlex.quote(MERGED)} --served -i 'hola' -i 'hallo'"],
+            cwd=clone,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        print(served.stdout)
+        assert served.returncode == 0, served.stderr
+        assert f"model {current.fingerprint}" in served.stdout and "answered by dialog-predictor-" in served.stdout
+        assert len(re.findall(r"^  (hola|hallo) +-> ", served.stdout, re.M)) == 2, served.stdout
 
         # langmerge try on the sample: every language of the published revision, base, expert and merged.
         tried = subprocess.run(
