@@ -43,6 +43,14 @@ TRAINJOB_RULE: dict[str, Any] = {
 }
 
 
+#: With serving.kserve.enabled only: read and patch the InferenceServices a MergedModel rolls revisions out to.
+KSERVE_RULE: dict[str, Any] = {
+    "apiGroups": ["serving.kserve.io"],
+    "resources": ["inferenceservices"],
+    "verbs": ["get", "patch"],
+}
+
+
 def secret_rule(name: str = "langmerge-s3") -> dict[str, Any]:
     """s3.credentials.checkExists (default on): get on the S3 Secret's name only, to check it exists before a Job."""
     return {"apiGroups": [""], "resources": ["secrets"], "resourceNames": [name], "verbs": ["get"]}

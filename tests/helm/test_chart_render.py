@@ -20,6 +20,7 @@ from chart_helpers import (
     OPERATOR_RULES,
     ROOT,
     TRAINJOB_RULE,
+    KSERVE_RULE,
     HelmError,
     by_kind,
     container_env,
@@ -65,6 +66,7 @@ EDGE: dict[str, Any] = {
         "env": {"NCCL_DEBUG": "WARN", "HF_HUB_OFFLINE": "1"},
     },
     "trainJob": {"enabled": True, "runtime": "langmerge-torch"},
+    "serving": {"kserve": {"enabled": True}, "pollSeconds": 2.5},
     "reconcile": {
         "resyncSeconds": 30.5,
         "progressSeconds": 5,
@@ -231,6 +233,7 @@ def test_edge_render(edge: list[dict[str, Any]]) -> None:
                 FINALIZERS_RULE,
                 *OPERATOR_RULES[2:3],
                 TRAINJOB_RULE,  # trainJob.enabled
+                KSERVE_RULE,  # serving.kserve.enabled
                 *OPERATOR_RULES[3:],
                 secret_rule("s3-creds"),
             ]
