@@ -270,6 +270,9 @@ class SimulatedJobs:
     max_active_seen: int = 0
     #: Carry on through an API server that does not answer (a fault-injection test stops it on purpose).
     outage_tolerant: bool = False
+    #: The files of a simulated merge's ``model/`` folder (name -> bytes), e.g. a real tiny model for a real model
+    #: server to load; default: one stand-in adapter file.
+    merge_files: Callable[[MergeTask], dict[str, bytes]] | None = None
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
     _starts: dict[str, float] = field(default_factory=dict)
@@ -333,7 +336,11 @@ class SimulatedJobs:
                 write_fake_adapter(self.store, TrainTask.model_validate_json(task_json))
             else:
                 write_fake_merge(
-                    self.store, MergeTask.model_validate_json(task_json), self.merge_losses, self.base_losses
+                    self.store,
+                    MergeTask.model_validate_json(task_json),
+                    self.merge_losses,
+                    self.base_losses,
+                    self.merge_files,
                 )
             cond = {"type": "Complete", "status": "True", "lastTransitionTime": now()}
             self._patch(
@@ -495,9 +502,12 @@ def write_fake_merge(
     task: MergeTask,
     merged_loss: dict[str, float] | None = None,
     base_losses: dict[str, float] | None = None,
+    files: Callable[[MergeTask], dict[str, bytes]] | None = None,
 ) -> MergeManifest:
     model = artifacts.merged_model_uri(task.output_uri)
-    store.put_bytes(artifacts.join(model, "adapter_model.safetensors"), f"merged {task.fingerprint}".encode())
+    contents = files(task) if files else {"adapter_model.safetensors": f"merged {task.fingerprint}".encode()}
+    for name, body in contents.items():
+        store.put_bytes(artifacts.join(model, name), body)
     losses = merged_loss or {}
     adapter = task.output.format == "peft-adapter"
     search = None

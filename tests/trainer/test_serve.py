@@ -2,7 +2,8 @@
 
 Merge prefixes are published as the merge Job leaves them (``model/``, then ``manifest.json``), with tiny models and
 random (non-zero) adapters, so the served answers can be checked against the same folders loaded in this process.
-The servers start together (each takes seconds to import torch and load) and are stopped at the end of the module.
+One is also served from a local copy, as KServe's storage initializer leaves it in ``/mnt/models``. The servers start
+together (each takes seconds to import torch and load) and are stopped at the end of the module.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from langmerge.artifacts import (
 )
 from langmerge.store import ObjectStore
 from langmerge_trainer.evaluate import peft_compat
-from langmerge_trainer.serve import LoadError, resolve
+from langmerge_trainer.serve import LoadError, main, resolve
 
 LABELS = ["money", "science"]
 PROMPTS = ["Hola, ¿cómo estás?", "Buongiorno a tutti"]
@@ -213,6 +214,8 @@ class World:
     bert: Path
     bert_identity: BaseModelIdentity
     classifier_adapter: Path
+    #: A local copy of the classifier's merge prefix (manifest.json + model/), as KServe downloads it.
+    local_topic: Path
     servers: dict[str, Server]
 
 
@@ -270,7 +273,12 @@ def world(
         _publish(s3, topic, classifier, _manifest(topic, bert_identity, "peft-adapter", inputs))
         servers["topic"] = _start("topic", topic, tmp)
 
-        yield World(bucket, base, causal, bert, bert_identity, classifier, servers)
+        # (d) the same merge from a local folder: the base model and the labels still come from S3.
+        local_topic = tmp / "mnt-models"
+        s3.download_prefix(topic, local_topic)
+        servers["topic-local"] = _start("topic-local", str(local_topic), tmp)
+
+        yield World(bucket, base, causal, bert, bert_identity, classifier, local_topic, servers)
     finally:
         for server in servers.values():
             server.stop()
@@ -356,6 +364,18 @@ def test_a_classifier_adapter_merge_answers_labels_and_probabilities(world: Worl
     ]
 
 
+def test_a_local_copy_of_a_merge_prefix_answers_as_the_s3_one(world: World) -> None:
+    texts = ["Il prezzo delle azioni è salito", "La cellula si divide in due", "Buongiorno a tutti"]
+    local, remote = world.servers["topic-local"], world.servers["topic"]
+    print(f"topic-local ready after {local.wait_ready():.1f}s")
+    remote.wait_ready()
+    status, body = local.predict({"instances": texts})
+    assert status == 200, body
+    assert body["model_version"] == FP_CLASSIFIER
+    assert body == remote.predict({"instances": texts})[1]
+    assert _listening_addresses(local.http_port) == {LOOPBACK}  # the default --host
+
+
 def test_broken_weights_end_the_server_before_it_is_ready(world: World) -> None:
     server = world.servers["broken"]
     deadline = server.started + READY_TIMEOUT
@@ -388,6 +408,78 @@ def test_a_plain_model_folder_is_served_as_full_weights_with_its_config_labels(
 
     causal = resolve(s3, f"s3://{world.bucket}/dialog/merges/{FP_CAUSAL}")
     assert causal.labels is None and causal.base == world.base and causal.version == FP_CAUSAL
+
+    # the same folder on local disk: loaded in place, without S3; its version a digest of its file names and sizes
+    def no_s3() -> ObjectStore:
+        raise AssertionError("a local full-weights folder needs nothing from S3")
+
+    here = resolve(no_s3, f"{folder}/")
+    assert here.model_dir == folder and here.base is None and here.labels == LABELS and here.max_seq_length == 256
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for file in folder.iterdir():
+        (copy / file.name).write_bytes(file.read_bytes())
+    assert resolve(no_s3, f"file://{copy}").version == here.version == here.model_digest
+    (copy / "extra.txt").write_text("x")
+    assert resolve(no_s3, str(copy)).version != here.version
+
+
+def test_a_local_merge_prefix_loads_its_model_folder_in_place(s3: ObjectStore, world: World) -> None:
+    local = resolve(s3, f"file://{world.local_topic}")
+    remote = resolve(s3, f"s3://{world.bucket}/topic/merges/{FP_CLASSIFIER}")
+    assert local.model_dir == world.local_topic / "model" and local.model_uri == str(world.local_topic / "model")
+    assert remote.model_dir is None
+    assert (local.version, local.base, local.labels, local.max_seq_length) == (
+        remote.version,
+        remote.base,
+        remote.labels,
+        remote.max_seq_length,
+    )
+    assert local.version == FP_CLASSIFIER and local.labels == LABELS and local.base == world.bert_identity
+
+
+def test_a_local_folder_with_neither_manifest_nor_config_ends_the_server_with_4(tmp_path: Path) -> None:
+    folder = tmp_path / "models"
+    folder.mkdir()
+    (folder / "README.md").write_text("no model here")
+    # the real entry point, and whether torch was imported on the way to the failure (it should not be)
+    probe = (
+        "import atexit, runpy, sys\n"
+        "atexit.register(lambda: print('torch imported:', 'torch' in sys.modules, file=sys.stderr))\n"
+        "runpy.run_module('langmerge_trainer', run_name='__main__', alter_sys=True)\n"
+    )
+    uri = f"file://{folder}"
+    ports = ["--http-port", str(_free_port()), "--grpc-port", str(_free_port())]
+    result = subprocess.run(
+        [sys.executable, "-c", probe, "serve", "--model-name", "m", "--storage-uri", uri, *ports],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 4, result.stderr
+    *_, reason, torch_imported = result.stderr.strip().splitlines()
+    assert reason == (
+        f"langmerge-trainer serve: cannot load {uri}: "
+        f"{folder} holds neither a merge (manifest.json) nor a model folder (config.json)"
+    ), result.stderr
+    assert torch_imported == "torch imported: False"
+
+
+def test_what_the_command_line_refuses(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # main sets it when unset
+    common = ["--model-name", "m", "--http-port", str(_free_port()), "--grpc-port", str(_free_port())]
+    assert main([*common, "--storage-uri", str(tmp_path / "absent")]) == 4
+    assert capsys.readouterr().err.strip().endswith(f"there is no folder {tmp_path / 'absent'}")
+    assert main([*common, "--storage-uri", "gs://bucket/model"]) == 2
+    assert "--storage-uri must be an s3:// URI or a local folder" in capsys.readouterr().err
+    assert main([*common, "--storage-uri", "file://host/models"]) == 2
+    with pytest.raises(SystemExit) as exit_info:
+        main([*common, "--storage-uri", str(tmp_path), "--host", "every-interface"])
+    assert exit_info.value.code == 2
+    assert "is not an IP address" in capsys.readouterr().err
 
 
 def test_a_classifier_merge_whose_labels_are_recorded_nowhere_cannot_load(s3: ObjectStore, world: World) -> None:

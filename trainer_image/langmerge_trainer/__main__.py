@@ -12,8 +12,9 @@ Verbs::
     sample --base-uri ... --data-uri ...  build and upload the sample base model and datasets (langmerge up)
     bench [--quick] ...                 experts + merging vs one jointly trained model: quality and cost (results/)
     try --task <json or @file>          outputs of a merged model, the base and the experts (langmerge try)
-    serve --model-name NAME --storage-uri URI --http-port P --grpc-port G [--device cpu]
-                                        serve a published revision over KServe's v1/v2 protocols on 127.0.0.1
+    serve --model-name NAME --storage-uri URI --http-port P --grpc-port G [--host IP] [--device cpu]
+                                        serve a published revision (s3:// or a local copy such as /mnt/models)
+                                        over KServe's v1/v2 protocols (default host 127.0.0.1)
                                         (langmerge_trainer.serve); 1 or 4 with a one-line reason when it cannot load
 
 Exit status (``langmerge.constants``; a Job's podFailurePolicy fails the Job at once on 2 and 4):

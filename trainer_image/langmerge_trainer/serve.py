@@ -3,33 +3,38 @@
 ``--storage-uri`` is what an InferenceService's ``spec.predictor.model.storageUri`` holds for the ``langmerge``
 runtime: a merge prefix ``s3://<bucket>/<output>/merges/<fingerprint>`` (``manifest.json``, a
 :class:`langmerge.artifacts.MergeManifest`, and ``model/``), or a plain model folder with ``config.json`` (full
-weights, as KServe's huggingface runtime takes them). The folders come through the model cache
-(:mod:`langmerge_trainer.modelcache`) and load as the merge Job's evaluation loads them
-(:func:`langmerge_trainer.merge.evaluation.load_model`): a ``peft-adapter`` output on its base model (the manifest's
-``base_model``, checked against its digest), a ``full-weights`` output or a plain folder on its own.
+weights, as KServe's huggingface runtime takes them). It may also be a local folder (a path or a ``file://`` URI)
+holding either layout: on a cluster, KServe's storage initializer downloads the InferenceService's ``storageUri``
+into ``/mnt/models`` before this server starts, and the runtime passes ``--storage-uri=/mnt/models``. Folders in S3
+come through the model cache (:mod:`langmerge_trainer.modelcache`); a local model folder loads in place. Either
+loads as the merge Job's evaluation loads them (:func:`langmerge_trainer.merge.evaluation.load_model`): a
+``peft-adapter`` output on its base model (the manifest's ``base_model``, fetched from S3 through the model cache and
+checked against its digest, also for a local merge), a ``full-weights`` output or a plain folder on its own.
 
 A causal LM answers with its greedy continuation, a sequence classifier with a label and its probability. A
 classifier's labels are, in this order: the model folder's ``config.json`` (``id2label`` of a
 ``...ForSequenceClassification`` architecture: full weights), the labels of the merge's input adapters (their
-:class:`langmerge.artifacts.AdapterManifest`), or the labels the manifest's ``head_support`` names.
+:class:`langmerge.artifacts.AdapterManifest`, read from S3), or the labels the manifest's ``head_support`` names.
 
-HTTP (KServe's v1/v2 protocols, :class:`kserve.ModelServer`), on 127.0.0.1 only::
+HTTP (KServe's v1/v2 protocols, :class:`kserve.ModelServer`), on ``--host`` (default 127.0.0.1; a KServe pod passes
+0.0.0.0)::
 
     GET  /v2/health/ready, /v2/models/NAME/ready
     POST /v1/models/NAME:predict  {"instances": ["text", {"text": "..."}], "parameters": {"max_new_tokens": 32}}
       -> {"predictions": [{"generated_text": "..."}] or [{"label": "...", "probability": 0.83}],
-          "model_version": "<the merge fingerprint, or the digest of a plain folder's objects>"}
+          "model_version": "<the merge fingerprint, or the digest of a plain folder's files>"}
 
-gRPC (KServe's v2 service: health and metadata) listens on 127.0.0.1 too. The server only listens once the model has
+gRPC (KServe's v2 service: health and metadata) listens on ``--host`` too. The server only listens once the model has
 loaded: a model that cannot load (no manifest nor config.json, missing or broken weights, S3 unreadable, a port
 taken) ends the process before it is ever ready, with one line on stderr saying why and exit status 1 (S3 or a port:
-another start may work) or 4 (the published revision itself cannot load).
+another start may work) or 4 (the published revision itself cannot load); a bad command line exits with 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import json
 import logging
 import os
@@ -38,10 +43,12 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent import futures
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import unquote, urlsplit
 
 import kserve
 from kserve.errors import InvalidInput
@@ -52,12 +59,13 @@ from langmerge.api.expert import TaskType
 from langmerge.api.merged import OutputFormat
 from langmerge.artifacts import AdapterManifest, MergeManifest
 from langmerge.constants import EXIT_FAILED, EXIT_USAGE, EXIT_USER_ERROR
-from langmerge.store import ObjectStore, StorageUnavailable, StoreError
+from langmerge.fingerprint import objects_digest
+from langmerge.store import ObjectStore, StorageUnavailable, StoreError, parse_record
 
 log = logging.getLogger(__name__)
 
-#: The only interface the servers listen on.
-HOST = "127.0.0.1"
+#: The interface the servers listen on unless ``--host`` names another (a KServe pod passes 0.0.0.0).
+DEFAULT_HOST = "127.0.0.1"
 #: ``parameters.max_new_tokens`` of a causal LM when a request gives none, and the most a request may ask for.
 DEFAULT_MAX_NEW_TOKENS = 32
 MAX_NEW_TOKENS_LIMIT = 1024
@@ -82,30 +90,148 @@ def one_line(text: str, limit: int = MAX_REASON) -> str:
 
 
 # -- what the storage URI holds -----------------------------------------------------------------------------------------
+#: S3 as :func:`resolve` and :func:`load_published` reach it: a store, or a function that makes one (once, from the
+#: environment) when it is first needed, so that a local folder needing nothing from S3 never asks for it.
+StoreSource = ObjectStore | Callable[[], ObjectStore]
+#: The model folder inside a merge prefix (:func:`langmerge.artifacts.merged_model_uri`).
+MODEL_FOLDER = "model"
+
+
+def _store(source: StoreSource) -> ObjectStore:
+    return source if isinstance(source, ObjectStore) else source()
+
+
+def local_folder(storage_uri: str) -> Path | None:
+    """The local folder ``storage_uri`` names (a path, or a ``file://`` URI), absolute; None for an ``s3://`` URI.
+    Raises ValueError for any other scheme."""
+    if storage_uri.startswith("s3://"):
+        return None
+    parts = urlsplit(storage_uri)
+    if parts.scheme == "file":
+        if parts.netloc not in ("", "localhost") or not parts.path:
+            raise ValueError(f"a file:// URI names a local folder (file:///mnt/models), not {storage_uri!r}")
+        path = unquote(parts.path)
+    elif parts.scheme or not storage_uri.strip():
+        raise ValueError(f"an s3:// URI or a local folder (a path or a file:// URI), not {storage_uri!r}")
+    else:
+        path = storage_uri
+    return Path(path).expanduser().absolute()
+
+
 @dataclass(frozen=True)
 class Published:
-    """A storage URI resolved in S3, before anything is downloaded."""
+    """A storage URI resolved, before any weights are read."""
 
     storage_uri: str
     #: The folder to load: the merge prefix's ``model/``, or the storage URI itself for a plain folder.
     model_uri: str
-    #: The digest of the objects under ``model_uri`` (the model cache's key).
+    #: The digest of the objects (or local files) under ``model_uri`` (the model cache's key).
     model_digest: str
-    #: The base model a PEFT adapter output loads onto (None for full weights).
+    #: The base model a PEFT adapter output loads onto (None for full weights); always in S3.
     base: artifacts.BaseModelIdentity | None
-    #: ``model_version`` of every answer: the merge fingerprint, or the digest of a plain folder's objects.
+    #: ``model_version`` of every answer: the merge fingerprint, or the digest of a plain folder's objects (files).
     version: str
     #: A sequence classifier's labels (None: a causal LM).
     labels: list[str] | None = None
     #: A classifier's input length in tokens (longer texts are cut, as in training).
     max_seq_length: int = DEFAULT_MAX_SEQ_LENGTH
+    #: ``model_uri`` on local disk, loaded in place (None: it is in S3 and comes through the model cache).
+    model_dir: Path | None = None
 
 
-def _model_listing(store: ObjectStore, uri: str) -> str:
-    digest, count = store.prefix_digest(uri)
-    if count == 0:
-        raise LoadError(f"no objects under {uri}")
-    return digest
+class _Folder(Protocol):
+    """What :func:`resolve` reads of a storage URI, in S3 or on local disk; ``relative`` is a path inside it."""
+
+    def name(self, relative: str = "") -> str:
+        """The URI (or path) of ``relative``, for messages and :attr:`Published.model_uri`."""
+        ...
+
+    def json(self, relative: str) -> Any | None:
+        """The decoded JSON file ``relative`` (None where there is none)."""
+        ...
+
+    def manifest(self) -> MergeManifest | None: ...
+
+    def digest(self, relative: str = "") -> str:
+        """The digest of what lies under ``relative``; :class:`LoadError` when nothing does."""
+        ...
+
+    def local(self, relative: str = "") -> Path | None:
+        """``relative`` on local disk (None: in S3)."""
+        ...
+
+
+@dataclass(frozen=True)
+class _S3Folder:
+    store: ObjectStore
+    uri: str
+
+    def name(self, relative: str = "") -> str:
+        return artifacts.join(self.uri, relative) if relative else self.uri
+
+    def json(self, relative: str) -> Any | None:
+        return self.store.get_json_or_none(self.name(relative))
+
+    def manifest(self) -> MergeManifest | None:
+        return self.store.get_record(self.name(artifacts.MANIFEST), MergeManifest)
+
+    def digest(self, relative: str = "") -> str:
+        digest, count = self.store.prefix_digest(self.name(relative))
+        if count == 0:
+            raise LoadError(f"no objects under {self.name(relative)}")
+        return digest
+
+    def local(self, relative: str = "") -> Path | None:
+        return None
+
+
+@dataclass(frozen=True)
+class _LocalFolder:
+    """A local copy of either layout (e.g. what KServe's storage initializer left in ``/mnt/models``)."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        if not self.root.is_dir():
+            raise LoadError(f"{self.root} is not a folder" if self.root.exists() else f"there is no folder {self.root}")
+
+    def name(self, relative: str = "") -> str:
+        return str(self.root / relative) if relative else str(self.root)
+
+    def json(self, relative: str) -> Any | None:
+        path = self.root / relative
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_bytes())
+        except (UnicodeDecodeError, ValueError) as err:
+            raise LoadError(f"{path} is not JSON: {err}") from err
+
+    def manifest(self) -> MergeManifest | None:
+        raw = self.json(artifacts.MANIFEST)
+        if raw is None:
+            return None
+        try:
+            return parse_record(self.name(artifacts.MANIFEST), raw, MergeManifest)
+        except StoreError as err:
+            raise LoadError(str(err)) from err
+
+    def digest(self, relative: str = "") -> str:
+        """Over the relative names and sizes of the files under ``relative``: cheap, and the same for every copy of
+        the folder (KServe downloads it afresh into each pod)."""
+        top = self.root / relative
+        rows = []
+        for folder, _dirs, files in os.walk(top):
+            for file in files:
+                path = Path(folder, file)
+                if path.is_file():
+                    rows.append((path.relative_to(top).as_posix(), path.stat().st_size, ""))
+        if not rows:
+            raise LoadError(f"no files under {top}")
+        return objects_digest(rows)
+
+    def local(self, relative: str = "") -> Path | None:
+        return self.root / relative if relative else self.root
 
 
 def _config_labels(config: dict[str, Any] | None) -> list[str] | None:
@@ -125,16 +251,16 @@ def _position_limit(config: dict[str, Any] | None) -> int:
     return min(DEFAULT_MAX_SEQ_LENGTH, int(limit)) if isinstance(limit, int) and limit > 0 else DEFAULT_MAX_SEQ_LENGTH
 
 
-def _input_labels(store: ObjectStore, manifest: MergeManifest) -> tuple[list[str] | None, int | None]:
-    """The labels of the merge's classifier inputs (from their adapter manifests, where those still exist) and the
-    longest ``training.maxSeqLength`` among them."""
+def _input_labels(store: StoreSource, manifest: MergeManifest) -> tuple[list[str] | None, int | None]:
+    """The labels of the merge's classifier inputs (from their adapter manifests in S3, where those still exist) and
+    the longest ``training.maxSeqLength`` among them."""
     from langmerge.tryout import adapter_manifest_uri
 
     labels: list[str] | None = None
     lengths: list[int] = []
     for item in manifest.inputs:
         try:
-            record = store.get_record(adapter_manifest_uri(item.adapter_uri), AdapterManifest)
+            record = _store(store).get_record(adapter_manifest_uri(item.adapter_uri), AdapterManifest)
         except StorageUnavailable:
             raise
         except StoreError as err:  # a manifest gone bad: the merge's own record may still name the labels
@@ -158,33 +284,40 @@ def _is_classifier_adapter(adapter_config: dict[str, Any] | None) -> bool:
     return adapter_config.get("task_type") == "SEQ_CLS" or bool(heads)
 
 
-def resolve(store: ObjectStore, storage_uri: str) -> Published:
-    """What ``storage_uri`` holds: a merge prefix (its manifest decides how it loads) or a plain model folder.
-    Raises :class:`LoadError` when it holds neither, or the merge's output is incomplete."""
-    uri = storage_uri.rstrip("/")
-    manifest = store.get_record(artifacts.join(uri, artifacts.MANIFEST), MergeManifest)
+def resolve(store: StoreSource, storage_uri: str) -> Published:
+    """What ``storage_uri`` (an ``s3://`` URI or a local folder) holds: a merge prefix (its manifest decides how it
+    loads) or a plain model folder. Raises :class:`LoadError` when it holds neither, or the merge's output is
+    incomplete. A local folder asks S3 only for what is not in it: a PEFT adapter's base model and input labels."""
+    try:
+        path = local_folder(storage_uri)
+    except ValueError as err:
+        raise LoadError(f"--storage-uri must be {err}", EXIT_USAGE) from err
+    folder: _Folder = _S3Folder(_store(store), storage_uri.rstrip("/")) if path is None else _LocalFolder(path)
+    uri = folder.name()
+    manifest = folder.manifest()
     if manifest is None:
-        config = store.get_json_or_none(artifacts.join(uri, "config.json"))
+        config = folder.json("config.json")
         if config is None:
             raise LoadError(f"{uri} holds neither a merge ({artifacts.MANIFEST}) nor a model folder (config.json)")
-        digest = _model_listing(store, uri)
+        digest = folder.digest()
         labels = _config_labels(config)
-        return Published(uri, uri, digest, None, digest, labels, _position_limit(config))
+        return Published(uri, uri, digest, None, digest, labels, _position_limit(config), folder.local())
 
-    model_uri = artifacts.merged_model_uri(uri)
-    digest = _model_listing(store, model_uri)
+    model_uri, model_dir = folder.name(MODEL_FOLDER), folder.local(MODEL_FOLDER)
+    digest = folder.digest(MODEL_FOLDER)
     if manifest.output_format == OutputFormat.FULL_WEIGHTS:
-        config = store.get_json_or_none(artifacts.join(model_uri, "config.json"))
+        config = folder.json(f"{MODEL_FOLDER}/config.json")
         if config is None:
             raise LoadError(f"the full-weights merge {uri} has no model/config.json")
         labels = _config_labels(config)
         length: int | None = None
         if labels is None and manifest.inputs:
             labels, length = _input_labels(store, manifest)
-        return Published(uri, model_uri, digest, None, manifest.fingerprint, labels, length or _position_limit(config))
+        length = length or _position_limit(config)
+        return Published(uri, model_uri, digest, None, manifest.fingerprint, labels, length, model_dir)
     if manifest.output_format != OutputFormat.PEFT_ADAPTER:
         raise LoadError(f"the merge {uri} has output format {manifest.output_format!r}, not one this server loads")
-    adapter_config = store.get_json_or_none(artifacts.join(model_uri, "adapter_config.json"))
+    adapter_config = folder.json(f"{MODEL_FOLDER}/adapter_config.json")
     if adapter_config is None:
         raise LoadError(f"the peft-adapter merge {uri} has no model/adapter_config.json")
     labels, length = _input_labels(store, manifest)
@@ -196,9 +329,17 @@ def resolve(store: ObjectStore, storage_uri: str) -> Published:
             "name the labels"
         )
     if labels is not None and length is None:
-        length = _position_limit(store.get_json_or_none(artifacts.join(manifest.base_model.uri, "config.json")))
+        base_config = _store(store).get_json_or_none(artifacts.join(manifest.base_model.uri, "config.json"))
+        length = _position_limit(base_config)
     return Published(
-        uri, model_uri, digest, manifest.base_model, manifest.fingerprint, labels, length or DEFAULT_MAX_SEQ_LENGTH
+        uri,
+        model_uri,
+        digest,
+        manifest.base_model,
+        manifest.fingerprint,
+        labels,
+        length or DEFAULT_MAX_SEQ_LENGTH,
+        model_dir,
     )
 
 
@@ -209,14 +350,15 @@ class Loaded:
     tokenizer: Any
 
 
-def load_published(store: ObjectStore, published: Published, device_name: str | None = None) -> Loaded:
-    """Download (through the model cache) and load the model and its tokenizer, in eval mode, on ``device_name``
-    (default: cuda if available, else cpu)."""
+def load_published(store: StoreSource, published: Published, device_name: str | None = None) -> Loaded:
+    """Load the model and its tokenizer, in eval mode, on ``device_name`` (default: cuda if available, else cpu): a
+    local model folder in place, one in S3 and any base model through the model cache."""
     from langmerge_trainer.modelcache import ensure_model
 
     started = time.monotonic()
-    model_dir = ensure_model(store, published.model_uri, published.model_digest)
-    base_dir = None if published.base is None else ensure_model(store, published.base.uri, published.base.digest)
+    model_dir = published.model_dir or ensure_model(_store(store), published.model_uri, published.model_digest)
+    base = published.base
+    base_dir = None if base is None else ensure_model(_store(store), base.uri, base.digest)
     from transformers.utils import logging as hf_logging
 
     from langmerge_trainer.evaluate import _has_tokenizer, load_tokenizer, peft_compat, pick_device
@@ -295,7 +437,7 @@ class PublishedModel(kserve.Model):
         self, name: str, storage_uri: str, *, device: str | None = None, store: ObjectStore | None = None
     ) -> None:
         super().__init__(name)
-        self.storage_uri = storage_uri.rstrip("/")
+        self.storage_uri = storage_uri.rstrip("/") or storage_uri
         self.device_name = device
         self.store = store
         self.published: Published | None = None
@@ -304,15 +446,20 @@ class PublishedModel(kserve.Model):
         #: free for health checks meanwhile.
         self._lock = threading.Lock()
 
+    def _s3(self) -> ObjectStore:
+        """The store given, or one from the environment, made on first use (a local full-weights folder needs none)."""
+        if self.store is None:
+            self.store = ObjectStore.from_config()
+        return self.store
+
     def load(self) -> bool:
         from botocore.exceptions import BotoCoreError
 
         try:
-            store = self.store or ObjectStore.from_config()
-            self.published = resolve(store, self.storage_uri)  # S3 only: a wrong URI fails before torch is imported
+            self.published = resolve(self._s3, self.storage_uri)  # records only: a wrong URI fails before torch loads
             kind = f"classifier over {', '.join(self.published.labels)}" if self.published.labels else "causal LM"
             log.info("loading %s as a %s (model_version %s)", self.storage_uri, kind, self.published.version)
-            self.loaded = load_published(store, self.published, self.device_name)
+            self.loaded = load_published(self._s3, self.published, self.device_name)
         except LoadError:
             raise
         except StorageUnavailable as err:
@@ -348,9 +495,18 @@ class PublishedModel(kserve.Model):
 
 
 # -- the servers --------------------------------------------------------------------------------------------------------
+def _address(host: str, port: int) -> str:
+    """``host:port``, an IPv6 address in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 class LocalGRPCServer(GRPCServer):
-    """KServe's gRPC (v2) server, listening on :data:`HOST` only (KServe's listens on every interface), and alone on
-    its port (gRPC would otherwise share a port another server holds, through SO_REUSEPORT)."""
+    """KServe's gRPC (v2) server, listening on ``host`` only (KServe's listens on every interface), and alone on its
+    port (gRPC would otherwise share a port another server holds, through SO_REUSEPORT)."""
+
+    def __init__(self, *args: Any, host: str = DEFAULT_HOST, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.host = host
 
     async def start(self, max_workers: int) -> None:
         from grpc import aio
@@ -369,14 +525,18 @@ class LocalGRPCServer(GRPCServer):
         )
         servicer = InferenceServicer(self._data_plane, self._model_repository_extension)
         grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, self._server)
-        self._server.add_insecure_port(f"{HOST}:{self._port}")
-        log.info("gRPC server on %s:%d", HOST, self._port)
+        self._server.add_insecure_port(_address(self.host, self._port))
+        log.info("gRPC server on %s", _address(self.host, self._port))
         await self._server.start()
         await self._server.wait_for_termination()
 
 
 class LocalModelServer(kserve.ModelServer):
-    """:class:`kserve.ModelServer` with one REST worker and the gRPC server, both on :data:`HOST` only."""
+    """:class:`kserve.ModelServer` with one REST worker and the gRPC server, both on ``host`` only."""
+
+    def __init__(self, *args: Any, host: str = DEFAULT_HOST, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.host = host
 
     def start(self, models: list[Any]) -> None:
         from kserve.constants.constants import FASTAPI_APP_IMPORT_STRING
@@ -395,7 +555,7 @@ class LocalModelServer(kserve.ModelServer):
             event_loop=self.event_loop,
             timeout_keep_alive=self.timeout_keep_alive,
         )
-        self._rest_server.config.host = HOST  # uvicorn binds when it starts serving, below
+        self._rest_server.config.host = self.host  # uvicorn binds when it starts serving, below
         self.servers.append(self._rest_server.start())
         self._grpc_server = LocalGRPCServer(
             self.grpc_port,
@@ -403,6 +563,7 @@ class LocalModelServer(kserve.ModelServer):
             self.model_repository_extension,
             kwargs=vars(kserve_args),
             grace_period=self.grace_period,
+            host=self.host,
         )
         self.servers.append(self._grpc_server.start(self.max_threads))
         self.setup_event_loop()
@@ -410,16 +571,17 @@ class LocalModelServer(kserve.ModelServer):
         asyncio.run(self._serve())
 
 
-def check_port(port: int, what: str) -> None:
-    """Fail before loading when another server listens on ``port`` (sockets in TIME_WAIT do not count)."""
-    with socket.socket() as sock:
+def check_port(port: int, what: str, host: str = DEFAULT_HOST) -> None:
+    """Fail before loading when another server listens on ``host:port`` (sockets in TIME_WAIT do not count)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            sock.bind((HOST, port))
+            sock.bind((host, port))
             sock.listen(1)
         except OSError as err:
             raise LoadError(
-                f"the {what} port {HOST}:{port} cannot be used: {err.strerror or err}", EXIT_FAILED
+                f"the {what} port {_address(host, port)} cannot be used: {err.strerror or err}", EXIT_FAILED
             ) from err
 
 
@@ -431,16 +593,41 @@ def _port(value: str) -> int:
     return port
 
 
-def main(argv: Sequence[str]) -> int:
+def _host(value: str) -> str:
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an IP address (127.0.0.1, 0.0.0.0, ::)") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``langmerge-trainer serve`` (also what a KServe runtime's container args must parse)."""
     parser = argparse.ArgumentParser(prog="langmerge-trainer serve", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-name", required=True, help="the name in the endpoints' paths (/v1/models/NAME)")
-    parser.add_argument("--storage-uri", required=True, help="s3:// merge prefix (manifest.json + model/) or folder")
-    parser.add_argument("--http-port", required=True, type=_port, help="HTTP port on 127.0.0.1")
-    parser.add_argument("--grpc-port", required=True, type=_port, help="gRPC port on 127.0.0.1")
+    parser.add_argument(
+        "--storage-uri",
+        required=True,
+        help="s3:// merge prefix (manifest.json + model/) or model folder (config.json), or a local folder holding "
+        "either (a path or file:// URI, e.g. /mnt/models)",
+    )
+    parser.add_argument("--http-port", required=True, type=_port, help="HTTP port")
+    parser.add_argument("--grpc-port", required=True, type=_port, help="gRPC port")
+    parser.add_argument(
+        "--host",
+        default=DEFAULT_HOST,
+        type=_host,
+        help=f"the IP address both servers listen on (default {DEFAULT_HOST}; 0.0.0.0 in a KServe pod)",
+    )
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    args = parser.parse_args(list(argv))
-    if not args.storage_uri.startswith("s3://"):
-        print(f"langmerge-trainer serve: --storage-uri must be an s3:// URI, not {args.storage_uri!r}", file=sys.stderr)
+    return parser
+
+
+def main(argv: Sequence[str]) -> int:
+    args = build_parser().parse_args(list(argv))
+    try:
+        local_folder(args.storage_uri)
+    except ValueError as err:
+        print(f"langmerge-trainer serve: --storage-uri must be {err}", file=sys.stderr)
         return EXIT_USAGE
     if args.http_port == args.grpc_port:
         print("langmerge-trainer serve: --http-port and --grpc-port must differ", file=sys.stderr)
@@ -449,14 +636,17 @@ def main(argv: Sequence[str]) -> int:
     started = time.monotonic()
     model = PublishedModel(args.model_name, args.storage_uri, device=args.device)
     try:
-        check_port(args.http_port, "HTTP")
-        check_port(args.grpc_port, "gRPC")
+        check_port(args.http_port, "HTTP", args.host)
+        check_port(args.grpc_port, "gRPC", args.host)
         model.load()
     except LoadError as err:
         print(f"langmerge-trainer serve: cannot load {args.storage_uri}: {one_line(str(err))}", file=sys.stderr)
         return err.exit_code
     log.info(
-        "loaded in %.1fs; serving %s on http://%s:%d", time.monotonic() - started, args.model_name, HOST, args.http_port
+        "loaded in %.1fs; serving %s on http://%s",
+        time.monotonic() - started,
+        args.model_name,
+        _address(args.host, args.http_port),
     )
     # Quiet per request: no latency lines (uvicorn's access log stays); kserve's own use of a deprecated FastAPI
     # response class is not ours to act on.
@@ -468,6 +658,7 @@ def main(argv: Sequence[str]) -> int:
         workers=1,
         enable_docs_url=False,
         enable_latency_logging=False,
+        host=args.host,
     )
     try:
         server.start([model])
