@@ -175,6 +175,28 @@ def test_a_revision_that_fails_to_load_is_rolled_back() -> None:
     assert annotations(nxt)[A_PREVIOUS_URI] == URI1
 
 
+def test_a_first_revision_that_failed_is_left_in_place_and_promoted_if_it_recovers() -> None:
+    failing = serving(
+        URI1, generation=1, observed=1, ready=False, transition="BlockedByFailedLoad", failure="ModelLoadFailed: S3"
+    )
+    first = Rollout(
+        owner=OWNER[0],
+        owner_uid=OWNER[1],
+        revision=1,
+        storage_uri=URI1,
+        phase="Progressing",
+        since="2026-12-07T12:00:00Z",
+    )
+    s = step(target(), Desired(1, URI1, "fp1"), first, failing)
+    assert s.status.phase == ServingPhase.FAILED and s.patch is not None and "spec" not in s.patch
+    assert [(a.reason, a.cloud) for a in s.announcements] == [("ServingFailed", cloudevents.FAILED)]
+    record = Rollout.from_annotations({k: v for k, v in annotations(s).items() if v is not None})
+    assert step(target(), Desired(1, URI1, "fp1"), record, failing).patch is None, "not tried again"
+    recovered = step(target(), Desired(1, URI1, "fp1"), record, serving(URI1, generation=1, observed=1))
+    assert recovered.status.phase == ServingPhase.PROMOTED and recovered.status.revision == 1
+    assert [a.reason for a in recovered.announcements] == ["Promoted"]
+
+
 def test_a_revision_not_ready_in_time_is_rolled_back() -> None:
     t = target(readyTimeout="5m")
     loading = serving(

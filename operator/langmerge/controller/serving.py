@@ -355,6 +355,22 @@ def _follow(
     name = target.inference_service
     at = fmt_time(now)
     phase = rollout.phase
+    if phase == ServingPhase.FAILED and observed.storage_uri == desired.storage_uri and observed.latest_is_ready:
+        # Nothing served before it, so it was left in place; KServe kept trying and it serves now.
+        message = f"revision {desired.revision} serves every request (it became Ready after failing to load)"
+        new = replace(
+            rollout,
+            phase=ServingPhase.PROMOTED,
+            since=at,
+            ready_at=at,
+            rolled_back=None,
+            rolled_back_uri=None,
+            message=message,
+        )
+        promoted = Announcement(
+            "Normal", "Promoted", f"InferenceService {name}: {message}", cloudevents.PROMOTED, desired.revision
+        )
+        return Step(_status(name, new, observed), _patch(observed, new), (promoted,))
     if phase not in (ServingPhase.PROGRESSING, ServingPhase.CANARY):
         status = _status(name, rollout, observed)
         if phase == ServingPhase.PROMOTED and observed.storage_uri != desired.storage_uri:
@@ -440,7 +456,7 @@ def _roll_back(name: str, desired: Desired, rollout: Rollout, observed: Observed
         )
         return Step(
             _status(name, failed, observed),
-            _patch(observed, failed, {"canaryTrafficPercent": None}),
+            _patch(observed, failed, {"canaryTrafficPercent": None} if observed.canary is not None else None),
             (
                 Announcement(
                     "Warning",

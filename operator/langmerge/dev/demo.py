@@ -408,7 +408,12 @@ class Demo:
         return next((s for s in status.serving if s.target == f"kserve/{SERVED}"), None)
 
     def serves(self, revision: int) -> bool:
+        """Whether ``revision`` (or a later one) serves every request; :class:`DemoError` when it cannot be served."""
         s = self.serving()
+        if s is not None and s.phase in (ServingPhase.FAILED, ServingPhase.ROLLED_BACK):
+            raise DemoError(
+                f"InferenceService {SERVED}: {s.phase}: {s.message}; model server logs in {self.state / 'serving'}"
+            )
         return s is not None and s.phase == ServingPhase.PROMOTED and (s.revision or 0) >= revision
 
     def training_jobs(self) -> list[Any]:
