@@ -21,6 +21,7 @@ from kubernetes import client
 from langmerge.constants import ISVC_PLURAL, KSERVE_GROUP, KSERVE_VERSION
 from langmerge.dev.serving import (
     REVISION_HEADER,
+    SERVER_ARGS,
     LocalServingRunner,
     ServingConfig,
     inferenceservice_crd,
@@ -217,18 +218,7 @@ def stand_in_runner(kube: Any, namespace: str, tmp_path: Path) -> Iterator[Local
     config = ServingConfig(
         work_root=tmp_path / "serving",
         namespace=namespace,
-        command_template=(
-            sys.executable,
-            str(script),
-            "--model-name",
-            "{model_name}",
-            "--storage-uri",
-            "{storage_uri}",
-            "--http-port",
-            "{http_port}",
-            "--grpc-port",
-            "{grpc_port}",
-        ),
+        command_template=(sys.executable, str(script), *SERVER_ARGS),
         ready_timeout_seconds=20.0,
         poll_seconds=0.05,
         kill_grace_seconds=2.0,

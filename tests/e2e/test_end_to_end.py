@@ -68,7 +68,7 @@ def test_sample_end_to_end(control_plane: Any, kube: Any, s3: ObjectStore, names
     ):
         for doc in sample_experts(layout):
             demo.apply(_fast(doc))
-        demo.apply(sample_merged(layout))
+        demo.apply(sample_merged(layout, serving=False))  # serving: test_walkthrough and the serving tests
         demo.watch(lambda: demo.revision() >= 1, "revision 1", timeout=600)
         assert len(demo.training_jobs()) == 4 and len(demo.merge_jobs()) == 1  # the trunk, then 3 experts from it
 

@@ -42,7 +42,7 @@ def test_two_node_trainjob_to_ready_and_merged(
     expert["spec"]["runtime"] = "trainjob"
     expert["spec"]["resources"] = {"gpus": 0, "nodes": 2, "cpu": "1", "memory": "4Gi"}
     expert["spec"]["training"].update({"epochs": 2, "batchSize": 8})  # 2 processes x 8: each step sees 16
-    merged = sample_merged(layout)
+    merged = sample_merged(layout, serving=False)
     del merged["spec"]["trunk"]
 
     runner = LocalJobRunner(

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from langmerge.constants import TRAINER_GROUP, TRAINER_VERSION, TRAINJOB_KIND, TRAINJOB_PLURAL
+from langmerge.dev.crds import dev_crd, object_schema
 
 #: A Quantity (or IntOrString) in a structural schema.
 INT_OR_STRING: dict[str, Any] = {
@@ -47,47 +48,15 @@ def trainjob_crd() -> dict[str, Any]:
 
     spec = _fix_quantities(openapi_schema(TrainerV1alpha1TrainJobSpec, keep_defaults=False))
     status = _fix_quantities(openapi_schema(TrainerV1alpha1TrainJobStatus, keep_defaults=False))
-    return {
-        "apiVersion": "apiextensions.k8s.io/v1",
-        "kind": "CustomResourceDefinition",
-        "metadata": {
-            "name": f"{TRAINJOB_PLURAL}.{TRAINER_GROUP}",
-            "labels": {"app.kubernetes.io/part-of": "langmerge-dev"},
-            "annotations": {"langmerge.dev/schema-source": "kubeflow-trainer-api (PyPI) models, via langmerge crdgen"},
-        },
-        "spec": {
-            "group": TRAINER_GROUP,
-            "scope": "Namespaced",
-            "names": {
-                "kind": TRAINJOB_KIND,
-                "listKind": f"{TRAINJOB_KIND}List",
-                "plural": TRAINJOB_PLURAL,
-                "singular": TRAINJOB_KIND.lower(),
-            },
-            "versions": [
-                {
-                    "name": TRAINER_VERSION,
-                    "served": True,
-                    "storage": True,
-                    "subresources": {"status": {}},
-                    "additionalPrinterColumns": [
-                        {"name": "State", "type": "string", "jsonPath": ".status.conditions[-1:].type"},
-                        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
-                    ],
-                    "schema": {
-                        "openAPIV3Schema": {
-                            "type": "object",
-                            "description": "TrainJob represents configuration of a training job.",
-                            "properties": {
-                                "apiVersion": {"type": "string"},
-                                "kind": {"type": "string"},
-                                "metadata": {"type": "object"},
-                                "spec": spec,
-                                "status": status,
-                            },
-                        }
-                    },
-                }
-            ],
-        },
-    }
+    return dev_crd(
+        group=TRAINER_GROUP,
+        version=TRAINER_VERSION,
+        kind=TRAINJOB_KIND,
+        plural=TRAINJOB_PLURAL,
+        schema=object_schema("TrainJob represents configuration of a training job.", spec, status),
+        columns=[
+            {"name": "State", "type": "string", "jsonPath": ".status.conditions[-1:].type"},
+            {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+        ],
+        schema_source="kubeflow-trainer-api (PyPI) models, via langmerge crdgen",
+    )

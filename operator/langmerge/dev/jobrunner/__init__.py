@@ -61,6 +61,9 @@ The package, by seam:
   writes its status;
 * :mod:`.runner`: :class:`LocalJobRunner`, which watches Jobs and hands them to workers; :mod:`.cli`: ``langmerge
   jobrunner`` (also ``python -m langmerge.dev.jobrunner``).
+
+What it shares with the local serving runner lives outside the package: the settings, work folder, list + watch loop
+and life cycle in :mod:`langmerge.dev.watching`, the command-line pieces in :mod:`langmerge.dev.runnercli`.
 """
 
 from __future__ import annotations

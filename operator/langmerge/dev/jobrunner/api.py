@@ -1,11 +1,10 @@
-"""API plumbing of the local Job runner: which errors are worth a retry, error messages, watch streams."""
+"""API plumbing of the local Job runner: which errors are worth a retry, error messages (watch streams:
+:mod:`langmerge.dev.watching`)."""
 
 from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator
-from typing import Any
 
 import urllib3
 from kubernetes.client.exceptions import ApiException
@@ -22,18 +21,6 @@ def _api_message(err: ApiException) -> str:
     with contextlib.suppress(ValueError, TypeError):
         return str(json.loads(err.body)["message"])
     return f"{err.status} {err.reason}"
-
-
-def _iter_lines(resp: Any) -> Iterator[bytes]:
-    buffer = b""
-    for chunk in resp.stream(amt=None, decode_content=False):
-        buffer += chunk
-        while b"\n" in buffer:
-            line, buffer = buffer.split(b"\n", 1)
-            if line.strip():
-                yield line
-    if buffer.strip():
-        yield buffer
 
 
 class _Gone(Exception):

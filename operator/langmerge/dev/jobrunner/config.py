@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Literal
 
 from langmerge.constants import TRAINER_COMMAND, TRAINJOB_KIND
+from langmerge.dev.watching import LocalRunnerConfig, check_not_negative, check_positive
 
 Mode = Literal["trainer", "host"]
 
@@ -66,13 +67,15 @@ class ImageRule:
 
 
 @dataclass(frozen=True)
-class RunnerConfig:
-    """How the local Job runner maps, runs and reports Jobs."""
+class RunnerConfig(LocalRunnerConfig):
+    """How the local Job runner maps, runs and reports Jobs. Besides its own fields it has those of
+    :class:`~langmerge.dev.watching.LocalRunnerConfig` (keyword-only): ``extra_env`` (applied over the Job's env),
+    ``resync_seconds``, ``watch_timeout_seconds``, ``request_timeout_seconds`` and ``kill_grace_seconds``.
 
-    #: Root of the scratch folders: ``<work_root>/<namespace>/<job>/<attempt>``. One runner per folder (locked).
-    work_root: Path
-    #: Folder of the attempt logs ``<namespace>_<job>_<attempt>.log`` (default ``<work_root>/_logs``).
-    logs_dir: Path | None = None
+    ``work_root`` is the root of the scratch folders ``<work_root>/<namespace>/<job>/<attempt>``; the attempt logs are
+    ``<namespace>_<job>_<attempt>.log`` in ``logs_dir`` (default ``<work_root>/_logs``).
+    """
+
     #: Most Jobs running at once; the others wait in order of creation.
     parallel: int = 1
     #: Run only Jobs in this namespace (None: all namespaces).
@@ -87,16 +90,6 @@ class RunnerConfig:
     trainer_module: str = TRAINER_MODULE
     #: The trainer image's entrypoint, as Jobs name it in ``command``.
     trainer_command: str = TRAINER_COMMAND
-    #: Extra environment of every child, applied last (over the Job's env): e.g. a shared model cache folder.
-    extra_env: tuple[tuple[str, str], ...] = (("PYTHONUNBUFFERED", "1"),)
-    #: Seconds between full re-lists of Jobs, the fallback for anything a watch missed.
-    resync_seconds: float = 30.0
-    #: Server-side timeout of one watch request (seconds); the client's read timeout is 10 s longer.
-    watch_timeout_seconds: int = 60
-    #: Connect and read timeout of every other API request (seconds).
-    request_timeout_seconds: float = 15.0
-    #: Seconds between SIGTERM and SIGKILL when a process group is stopped.
-    kill_grace_seconds: float = 5.0
     #: Delay before re-running a failed attempt; it doubles per failure up to ``retry_delay_max_seconds``.
     retry_delay_seconds: float = 1.0
     #: Longest delay between attempts.
@@ -109,24 +102,12 @@ class RunnerConfig:
     def __post_init__(self) -> None:
         if self.parallel < 1:
             raise ValueError(f"parallel must be >= 1, got {self.parallel}")
-        for name in ("resync_seconds", "request_timeout_seconds", "poll_seconds"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0")
-        if self.watch_timeout_seconds < 1:
-            raise ValueError("watch_timeout_seconds must be >= 1")
-        for name in ("kill_grace_seconds", "retry_delay_seconds", "retry_delay_max_seconds"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0")
+        check_positive(self, "poll_seconds")
+        check_not_negative(self, "retry_delay_seconds", "retry_delay_max_seconds")
         for rule in self.image_rules:
             if rule.mode not in ("trainer", "host"):
                 raise ValueError(f"image rule {rule.pattern!r}: mode must be 'trainer' or 'host', got {rule.mode!r}")
-        for key, _ in self.extra_env:
-            if not key or "=" in key:
-                raise ValueError(f"extra_env: invalid variable name {key!r}")
-
-    @property
-    def logs_path(self) -> Path:
-        return self.logs_dir if self.logs_dir is not None else self.work_root / "_logs"
+        super().__post_init__()
 
     def attempt_dir(self, namespace: str, job: str, attempt: int) -> Path:
         """The scratch folder (working directory) of one attempt."""

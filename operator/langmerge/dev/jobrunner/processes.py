@@ -42,18 +42,6 @@ def _exited(proc: subprocess.Popen[bytes]) -> bool:
     return proc.poll() is not None
 
 
-def _proc_start_ticks(pid: int) -> int | None:
-    """The start time of a live process (Linux ``/proc``), to tell it apart from a later process with the same PID."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        fields = stat.rsplit(")", 1)[1].split()
-        if fields[0] == "Z":
-            return None
-        return int(fields[19])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
 def _with_last_words(message: str, last_words: str) -> str:
     """A Failed condition's message with the last attempt's termination message on one line."""
     if not last_words:

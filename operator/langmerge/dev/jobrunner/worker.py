@@ -60,7 +60,6 @@ from langmerge.dev.jobrunner.processes import (
     _exit_description,
     _exited,
     _killpg,
-    _proc_start_ticks,
     _spawn,
     _with_last_words,
 )
@@ -84,6 +83,7 @@ from langmerge.dev.jobrunner.status import (
     wants_to_run,
     was_suspended,
 )
+from langmerge.dev.watching import WorkFolder
 
 log = logging.getLogger("langmerge.jobrunner")
 T = TypeVar("T")
@@ -98,8 +98,7 @@ class RunnerHandle(Protocol):
     _core: Any
     _custom: Any
 
-    @property
-    def _pids_dir(self) -> Path: ...
+    _work: WorkFolder
 
     def _worker_done(self, worker: _Worker, closed: bool) -> None: ...
 
@@ -327,10 +326,7 @@ class _Worker:
     def _record_pid(self, name: str, attempt: int, proc: subprocess.Popen[bytes]) -> Path:
         """The process's pid and start time in the runner's pid folder, so that a later runner can kill what a
         crashed one left behind."""
-        pid_file = self.runner._pids_dir / f"{self.namespace}_{name}_{attempt}.json"
-        pid_file.parent.mkdir(parents=True, exist_ok=True)
-        pid_file.write_text(json.dumps({"pid": proc.pid, "start": _proc_start_ticks(proc.pid)}))
-        return pid_file
+        return self.runner._work.record_pid(f"{self.namespace}_{name}_{attempt}", proc.pid)
 
     def _terminate(self, proc: subprocess.Popen[bytes]) -> None:
         """SIGTERM to the process group, SIGKILL after the grace period, then reap."""

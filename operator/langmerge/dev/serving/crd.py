@@ -34,6 +34,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from langmerge.constants import ISVC_KIND, ISVC_PLURAL, KSERVE_GROUP, KSERVE_VERSION
+from langmerge.dev.crds import dev_crd, object_schema
 
 #: A quantity in a structural schema.
 INT_OR_STRING: dict[str, Any] = {
@@ -166,82 +167,45 @@ def _schemas() -> tuple[dict[str, Any], dict[str, Any]]:
 def openapi_v3_schema() -> dict[str, Any]:
     """The whole object's structural schema (a fresh copy)."""
     spec, status = _schemas()
-    return {
-        "type": "object",
-        "description": "InferenceService is the Schema for the InferenceServices API (KServe), local development copy.",
-        "properties": {
-            "apiVersion": {"type": "string"},
-            "kind": {"type": "string"},
-            "metadata": {"type": "object"},
-            "spec": copy.deepcopy(spec),
-            "status": copy.deepcopy(status),
-        },
-    }
+    return object_schema(
+        "InferenceService is the Schema for the InferenceServices API (KServe), local development copy.",
+        copy.deepcopy(spec),
+        copy.deepcopy(status),
+    )
 
 
 def inferenceservice_crd() -> dict[str, Any]:
     """The InferenceService CRD (``serving.kserve.io/v1beta1``, namespaced, status subresource, KServe's columns)."""
     predictor = ".status.components.predictor"
-    return {
-        "apiVersion": "apiextensions.k8s.io/v1",
-        "kind": "CustomResourceDefinition",
-        "metadata": {
-            "name": f"{ISVC_PLURAL}.{KSERVE_GROUP}",
-            "labels": {"app.kubernetes.io/part-of": "langmerge-dev"},
-            "annotations": {"langmerge.dev/schema-source": "kserve (PyPI) models, via langmerge.dev.serving.crd"},
+    columns: list[dict[str, Any]] = [
+        {"name": "URL", "type": "string", "jsonPath": ".status.url"},
+        {"name": "Ready", "type": "string", "jsonPath": ".status.conditions[?(@.type=='Ready')].status"},
+        {"name": "Prev", "type": "integer", "jsonPath": f"{predictor}.traffic[?(@.tag=='prev')].percent"},
+        {"name": "Latest", "type": "integer", "jsonPath": f"{predictor}.traffic[?(@.latestRevision==true)].percent"},
+        {
+            "name": "PrevRolledoutRevision",
+            "type": "string",
+            "priority": 1,
+            "jsonPath": f"{predictor}.traffic[?(@.tag=='prev')].revisionName",
         },
-        "spec": {
-            "group": KSERVE_GROUP,
-            "scope": "Namespaced",
-            "names": {
-                "kind": ISVC_KIND,
-                "listKind": f"{ISVC_KIND}List",
-                "plural": ISVC_PLURAL,
-                "singular": ISVC_KIND.lower(),
-                "shortNames": ["isvc"],
-            },
-            "versions": [
-                {
-                    "name": KSERVE_VERSION,
-                    "served": True,
-                    "storage": True,
-                    "subresources": {"status": {}},
-                    "additionalPrinterColumns": [
-                        {"name": "URL", "type": "string", "jsonPath": ".status.url"},
-                        {
-                            "name": "Ready",
-                            "type": "string",
-                            "jsonPath": ".status.conditions[?(@.type=='Ready')].status",
-                        },
-                        {
-                            "name": "Prev",
-                            "type": "integer",
-                            "jsonPath": f"{predictor}.traffic[?(@.tag=='prev')].percent",
-                        },
-                        {
-                            "name": "Latest",
-                            "type": "integer",
-                            "jsonPath": f"{predictor}.traffic[?(@.latestRevision==true)].percent",
-                        },
-                        {
-                            "name": "PrevRolledoutRevision",
-                            "type": "string",
-                            "priority": 1,
-                            "jsonPath": f"{predictor}.traffic[?(@.tag=='prev')].revisionName",
-                        },
-                        {
-                            "name": "LatestReadyRevision",
-                            "type": "string",
-                            "priority": 1,
-                            "jsonPath": f"{predictor}.traffic[?(@.latestRevision==true)].revisionName",
-                        },
-                        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
-                    ],
-                    "schema": {"openAPIV3Schema": openapi_v3_schema()},
-                }
-            ],
+        {
+            "name": "LatestReadyRevision",
+            "type": "string",
+            "priority": 1,
+            "jsonPath": f"{predictor}.traffic[?(@.latestRevision==true)].revisionName",
         },
-    }
+        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    ]
+    return dev_crd(
+        group=KSERVE_GROUP,
+        version=KSERVE_VERSION,
+        kind=ISVC_KIND,
+        plural=ISVC_PLURAL,
+        schema=openapi_v3_schema(),
+        columns=columns,
+        schema_source="kserve (PyPI) models, via langmerge.dev.serving.crd",
+        short_names=["isvc"],
+    )
 
 
 # -- validation ------------------------------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """The local serving runner: what KServe (with Knative) does for InferenceServices, on the local control plane, with
 local processes. Development and tests only.
 
-It watches ``serving.kserve.io/v1beta1`` InferenceServices (list + watch with periodic re-lists, as the local Job
-runner does; it waits quietly while the CRD is absent) and for each one:
+It watches ``serving.kserve.io/v1beta1`` InferenceServices (list + watch with periodic re-lists, the local Job
+runner's loop: :class:`langmerge.dev.watching.ListWatch`; it waits quietly while the CRD is absent) and for each one:
 
 * starts a router (:class:`~langmerge.dev.serving.router.Router`) on 127.0.0.1, whose address is the service's
   ``status.url`` for the runner's life;
@@ -33,7 +33,6 @@ One runner per work folder (locked); processes a crashed runner left behind are 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import http.client
 import json
 import logging
@@ -48,14 +47,14 @@ import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 from urllib.parse import quote
 
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from langmerge.constants import ISVC_PLURAL, KSERVE_GROUP, KSERVE_VERSION, SERVING_ANNOTATION_PREFIX
-from langmerge.dev.jobrunner.api import _api_message, _iter_lines, _transient
+from langmerge.constants import ISVC_KIND, ISVC_PLURAL, KSERVE_GROUP, KSERVE_VERSION, SERVING_ANNOTATION_PREFIX
+from langmerge.dev.jobrunner.api import _api_message, _transient
 from langmerge.dev.jobrunner.config import RunnerConfig
 from langmerge.dev.jobrunner.environment import (
     ContainerConfigError,
@@ -65,22 +64,24 @@ from langmerge.dev.jobrunner.environment import (
     resolve_env,
 )
 from langmerge.dev.jobrunner.mapping import free_port
-from langmerge.dev.jobrunner.processes import _killpg, _proc_start_ticks, _spawn
+from langmerge.dev.jobrunner.processes import _killpg, _spawn
 from langmerge.dev.jobrunner.status import rfc3339
 from langmerge.dev.lifeline import ENV as LIFELINE_ENV
 from langmerge.dev.serving.router import Backend, Router
+from langmerge.dev.watching import (
+    LocalRunner,
+    LocalRunnerConfig,
+    check_not_negative,
+    check_positive,
+    custom_lister,
+)
 
 log = logging.getLogger("langmerge.serving")
 
 #: The model server's module (in the trainer image's Python).
 SERVER_MODULE = "langmerge_trainer"
-#: The default command of a revision. Placeholders: ``{python}``, ``{model_name}`` (the InferenceService's name),
-#: ``{storage_uri}``, ``{http_port}``, ``{grpc_port}``, ``{model_format}``, ``{namespace}``, ``{revision}``.
-DEFAULT_COMMAND: tuple[str, ...] = (
-    "{python}",
-    "-m",
-    SERVER_MODULE,
-    "serve",
+#: The arguments of ``langmerge_trainer serve`` that say what to serve where (a stand-in server takes the same).
+SERVER_ARGS: tuple[str, ...] = (
     "--model-name",
     "{model_name}",
     "--storage-uri",
@@ -90,6 +91,9 @@ DEFAULT_COMMAND: tuple[str, ...] = (
     "--grpc-port",
     "{grpc_port}",
 )
+#: The default command of a revision. Placeholders: ``{python}``, ``{model_name}`` (the InferenceService's name),
+#: ``{storage_uri}``, ``{http_port}``, ``{grpc_port}``, ``{model_format}``, ``{namespace}``, ``{revision}``.
+DEFAULT_COMMAND: tuple[str, ...] = ("{python}", "-m", SERVER_MODULE, "serve", *SERVER_ARGS)
 #: Model formats served by default (KServe's ``huggingface`` runtime gets the same local server).
 DEFAULT_MODEL_FORMATS = ("langmerge", "huggingface")
 #: Variables of the runner's own environment that ``python -m langmerge.dev.serving`` passes to model servers.
@@ -145,13 +149,17 @@ def passthrough_env(environ: Mapping[str, str] | None = None) -> tuple[tuple[str
 
 
 @dataclass(frozen=True)
-class ServingConfig:
-    """How the local serving runner runs and reports InferenceServices."""
+class ServingConfig(LocalRunnerConfig):
+    """How the local serving runner runs and reports InferenceServices. Besides its own fields it has those of
+    :class:`~langmerge.dev.watching.LocalRunnerConfig` (keyword-only): ``extra_env`` (applied last to every model
+    server's environment: S3 endpoint and credentials, a model cache folder), ``resync_seconds``,
+    ``watch_timeout_seconds``, ``request_timeout_seconds`` and ``kill_grace_seconds`` (between SIGTERM and SIGKILL when
+    a model server is stopped).
 
-    #: Root of the revisions' working folders ``<work_root>/<namespace>/<isvc>/<revision>``. One runner per folder.
-    work_root: Path
-    #: Folder of the revision logs ``<namespace>_<revision>.log`` (default ``<work_root>/_logs``).
-    logs_dir: Path | None = None
+    ``work_root`` is the root of the revisions' working folders ``<work_root>/<namespace>/<isvc>/<revision>``; the
+    revision logs are ``<namespace>_<revision>.log`` in ``logs_dir`` (default ``<work_root>/_logs``).
+    """
+
     #: Serve only InferenceServices in this namespace (None: all namespaces).
     namespace: str | None = None
     #: Serve only InferenceServices matching this label selector (None: all).
@@ -163,28 +171,18 @@ class ServingConfig:
     command_template: tuple[str, ...] = DEFAULT_COMMAND
     #: ``spec.predictor.model.modelFormat.name`` values this runner serves; others are ``InvalidSpec``.
     model_formats: tuple[str, ...] = DEFAULT_MODEL_FORMATS
-    #: Extra environment of every model server, applied last (S3 endpoint and credentials, a model cache folder).
-    extra_env: tuple[tuple[str, str], ...] = (("PYTHONUNBUFFERED", "1"),)
     #: A revision not ready this long after its start failed to load.
     ready_timeout_seconds: float = 900.0
     #: How often a starting model server is asked whether it is ready, and a running one checked for exit.
     poll_seconds: float = 0.25
     #: Longest wait for the requests in flight on a revision that left the router before it is stopped anyway.
     drain_timeout_seconds: float = 60.0
-    #: Seconds between SIGTERM and SIGKILL when a model server is stopped.
-    kill_grace_seconds: float = 5.0
     #: Delay before restarting a ready model server that exited; doubles per restart up to 30 s.
     restart_delay_seconds: float = 1.0
     #: How long the router waits for a model server's answer.
     upstream_timeout_seconds: float = 300.0
     #: Lines of a failed model server's log kept in ``lastFailureInfo.message``.
     failure_log_lines: int = 20
-    #: Seconds between full re-lists, the fallback for anything a watch missed.
-    resync_seconds: float = 30.0
-    #: Server-side timeout of one watch request (seconds); the client's read timeout is 10 s longer.
-    watch_timeout_seconds: int = 60
-    #: Connect and read timeout of every other API request (seconds).
-    request_timeout_seconds: float = 15.0
 
     def __post_init__(self) -> None:
         if not self.command_template:
@@ -193,23 +191,11 @@ class ServingConfig:
             [part.format(**_PLACEHOLDERS) for part in self.command_template]
         except (KeyError, IndexError, ValueError) as err:
             raise ValueError(f"command_template: bad placeholder {err} (known: {sorted(_PLACEHOLDERS)})") from None
-        for name in ("ready_timeout_seconds", "poll_seconds", "resync_seconds", "request_timeout_seconds"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0")
-        for name in ("drain_timeout_seconds", "kill_grace_seconds", "restart_delay_seconds"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0")
-        if self.watch_timeout_seconds < 1:
-            raise ValueError("watch_timeout_seconds must be >= 1")
+        check_positive(self, "ready_timeout_seconds", "poll_seconds")
+        check_not_negative(self, "drain_timeout_seconds", "restart_delay_seconds")
         if self.failure_log_lines < 1:
             raise ValueError("failure_log_lines must be >= 1")
-        for key, _ in self.extra_env:
-            if not key or "=" in key:
-                raise ValueError(f"extra_env: invalid variable name {key!r}")
-
-    @property
-    def logs_path(self) -> Path:
-        return self.logs_dir if self.logs_dir is not None else self.work_root / "_logs"
+        super().__post_init__()
 
     def revision_dir(self, namespace: str, isvc: str, revision: str) -> Path:
         """The working folder (and HOME) of a revision's model server."""
@@ -881,43 +867,40 @@ def _rv(obj: Mapping[str, Any]) -> int:
 
 
 # -- the runner ------------------------------------------------------------------------------------------------------
-class LocalServingRunner:
+class LocalServingRunner(LocalRunner[ServingConfig]):
     """Serves the InferenceServices of the API server with local processes and reports their status. Development
     only."""
 
+    title = "local serving runner"
+    lock_name = "_serving.lock"
+    error = ServingError
+    logger = log
+    leftover = "model server"
+
     def __init__(self, api_client: Any, config: ServingConfig) -> None:
-        self.config = config
+        super().__init__(config)
         self._custom = client.CustomObjectsApi(api_client)
         self._objects = _ApiObjects(client.CoreV1Api(api_client), config.request_timeout_seconds)
         self._lock = threading.Lock()
         self._services: dict[str, _Service] = {}  # by uid
-        self._stopping = threading.Event()
-        self._stop_requested = False
-        self._watch_thread: threading.Thread | None = None
-        self._watch_response: Any = None
-        self._lock_file: IO[str] | None = None
-        self._started = False
-        #: Set after the first successful list (the runner knows the cluster's InferenceServices).
-        self.synced = threading.Event()
+        self._watch = self._list_watch(
+            ISVC_KIND,
+            custom_lister(self._custom, KSERVE_GROUP, KSERVE_VERSION, ISVC_PLURAL, config.namespace),
+            config.label_selector,
+            observe=self._observe,
+            forget=lambda obj: self._forget(str((obj.get("metadata") or {}).get("uid") or "")),
+            listed=self._listed,
+            absent_recheck_seconds=2.0,  # no InferenceService CRD (yet)
+        )
+        #: Set after the first successful list (the runner knows the cluster's InferenceServices), or once it found
+        #: no InferenceService CRD.
+        self.synced = self._watch.synced
 
     # -- life cycle --------------------------------------------------------------------------------------------------
     def start(self) -> None:
         """Lock the work folder, kill what a crashed runner left there, then watch and serve in the background."""
-        if self._started:
-            raise ServingError("the serving runner was already started")
-        self._started = True
-        self.config.work_root.mkdir(parents=True, exist_ok=True)
-        self.config.logs_path.mkdir(parents=True, exist_ok=True)
-        lock = (self.config.work_root / "_serving.lock").open("a+")
-        try:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.close()
-            raise ServingError(f"another local serving runner uses {self.config.work_root}") from None
-        self._lock_file = lock
-        self._kill_leftovers()
-        self._watch_thread = threading.Thread(target=self._watch_loop, name="serving-watch", daemon=True)
-        self._watch_thread.start()
+        self._claim_work_folder()
+        self._start_threads([(self._watch.run, "serving-watch")])
         log.info(
             "local serving runner started: %s, work folder %s",
             f"namespace {self.config.namespace}" if self.config.namespace else "all namespaces",
@@ -926,12 +909,7 @@ class LocalServingRunner:
 
     def stop(self) -> None:
         """Stop watching, then stop every model server and router."""
-        self._stopping.set()
-        self._stop_requested = True
-        resp = self._watch_response
-        if resp is not None:
-            with contextlib.suppress(Exception):
-                resp.shutdown()
+        self._begin_stop()
         with self._lock:
             services = list(self._services.values())
             self._services.clear()
@@ -940,32 +918,9 @@ class LocalServingRunner:
             thread.start()
         for thread in closers:
             thread.join()
-        if self._watch_thread is not None:
-            self._watch_thread.join(self.config.request_timeout_seconds)
-        if self._lock_file is not None:
-            self._lock_file.close()
-            self._lock_file = None
-        log.info("local serving runner stopped")
-
-    def request_stop(self) -> None:
-        """Ask :meth:`run_forever` to return soon (safe in a signal handler)."""
-        self._stop_requested = True
-
-    def run_forever(self) -> None:
-        """Start, then run until :meth:`request_stop` (or KeyboardInterrupt); stop on the way out."""
-        self.start()
-        try:
-            while not self._stop_requested:
-                time.sleep(0.2)
-        finally:
-            self.stop()
-
-    def __enter__(self) -> LocalServingRunner:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        for thread in self._threads:
+            thread.join(self.config.request_timeout_seconds)
+        self._release_work_folder()
 
     # -- introspection -----------------------------------------------------------------------------------------------
     def _service(self, namespace: str, name: str) -> _Service | None:
@@ -1000,102 +955,11 @@ class LocalServingRunner:
             return sorted(f"{s.namespace}/{s.name}" for s in self._services.values())
 
     # -- watching ----------------------------------------------------------------------------------------------------
-    def _list(self, **kw: Any) -> Any:
-        group = (KSERVE_GROUP, KSERVE_VERSION)
-        if self.config.label_selector:
-            kw["label_selector"] = self.config.label_selector
-        if self.config.namespace:
-            return self._custom.list_namespaced_custom_object(*group, self.config.namespace, ISVC_PLURAL, **kw)
-        return self._custom.list_cluster_custom_object(*group, ISVC_PLURAL, **kw)
-
-    def _watch_loop(self) -> None:
-        rv: str | None = None
-        listed_at = 0.0
-        delay = 0.5
-        absent_logged = False
-        while not self._stopping.is_set():
-            try:
-                if rv is None or time.monotonic() - listed_at >= self.config.resync_seconds:
-                    rv = self._relist()
-                    listed_at = time.monotonic()
-                    self.synced.set()
-                    absent_logged = False
-                rv = self._watch(rv, listed_at + self.config.resync_seconds)
-                delay = 0.5
-            except ApiException as err:
-                if self._stopping.is_set():
-                    break
-                rv = None
-                if err.status == 410:
-                    continue
-                if err.status == 404:  # no InferenceService CRD (yet): look again now and then
-                    if not absent_logged:
-                        log.info("no InferenceService CRD on this API server (checked every few seconds)")
-                        absent_logged = True
-                    self.synced.set()
-                    self._stopping.wait(min(self.config.resync_seconds, 2.0))
-                    continue
-                log.warning("InferenceService watch failed (%s %s); retrying in %.1fs", err.status, err.reason, delay)
-                self._stopping.wait(delay)
-                delay = min(delay * 2, 10.0)
-            except Exception as err:  # the API server may be down or restarting: keep trying
-                if self._stopping.is_set():
-                    break
-                log.warning("InferenceService watch failed (%s: %s); retrying in %.1fs", type(err).__name__, err, delay)
-                rv = None
-                self._stopping.wait(delay)
-                delay = min(delay * 2, 10.0)
-
-    def _relist(self) -> str:
-        resp = self._list(_preload_content=False, _request_timeout=self.config.request_timeout_seconds)
-        listing = json.loads(resp.data)
-        seen = set()
-        for obj in listing.get("items") or []:
-            seen.add((obj.get("metadata") or {}).get("uid"))
-            self._observe(obj)
+    def _listed(self, seen: set[str]) -> None:
         with self._lock:
             gone = [uid for uid in self._services if uid not in seen]
         for uid in gone:
             self._forget(uid)
-        return str((listing.get("metadata") or {}).get("resourceVersion") or "")
-
-    def _watch(self, rv: str, until: float) -> str | None:
-        server_timeout = max(1, min(self.config.watch_timeout_seconds, int(until - time.monotonic()) + 1))
-        resp = self._list(
-            watch=True,
-            resource_version=rv,
-            allow_watch_bookmarks=True,
-            timeout_seconds=server_timeout,
-            _preload_content=False,
-            _request_timeout=(self.config.request_timeout_seconds, server_timeout + 10.0),
-        )
-        self._watch_response = resp
-        try:
-            if self._stopping.is_set():
-                return rv
-            for line in _iter_lines(resp):
-                if self._stopping.is_set():
-                    break
-                event = json.loads(line)
-                etype = event.get("type")
-                obj = event.get("object") or {}
-                if etype == "ERROR":
-                    if obj.get("code") == 410:
-                        return None
-                    raise ServingError(f"watch error: {obj.get('message') or obj}")
-                if etype in ("ADDED", "MODIFIED"):
-                    self._observe(obj)
-                elif etype == "DELETED":
-                    self._forget(str((obj.get("metadata") or {}).get("uid") or ""))
-                new_rv = (obj.get("metadata") or {}).get("resourceVersion")
-                if new_rv:
-                    rv = str(new_rv)
-        finally:
-            self._watch_response = None
-            with contextlib.suppress(Exception):
-                resp.close()
-                resp.release_conn()
-        return rv
 
     def _observe(self, obj: dict[str, Any]) -> None:
         meta = obj.get("metadata") or {}
@@ -1124,27 +988,9 @@ class LocalServingRunner:
             log.info("%s/%s deleted: stopping its model servers", svc.namespace, svc.name)
             threading.Thread(target=svc.close, name=f"close-{svc.name}", daemon=True).start()
 
-    # -- leftovers of a crashed runner -------------------------------------------------------------------------------
-    @property
-    def _pids_dir(self) -> Path:
-        return self.config.work_root / "_pids"
-
+    # -- pid records, for the next runner if this one crashes ------------------------------------------------------
     def _record_pid(self, namespace: str, revision: str, pid: int) -> None:
-        self._pids_dir.mkdir(parents=True, exist_ok=True)
-        record = {"pid": pid, "start": _proc_start_ticks(pid)}
-        (self._pids_dir / f"{namespace}_{revision}.json").write_text(json.dumps(record))
+        self._work.record_pid(f"{namespace}_{revision}", pid)
 
     def _forget_pid(self, namespace: str, revision: str) -> None:
-        (self._pids_dir / f"{namespace}_{revision}.json").unlink(missing_ok=True)
-
-    def _kill_leftovers(self) -> None:
-        if not self._pids_dir.is_dir():
-            return
-        for path in self._pids_dir.glob("*.json"):
-            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-                record = json.loads(path.read_text())
-                pid, ticks = int(record["pid"]), record.get("start")
-                if ticks is not None and _proc_start_ticks(pid) == ticks:
-                    log.warning("killing model server %d left behind by a previous runner (%s)", pid, path.stem)
-                    _killpg(pid, signal.SIGKILL)
-            path.unlink(missing_ok=True)
+        self._work.forget_pid(f"{namespace}_{revision}")
