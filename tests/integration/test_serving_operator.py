@@ -324,3 +324,15 @@ def test_one_inference_service_is_served_by_one_merged_model(
         assert f"is served by MergedModel {namespace}/mm" in failed["message"]
         assert any(e.reason == "InferenceServiceOwnedByAnother" for e in events(kube, namespace, "mm2"))
         assert served(kube, namespace)["phase"] == "Promoted", "the owner's rollout is untouched"
+
+        # The owner lets it go (the target leaves its spec): the other one takes it over at its next pass.
+        apply_merged(kube, namespace, "mm", _merged(bucket, {"promoteAfter": "0s"}, serving=[]))
+        wait_for(lambda: any(e.reason == "ServingTargetRemoved" for e in events(kube, namespace, "mm")), 30)
+
+        def taken_over() -> dict[str, Any] | None:
+            status = status_of(get_merged(kube, namespace, "mm2"))
+            s = next((s for s in status.get("serving") or [] if s["target"] == TARGET), {})
+            return s if s.get("phase") == "Promoted" else None
+
+        wait_for(taken_over, 90, what="mm2 serves the InferenceService")
+        assert status_of(get_merged(kube, namespace, "mm")).get("serving") == []

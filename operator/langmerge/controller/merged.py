@@ -172,7 +172,7 @@ class MergedReconciler(ReconcilePass[MergedModelStatus]):
 
     def commit(self, requeue: float | None) -> float | None:
         """Every pass that read the published revision ends by rolling it out to spec.serving's targets."""
-        if self.serving_on and self.spec.serving:
+        if self.serving_on and (self.spec.serving or self.old.serving):
             statuses, wait = self._serving().run()
             self.status.serving = statuses
             self.status.serving_summary = summary(statuses)

@@ -572,6 +572,10 @@ class Serving:
     def run(self) -> tuple[list[ServingStatus], float | None]:
         statuses: list[ServingStatus] = []
         requeue: float | None = None
+        listed = {t.key for t in self.spec.serving}
+        for old in self.old:
+            if old.target.startswith("kserve/") and old.target not in listed:
+                self._release(old.target.removeprefix("kserve/"))
         for target in self.spec.serving:
             if target.kserve is not None:
                 status, wait = self._kserve(target.kserve)
@@ -676,6 +680,33 @@ class Serving:
                     message=a.message,
                 )
         return step.status, step.requeue
+
+    def _release(self, name: str) -> None:
+        """A kserve target left spec.serving: give the InferenceService up (its owner annotations go; it keeps serving
+        what it serves), so that another MergedModel may name it."""
+        try:
+            isvc = self.rt.kube.get_inference_service(self.namespace, name)
+            if isvc is None:
+                return
+            meta = isvc.get("metadata") or {}
+            if (meta.get("annotations") or {}).get(A_OWNER_UID) != self.uid:
+                return
+            patch = {
+                "metadata": {
+                    "resourceVersion": meta.get("resourceVersion"),
+                    "annotations": {A_OWNER: None, A_OWNER_UID: None},
+                }
+            }
+            self.rt.kube.patch_inference_service(self.namespace, name, patch)
+        except (Conflict, Forbidden, Rejected) as err:
+            log.info("%s/%s: InferenceService %s not released yet (%s)", self.namespace, self.name, name, err)
+            return
+        self.post_event(
+            "Normal",
+            "ServingTargetRemoved",
+            f"InferenceService {self.namespace}/{name} is no longer in spec.serving: released (it keeps serving what it "
+            "serves; another MergedModel may name it now)",
+        )
 
     # -- CloudEvents ---------------------------------------------------------------------------------------------
     def announce(self, kind: str, revision: int, *, suffix: str | None = None, **extra: Any) -> None:
