@@ -61,6 +61,10 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+#: Where a merge Job's run uploads the model inside the merge prefix (its manifest's ``model_uri`` names it).
+RUN_MODEL = "attempts/1-0a1b2c3d/model"
+
+
 def _manifest(
     prefix: str, base: BaseModelIdentity, output_format: str, inputs: list[MergeInputRecord] | None = None
 ) -> MergeManifest:
@@ -73,7 +77,7 @@ def _manifest(
         inputs=inputs or [],
         base_model=base,
         output_format=output_format,
-        model_uri=artifacts.merged_model_uri(prefix),
+        model_uri=artifacts.join(prefix, RUN_MODEL),
         model_digest="x",
         files={},
         cost=Cost(wall_seconds=1.0),
@@ -85,7 +89,7 @@ def _manifest(
 
 def _publish(s3: ObjectStore, prefix: str, folder: Path, manifest: MergeManifest) -> str:
     """The merge Job's commit: the model folder first, the manifest last."""
-    s3.upload_dir(folder, artifacts.merged_model_uri(prefix))
+    s3.upload_dir(folder, manifest.model_uri)
     s3.put_json(artifacts.join(prefix, artifacts.MANIFEST), manifest, if_none_match=True)
     return prefix
 
@@ -427,7 +431,7 @@ def test_a_plain_model_folder_is_served_as_full_weights_with_its_config_labels(
 def test_a_local_merge_prefix_loads_its_model_folder_in_place(s3: ObjectStore, world: World) -> None:
     local = resolve(s3, f"file://{world.local_topic}")
     remote = resolve(s3, f"s3://{world.bucket}/topic/merges/{FP_CLASSIFIER}")
-    assert local.model_dir == world.local_topic / "model" and local.model_uri == str(world.local_topic / "model")
+    assert local.model_dir == world.local_topic / RUN_MODEL and local.model_uri == str(world.local_topic / RUN_MODEL)
     assert remote.model_dir is None
     assert (local.version, local.base, local.labels, local.max_seq_length) == (
         remote.version,

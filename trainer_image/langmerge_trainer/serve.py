@@ -93,8 +93,18 @@ def one_line(text: str, limit: int = MAX_REASON) -> str:
 #: S3 as :func:`resolve` and :func:`load_published` reach it: a store, or a function that makes one (once, from the
 #: environment) when it is first needed, so that a local folder needing nothing from S3 never asks for it.
 StoreSource = ObjectStore | Callable[[], ObjectStore]
-#: The model folder inside a merge prefix (:func:`langmerge.artifacts.merged_model_uri`).
+#: The model folder inside a merge prefix of a manifest that does not say where (:func:`model_folder`).
 MODEL_FOLDER = "model"
+
+
+def model_folder(manifest: MergeManifest) -> str:
+    """Where the committed model lies inside its merge prefix: the manifest's ``model_uri`` relative to
+    ``merges/<fingerprint>/`` (a merge Job uploads each run under ``attempts/<n>-<run>/model``), so the same path
+    holds in S3 and in a local copy of the prefix."""
+    marker = f"/{manifest.fingerprint}/"
+    if marker in manifest.model_uri:
+        return manifest.model_uri.rstrip("/").split(marker, 1)[1]
+    return MODEL_FOLDER
 
 
 def _store(source: StoreSource) -> ObjectStore:
@@ -303,10 +313,11 @@ def resolve(store: StoreSource, storage_uri: str) -> Published:
         labels = _config_labels(config)
         return Published(uri, uri, digest, None, digest, labels, _position_limit(config), folder.local())
 
-    model_uri, model_dir = folder.name(MODEL_FOLDER), folder.local(MODEL_FOLDER)
-    digest = folder.digest(MODEL_FOLDER)
+    model = model_folder(manifest)
+    model_uri, model_dir = folder.name(model), folder.local(model)
+    digest = folder.digest(model)
     if manifest.output_format == OutputFormat.FULL_WEIGHTS:
-        config = folder.json(f"{MODEL_FOLDER}/config.json")
+        config = folder.json(f"{model}/config.json")
         if config is None:
             raise LoadError(f"the full-weights merge {uri} has no model/config.json")
         labels = _config_labels(config)
@@ -317,7 +328,7 @@ def resolve(store: StoreSource, storage_uri: str) -> Published:
         return Published(uri, model_uri, digest, None, manifest.fingerprint, labels, length, model_dir)
     if manifest.output_format != OutputFormat.PEFT_ADAPTER:
         raise LoadError(f"the merge {uri} has output format {manifest.output_format!r}, not one this server loads")
-    adapter_config = folder.json(f"{MODEL_FOLDER}/adapter_config.json")
+    adapter_config = folder.json(f"{model}/adapter_config.json")
     if adapter_config is None:
         raise LoadError(f"the peft-adapter merge {uri} has no model/adapter_config.json")
     labels, length = _input_labels(store, manifest)
