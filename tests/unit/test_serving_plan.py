@@ -239,3 +239,25 @@ def test_summary_names_each_inference_service() -> None:
 @pytest.mark.parametrize(("text", "seconds"), [("10m", 600), ("1h30m", 5400), ("0s", 0), ("250ms", 0.25)])
 def test_durations(text: str, seconds: float) -> None:
     assert parse_duration(text) == seconds
+
+
+def test_every_patch_keeps_the_inference_service_valid() -> None:
+    """The operator's merge patches, applied to the sample InferenceService, validate against KServe's models."""
+    pytest.importorskip("kserve")
+    from langmerge.dev.demo import sample_inference_service
+    from langmerge.dev.serving import merge_patch, validate_inferenceservice
+
+    isvc = sample_inference_service()
+    isvc["metadata"]["resourceVersion"] = "7"
+    steps = [
+        step(target(), Desired(1, URI1, "fp1"), Rollout(), serving(None, ready=False, observed=1, generation=1)),
+        step(target(canaryTrafficPercent=20), Desired(2, URI2, "fp2"), promoted(1, URI1), serving(URI1)),
+        step(target(promoteAfter="0s"), Desired(2, URI2, "fp2"), rolling(), serving(URI2, canary=10)),
+        step(target(), Desired(2, URI2, "fp2"), rolling(), serving(URI2, canary=10, transition="BlockedByFailedLoad")),
+    ]
+    for s in steps:
+        assert s.patch is not None
+        assert validate_inferenceservice(s.patch, partial=True) == []
+        isvc = merge_patch(isvc, s.patch)
+        assert validate_inferenceservice(isvc) == [], s.patch
+    assert isvc["spec"]["predictor"]["model"]["storageUri"] == URI1, "the last step rolled revision 2 back"
