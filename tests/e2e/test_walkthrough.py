@@ -201,28 +201,21 @@ def test_make_up_then_the_readme_walkthrough_then_try(tmp_path: Path) -> None:
         while not serves_4():
             assert time.monotonic() < deadline, "revision 4 was not promoted on the InferenceService"
             time.sleep(2)
-        served = subprocess.run(
-            ["bash", "-c", setup + f"langmerge try {shlex.quote(MERGED)} --served -i 'hola' -i 'hallo'"],
-            cwd=clone,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+
+        def in_clone(command: str, timeout: float) -> subprocess.CompletedProcess[str]:
+            """A command as a user runs it in the clone after make up (the venv and env.sh sourced)."""
+            return subprocess.run(
+                ["bash", "-c", setup + command], cwd=clone, env=env, capture_output=True, text=True, timeout=timeout
+            )
+
+        served = in_clone(f"langmerge try {shlex.quote(MERGED)} --served -i 'hola' -i 'hallo'", 120)
         print(served.stdout)
         assert served.returncode == 0, served.stderr
         assert f"model {current.fingerprint}" in served.stdout and "answered by dialog-predictor-" in served.stdout
         assert len(re.findall(r"^  (hola|hallo) +-> ", served.stdout, re.M)) == 2, served.stdout
 
         # langmerge try on the sample: every language of the published revision, base, expert and merged.
-        tried = subprocess.run(
-            ["bash", "-c", setup + f"langmerge try {shlex.quote(MERGED)} --examples 2"],
-            cwd=clone,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
+        tried = in_clone(f"langmerge try {shlex.quote(MERGED)} --examples 2", 600)
         print(tried.stdout)
         assert tried.returncode == 0, tried.stderr
         for lang in ("es", "nl", "pt"):
@@ -230,14 +223,7 @@ def test_make_up_then_the_readme_walkthrough_then_try(tmp_path: Path) -> None:
         assert len(re.findall(r"^ +merged r4 ", tried.stdout, re.M)) == 6
         assert len(re.findall(r"^ +base ", tried.stdout, re.M)) == 6
         assert len(re.findall(r"^ +expert ", tried.stdout, re.M)) == 6
-        bad = subprocess.run(
-            ["bash", "-c", setup + f"langmerge try {shlex.quote(MERGED)} --revision 9"],
-            cwd=clone,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        bad = in_clone(f"langmerge try {shlex.quote(MERGED)} --revision 9", 120)
         assert bad.returncode == 1
         assert "has no published revision 9; published revisions: 1, 2, 3, 4 (current 4)" in bad.stderr
     finally:

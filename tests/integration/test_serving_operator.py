@@ -106,8 +106,9 @@ def _operator(namespace: str, bucket: str) -> Any:
     return run_operator(namespace, f"s3://{bucket}/artifacts", kserve="true", serving_poll_seconds="0.3")
 
 
-def served(kube: Any, namespace: str, target: str = TARGET) -> dict[str, Any]:
-    status = status_of(get_merged(kube, namespace, "mm"))
+def served(kube: Any, namespace: str, target: str = TARGET, name: str = "mm") -> dict[str, Any]:
+    """MergedModel ``name``'s status.serving entry for ``target`` ({} while there is none)."""
+    status = status_of(get_merged(kube, namespace, name))
     return next((s for s in status.get("serving") or [] if s["target"] == target), {})
 
 
@@ -315,12 +316,11 @@ def test_one_inference_service_is_served_by_one_merged_model(
         other = _merged(bucket, {"promoteAfter": "0s"}, output={"uri": f"s3://{bucket}/merged/other"})
         apply_merged(kube, namespace, "mm2", other)
 
-        def refused() -> dict[str, Any] | None:
-            status = status_of(get_merged(kube, namespace, "mm2"))
-            s = next((s for s in status.get("serving") or [] if s["target"] == TARGET), {})
-            return s if s.get("phase") == "Failed" else None
+        def mm2_is(phase: str) -> dict[str, Any] | None:
+            s = served(kube, namespace, name="mm2")
+            return s if s.get("phase") == phase else None
 
-        failed = wait_for(refused, 60, what="mm2 refused")
+        failed = wait_for(lambda: mm2_is("Failed"), 60, what="mm2 refused")
         assert f"is served by MergedModel {namespace}/mm" in failed["message"]
         assert any(e.reason == "InferenceServiceOwnedByAnother" for e in events(kube, namespace, "mm2"))
         assert served(kube, namespace)["phase"] == "Promoted", "the owner's rollout is untouched"
@@ -329,10 +329,5 @@ def test_one_inference_service_is_served_by_one_merged_model(
         apply_merged(kube, namespace, "mm", _merged(bucket, {"promoteAfter": "0s"}, serving=[]))
         wait_for(lambda: any(e.reason == "ServingTargetRemoved" for e in events(kube, namespace, "mm")), 30)
 
-        def taken_over() -> dict[str, Any] | None:
-            status = status_of(get_merged(kube, namespace, "mm2"))
-            s = next((s for s in status.get("serving") or [] if s["target"] == TARGET), {})
-            return s if s.get("phase") == "Promoted" else None
-
-        wait_for(taken_over, 90, what="mm2 serves the InferenceService")
+        wait_for(lambda: mm2_is("Promoted"), 90, what="mm2 serves the InferenceService")
         assert status_of(get_merged(kube, namespace, "mm")).get("serving") == []
