@@ -10,9 +10,21 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from api_cases import INVALID, expert, merged
-from langmerge.constants import EXPERT_PLURAL, GROUP, MERGED_PLURAL, VERSION
+from langmerge.constants import (
+    EXPERT_PLURAL,
+    GROUP,
+    ISVC_KIND,
+    ISVC_PLURAL,
+    KSERVE_GROUP,
+    KSERVE_VERSION,
+    MERGED_PLURAL,
+    VERSION,
+)
+from serving_helpers import isvc_api
 
 pytestmark = pytest.mark.integration
+
+__all__ = ["isvc_api"]  # a fixture, shared
 
 
 def _plural(obj: dict[str, Any]) -> str:
@@ -59,13 +71,20 @@ def test_valid_merged_accepted_with_defaults(kube: Any, namespace: str) -> None:
     assert spec["output"]["format"] == "peft-adapter" and spec["resources"]["gpus"] == 0
 
 
-def test_samples_are_accepted(kube: Any, namespace: str) -> None:
+def test_samples_are_accepted(kube: Any, namespace: str, isvc_api: client.CustomObjectsApi) -> None:
+    """Every sample manifest, the sample's InferenceService included (on the CRD generated from kserve's models)."""
     import yaml
 
     root = Path(__file__).resolve().parents[2]
+    kinds = set()
     for path in sorted((root / "examples" / "sample").glob("*.yaml")):
         for doc in yaml.safe_load_all(path.read_text()):
-            _create(kube, namespace, doc)
+            kinds.add(doc["kind"])
+            if doc["kind"] == ISVC_KIND:
+                isvc_api.create_namespaced_custom_object(KSERVE_GROUP, KSERVE_VERSION, namespace, ISVC_PLURAL, doc)
+            else:
+                _create(kube, namespace, doc)
+    assert kinds == {"LanguageExpert", "MergedModel", ISVC_KIND}
 
 
 @pytest.mark.parametrize(("case", "obj", "fragment"), INVALID, ids=[c[0] for c in INVALID])
