@@ -121,6 +121,10 @@ class ObjectInfo:
         return self.key[len(prefix) :]
 
 
+#: Seconds the health probe waits to connect, and for its answer (one try).
+PROBE_TIMEOUT = 2.0
+
+
 @dataclass(frozen=True)
 class S3Config:
     """How to reach S3. Credentials come from the environment (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)."""
@@ -166,8 +170,12 @@ class ObjectStore:
     as a raw botocore exception.
     """
 
-    def __init__(self, client: S3Client) -> None:
+    def __init__(self, client: S3Client, probe_client: S3Client | None = None) -> None:
         self.client = client
+        #: The health probe's client: one try with short timeouts, so that an S3 that stopped answering (a paused or
+        #: unreachable server, where connecting hangs instead of being refused) is noticed within seconds, not after
+        #: the main client's connect timeouts and retries.
+        self.probe_client = probe_client or client
 
     @property
     def endpoint(self) -> str:
@@ -185,7 +193,7 @@ class ObjectStore:
         """One cheap request: raises :class:`StorageUnavailable` if S3 does not answer (any answer, even "no such
         bucket" or "access denied", means it is back)."""
         try:
-            self.client.head_bucket(Bucket=bucket)
+            self.probe_client.head_bucket(Bucket=bucket)
         except (ClientError, BotoCoreError) as err:
             if is_unavailable(err):
                 raise StorageUnavailable(self.endpoint, str(err)) from err
@@ -193,22 +201,29 @@ class ObjectStore:
     @classmethod
     def from_config(cls, config: S3Config | None = None, **credentials: str) -> ObjectStore:
         config = config or S3Config.from_env()
-        client: S3Client = boto3.client(  # type: ignore[call-overload]
-            "s3",
-            endpoint_url=config.endpoint_url,
-            region_name=config.region,
-            config=Config(
-                s3={"addressing_style": "path"},
-                retries={"max_attempts": config.max_attempts, "mode": "standard"},
-                connect_timeout=config.connect_timeout,
-                read_timeout=config.read_timeout,
-                # Checksums on every request are supported by AWS but not by every S3-compatible server.
-                request_checksum_calculation="when_required",
-                response_checksum_validation="when_required",
-            ),
-            **credentials,
+
+        def client(connect_timeout: float, read_timeout: float, max_attempts: int) -> S3Client:
+            made: S3Client = boto3.client(  # type: ignore[call-overload]
+                "s3",
+                endpoint_url=config.endpoint_url,
+                region_name=config.region,
+                config=Config(
+                    s3={"addressing_style": "path"},
+                    retries={"max_attempts": max_attempts, "mode": "standard"},
+                    connect_timeout=connect_timeout,
+                    read_timeout=read_timeout,
+                    # Checksums on every request are supported by AWS but not by every S3-compatible server.
+                    request_checksum_calculation="when_required",
+                    response_checksum_validation="when_required",
+                ),
+                **credentials,
+            )
+            return made
+
+        return cls(
+            client(config.connect_timeout, config.read_timeout, config.max_attempts),
+            probe_client=client(min(config.connect_timeout, PROBE_TIMEOUT), min(config.read_timeout, PROBE_TIMEOUT), 1),
         )
-        return cls(client)
 
     # -- reading -------------------------------------------------------------------------------------------------
     def list_objects(self, uri: str) -> list[ObjectInfo]:

@@ -295,9 +295,13 @@ class ReconcilePass(Generic[StatusT]):
         - A missing bucket or a malformed record: a user error, phase ``failed_phase`` naming the bucket or the key
           and the parse error, an Event once; looked at again after ``user_error_retry`` seconds.
         - Any other S3 error (e.g. access denied): ``Degraded=True StorageError`` with S3's message.
-        In every case the status keeps what the last complete pass found (a partial pass is not written).
+        In every case the status keeps what the last complete pass found (a partial pass is not written). While the
+        health probe finds S3 down, a pass does not ask S3 at all (each request would wait out its connect timeout and
+        retries, holding the Degraded status back for that long): it shows the outage at once and waits for S3.
         """
         try:
+            if self.rt.storage_outage is not None:
+                raise StorageUnavailable(self.rt.store.endpoint, "the health probe gets no answer")
             return run()
         except StorageUnavailable as err:
             self.status = self.old.model_copy(deep=True)
