@@ -141,6 +141,25 @@ def test_each_method_is_costed_with_its_search_and_evaluation_and_every_attempt(
     assert "180% more" in table  # the search's merge costs more than the joint training it replaces
 
 
+def test_the_trunk_is_counted_in_the_initial_cost_and_in_its_wall_time() -> None:
+    runs = [_run(0), _run(1)]
+    for r in runs:
+        r["cost"]["trunk"] = _cost(30.0)
+    runs[1]["cost"]["trunk"]["attempts"] = 2  # a collapsed trunk trained again (its cost is in the 30)
+    w = {**_workload(runs), "recipe": {"name": "trunk", "trunk_epochs": 1, "trunk_share": 1.0, "branch_epochs": 2}}
+    s = report.summarize(w)
+    ties = s["cost"]["initial"]["methods"]["ties"]["cpu_seconds"]
+    # the trunk (30) + both experts (2 x 20) + the merge (3), against the joint model's 50
+    assert ties["training"]["mean"] == pytest.approx(70) and ties["total"]["mean"] == pytest.approx(73)
+    assert ties["saving"]["mean"] == pytest.approx(1 - 73 / 50)
+    # the branches train in parallel after the trunk: the trunk + the slowest expert + the merge
+    assert ties["parallel"]["mean"] == pytest.approx(30 + 20 + 3)
+    assert s["cost"]["initial"]["methods"]["ties"]["trainings"] == 2 * 3
+    table = report.cost_table(w, s)
+    assert "merged ties: the trunk + every expert + the merge; 1 rerun(s) of collapsed trainings counted" in table
+    assert "wall time (experts in parallel: the trunk, then the slowest expert + merge)" in table
+
+
 def test_differences_and_parity_are_stated_with_their_intervals() -> None:
     w = _workload([_run(seed) for seed in range(3)])
     s = report.summarize(w)
