@@ -130,6 +130,12 @@ def merge_eval_uri(prefix: str, language: str) -> str:
     return join(prefix, "eval", f"{language}.json")
 
 
+def evaluation_cache_uri(output_uri: str) -> str:
+    """Where a MergedModel's merge Jobs keep figures of models that do not change between merges (the base, each
+    expert alone), keyed by the model and the examples (``langmerge_trainer.merge.evalcache``)."""
+    return join(output_uri, "evaluations")
+
+
 def baseline_uri(artifacts_uri: str, namespace: str, task: str) -> str:
     """Where the measured joint-retrain record of a task lives (written by ``langmerge bench --record-baseline``)."""
     return join(artifacts_uri, "baselines", namespace, f"{task}.json")
@@ -342,6 +348,9 @@ class MergeManifest(Record):
     expert_metrics: dict[str, Metrics] = Field(default_factory=dict)
     #: The base model before fine-tuning on the same data: the gate's floor (empty in manifests written before it).
     base_metrics: dict[str, Metrics] = Field(default_factory=dict)
+    #: Figures read from the MergedModel's evaluation cache instead of evaluated again (``base:<language>``,
+    #: ``expert:<language>``): the same model on the same examples as in an earlier merge.
+    evaluation_cached: list[str] = Field(default_factory=list)
     timings: dict[str, float] = Field(default_factory=dict)
     cost: Cost
     versions: Versions

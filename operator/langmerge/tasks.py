@@ -92,6 +92,9 @@ class MergeTask(Task):
     search: Search | None = None
     #: spec.trunk: the adapter the inputs branched from; they merge relative to it (its update counted once).
     reference: AdapterSource | None = None
+    #: Where the gate keeps the base's and each expert's figures between merges (artifacts.evaluation_cache_uri);
+    #: None: evaluate everything every time.
+    evaluation_cache_uri: str | None = None
 
 
 #: Figures ``langmerge try`` shows beside the answers: eval loss for causal LMs, accuracy for classifiers.

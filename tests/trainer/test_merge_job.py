@@ -122,6 +122,47 @@ def test_merge_job_commits_an_evaluated_loadable_adapter(
     assert again == manifest and {o.key for o in s3.list_objects(task.output_uri)} == before
 
 
+def test_the_gate_reads_back_the_figures_of_models_that_did_not_change(
+    s3: ObjectStore, base_env: tuple[str, BaseModelIdentity], experts: list[tuple[TrainTask, AdapterManifest]]
+) -> None:
+    """A second merge of the same experts (another method here, as after a spec change) evaluates the merged model
+    only: the base's and each expert's figures on the same examples are read back from the evaluation cache. An entry
+    that cannot be parsed is evaluated again and written over."""
+    bucket, base = base_env
+    cache = f"s3://{bucket}/merged/cached/evaluations"
+    first = run_merge_task(
+        _task(bucket, base, experts, "cachedmerge00001").model_copy(update={"evaluation_cache_uri": cache}),
+        s3,
+        device="cpu",
+    )
+    assert first.evaluation_cached == []
+    entries = sorted(o.key for o in s3.list_objects(cache))
+    assert len(entries) == 4  # the base and the expert, on each of two languages
+    second = run_merge_task(
+        _task(bucket, base, experts, "cachedmerge00002", method="linear", parameters={"weights": {}}).model_copy(
+            update={"evaluation_cache_uri": cache}
+        ),
+        s3,
+        device="cpu",
+    )
+    assert second.evaluation_cached == ["base:es", "base:it", "expert:es", "expert:it"]
+    assert second.base_metrics == first.base_metrics and second.expert_metrics == first.expert_metrics
+    assert set(second.evaluation) == {"es", "it"} and second.evaluation != first.evaluation  # evaluated anew
+    # a damaged entry: that model is evaluated again, to the same figures, and the entry is whole again
+    damaged = entries[0]
+    s3.put_bytes(f"s3://{bucket}/{damaged}", b"{not json")
+    third = run_merge_task(
+        _task(bucket, base, experts, "cachedmerge00003", format="full-weights").model_copy(
+            update={"evaluation_cache_uri": cache}
+        ),
+        s3,
+        device="cpu",
+    )
+    assert len(third.evaluation_cached) == 3
+    assert third.base_metrics == first.base_metrics and third.expert_metrics == first.expert_metrics
+    assert s3.get_json(f"s3://{bucket}/{damaged}")["metrics"]
+
+
 def test_full_weights_output_loads_with_transformers(
     s3: ObjectStore,
     base_env: tuple[str, BaseModelIdentity],

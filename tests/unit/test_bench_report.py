@@ -144,7 +144,11 @@ def test_each_method_is_costed_with_its_search_and_evaluation_and_every_attempt(
 def test_the_trunk_is_counted_in_the_initial_cost_and_in_its_wall_time() -> None:
     runs = [_run(0), _run(1)]
     for r in runs:
-        r["cost"]["trunk"] = _cost(30.0)
+        r["cost"]["trunk"] = _cost(30.0, tokens=1000)
+        r["cost"]["experts"] = {lang: _cost(20.0, tokens=400) for lang in LANGS}
+        r["cost"]["joint"]["tokens"] = 2000
+        r["maintenance"]["cost"]["expert"]["tokens"] = 250
+        r["maintenance"]["cost"]["joint"]["tokens"] = 2200
     runs[1]["cost"]["trunk"]["attempts"] = 2  # a collapsed trunk trained again (its cost is in the 30)
     w = {**_workload(runs), "recipe": {"name": "trunk", "trunk_epochs": 1, "trunk_share": 1.0, "branch_epochs": 2}}
     s = report.summarize(w)
@@ -158,6 +162,8 @@ def test_the_trunk_is_counted_in_the_initial_cost_and_in_its_wall_time() -> None
     table = report.cost_table(w, s)
     assert "merged ties: the trunk + every expert + the merge; 1 rerun(s) of collapsed trainings counted" in table
     assert "wall time (experts in parallel: the trunk, then the slowest expert + merge)" in table
+    # the optimiser's work beside the CPU seconds: 1000 (trunk) + 2 x 400 against the joint model's 2000 tokens
+    assert "1,800 against 2,000 initially (-10%)" in table and "250 against 2,200 for the maintenance update" in table
 
 
 def test_differences_and_parity_are_stated_with_their_intervals() -> None:

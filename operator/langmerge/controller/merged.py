@@ -388,6 +388,7 @@ class MergedReconciler(ReconcilePass[MergedModelStatus]):
             image=self.image,
             search=spec.search,
             reference=reference,
+            evaluation_cache_uri=artifacts.evaluation_cache_uri(self.output),
         )
         return self.commit(self._converge(task, jobs, prefix))
 

@@ -243,6 +243,13 @@ def cost_summary(w: dict[str, Any]) -> dict[str, Any]:
             row["attempts"] = sum(int(x.get("attempts", 1)) for t in trainings for x in t)
             row["trainings"] = sum(len(t) for t in trainings)
             part["methods"][method] = row
+        if all("tokens" in c["joint"] and all("tokens" in t for t in _trainings(c, scenario)) for c in runs):
+            # tokens one attempt of each training processed: the optimiser's work, which grows with the model,
+            # while a process's start and the gate's evaluation do not
+            part["tokens"] = {
+                "joint": _ms([float(c["joint"]["tokens"]) for c in runs]),
+                "langmerge": _ms([float(sum(t["tokens"] for t in _trainings(c, scenario))) for c in runs]),
+            }
         part["joint"]["attempts"] = sum(int(c["joint"].get("attempts", 1)) for c in runs)
         part["joint"]["trainings"] = len(runs)
         out[scenario] = part
@@ -443,7 +450,36 @@ def cost_table(w: dict[str, Any], summary: dict[str, Any]) -> str:
                 f"{_sec(part['joint']['wall_seconds'])} | {_sec(wall['parallel'])} | {_sec(wall['merge'])} | "
                 f"{_pct(wall['saving_parallel'])} | up to {PAPER_INITIAL_SAVING * 100:.0f}% less |"
             )
-    return "\n".join(lines)
+    tokens = token_statement(w, summary)
+    return "\n".join(lines) + (f"\n\n{tokens}" if tokens else "")
+
+
+def token_statement(w: dict[str, Any], summary: dict[str, Any]) -> str:
+    """Training tokens per scenario (one attempt of each training), beside the CPU seconds: the part of the cost that
+    grows with the model. The rest (each process's start, the gate's evaluation) is about fixed per Job."""
+    parts = []
+    for scenario, part in summary["cost"].items():
+        tokens = part.get("tokens")
+        if not tokens or not tokens["joint"]["mean"]:
+            continue
+        ours, joint = tokens["langmerge"]["mean"], tokens["joint"]["mean"]
+        name = {
+            "initial": "initially",
+            "maintenance": "for the maintenance update",
+            "new_language": "for a new language",
+        }
+        parts.append(
+            f"{ours:,.0f} against {joint:,.0f} {name.get(scenario, scenario)} ({(ours / joint - 1) * 100:+.0f}%)"
+        )
+    if not parts:
+        return ""
+    trainings = "the trunk and every expert" if _trunk(w) else "every expert"
+    return (
+        f"Training tokens (one attempt of each training; {trainings} against the joint model), the part of the cost "
+        "that grows with the model, while a process's start and the gate's evaluation stay about the same per Job: "
+        + "; ".join(parts)
+        + "."
+    )
 
 
 def _trunk(w: dict[str, Any]) -> bool:

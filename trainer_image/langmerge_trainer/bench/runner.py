@@ -780,6 +780,28 @@ class SeedRun:
         self.wr, self.w, self.evaluator, self.base = wr, wr.w, evaluator, base
         self.seed, self.trained, self.tick = seed, trained, tick
         self.expert_evals: dict[str, Evaluated] = {}
+        #: per merge method (each its own MergedModel): the models the merge Job's gate has figures of already
+        #: (its evaluation cache: an expert adapter on its language, the base on a language), paid for once
+        self.gate_known: dict[str, set[str]] = {}
+
+    def base_cost(self, language: str) -> dict[str, float]:
+        """The base model's evaluation on one language: its share of the base's evaluation by examples."""
+        examples = {lang: m.examples or 0 for lang, m in self.base.metrics.items()}
+        share = examples.get(language, 0) / max(1, sum(examples.values()))
+        return {k: float(v) * share for k, v in self.base.cost.items()}
+
+    def gate_cost(self, method: str, merged: Evaluated, experts: dict[str, tuple[str, Evaluated]]) -> dict[str, float]:
+        """What the merge Job's gate evaluates before publishing (``merge/job.py``): the merged model on every
+        language, and each expert alone and the base on each language unless their figures on the same examples are
+        known from an earlier merge of the same MergedModel. ``experts``: language -> (role key, its evaluation)."""
+        known = self.gate_known.setdefault(method, set())
+        costs = [merged.cost]
+        for lang, (key, evaluated) in experts.items():
+            for model, cost in ((f"expert:{key}", evaluated.cost), (f"base:{lang}", self.base_cost(lang))):
+                if model not in known:
+                    known.add(model)
+                    costs.append(cost)
+        return add_costs(*costs)
 
     def expert(self, key: str) -> tuple[TrainRun, Evaluated, dict[str, Any]]:
         """An expert role's clean run, its evaluation on its own language (once) and its model record."""
@@ -815,8 +837,11 @@ class SeedRun:
             )
             ev = self.evaluator.evaluate_merge(merge, languages)
             wr.discard(merge)
-            # what the operator's merge Job evaluates before publishing: the merged model, and each expert alone
-            merge.evaluation = add_costs(ev.cost, *(experts[lang][1].cost for lang in languages))
+            # what the operator's merge Job evaluates before publishing: the merged model, each expert alone and the
+            # base (the floor), the last two once per MergedModel (the Job's evaluation cache)
+            merge.evaluation = self.gate_cost(
+                method.label, ev, {lang: (expert_keys[lang], experts[lang][1]) for lang in languages}
+            )
             verdict = merged_verdict(w, ev, self.base)
             models[f"merged:{method.label}"] = _model(
                 ev,

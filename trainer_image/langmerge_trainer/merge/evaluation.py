@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import gc
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -122,13 +122,17 @@ def evaluate_merge(
     max_examples: int | None = None,
     labels: Sequence[str] | None = None,
     on_language: Callable[[str], None] = lambda language: None,
+    known_base: Mapping[str, Metrics] | None = None,
+    known_experts: Mapping[str, Metrics] | None = None,
 ) -> MergeFigures:
     """Per-language metrics of the merged model, of each expert alone and of the base model before fine-tuning (the
     gate's floor): ``(merged, experts, base)``.
 
     ``merged_dir`` holds a PEFT adapter, or full merged weights when ``full_weights``. ``labels``: the experts are
     sequence classifiers over these labels (the base then has its freshly initialised head). ``on_language`` is
-    called before each language's first evaluation (progress).
+    called before each language's first evaluation (progress). ``known_base`` and ``known_experts``: figures already
+    known for those languages on the same examples (:mod:`langmerge_trainer.merge.evalcache`); those models are not
+    evaluated (nor an expert's adapter loaded) again.
     """
     from peft import PeftModel
 
@@ -142,9 +146,12 @@ def evaluate_merge(
     tokenizers: dict[Path, Any] = {}
     merged: dict[str, Metrics] = {}
     experts: dict[str, Metrics] = {}
-    base: dict[str, Metrics] = {}
+    base: dict[str, Metrics] = dict(known_base or {})
+    known = dict(known_experts or {})
     model: Any = load_model(base_dir, device, labels)
     for item in languages:  # the base alone, before any adapter is attached: the floor no merge may fall below
+        if item.language in base:
+            continue
         base[item.language] = evaluate(
             model,
             _tokenizer(base_dir, base_dir, tokenizers),
@@ -161,6 +168,13 @@ def evaluate_merge(
         for index, item in enumerate(languages):
             on_language(item.language)
             kwargs = {"max_seq_length": item.max_seq_length, "max_examples": max_examples}
+            if item.language in known:
+                experts[item.language] = known[item.language]
+                if not full_weights:
+                    merged[item.language] = evaluate(
+                        model, _tokenizer(merged_dir, base_dir, tokenizers), item.examples, **kwargs
+                    )
+                continue
             name = f"{EXPERT}{index}"
             if wrapped:
                 model.load_adapter(str(item.adapter_dir), adapter_name=name)

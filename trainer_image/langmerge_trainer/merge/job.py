@@ -44,7 +44,8 @@ from langmerge_trainer.data import DataError, Example, load_eval_split
 from langmerge_trainer.evaluate import pick_device
 from langmerge_trainer.failures import failure_record, report_failure, write_termination_message
 from langmerge_trainer.merge.engine import FULL_WEIGHTS, AdapterInput, MergeError, MergeReport, merge_adapters
-from langmerge_trainer.merge.evaluation import LanguageInput, evaluate_merge
+from langmerge_trainer.merge.evalcache import EvaluationCache, cache_key, examples_digest
+from langmerge_trainer.merge.evaluation import LanguageInput, eval_dtype, evaluate_merge
 from langmerge_trainer.modelcache import ensure_model
 from langmerge_trainer.runs import delete_stale_runs
 from langmerge_trainer.s3retry import RetryingStore, retrying
@@ -127,6 +128,7 @@ def run_merge_task(
         merged_metrics: dict[str, Metrics] = {}
         expert_metrics: dict[str, Metrics] = {}
         base_metrics: dict[str, Metrics] = {}
+        cache = EvaluationCache(s3, task.evaluation_cache_uri)
         if task.evaluation.enabled:
             t = time.monotonic()
             merged_metrics, expert_metrics, base_metrics = _evaluate(
@@ -141,6 +143,7 @@ def run_merge_task(
                 labels=labels,
                 device=torch_device,
                 total_steps=total_steps,
+                cache=cache,
             )
             timings["evaluate"] = time.monotonic() - t
         else:
@@ -166,6 +169,7 @@ def run_merge_task(
         merged_metrics=merged_metrics,
         expert_metrics=expert_metrics,
         base_metrics=base_metrics,
+        evaluation_cached=cache.hits,
         timings=timings,
         cost=cost,
         started_at=started_at,
@@ -241,9 +245,11 @@ def _evaluate(
     labels: Sequence[str] | None,
     device: torch.device,
     total_steps: int,
+    cache: EvaluationCache,
 ) -> tuple[dict[str, Metrics], dict[str, Metrics], dict[str, Metrics]]:
     """The merged model, each expert alone and the base on every language's held-out examples; one record per
-    language under the run's prefix. Returns (merged, expert, base) metrics by language."""
+    language under the run's prefix. The base's and an expert's figures come from ``cache`` when an earlier merge
+    evaluated the same model on the same examples. Returns (merged, expert, base) metrics by language."""
     languages = [
         LanguageInput(
             language=item.language,
@@ -257,6 +263,21 @@ def _evaluate(
         for item, adapter in zip(task.inputs, inputs, strict=True)
     ]
     step = {item.language: 3 + i for i, item in enumerate(task.inputs)}
+    # figures of the base and of each expert alone on the same examples, from an earlier merge (evalcache)
+    keys: dict[str, str] = {}
+    for item, adapter, lang in zip(task.inputs, inputs, languages, strict=True):
+        common = {
+            "base_digest": task.base_model.digest or task.base_model.uri,
+            "examples": examples_digest(lang.examples),
+            "max_seq_length": lang.max_seq_length,
+            "max_examples": task.evaluation.max_examples,
+            "labels": labels,
+            "dtype": str(eval_dtype(device)),
+            "device_type": device.type,
+        }
+        keys[f"base:{item.language}"] = cache_key(adapter_digest=None, **common)
+        keys[f"expert:{item.language}"] = cache_key(adapter_digest=adapter.digest or item.adapter_digest, **common)
+    known = {what: found for what, key in keys.items() if (found := cache.get(key, what)) is not None}
     merged_metrics, expert_metrics, base_metrics = evaluate_merge(
         base_dir,
         out_dir,
@@ -266,7 +287,13 @@ def _evaluate(
         max_examples=task.evaluation.max_examples,
         labels=labels,
         on_language=lambda lang: _progress(s3, task, f"evaluating {lang}", step[lang], total_steps),
+        known_base={w.split(":", 1)[1]: m for w, m in known.items() if w.startswith("base:")},
+        known_experts={w.split(":", 1)[1]: m for w, m in known.items() if w.startswith("expert:")},
     )
+    for what, key in keys.items():
+        kind, lang = what.split(":", 1)
+        if what not in known:
+            cache.put(key, what, (base_metrics if kind == "base" else expert_metrics)[lang])
     for item in task.inputs:
         s3.put_json(
             artifacts.merge_eval_uri(run_prefix, item.language),
@@ -299,6 +326,7 @@ def _manifest(
     merged_metrics: dict[str, Metrics],
     expert_metrics: dict[str, Metrics],
     base_metrics: dict[str, Metrics],
+    evaluation_cached: list[str],
     timings: dict[str, float],
     cost: Cost,
     started_at: str,
@@ -335,6 +363,7 @@ def _manifest(
         evaluation=merged_metrics,
         expert_metrics=expert_metrics,
         base_metrics=base_metrics,
+        evaluation_cached=sorted(evaluation_cached),
         timings={k: round(v, 4) for k, v in timings.items()},
         cost=cost,
         versions=library_versions(),
