@@ -244,8 +244,7 @@ def cost_summary(w: dict[str, Any]) -> dict[str, Any]:
             row["trainings"] = sum(len(t) for t in trainings)
             part["methods"][method] = row
         if all("tokens" in c["joint"] and all("tokens" in t for t in _trainings(c, scenario)) for c in runs):
-            # tokens one attempt of each training processed: the optimiser's work, which grows with the model,
-            # while a process's start and the gate's evaluation do not
+            # tokens one attempt of each training processed: the optimiser's work alone
             part["tokens"] = {
                 "joint": _ms([float(c["joint"]["tokens"]) for c in runs]),
                 "langmerge": _ms([float(sum(t["tokens"] for t in _trainings(c, scenario))) for c in runs]),
@@ -455,8 +454,8 @@ def cost_table(w: dict[str, Any], summary: dict[str, Any]) -> str:
 
 
 def token_statement(w: dict[str, Any], summary: dict[str, Any]) -> str:
-    """Training tokens per scenario (one attempt of each training), beside the CPU seconds: the part of the cost that
-    grows with the model. The rest (each process's start, the gate's evaluation) is about fixed per Job."""
+    """Training tokens per scenario (one attempt of each training), beside the CPU seconds: the optimiser's work
+    alone, without each Job's start and the gate's evaluation."""
     parts = []
     for scenario, part in summary["cost"].items():
         tokens = part.get("tokens")
@@ -475,10 +474,9 @@ def token_statement(w: dict[str, Any], summary: dict[str, Any]) -> str:
         return ""
     trainings = "the trunk and every expert" if _trunk(w) else "every expert"
     return (
-        f"Training tokens (one attempt of each training; {trainings} against the joint model), the part of the cost "
-        "that grows with the model, while a process's start and the gate's evaluation stay about the same per Job: "
-        + "; ".join(parts)
-        + "."
+        f"Training tokens (one attempt of each training; {trainings} against the joint model), the optimiser's "
+        "work alone, where the CPU seconds above also count each Job's start (libraries, the base model, the data) "
+        "and the gate's evaluation: " + "; ".join(parts) + "."
     )
 
 

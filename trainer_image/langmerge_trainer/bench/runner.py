@@ -26,8 +26,9 @@ of healthy experts, so they stay in the means.
 
 **Costs** count everything producing each reported model costs: every training attempt (with the trainer's own
 evaluation), the merge Job (with its search, if any) and the evaluation the operator's merge Job runs before
-publishing (the merged model on every language and each expert on its own language; measured here, where the
-benchmark runs those same evaluations).
+publishing: the merged model on every language, and each expert on its own language and the base model on each
+language the first time a MergedModel (one seed's story with one method) meets them, as the Job's evaluation cache
+spends it; measured here, where the benchmark runs those same evaluations.
 """
 
 from __future__ import annotations
