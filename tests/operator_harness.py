@@ -232,6 +232,46 @@ def seed_fake_base_model(store: ObjectStore, uri: str) -> None:
     store.put_bytes(artifacts.join(uri, "model.safetensors"), b"weights")
 
 
+#: A small dialog dataset: what the tests' experts train on (``put_jsonl`` it under ``s3://<bucket>/data/<lang>``).
+DIALOG_ROWS = [{"prompt": f"q{i}", "completion": f" a{i}"} for i in range(20)]
+
+
+def _with(spec: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``spec`` with ``overrides`` replacing its top-level keys; an override of ``None`` drops the key."""
+    spec.update(overrides)
+    return {k: v for k, v in spec.items() if v is not None}
+
+
+def dialog_expert(bucket: str, lang: str, **overrides: Any) -> dict[str, Any]:
+    """A LanguageExpert spec for the "dialog" task: base model ``s3://<bucket>/base``, data
+    ``s3://<bucket>/data/<lang>``, LoRA rank 4, no GPU. ``overrides`` replace top-level keys (e.g.
+    ``baseModel={"uri": ...}``, ``dataset={"uri": ...}``, ``retry={...}``); ``None`` drops a key."""
+    spec: dict[str, Any] = {
+        "language": lang,
+        "task": "dialog",
+        "baseModel": {"uri": f"s3://{bucket}/base"},
+        "dataset": {"uri": f"s3://{bucket}/data/{lang}"},
+        "lora": {"rank": 4},
+        "schedule": {"pollIntervalSeconds": 5, "settleSeconds": 1},
+        "resources": {"gpus": 0},
+    }
+    return _with(spec, overrides)
+
+
+def dialog_merged(bucket: str, **overrides: Any) -> dict[str, Any]:
+    """A MergedModel spec that ties-merges every expert labelled ``task=dialog`` over ``s3://<bucket>/base`` into
+    ``s3://<bucket>/merged/dialog``. ``overrides`` replace top-level keys; ``None`` drops a key."""
+    spec: dict[str, Any] = {
+        "baseModel": {"uri": f"s3://{bucket}/base"},
+        "experts": {"selector": {"matchLabels": {"task": "dialog"}}},
+        "method": "ties",
+        "parameters": {"density": 1.0},
+        "output": {"uri": f"s3://{bucket}/merged/dialog"},
+        "settleSeconds": 1,
+    }
+    return _with(spec, overrides)
+
+
 #: The merge engine's message for an adapter beyond output.maxRelativeError (simulated "fail-bound" merges).
 REFACTOR_BOUND_MESSAGE = (
     "the ties merge cannot be written as a PEFT adapter within output.maxRelativeError 0.01: module "

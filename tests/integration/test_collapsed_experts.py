@@ -15,9 +15,11 @@ from langmerge import artifacts
 from langmerge.artifacts import AdapterManifest
 from langmerge.store import ObjectStore
 from operator_harness import (
+    DIALOG_ROWS,
     SimulatedJobs,
     apply_expert,
     condition,
+    dialog_expert,
     events,
     get_expert,
     jobs,
@@ -30,29 +32,25 @@ from operator_harness import (
 
 pytestmark = pytest.mark.integration
 
-ROWS = [{"prompt": f"q{i}", "completion": f" a{i}"} for i in range(20)]
 SEED = 11
 
 
 def _spec(bucket: str, lang: str, limit: int) -> dict[str, Any]:
-    return {
-        "language": lang,
-        "task": "dialog",
-        "baseModel": {"uri": f"s3://{bucket}/base"},
-        "dataset": {"uri": f"s3://{bucket}/data/{lang}"},
-        "lora": {"rank": 4},
-        "training": {"epochs": 1, "seed": SEED},
-        "resources": {"gpus": 1, "memory": "8Gi", "cpu": "2"},
-        "schedule": {"pollIntervalSeconds": 5, "settleSeconds": 2},
-        "retry": {"limit": limit, "backoffSeconds": 1},
-    }
+    return dialog_expert(
+        bucket,
+        lang,
+        training={"epochs": 1, "seed": SEED},
+        resources={"gpus": 1, "memory": "8Gi", "cpu": "2"},
+        schedule={"pollIntervalSeconds": 5, "settleSeconds": 2},
+        retry={"limit": limit, "backoffSeconds": 1},
+    )
 
 
 @pytest.fixture
 def seeded(s3: ObjectStore, bucket: str) -> str:
     seed_fake_base_model(s3, f"s3://{bucket}/base")
     for lang in ("es", "it"):
-        put_jsonl(s3, f"s3://{bucket}/data/{lang}/part-0.jsonl", ROWS)
+        put_jsonl(s3, f"s3://{bucket}/data/{lang}/part-0.jsonl", DIALOG_ROWS)
     return bucket
 
 

@@ -18,9 +18,11 @@ from kubernetes import client
 from langmerge import artifacts
 from langmerge.store import ObjectStore
 from operator_harness import (
+    DIALOG_ROWS,
     SimulatedJobs,
     apply_expert,
     condition,
+    dialog_expert,
     events,
     get_expert,
     jobs,
@@ -33,30 +35,22 @@ from operator_harness import (
 
 pytestmark = pytest.mark.integration
 
-ROWS = [{"prompt": f"q{i}", "completion": f" a{i}"} for i in range(20)]
-
 
 def _spec(bucket: str, lang: str = "es", **overrides: Any) -> dict[str, Any]:
-    spec: dict[str, Any] = {
-        "language": lang,
-        "task": "dialog",
-        "baseModel": {"uri": f"s3://{bucket}/base"},
-        "dataset": {"uri": f"s3://{bucket}/data/{lang}"},
-        "lora": {"rank": 4},
+    defaults: dict[str, Any] = {
         "training": {"epochs": 1},
         "resources": {"gpus": 1, "memory": "8Gi", "cpu": "2"},
         "schedule": {"pollIntervalSeconds": 5, "settleSeconds": 2},
         "retry": {"limit": 1, "backoffSeconds": 1},
     }
-    spec.update(overrides)
-    return spec
+    return dialog_expert(bucket, lang, **{**defaults, **overrides})
 
 
 @pytest.fixture
 def seeded(s3: ObjectStore, bucket: str) -> str:
     seed_fake_base_model(s3, f"s3://{bucket}/base")
     for lang in ("es", "it", "pt", "de", "fr"):
-        put_jsonl(s3, f"s3://{bucket}/data/{lang}/part-0.jsonl", ROWS)
+        put_jsonl(s3, f"s3://{bucket}/data/{lang}/part-0.jsonl", DIALOG_ROWS)
     return bucket
 
 
@@ -202,7 +196,7 @@ def test_data_change_gives_exactly_one_job_after_settle(
         first = wait_for(lambda: _ready(kube, namespace, "pt"), what="Ready")["status"]["trainedFingerprint"]
         # A batch of three uploads, one second apart: one Job, after the data has been still for settleSeconds.
         for i in range(3):
-            put_jsonl(s3, f"s3://{bucket}/data/pt/part-{i + 1}.jsonl", ROWS[: 5 + i])
+            put_jsonl(s3, f"s3://{bucket}/data/pt/part-{i + 1}.jsonl", DIALOG_ROWS[: 5 + i])
             time.sleep(1.0)
         changed = wait_for(
             lambda: (c := condition(get_expert(kube, namespace, "pt"), "DataChanged")) and c["status"] == "True" and c,
@@ -241,7 +235,7 @@ def test_data_changed_before_the_job_read_it_is_adopted_at_once(
         )
         job = wait_for(lambda: jobs(kube, namespace), what="Job")[0]
         listed = job.metadata.annotations["langmerge.dev/data-digest"]  # what the operator listed
-        put_jsonl(s3, f"s3://{bucket}/data/it/part-1.jsonl", ROWS[:7])
+        put_jsonl(s3, f"s3://{bucket}/data/it/part-1.jsonl", DIALOG_ROWS[:7])
         release.set()
         obj = wait_for(lambda: _ready(kube, namespace, "it"), timeout=20, what="Ready")
         status = status_of(obj)

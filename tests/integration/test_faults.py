@@ -19,10 +19,13 @@ from langmerge.dev.controlplane import ControlPlane, Endpoints
 from langmerge.kube import FIELD_MANAGER, Kube, ObjectKey
 from langmerge.store import ObjectStore, S3Config, StorageUnavailable
 from operator_harness import (
+    DIALOG_ROWS,
     SimulatedJobs,
     apply_expert,
     apply_merged,
     condition,
+    dialog_expert,
+    dialog_merged,
     events,
     get_expert,
     get_merged,
@@ -36,44 +39,25 @@ from operator_harness import (
 
 pytestmark = pytest.mark.integration
 
-ROWS = [{"prompt": f"q{i}", "completion": f" a{i}"} for i in range(20)]
-
 
 def _expert(bucket: str, lang: str, **overrides: Any) -> dict[str, Any]:
-    spec: dict[str, Any] = {
-        "language": lang,
-        "task": "dialog",
-        "baseModel": {"uri": f"s3://{bucket}/base"},
-        "dataset": {"uri": f"s3://{bucket}/data/{lang}"},
-        "lora": {"rank": 4},
-        "resources": {"gpus": 0},
+    defaults: dict[str, Any] = {
         "schedule": {"pollIntervalSeconds": 300, "settleSeconds": 1},
         "retry": {"limit": 0, "backoffSeconds": 1},
     }
-    spec.update(overrides)
-    return spec
+    return dialog_expert(bucket, lang, **{**defaults, **overrides})
 
 
 def _merged(bucket: str, **overrides: Any) -> dict[str, Any]:
-    spec: dict[str, Any] = {
-        "baseModel": {"uri": f"s3://{bucket}/base"},
-        "experts": {"selector": {"matchLabels": {"task": "dialog"}}},
-        "method": "ties",
-        "parameters": {"density": 1.0},
-        "output": {"uri": f"s3://{bucket}/merged/dialog"},
-        "evaluation": {"maxRegression": 0.1},
-        "settleSeconds": 1,
-        "retry": {"limit": 0, "backoffSeconds": 1},
-    }
-    spec.update(overrides)
-    return spec
+    defaults: dict[str, Any] = {"evaluation": {"maxRegression": 0.1}, "retry": {"limit": 0, "backoffSeconds": 1}}
+    return dialog_merged(bucket, **{**defaults, **overrides})
 
 
 @pytest.fixture
 def seeded(s3: ObjectStore, bucket: str) -> str:
     seed_fake_base_model(s3, f"s3://{bucket}/base")
     for lang in ("es", "it", "pt"):
-        put_jsonl(s3, f"s3://{bucket}/data/{lang}/part-0.jsonl", ROWS)
+        put_jsonl(s3, f"s3://{bucket}/data/{lang}/part-0.jsonl", DIALOG_ROWS)
     return bucket
 
 
@@ -516,7 +500,7 @@ def test_missing_bucket_is_a_user_error_not_an_outage(kube: Any, s3: ObjectStore
         # Created later, the bucket is found at the next look (here the spec change), with no restart.
         s3.client.create_bucket(Bucket="no-such-bucket-lm")
         try:
-            put_jsonl(s3, "s3://no-such-bucket-lm/data/es/part-0.jsonl", ROWS)
+            put_jsonl(s3, "s3://no-such-bucket-lm/data/es/part-0.jsonl", DIALOG_ROWS)
             apply_expert(
                 kube,
                 namespace,

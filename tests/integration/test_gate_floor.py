@@ -11,10 +11,13 @@ import pytest
 from langmerge import artifacts
 from langmerge.store import ObjectStore
 from operator_harness import (
+    DIALOG_ROWS,
     SimulatedJobs,
     apply_expert,
     apply_merged,
     condition,
+    dialog_expert,
+    dialog_merged,
     events,
     get_merged,
     put_jsonl,
@@ -26,18 +29,10 @@ from operator_harness import (
 
 pytestmark = pytest.mark.integration
 
-ROWS = [{"prompt": f"q{i}", "completion": f" a{i}"} for i in range(20)]
-
 
 def _merged(bucket: str, **evaluation: Any) -> dict[str, Any]:
-    return {
-        "baseModel": {"uri": f"s3://{bucket}/base"},
-        "experts": {"selector": {"matchLabels": {"task": "dialog"}}},
-        "method": "linear",
-        "output": {"uri": f"s3://{bucket}/merged/dialog"},
-        "evaluation": {"maxRegression": 0.1, **evaluation},
-        "settleSeconds": 1,
-    }
+    evaluation = {"maxRegression": 0.1, **evaluation}
+    return dialog_merged(bucket, method="linear", parameters=None, evaluation=evaluation)
 
 
 def test_a_merge_below_the_base_model_is_never_published(
@@ -45,21 +40,14 @@ def test_a_merge_below_the_base_model_is_never_published(
 ) -> None:
     seed_fake_base_model(s3, f"s3://{bucket}/base")
     for lang in ("es", "nl"):
-        put_jsonl(s3, f"s3://{bucket}/data/{lang}/part-0.jsonl", ROWS)
+        put_jsonl(s3, f"s3://{bucket}/data/{lang}/part-0.jsonl", DIALOG_ROWS)
     out = f"s3://{bucket}/merged/dialog"
     with run_operator(namespace, f"s3://{bucket}/artifacts"), SimulatedJobs(kube, s3, namespace) as sim:
         # nl: merged 2.15 is within 10% of its expert (2.0), but the base alone scores 2.10 on the same examples
         sim.merge_losses = {"nl": 2.15}
         sim.base_losses = {"nl": 2.10}
         for lang in ("es", "nl"):
-            spec = {
-                "language": lang,
-                "task": "dialog",
-                "baseModel": {"uri": f"s3://{bucket}/base"},
-                "dataset": {"uri": f"s3://{bucket}/data/{lang}"},
-                "schedule": {"pollIntervalSeconds": 5, "settleSeconds": 1},
-                "resources": {"gpus": 0},
-            }
+            spec = dialog_expert(bucket, lang, lora=None)
             apply_expert(kube, namespace, f"dialog-{lang}", spec, labels={"task": "dialog"})
         apply_merged(kube, namespace, "mm", _merged(bucket))
         obj = wait_for(

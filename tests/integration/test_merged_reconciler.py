@@ -15,11 +15,14 @@ from langmerge import artifacts
 from langmerge.constants import EXPERT_PLURAL, GROUP, VERSION
 from langmerge.store import ObjectStore
 from operator_harness import (
+    DIALOG_ROWS,
     SimulatedJobs,
     apply_expert,
     apply_merged,
     condition,
     custom,
+    dialog_expert,
+    dialog_merged,
     events,
     get_expert,
     get_merged,
@@ -33,37 +36,22 @@ from operator_harness import (
 
 pytestmark = pytest.mark.integration
 
-ROWS = [{"prompt": f"q{i}", "completion": f" a{i}"} for i in range(20)]
 LANGS = ("es", "it", "pt")
 MERGE_JOBS = "langmerge.dev/component=merge"
 
 
 def _expert(bucket: str, lang: str, base: str = "base") -> dict[str, Any]:
-    return {
-        "language": lang,
-        "task": "dialog",
-        "baseModel": {"uri": f"s3://{bucket}/{base}"},
-        "dataset": {"uri": f"s3://{bucket}/data/{lang}"},
-        "lora": {"rank": 4},
-        "schedule": {"pollIntervalSeconds": 5, "settleSeconds": 1},
-        "resources": {"gpus": 0},
-    }
+    return dialog_expert(bucket, lang, baseModel={"uri": f"s3://{bucket}/{base}"})
 
 
 def _merged(bucket: str, **overrides: Any) -> dict[str, Any]:
-    spec: dict[str, Any] = {
-        "baseModel": {"uri": f"s3://{bucket}/base"},
-        "experts": {"selector": {"matchLabels": {"task": "dialog"}}},
-        "method": "ties",
-        "parameters": {"density": 1.0},
-        "output": {"uri": f"s3://{bucket}/merged/dialog"},
+    defaults: dict[str, Any] = {
         "evaluation": {"maxRegression": 0.1},
         "publish": {"keepRevisions": 3},
         "settleSeconds": 2,
         "retry": {"limit": 1, "backoffSeconds": 1},
     }
-    spec.update(overrides)
-    return spec
+    return dialog_merged(bucket, **{**defaults, **overrides})
 
 
 @pytest.fixture
@@ -71,7 +59,7 @@ def seeded(s3: ObjectStore, bucket: str) -> str:
     seed_fake_base_model(s3, f"s3://{bucket}/base")
     seed_fake_base_model(s3, f"s3://{bucket}/other-base")
     for lang in LANGS:
-        put_jsonl(s3, f"s3://{bucket}/data/{lang}/part-0.jsonl", ROWS)
+        put_jsonl(s3, f"s3://{bucket}/data/{lang}/part-0.jsonl", DIALOG_ROWS)
     return bucket
 
 
@@ -119,7 +107,7 @@ def test_merge_publish_retrain_remerge_and_gc(kube: Any, s3: ObjectStore, seeded
 
         # New data for one language: that expert alone retrains, then exactly one re-merge, revision 2.
         trained = len([j for j in sim.started if "-train-" in j])
-        put_jsonl(s3, f"s3://{bucket}/data/pt/part-1.jsonl", ROWS[:7])
+        put_jsonl(s3, f"s3://{bucket}/data/pt/part-1.jsonl", DIALOG_ROWS[:7])
         obj = wait_for(lambda: _published(kube, namespace, 2), timeout=60, what="revision 2")
         status = status_of(obj)
         assert len([j for j in sim.started if "-train-" in j]) == trained + 1
@@ -166,8 +154,8 @@ def test_two_experts_finishing_together_give_one_merge(kube: Any, s3: ObjectStor
         # apart, so their trainings may finish one poll apart, and that must still give one merge.
         apply_merged(kube, namespace, "mm", _merged(bucket, settleSeconds=12))
         wait_for(lambda: _published(kube, namespace, 1), timeout=60, what="revision 1")
-        put_jsonl(s3, f"s3://{bucket}/data/es/part-1.jsonl", ROWS[:5])
-        put_jsonl(s3, f"s3://{bucket}/data/it/part-1.jsonl", ROWS[:6])
+        put_jsonl(s3, f"s3://{bucket}/data/es/part-1.jsonl", DIALOG_ROWS[:5])
+        put_jsonl(s3, f"s3://{bucket}/data/it/part-1.jsonl", DIALOG_ROWS[:6])
         obj = wait_for(lambda: _published(kube, namespace, 2), timeout=90, what="revision 2")
         assert len(_merge_jobs(kube, namespace)) == 2, [j for j in sim.started]
         assert obj["status"]["history"][-1]["changedInputs"] == ["dialog-es", "dialog-it"]

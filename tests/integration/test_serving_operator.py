@@ -20,9 +20,12 @@ from langmerge.controller import cloudevents
 from langmerge.dev.serving import REVISION_HEADER, LocalServingRunner
 from langmerge.store import ObjectStore
 from operator_harness import (
+    DIALOG_ROWS,
     SimulatedJobs,
     apply_expert,
     apply_merged,
+    dialog_expert,
+    dialog_merged,
     events,
     get_merged,
     put_jsonl,
@@ -44,7 +47,6 @@ pytestmark = pytest.mark.integration
 
 __all__ = ["isvc_api"]  # a fixture, shared
 
-ROWS = [{"prompt": f"q{i}", "completion": f" a{i}"} for i in range(20)]
 LANGS = ("es", "it")
 ISVC = "dialog"
 TARGET = f"kserve/{ISVC}"
@@ -64,42 +66,19 @@ def serving(
 def seeded(s3: ObjectStore, bucket: str) -> str:
     seed_fake_base_model(s3, f"s3://{bucket}/base")
     for lang in LANGS:
-        put_jsonl(s3, f"s3://{bucket}/data/{lang}/part-0.jsonl", ROWS)
+        put_jsonl(s3, f"s3://{bucket}/data/{lang}/part-0.jsonl", DIALOG_ROWS)
     return bucket
 
 
 def _merged(bucket: str, kserve: dict[str, Any], *more: dict[str, Any], **overrides: Any) -> dict[str, Any]:
-    spec: dict[str, Any] = {
-        "baseModel": {"uri": f"s3://{bucket}/base"},
-        "experts": {"selector": {"matchLabels": {"task": "dialog"}}},
-        "method": "ties",
-        "parameters": {"density": 1.0},
-        "output": {"uri": f"s3://{bucket}/merged/dialog"},
-        "settleSeconds": 1,
-        "serving": [{"kserve": {"inferenceService": ISVC, **kserve}}, *more],
-    }
-    spec.update(overrides)
-    return spec
+    serving = [{"kserve": {"inferenceService": ISVC, **kserve}}, *more]
+    return dialog_merged(bucket, **{"serving": serving, **overrides})
 
 
 def _start(kube: Any, namespace: str, bucket: str, spec: dict[str, Any]) -> None:
     apply_merged(kube, namespace, "mm", spec)
     for lang in LANGS:
-        apply_expert(
-            kube,
-            namespace,
-            f"dialog-{lang}",
-            {
-                "language": lang,
-                "task": "dialog",
-                "baseModel": {"uri": f"s3://{bucket}/base"},
-                "dataset": {"uri": f"s3://{bucket}/data/{lang}"},
-                "lora": {"rank": 4},
-                "schedule": {"pollIntervalSeconds": 5, "settleSeconds": 1},
-                "resources": {"gpus": 0},
-            },
-            labels={"task": "dialog"},
-        )
+        apply_expert(kube, namespace, f"dialog-{lang}", dialog_expert(bucket, lang), labels={"task": "dialog"})
 
 
 def _operator(namespace: str, bucket: str) -> Any:

@@ -18,9 +18,11 @@ from langmerge.dev.serving import LocalServingRunner, ServingConfig, passthrough
 from langmerge.store import ObjectStore
 from langmerge.tasks import MergeTask
 from operator_harness import (
+    DIALOG_ROWS,
     SimulatedJobs,
     apply_expert,
     apply_merged,
+    dialog_expert,
     events,
     get_merged,
     put_jsonl,
@@ -36,7 +38,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 __all__ = ["isvc_api"]  # a fixture, shared
 
 ISVC = "dialog"
-ROWS = [{"prompt": f"q{i}", "completion": f" a{i}"} for i in range(20)]
 
 
 @pytest.fixture
@@ -74,7 +75,7 @@ def test_broken_weights_are_rolled_back_and_clients_never_notice(
     tiny_model_dir: Path,
 ) -> None:
     seed_fake_base_model(s3, f"s3://{bucket}/base")
-    put_jsonl(s3, f"s3://{bucket}/data/es/part-0.jsonl", ROWS)
+    put_jsonl(s3, f"s3://{bucket}/data/es/part-0.jsonl", DIALOG_ROWS)
     model_files = {p.name: p.read_bytes() for p in tiny_model_dir.iterdir() if p.is_file()}
     merges: list[str] = []
 
@@ -108,19 +109,7 @@ def test_broken_weights_are_rolled_back_and_clients_never_notice(
         SimulatedJobs(kube, s3, namespace, merge_files=merge_files),
     ):
         apply_merged(kube, namespace, "mm", spec)
-        apply_expert(
-            kube,
-            namespace,
-            "dialog-es",
-            {
-                "language": "es",
-                "task": "dialog",
-                "baseModel": {"uri": f"s3://{bucket}/base"},
-                "dataset": {"uri": f"s3://{bucket}/data/es"},
-                "schedule": {"pollIntervalSeconds": 5, "settleSeconds": 1},
-                "resources": {"gpus": 0},
-            },
-        )
+        apply_expert(kube, namespace, "dialog-es", dialog_expert(bucket, "es", lora=None))
         first = wait_for(
             lambda: (s := served(kube, namespace)).get("phase") == "Promoted" and s.get("revision") == 1 and s,
             300,
@@ -132,7 +121,7 @@ def test_broken_weights_are_rolled_back_and_clients_never_notice(
         assert isinstance(answer["predictions"][0]["generated_text"], str), "a real generation"
 
         with RequestLoop(first["url"], ISVC) as loop:
-            put_jsonl(s3, f"s3://{bucket}/data/es/part-1.jsonl", ROWS[:5])
+            put_jsonl(s3, f"s3://{bucket}/data/es/part-1.jsonl", DIALOG_ROWS[:5])
             back = wait_for(
                 lambda: (s := served(kube, namespace)).get("phase") == "RolledBack" and s,
                 300,

@@ -22,6 +22,7 @@ from langmerge.constants import API_VERSION, EXPERT_KIND, EXPERT_PLURAL, GROUP, 
 from langmerge.kube import PARTIAL_METADATA
 from langmerge.store import ObjectInfo, ObjectStore, UnsafeKey, split_uri
 from operator_harness import (
+    DIALOG_ROWS,
     SimulatedJobs,
     apply_expert,
     apply_merged,
@@ -40,7 +41,6 @@ from operator_harness import (
 
 pytestmark = pytest.mark.integration
 
-ROWS = [{"prompt": f"q{i}", "completion": f" a{i}"} for i in range(20)]
 #: The harness's resync period: "several passes" below means a few of these.
 RESYNC = 5.0
 
@@ -113,7 +113,7 @@ def _two_teams(kube: Any, s3: ObjectStore, bucket: str, team_b: str, team_a: str
     base = f"s3://{bucket}/base"
     seed_fake_base_model(s3, base)
     for lang in ("es", "it"):
-        put_jsonl(s3, f"s3://{bucket}/data/{lang}/part-0.jsonl", ROWS)
+        put_jsonl(s3, f"s3://{bucket}/data/{lang}/part-0.jsonl", DIALOG_ROWS)
     with (
         run_operator(team_b, f"s3://{bucket}/artifacts", also_watch=(team_a,)),
         SimulatedJobs(kube, s3, team_b),
@@ -238,7 +238,7 @@ def test_expert_artifact_prefix_is_owned(
     base = f"s3://{bucket}/base"
     seed_fake_base_model(s3, base)
     for lang in ("es", "it", "pt"):
-        put_jsonl(s3, f"s3://{bucket}/data/{lang}/part-0.jsonl", ROWS)
+        put_jsonl(s3, f"s3://{bucket}/data/{lang}/part-0.jsonl", DIALOG_ROWS)
     custom_api = client.CustomObjectsApi(kube)
 
     def ready(name: str) -> dict[str, Any] | None:
@@ -288,7 +288,7 @@ def test_expert_artifact_prefix_is_owned(
         message = status_of(obj)["message"]
         assert f"the expert's artifact prefix {root} belongs to LanguageExpert {other}/it (uid {other_uid})" in message
         _event(kube, namespace, "es", "ArtifactsOwnedByAnother")
-        put_jsonl(s3, f"s3://{bucket}/data/es/part-1.jsonl", ROWS[:5])
+        put_jsonl(s3, f"s3://{bucket}/data/es/part-1.jsonl", DIALOG_ROWS[:5])
         time.sleep(2 * RESYNC + 1)
         assert again["metadata"]["uid"] not in {j.metadata.owner_references[0].uid for j in jobs(kube, namespace)}
         kept = sorted(o.key for o in s3.iter_objects(root))
@@ -322,7 +322,7 @@ def test_uri_policy_refuses_every_uri_field(
     seed_fake_base_model(s3, f"{shared}/base")
     seed_fake_base_model(s3, f"{theirs}/base")
     for prefix in (f"{mine}/data/es", f"{theirs}/data/es", f"{theirs}/eval", f"{mine}x/data/es"):
-        put_jsonl(s3, f"{prefix}/part-0.jsonl", ROWS)
+        put_jsonl(s3, f"{prefix}/part-0.jsonl", DIALOG_ROWS)
     grants = json.dumps({namespace: {"read": [f"{shared}/"]}})
     ok_base = f"{shared}/base"
     with run_operator(namespace, art, uri_grants=grants), SimulatedJobs(kube, s3, namespace):
@@ -383,7 +383,7 @@ def test_admission_checks_before_a_job_takes_a_slot(
     base = f"s3://{bucket}/base"
     seed_fake_base_model(s3, base)
     for lang in ("es", "it", "pt"):
-        put_jsonl(s3, f"s3://{bucket}/data/{lang}/part-0.jsonl", ROWS)
+        put_jsonl(s3, f"s3://{bucket}/data/{lang}/part-0.jsonl", DIALOG_ROWS)
 
     def spec(lang: str = "es", **overrides: Any) -> dict[str, Any]:
         return _expert(base, f"s3://{bucket}/data/{lang}", lang, **overrides)
@@ -479,7 +479,7 @@ def test_admission_checks_before_a_job_takes_a_slot(
 def test_job_and_event_names_cannot_collide(kube: Any, s3: ObjectStore, bucket: str, namespace: str) -> None:
     base = f"s3://{bucket}/base"
     seed_fake_base_model(s3, base)
-    put_jsonl(s3, f"s3://{bucket}/data/es/part-0.jsonl", ROWS)
+    put_jsonl(s3, f"s3://{bucket}/data/es/part-0.jsonl", DIALOG_ROWS)
     prefix = "customer-support-summaries-for-the-spanish-team-"
     twins = [prefix + "a", prefix + "b"]
     assert len(prefix) >= 44, "the first 44 characters are shared"
@@ -542,7 +542,7 @@ def test_broken_merge_specs_are_refused_before_any_job(kube: Any, s3: ObjectStor
     base = f"s3://{bucket}/base"
     seed_fake_base_model(s3, base)
     for lang in ("es", "it"):
-        put_jsonl(s3, f"s3://{bucket}/data/{lang}/part-0.jsonl", ROWS)
+        put_jsonl(s3, f"s3://{bucket}/data/{lang}/part-0.jsonl", DIALOG_ROWS)
     out = f"s3://{bucket}/merged"
     broken = {
         "zero-weights": (
@@ -686,7 +686,7 @@ def test_a_waiting_object_takes_a_prefix_over_as_soon_as_its_owner_goes(
     deletion, and by the owner naming another output, not found at its next periodic pass (issue 23)."""
     base = f"s3://{bucket}/base"
     seed_fake_base_model(s3, base)
-    put_jsonl(s3, f"s3://{bucket}/data/es/part-0.jsonl", ROWS)
+    put_jsonl(s3, f"s3://{bucket}/data/es/part-0.jsonl", DIALOG_ROWS)
     out = f"s3://{bucket}/models/dialog"
     custom_api = client.CustomObjectsApi(kube)
     with run_operator(namespace, f"s3://{bucket}/artifacts", resync_seconds=60), SimulatedJobs(kube, s3, namespace):

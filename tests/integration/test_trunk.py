@@ -14,10 +14,12 @@ import pytest
 from langmerge.store import ObjectStore
 from langmerge.tasks import MergeTask, TrainTask
 from operator_harness import (
+    DIALOG_ROWS,
     SimulatedJobs,
     apply_expert,
     apply_merged,
     condition,
+    dialog_expert,
     events,
     get_expert,
     get_merged,
@@ -31,21 +33,11 @@ from operator_harness import (
 
 pytestmark = pytest.mark.integration
 
-ROWS = [{"prompt": f"q{i}", "completion": f" a{i}"} for i in range(20)]
 TASK = {"task": "dialog"}
 
 
 def _expert(bucket: str, language: str, data: str, **extra: Any) -> dict[str, Any]:
-    return {
-        "language": language,
-        "task": "dialog",
-        "baseModel": {"uri": f"s3://{bucket}/base"},
-        "dataset": {"uri": f"s3://{bucket}/{data}"},
-        "lora": {"rank": 4},
-        "schedule": {"pollIntervalSeconds": 5, "settleSeconds": 1},
-        "resources": {"gpus": 0},
-        **extra,
-    }
+    return dialog_expert(bucket, language, **{"dataset": {"uri": f"s3://{bucket}/{data}"}, **extra})
 
 
 def _tasks(kube: Any, namespace: str, component: str) -> list[Any]:
@@ -79,7 +71,7 @@ def test_branches_start_from_the_trunk_and_merge_relative_to_it(
 ) -> None:
     seed_fake_base_model(s3, f"s3://{bucket}/base")
     for lang in ("es", "it"):
-        put_jsonl(s3, f"s3://{bucket}/data/{lang}/part-0.jsonl", ROWS)
+        put_jsonl(s3, f"s3://{bucket}/data/{lang}/part-0.jsonl", DIALOG_ROWS)
     trunk_spec = _expert(
         bucket, "mul", "data", schedule={"pollIntervalSeconds": 5, "settleSeconds": 1, "followData": False}
     )
@@ -132,7 +124,7 @@ def test_branches_start_from_the_trunk_and_merge_relative_to_it(
         assert sorted(i["language"] for i in merged["status"]["inputs"]) == ["es", "it"]
 
         # new data for es: that branch retrains, the trunk (followData false) does not, and says why
-        put_jsonl(s3, f"s3://{bucket}/data/es/part-1.jsonl", ROWS[:5])
+        put_jsonl(s3, f"s3://{bucket}/data/es/part-1.jsonl", DIALOG_ROWS[:5])
         wait_for(
             lambda: status_of(get_merged(kube, namespace, "mm")).get("revision") == 2,
             timeout=90,
@@ -174,7 +166,7 @@ def test_a_trunk_of_another_shape_and_a_stray_expert_are_refused(
     kube: Any, s3: ObjectStore, bucket: str, namespace: str
 ) -> None:
     seed_fake_base_model(s3, f"s3://{bucket}/base")
-    put_jsonl(s3, f"s3://{bucket}/data/es/part-0.jsonl", ROWS)
+    put_jsonl(s3, f"s3://{bucket}/data/es/part-0.jsonl", DIALOG_ROWS)
     with run_operator(namespace, f"s3://{bucket}/artifacts"), SimulatedJobs(kube, s3, namespace):
         apply_expert(kube, namespace, "trunk", _expert(bucket, "mul", "data"))
         apply_expert(
