@@ -44,9 +44,12 @@ from langmerge.dev.controlplane import Endpoints
 from langmerge.kube import Forbidden, Kube, load_client
 from langmerge.store import ObjectStore
 from operator_harness import (
+    DIALOG_ROWS,
     SimulatedJobs,
     apply_expert,
     apply_merged,
+    dialog_expert,
+    dialog_merged,
     events,
     get_expert,
     get_merged,
@@ -60,7 +63,6 @@ from operator_harness import (
 
 pytestmark = pytest.mark.integration
 
-ROWS = [{"prompt": f"q{i}", "completion": f" a{i}"} for i in range(20)]
 LANGS = ("es", "it")
 #: An authorization refusal in the operator's log: kopf's own warning when it lacks a permission it could use, or the
 #: API server's RBAC denial (`User "system:serviceaccount:..." cannot list resource "..."`), whichever client logged it.
@@ -138,34 +140,18 @@ def rules_of(obj: Any) -> list[dict[str, Any]]:
 
 
 def _expert(bucket: str, lang: str) -> dict[str, Any]:
-    return {
-        "language": lang,
-        "task": "dialog",
-        "baseModel": {"uri": f"s3://{bucket}/base"},
-        "dataset": {"uri": f"s3://{bucket}/data/{lang}"},
-        "lora": {"rank": 4},
-        "schedule": {"pollIntervalSeconds": 5, "settleSeconds": 1},
-        "resources": {"gpus": 0},
-    }
+    return dialog_expert(bucket, lang)
 
 
 def _merged(bucket: str) -> dict[str, Any]:
-    return {
-        "baseModel": {"uri": f"s3://{bucket}/base"},
-        "experts": {"selector": {"matchLabels": {"task": "dialog"}}},
-        "method": "ties",
-        "parameters": {"density": 1.0},
-        "output": {"uri": f"s3://{bucket}/merged/dialog"},
-        "evaluation": {"maxRegression": 0.1},
-        "settleSeconds": 1,
-    }
+    return dialog_merged(bucket, evaluation={"maxRegression": 0.1})
 
 
 @pytest.fixture
 def seeded(s3: ObjectStore, bucket: str) -> str:
     seed_fake_base_model(s3, f"s3://{bucket}/base")
     for lang in LANGS:
-        put_jsonl(s3, f"s3://{bucket}/data/{lang}/part-0.jsonl", ROWS)
+        put_jsonl(s3, f"s3://{bucket}/data/{lang}/part-0.jsonl", DIALOG_ROWS)
     return bucket
 
 
