@@ -99,14 +99,15 @@ def test_the_cli_prints_the_problem_and_exits_1(tmp_path: Path, capsys: pytest.C
     assert "langmerge bench: topic: th, tr, uk, ru share 0 of the default topics" in capsys.readouterr().err
 
 
-def test_the_trunk_recipe_trains_branches_for_half_the_epochs_by_default(tmp_path: Path) -> None:
-    # trunk (1 epoch over every language) + branches (half the joint model's epochs each) cost at most the joint model
+def test_the_trunk_recipe_splits_the_joint_models_epochs_by_default(tmp_path: Path) -> None:
+    # trunk (all but one epoch over every language) + branches (the last epoch each): the joint model's tokens
     opts = _options(tmp_path, "--workloads", "topic,dialog")
     for name in ("topic", "dialog"):
         w = opts.built[name]
-        assert w.recipe == "trunk" and w.trunk_epochs == 1
-        assert (
-            w.branch_epochs == max(1, opts.epochs[name] // 2) and w.trunk_epochs + w.branch_epochs <= opts.epochs[name]
-        )
+        assert w.recipe == "trunk" and w.trunk_epochs == opts.epochs[name] - 1 and w.branch_epochs == 1
+        assert w.trunk_epochs + w.branch_epochs == opts.epochs[name]
     assert _options(tmp_path, "--workloads", "topic", "--branch-epochs", "3").built["topic"].branch_epochs == 3
-    assert _options(tmp_path, "--workloads", "topic", "--quick").built["topic"].branch_epochs == 1
+    two = _options(tmp_path, "--workloads", "topic", "--trunk-epochs", "2").built["topic"]
+    assert (two.trunk_epochs, two.branch_epochs) == (2, 2)
+    quick = _options(tmp_path, "--workloads", "topic", "--quick").built["topic"]
+    assert (quick.trunk_epochs, quick.branch_epochs) == (1, 1)

@@ -107,7 +107,7 @@ class Options:
     max_attempts: int = MAX_ATTEMPTS
     #: trunk (default) or independent; the trunk's epochs and share of the data, the branches' epochs.
     recipe: str = TRUNK
-    trunk_epochs: int = 1
+    trunk_epochs: dict[str, int] = field(default_factory=dict)
     trunk_share: float = 1.0
     branch_epochs: dict[str, int] = field(default_factory=dict)
     #: The workloads, built (and checked) before anything runs.
@@ -164,7 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="trunk (default; independent with --via-operator): one adapter on every language's data first, each expert starts from it and the merge "
         "works relative to it; independent: every expert starts from the base",
     )
-    p.add_argument("--trunk-epochs", type=int, default=1, help="trunk recipe: the trunk's epochs (default 1)")
+    p.add_argument(
+        "--trunk-epochs",
+        type=int,
+        help="trunk recipe: the trunk's epochs (default: all of --epochs but one, at least 1: the trunk and the "
+        "branches then train on as many tokens as the joint model)",
+    )
     p.add_argument(
         "--trunk-share",
         type=float,
@@ -174,8 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--branch-epochs",
         type=int,
-        help="trunk recipe: each expert's epochs (default: half of --epochs, at least 1, so that trunk + branches "
-        "cost no more than the joint model)",
+        help="trunk recipe: each expert's epochs (default: --epochs minus the trunk's, at least 1)",
     )
     p.add_argument(
         "--max-attempts",
@@ -277,7 +281,8 @@ def options_from_args(args: argparse.Namespace, argv: Sequence[str]) -> Options:
     recipe = args.recipe or ("independent" if args.via_operator else TRUNK)
     if args.via_operator and recipe == TRUNK:
         problems.append("--via-operator runs the story with independent experts (--recipe independent)")
-    _positive("trunk-epochs", args.trunk_epochs, problems)
+    if args.trunk_epochs is not None:
+        _positive("trunk-epochs", args.trunk_epochs, problems)
     _positive("branch-epochs", args.branch_epochs, problems)
     if not 0.0 < args.trunk_share <= 1.0:
         problems.append(f"--trunk-share must be in (0, 1] (got {args.trunk_share})")
@@ -294,6 +299,9 @@ def options_from_args(args: argparse.Namespace, argv: Sequence[str]) -> Options:
     if args.via_operator and any(m.method == SEARCH for m in methods[:1]):
         problems.append("--via-operator runs the first method only, and a MergedModel's search is not a method")
     epochs = {"topic": args.epochs or (1 if args.quick else 4), "dialog": args.epochs or (1 if args.quick else 4)}
+    # the trunk takes all but the last epoch of the joint model's budget, each branch the rest: as many training
+    # tokens as the joint model (of 1+2, 1+4, 2+2 and 3+1 epochs, 3+1 measured best: results/recipes/)
+    trunk_epochs = {name: args.trunk_epochs or max(1, n - 1) for name, n in epochs.items()}
     max_train = {
         "topic": args.max_train or (40 if args.quick else TOPIC_MAX_TRAIN),
         "dialog": args.max_train or (64 if args.quick else None),
@@ -330,9 +338,9 @@ def options_from_args(args: argparse.Namespace, argv: Sequence[str]) -> Options:
         update_share=args.update_share,
         max_attempts=args.max_attempts or (1 if args.quick else MAX_ATTEMPTS),
         recipe=recipe,
-        trunk_epochs=args.trunk_epochs,
+        trunk_epochs=trunk_epochs,
         trunk_share=args.trunk_share,
-        branch_epochs={name: args.branch_epochs or max(1, epochs[name] // 2) for name in epochs},
+        branch_epochs={name: args.branch_epochs or max(1, epochs[name] - trunk_epochs[name]) for name in epochs},
     )
     opts.built = {name: build_workload(name, opts) for name in workloads}
     return opts
@@ -432,7 +440,7 @@ def build_workload(name: str, opts: Options) -> Workload:
             update_share=share,
         )
     workload.recipe = opts.recipe
-    workload.trunk_epochs = opts.trunk_epochs
+    workload.trunk_epochs = opts.trunk_epochs.get(name, max(1, opts.epochs[name] - 1))
     workload.trunk_share = opts.trunk_share
     workload.branch_epochs = opts.branch_epochs.get(name, opts.epochs[name])
     if opts.max_test:
