@@ -118,6 +118,11 @@ def _csv(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
+def default_trunk_epochs(epochs: int) -> int:
+    """The trunk recipe's trunk: all of the joint model's epochs but one (at least 1), each branch the rest."""
+    return max(1, epochs - 1)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="langmerge bench",
@@ -301,7 +306,7 @@ def options_from_args(args: argparse.Namespace, argv: Sequence[str]) -> Options:
     epochs = {"topic": args.epochs or (1 if args.quick else 4), "dialog": args.epochs or (1 if args.quick else 4)}
     # the trunk takes all but the last epoch of the joint model's budget, each branch the rest: as many training
     # tokens as the joint model (of 1+2, 1+4, 2+2 and 3+1 epochs, 3+1 measured best: results/recipes/)
-    trunk_epochs = {name: args.trunk_epochs or max(1, n - 1) for name, n in epochs.items()}
+    trunk_epochs = {name: args.trunk_epochs or default_trunk_epochs(n) for name, n in epochs.items()}
     max_train = {
         "topic": args.max_train or (40 if args.quick else TOPIC_MAX_TRAIN),
         "dialog": args.max_train or (64 if args.quick else None),
@@ -440,7 +445,7 @@ def build_workload(name: str, opts: Options) -> Workload:
             update_share=share,
         )
     workload.recipe = opts.recipe
-    workload.trunk_epochs = opts.trunk_epochs.get(name, max(1, opts.epochs[name] - 1))
+    workload.trunk_epochs = opts.trunk_epochs.get(name, default_trunk_epochs(opts.epochs[name]))
     workload.trunk_share = opts.trunk_share
     workload.branch_epochs = opts.branch_epochs.get(name, opts.epochs[name])
     if opts.max_test:

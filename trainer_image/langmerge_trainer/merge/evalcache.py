@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,39 +75,47 @@ def cache_key(
 
 @dataclass
 class EvaluationCache:
-    """Entries under ``prefix`` (None: no cache, every lookup misses and nothing is written). ``hits`` and ``stored``
-    name what this run read back and wrote (``base:<language>``, ``expert:<language>``), for the manifest."""
+    """Entries under ``prefix`` (None: no cache, every lookup misses and nothing is written). ``hits`` names what
+    this run read back (``base:<language>``, ``expert:<language>``), for the manifest."""
 
-    store: RetryingStore | None
+    store: RetryingStore
     prefix: str | None
     hits: list[str] = field(default_factory=list)
-    stored: list[str] = field(default_factory=list)
 
-    def uri(self, key: str) -> str:
+    def lookup(self, kind: str, keys: Mapping[str, str]) -> dict[str, Metrics]:
+        """``kind`` ("base" or "expert") figures by language, for the languages whose entry (``keys``: language ->
+        :func:`cache_key`) is there and readable."""
+        found = {lang: m for lang, key in keys.items() if (m := self._get(key, f"{kind}:{lang}")) is not None}
+        self.hits.extend(f"{kind}:{lang}" for lang in found)
+        return found
+
+    def store_new(
+        self, kind: str, keys: Mapping[str, str], figures: Mapping[str, Metrics], known: Mapping[str, Metrics]
+    ) -> None:
+        """Write the figures of every language that was evaluated (not in ``known``)."""
+        for lang, key in keys.items():
+            if lang not in known:
+                self._put(key, f"{kind}:{lang}", figures[lang])
+
+    def _uri(self, key: str) -> str:
         assert self.prefix is not None
         return artifacts.join(self.prefix, f"{key}.json")
 
-    def get(self, key: str, what: str) -> Metrics | None:
-        if self.store is None or self.prefix is None:
+    def _get(self, key: str, what: str) -> Metrics | None:
+        if self.prefix is None:
             return None
         try:
-            record = self.store.get_json_or_none(self.uri(key))
-            if record is None:
-                return None
-            found = Metrics.model_validate(record["metrics"])
+            record = self.store.get_json_or_none(self._uri(key))
+            return None if record is None else Metrics.model_validate(record["metrics"])
         except (KeyError, TypeError, ValueError, ValidationError, MalformedRecord) as err:
             log.warning("evaluation cache entry %s (%s) is unreadable (%s): evaluating again", key, what, err)
             return None
-        self.hits.append(what)
-        return found
 
-    def put(self, key: str, what: str, metrics: Metrics) -> None:
-        if self.store is None or self.prefix is None:
+    def _put(self, key: str, what: str, metrics: Metrics) -> None:
+        if self.prefix is None:
             return
         record = {"what": what, "metrics": metrics.model_dump(mode="json", exclude_none=True), "version": VERSION}
         try:
-            self.store.put_json(self.uri(key), record)
+            self.store.put_json(self._uri(key), record)
         except Exception as err:  # an optimisation: the merge goes on without the entry
             log.warning("could not write evaluation cache entry %s (%s): %s", key, what, err)
-            return
-        self.stored.append(what)

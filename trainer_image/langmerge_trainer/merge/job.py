@@ -264,7 +264,8 @@ def _evaluate(
     ]
     step = {item.language: 3 + i for i, item in enumerate(task.inputs)}
     # figures of the base and of each expert alone on the same examples, from an earlier merge (evalcache)
-    keys: dict[str, str] = {}
+    base_keys: dict[str, str] = {}
+    expert_keys: dict[str, str] = {}
     for item, adapter, lang in zip(task.inputs, inputs, languages, strict=True):
         common = {
             "base_digest": task.base_model.digest or task.base_model.uri,
@@ -275,9 +276,10 @@ def _evaluate(
             "dtype": str(eval_dtype(device)),
             "device_type": device.type,
         }
-        keys[f"base:{item.language}"] = cache_key(adapter_digest=None, **common)
-        keys[f"expert:{item.language}"] = cache_key(adapter_digest=adapter.digest or item.adapter_digest, **common)
-    known = {what: found for what, key in keys.items() if (found := cache.get(key, what)) is not None}
+        base_keys[item.language] = cache_key(adapter_digest=None, **common)
+        expert_keys[item.language] = cache_key(adapter_digest=adapter.digest or item.adapter_digest, **common)
+    known_base = cache.lookup("base", base_keys)
+    known_experts = cache.lookup("expert", expert_keys)
     merged_metrics, expert_metrics, base_metrics = evaluate_merge(
         base_dir,
         out_dir,
@@ -287,13 +289,11 @@ def _evaluate(
         max_examples=task.evaluation.max_examples,
         labels=labels,
         on_language=lambda lang: _progress(s3, task, f"evaluating {lang}", step[lang], total_steps),
-        known_base={w.split(":", 1)[1]: m for w, m in known.items() if w.startswith("base:")},
-        known_experts={w.split(":", 1)[1]: m for w, m in known.items() if w.startswith("expert:")},
+        known_base=known_base,
+        known_experts=known_experts,
     )
-    for what, key in keys.items():
-        kind, lang = what.split(":", 1)
-        if what not in known:
-            cache.put(key, what, (base_metrics if kind == "base" else expert_metrics)[lang])
+    cache.store_new("base", base_keys, base_metrics, known_base)
+    cache.store_new("expert", expert_keys, expert_metrics, known_experts)
     for item in task.inputs:
         s3.put_json(
             artifacts.merge_eval_uri(run_prefix, item.language),
